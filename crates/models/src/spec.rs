@@ -1,0 +1,278 @@
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// One layer of a sequential network, with all its hyperparameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum LayerSpec {
+    /// 2-D convolution over NCHW input, square kernel, with bias.
+    Conv2d {
+        /// Input channels.
+        in_channels: usize,
+        /// Output channels.
+        out_channels: usize,
+        /// Kernel side.
+        kernel: usize,
+        /// Stride in both directions.
+        stride: usize,
+        /// Zero padding on every side.
+        padding: usize,
+    },
+    /// Fully connected layer `y = x W^T + b`.
+    Linear {
+        /// Input features.
+        in_features: usize,
+        /// Output features.
+        out_features: usize,
+    },
+    /// Rectified linear unit.
+    Relu,
+    /// Max pooling with a square window, no padding.
+    MaxPool2d {
+        /// Window side.
+        kernel: usize,
+        /// Stride in both directions.
+        stride: usize,
+    },
+    /// Flattens everything but the batch dimension.
+    Flatten,
+    /// Dropout while training, identity at inference.
+    Dropout {
+        /// Probability of zeroing an element, in [0, 1).
+        p: f64,
+    },
+}
+
+impl LayerSpec {
+    /// The operation's name, as serialised.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Self::Conv2d { .. } => "conv2d",
+            Self::Linear { .. } => "linear",
+            Self::Relu => "relu",
+            Self::MaxPool2d { .. } => "max_pool2d",
+            Self::Flatten => "flatten",
+            Self::Dropout { .. } => "dropout",
+        }
+    }
+
+    /// Number of trainable parameters (weights and biases).
+    pub fn param_count(&self) -> usize {
+        match *self {
+            Self::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => out_channels * in_channels * kernel * kernel + out_channels,
+            Self::Linear {
+                in_features,
+                out_features,
+            } => out_features * in_features + out_features,
+            _ => 0,
+        }
+    }
+
+    /// The output shape (without the batch dimension) for an input shape, or why it does not fit.
+    fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
+        match *self {
+            Self::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                let [c, h, w] = *input else {
+                    return Err(format!("expects a (C, H, W) input, got {input:?}"));
+                };
+                if in_channels != c {
+                    return Err(format!("expects {in_channels} input channels, got {c}"));
+                }
+                if out_channels == 0 || kernel == 0 || stride == 0 {
+                    return Err("channels, kernel and stride must be positive".into());
+                }
+                let out = |side: usize| {
+                    (side + 2 * padding)
+                        .checked_sub(kernel)
+                        .map(|s| s / stride + 1)
+                        .ok_or_else(|| format!("kernel {kernel} is larger than the input {h}x{w}"))
+                };
+                Ok(vec![out_channels, out(h)?, out(w)?])
+            }
+            Self::Linear {
+                in_features,
+                out_features,
+            } => {
+                if input != [in_features] {
+                    return Err(format!("expects {in_features} features, got {input:?}"));
+                }
+                if out_features == 0 {
+                    return Err("out_features must be positive".into());
+                }
+                Ok(vec![out_features])
+            }
+            Self::MaxPool2d { kernel, stride } => {
+                let [c, h, w] = *input else {
+                    return Err(format!("expects a (C, H, W) input, got {input:?}"));
+                };
+                if kernel == 0 || stride == 0 || kernel > h || kernel > w {
+                    return Err(format!(
+                        "window {kernel} / stride {stride} do not fit {h}x{w}"
+                    ));
+                }
+                Ok(vec![
+                    c,
+                    (h - kernel) / stride + 1,
+                    (w - kernel) / stride + 1,
+                ])
+            }
+            Self::Flatten => Ok(vec![input.iter().product()]),
+            Self::Relu => Ok(input.to_vec()),
+            Self::Dropout { p } => {
+                if (0.0..1.0).contains(&p) {
+                    Ok(input.to_vec())
+                } else {
+                    Err(format!("probability {p} is outside [0, 1)"))
+                }
+            }
+        }
+    }
+}
+
+/// A sequential network: a name, the input shape and the layers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// Name of the architecture, for reports.
+    pub name: String,
+    /// Input shape without the batch dimension: (channels, height, width).
+    pub input: [usize; 3],
+    /// The layers, applied in order.
+    pub layers: Vec<LayerSpec>,
+}
+
+impl NetworkSpec {
+    /// The teacher: two convolutions with max pooling and two dense layers (about 225k
+    /// parameters), the classic Keras MNIST convnet with a hidden dense layer.
+    pub fn teacher_cnn() -> Self {
+        Self {
+            name: "teacher_cnn".into(),
+            input: [1, 28, 28],
+            layers: vec![
+                LayerSpec::Conv2d {
+                    in_channels: 1,
+                    out_channels: 32,
+                    kernel: 3,
+                    stride: 1,
+                    padding: 0,
+                },
+                LayerSpec::Relu,
+                LayerSpec::MaxPool2d {
+                    kernel: 2,
+                    stride: 2,
+                },
+                LayerSpec::Conv2d {
+                    in_channels: 32,
+                    out_channels: 64,
+                    kernel: 3,
+                    stride: 1,
+                    padding: 0,
+                },
+                LayerSpec::Relu,
+                LayerSpec::MaxPool2d {
+                    kernel: 2,
+                    stride: 2,
+                },
+                LayerSpec::Flatten,
+                LayerSpec::Dropout { p: 0.25 },
+                LayerSpec::Linear {
+                    in_features: 64 * 5 * 5,
+                    out_features: 128,
+                },
+                LayerSpec::Relu,
+                LayerSpec::Dropout { p: 0.5 },
+                LayerSpec::Linear {
+                    in_features: 128,
+                    out_features: 10,
+                },
+            ],
+        }
+    }
+
+    /// Checks that every layer fits the shape it receives; returns the output shape.
+    pub fn validate(&self) -> Result<Vec<usize>> {
+        if self.layers.is_empty() || self.input.contains(&0) {
+            return Err(Error::InvalidNetwork {
+                network: self.name.clone(),
+                reason: format!(
+                    "needs layers and a non-empty input, has {} layers and input {:?}",
+                    self.layers.len(),
+                    self.input
+                ),
+            });
+        }
+        let mut shape = self.input.to_vec();
+        for (index, layer) in self.layers.iter().enumerate() {
+            shape = layer
+                .output_shape(&shape)
+                .map_err(|reason| Error::InvalidLayer {
+                    network: self.name.clone(),
+                    index,
+                    layer: layer.op(),
+                    reason,
+                })?;
+        }
+        Ok(shape)
+    }
+
+    /// Number of trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.layers.iter().map(LayerSpec::param_count).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn teacher_is_valid_and_has_the_expected_size() {
+        let spec = NetworkSpec::teacher_cnn();
+        assert_eq!(spec.validate().unwrap(), vec![10]);
+        assert_eq!(spec.param_count(), 320 + 18_496 + 204_928 + 1_290);
+    }
+
+    #[test]
+    fn mismatched_linear_is_an_error_naming_the_layer() {
+        let mut spec = NetworkSpec::teacher_cnn();
+        spec.layers[8] = LayerSpec::Linear {
+            in_features: 1000,
+            out_features: 128,
+        };
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("layer 8 (linear)"), "{err}");
+        assert!(err.contains("1600"), "{err}");
+    }
+
+    #[test]
+    fn oversized_kernel_and_bad_dropout_are_errors() {
+        let mut spec = NetworkSpec::teacher_cnn();
+        spec.input = [1, 2, 2];
+        assert!(spec.validate().is_err());
+        let mut spec = NetworkSpec::teacher_cnn();
+        spec.layers[7] = LayerSpec::Dropout { p: 1.0 };
+        assert!(spec.validate().is_err());
+        spec.layers.clear();
+        assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn spec_round_trips_through_json() {
+        let spec = NetworkSpec::teacher_cnn();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""op":"conv2d""#), "{json}");
+        let back: NetworkSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+    }
+}

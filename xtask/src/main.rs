@@ -1,0 +1,159 @@
+//! Project automation, in the style of `cargo xtask`.
+//!
+//! The xtask never links tch. It makes sure LibTorch is present (installing the
+//! PyTorch wheel into a private virtual environment on first use), then spawns
+//! `cargo` with `LIBTORCH` and the runtime library path set.
+
+mod libtorch;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+use crate::libtorch::LibTorch;
+
+const HELP: &str = "\
+cargo xtask <COMMAND> [ARGS...]
+
+Commands:
+  experiment [ARGS...]  build the experiment driver (release) and run it; ARGS go to it
+                        (try `cargo xtask experiment --help`)
+  test [ARGS...]        every check: cargo fmt --check, clippy -D warnings, cargo test
+                        --workspace (doc tests included); ARGS go to `cargo test`
+  setup                 make sure LibTorch is available (installs it on first use)
+  env                   print the shell exports for using plain `cargo build/test/run`
+  help                  print this message
+
+LibTorch: if LIBTORCH is set it is used as is. Otherwise `pip install torch==2.11.0`
+runs once into a virtual environment under $XDG_CACHE_HOME/tch-mot (or ~/.cache/tch-mot);
+it needs python3 with the venv module and about 5 GB of disk.
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    let command = args.next().map(|c| c.to_string_lossy().into_owned());
+    let rest: Vec<OsString> = args.collect();
+    match command.as_deref() {
+        None | Some("help" | "--help" | "-h") => {
+            print!("{HELP}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("setup") => {
+            let torch = LibTorch::ensure()?;
+            eprintln!("LibTorch ready: {}", torch.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("env") => {
+            print!("{}", LibTorch::ensure()?.shell_exports());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some("test") => test(&rest),
+        Some("experiment") => experiment(&rest),
+        Some(other) => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
+
+/// Every check, cheapest first: formatting, lints, then the tests.
+fn test(extra: &[OsString]) -> Result<ExitCode> {
+    let root = workspace_root();
+    let fmt = cargo(&root, None)
+        .args(["fmt", "--all", "--", "--check"])
+        .status();
+    if !step("cargo fmt --check", fmt)? {
+        eprintln!("hint: run `cargo fmt --all`");
+        return Ok(ExitCode::FAILURE);
+    }
+    let torch = LibTorch::ensure()?;
+    let clippy = cargo(&root, Some(&torch))
+        .args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .status();
+    if !step("cargo clippy", clippy)? {
+        return Ok(ExitCode::FAILURE);
+    }
+    let tests = cargo(&root, Some(&torch))
+        .args(["test", "--workspace"])
+        .args(extra)
+        .status();
+    if !step("cargo test", tests)? {
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("all checks passed");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn experiment(args: &[OsString]) -> Result<ExitCode> {
+    let root = workspace_root();
+    let torch = LibTorch::ensure()?;
+    let status = cargo(&root, Some(&torch))
+        .args([
+            "run",
+            "--release",
+            "--package",
+            "experiment",
+            "--bin",
+            "experiment",
+            "--",
+        ])
+        .args(args)
+        .status()
+        .context("starting cargo")?;
+    Ok(exit_code(status.code()))
+}
+
+/// Reports a step's outcome; `Ok(false)` when it ran and failed.
+fn step(name: &str, status: std::io::Result<std::process::ExitStatus>) -> Result<bool> {
+    let status = status.with_context(|| format!("starting {name}"))?;
+    if status.success() {
+        Ok(true)
+    } else {
+        eprintln!("{name} failed ({status})");
+        Ok(false)
+    }
+}
+
+fn exit_code(code: Option<i32>) -> ExitCode {
+    match code {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// A `cargo` command run in the workspace root, with LibTorch in its environment.
+fn cargo(root: &Path, torch: Option<&LibTorch>) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.current_dir(root);
+    if let Some(torch) = torch {
+        for (key, value) in torch.env() {
+            command.env(key, value);
+        }
+    }
+    command
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
