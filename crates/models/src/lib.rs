@@ -1,9 +1,9 @@
 //! Network definitions shared by every technique.
 //!
-//! A network is described by a [`NetworkSpec`]: a serialisable sequence of layers
-//! ([`LayerSpec`]) with every hyperparameter spelled out, so that the same
-//! description can be trained here with tch, stored next to exported weights, and
-//! executed later by an engine that knows nothing of tch. [`Network`] builds the
+//! A network is described by a [`NetworkSpec`] (from the `model-spec` crate, re-exported
+//! here): a serialisable sequence of layers with every hyperparameter spelled out, so
+//! that the same description can be trained here with tch, stored next to exported
+//! weights, and executed later by an engine that knows nothing of tch. [`Network`] builds the
 //! tch implementation of a spec inside a [`tch::nn::Path`]; its variables are named
 //! like a PyTorch `nn.Sequential` (`"0.weight"`, `"0.bias"`, `"3.weight"`, ...).
 //!
@@ -23,8 +23,7 @@
 
 mod error;
 mod network;
-mod spec;
 
 pub use error::{Error, Result};
+pub use model_spec::{LayerSpec, NetworkSpec, SpecError};
 pub use network::Network;
-pub use spec::{LayerSpec, NetworkSpec};

@@ -1,6 +1,29 @@
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+/// A network description that does not hold together.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// A layer does not fit the shape it receives, or has a nonsensical hyperparameter.
+    #[error("layer {index} ({layer}) of network `{network}`: {reason}")]
+    InvalidLayer {
+        /// Name of the network.
+        network: String,
+        /// Position of the layer in the sequence.
+        index: usize,
+        /// The layer's operation name.
+        layer: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The network description itself is unusable (no layers, empty input, ...).
+    #[error("network `{network}`: {reason}")]
+    InvalidNetwork {
+        /// Name of the network.
+        network: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
 
 /// One layer of a sequential network, with all its hyperparameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,9 +224,9 @@ impl NetworkSpec {
     }
 
     /// Checks that every layer fits the shape it receives; returns the output shape.
-    pub fn validate(&self) -> Result<Vec<usize>> {
+    pub fn validate(&self) -> Result<Vec<usize>, SpecError> {
         if self.layers.is_empty() || self.input.contains(&0) {
-            return Err(Error::InvalidNetwork {
+            return Err(SpecError::InvalidNetwork {
                 network: self.name.clone(),
                 reason: format!(
                     "needs layers and a non-empty input, has {} layers and input {:?}",
@@ -216,7 +239,7 @@ impl NetworkSpec {
         for (index, layer) in self.layers.iter().enumerate() {
             shape = layer
                 .output_shape(&shape)
-                .map_err(|reason| Error::InvalidLayer {
+                .map_err(|reason| SpecError::InvalidLayer {
                     network: self.name.clone(),
                     index,
                     layer: layer.op(),
