@@ -208,13 +208,13 @@ impl NetworkSpec {
                     stride: 2,
                 },
                 LayerSpec::Flatten,
-                LayerSpec::Dropout { p: 0.25 },
+                LayerSpec::Dropout { p: 0.1 },
                 LayerSpec::Linear {
                     in_features: 64 * 5 * 5,
                     out_features: 128,
                 },
                 LayerSpec::Relu,
-                LayerSpec::Dropout { p: 0.5 },
+                LayerSpec::Dropout { p: 0.25 },
                 LayerSpec::Linear {
                     in_features: 128,
                     out_features: 10,

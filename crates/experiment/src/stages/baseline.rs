@@ -12,7 +12,7 @@ use crate::train::{self, DeviceSplit, TrainConfig};
 /// File name of the teacher's weights, which later stages load.
 pub const TEACHER_ARTIFACT: &str = "teacher_float32.safetensors";
 /// Epochs of a full run: enough for 99.2% test accuracy.
-const EPOCHS: usize = 4;
+const EPOCHS: usize = 5;
 /// Share of each class trained on in `--quick` mode.
 const QUICK_FRACTION: f64 = 0.1;
 
@@ -28,7 +28,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let config = TrainConfig {
         epochs,
         batch_size: 128,
-        learning_rate: 2e-3,
+        learning_rate: 3e-3,
         seed,
     };
     let data = DeviceSplit::new(train_split, ctx.normalization, ctx.device.device)?;
