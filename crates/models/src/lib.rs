@@ -7,6 +7,11 @@
 //! tch implementation of a spec inside a [`tch::nn::Path`]; its variables are named
 //! like a PyTorch `nn.Sequential` (`"0.weight"`, `"0.bias"`, `"3.weight"`, ...).
 //!
+//! A network computes under a precision [`Policy`] (Keras's names: `float32`,
+//! `mixed_float16`, `mixed_bfloat16`; [`Network::new`] means float32): the variables stay
+//! float32, convolutions and dense layers compute in the policy's 16-bit type, and the
+//! logits come back as float32.
+//!
 //! ```
 //! use models::NetworkSpec;
 //! use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
@@ -17,6 +22,12 @@
 //! let logits = net.forward_t(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu)), false);
 //! assert_eq!(logits.size(), [2, 10]);
 //! assert_eq!(spec.param_count(), net.param_count());
+//!
+//! // The same architecture computing in bfloat16, with float32 variables and logits.
+//! let vs16 = nn::VarStore::new(Device::Cpu);
+//! let net16 = models::Network::with_policy(&vs16.root(), &spec, models::Policy::MixedBfloat16)?;
+//! let logits = net16.forward_t(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu)), false);
+//! assert_eq!(logits.kind(), Kind::Float);
 //! # Ok::<(), models::Error>(())
 //! ```
 #![warn(missing_docs)]
@@ -27,3 +38,4 @@ mod network;
 pub use error::{Error, Result};
 pub use model_spec::{LayerSpec, NetworkSpec, SpecError};
 pub use network::Network;
+pub use tensor_precision::Policy;

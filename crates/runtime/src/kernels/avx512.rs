@@ -1,0 +1,156 @@
+//! AVX-512 VNNI integer GEMM: `vpdpbusd` multiplies four unsigned activation bytes by four
+//! signed weight bytes and adds the four products to an `i32` lane, exactly (no saturation).
+//!
+//! Packed weight layout: blocks of 16 output columns; inside a block, for every group of four
+//! `k` values, 16 lanes of 4 bytes (`[n / 16][kp / 4][16][4]`), so that one 64-byte load
+//! feeds one `vpdpbusd` for 16 outputs.
+
+use std::arch::x86_64::{
+    __m512i, __mmask16, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_mask_storeu_epi32,
+    _mm512_set1_epi32, _mm512_setzero_si512,
+};
+
+/// Columns per block.
+const NR: usize = 16;
+/// Rows per micro-tile.
+const MR: usize = 4;
+
+/// Packs `w` (`n` rows of `k` weights) into the block layout, zero padded to `kp` (a multiple
+/// of 4) and to a multiple of 16 columns.
+pub(crate) fn pack(w: &[i8], n: usize, k: usize, kp: usize) -> Vec<i8> {
+    let kq = kp / 4;
+    let mut out = vec![0i8; n.div_ceil(NR) * kq * NR * 4];
+    for (j, row) in w.chunks_exact(k).enumerate().take(n) {
+        let (block, lane) = (j / NR, j % NR);
+        for (kk, &v) in row.iter().enumerate() {
+            out[((block * kq + kk / 4) * NR + lane) * 4 + kk % 4] = v;
+        }
+    }
+    out
+}
+
+/// One `rows x (16 * NB)` tile of `C`.
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW/VNNI; `a` must be readable for `rows` rows of `4 * kq`
+/// bytes at stride `lda`; `b` for `NB * kq * 64` bytes; `c` writable for `rows` rows of the
+/// columns set in `masks`, at stride `ldc`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const ROWS: usize, const NB: usize>(
+    a: *const u8,
+    lda: usize,
+    b: *const i8,
+    kq: usize,
+    c: *mut i32,
+    ldc: usize,
+    masks: [__mmask16; NB],
+) {
+    let mut acc = [[_mm512_setzero_si512(); NB]; ROWS];
+    for q in 0..kq {
+        let mut bv = [_mm512_setzero_si512(); NB];
+        for (j, v) in bv.iter_mut().enumerate() {
+            // SAFETY: block `j`, group `q` lies inside the `NB * kq * 64` readable bytes.
+            *v = unsafe { _mm512_loadu_si512(b.add((j * kq + q) * 64).cast::<__m512i>()) };
+        }
+        for (r, acc_row) in acc.iter_mut().enumerate() {
+            // SAFETY: row `r < rows` has `4 * kq` readable bytes; the read is unaligned.
+            let group = unsafe { a.add(r * lda + q * 4).cast::<i32>().read_unaligned() };
+            let av = _mm512_set1_epi32(group);
+            for (acc, &bv) in acc_row.iter_mut().zip(&bv) {
+                *acc = _mm512_dpbusd_epi32(*acc, av, bv);
+            }
+        }
+    }
+    for (r, acc_row) in acc.iter().enumerate() {
+        for (j, &v) in acc_row.iter().enumerate() {
+            // SAFETY: the mask only enables the columns the caller made writable.
+            unsafe { _mm512_mask_storeu_epi32(c.add(r * ldc + j * NR), masks[j], v) };
+        }
+    }
+}
+
+/// Column mask of a block that starts at column `start` of `n`.
+fn column_mask(start: usize, n: usize) -> __mmask16 {
+    let valid = (n - start).min(NR);
+    if valid == NR {
+        u16::MAX
+    } else {
+        (1u16 << valid) - 1
+    }
+}
+
+/// All rows of one panel of `NB` column blocks starting at column `start`.
+///
+/// # Safety
+/// As for [`tile`], for rows `0..m`, with `c` pointing at row 0, column 0 of `C`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel<const NB: usize>(
+    a: *const u8,
+    lda: usize,
+    m: usize,
+    b: *const i8,
+    kq: usize,
+    c: *mut i32,
+    n: usize,
+    start: usize,
+) {
+    let mut masks = [0; NB];
+    for (j, mask) in masks.iter_mut().enumerate() {
+        *mask = column_mask(start + j * NR, n);
+    }
+    let mut r = 0;
+    while r + MR <= m {
+        // SAFETY: rows `r..r + MR` are below `m`; the caller vouches for rows `0..m`.
+        unsafe { tile::<MR, NB>(a.add(r * lda), lda, b, kq, c.add(r * n + start), n, masks) };
+        r += MR;
+    }
+    // SAFETY: as above, for the last `m - r < MR` rows.
+    unsafe {
+        let (a, c) = (a.add(r * lda), c.add(r * n + start));
+        match m - r {
+            1 => tile::<1, NB>(a, lda, b, kq, c, n, masks),
+            2 => tile::<2, NB>(a, lda, b, kq, c, n, masks),
+            3 => tile::<3, NB>(a, lda, b, kq, c, n, masks),
+            _ => {}
+        }
+    }
+}
+
+/// `c[r * n + j] = sum_kk a[r * lda + kk] * w[j][kk]` for the packed weights `b`.
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW/VNNI. Slice lengths are checked here.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn gemm(
+    a: &[u8],
+    lda: usize,
+    m: usize,
+    b: &[i8],
+    n: usize,
+    kp: usize,
+    c: &mut [i32],
+) {
+    let kq = kp / 4;
+    let blocks = n.div_ceil(NR);
+    assert!(kp.is_multiple_of(4) && lda >= kp && b.len() == blocks * kq * NR * 4);
+    assert!(m == 0 || a.len() >= (m - 1) * lda + kp);
+    assert!(c.len() >= m * n);
+    let (ap, cp) = (a.as_ptr(), c.as_mut_ptr());
+    let mut block = 0;
+    while block < blocks {
+        // SAFETY: the asserts make rows `0..m` of `a` readable for `kp` bytes, blocks
+        // `block..block + NB` of `b` readable and rows `0..m` of `c` writable for `n` values;
+        // the masks only enable columns below `n`.
+        unsafe {
+            let bp = b.as_ptr().add(block * kq * NR * 4);
+            if block + 1 < blocks {
+                panel::<2>(ap, lda, m, bp, kq, cp, n, block * NR);
+            } else {
+                panel::<1>(ap, lda, m, bp, kq, cp, n, block * NR);
+            }
+        }
+        block += 2;
+    }
+}

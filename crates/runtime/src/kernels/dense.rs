@@ -1,0 +1,415 @@
+//! f32 products: dense (through `matrixmultiply`) and CSR-sparse, each with a bias and ReLU
+//! epilogue.
+
+use rayon::prelude::*;
+
+use super::{PARALLEL_MIN_MACS, scalar};
+
+/// Below this many rows the dense product is a series of dot products (GEMV) over the
+/// weights in place: `matrixmultiply` packs both operands on every call, which for one row
+/// costs more than the product.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// The f32 dot product of the fastest path this CPU has.
+fn dot_fn() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the features were detected just above.
+        return |a, b| unsafe { super::avx2::dot(a, b) };
+    }
+    scalar::dot
+}
+
+/// Adds `bias` to every row of `out` (`n` columns) and applies ReLU if asked.
+fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
+    for row in out.chunks_exact_mut(bias.len()) {
+        for (y, &b) in row.iter_mut().zip(bias) {
+            let v = *y + b;
+            *y = if relu { v.max(0.0) } else { v };
+        }
+    }
+}
+
+/// `out = a w^T + bias` (then ReLU if asked): `a` is `m x k`, `w` is `n x k` (one row per
+/// output, PyTorch's layout), `out` is `m x n`, all row-major.
+///
+/// # Panics
+/// If a slice does not have the length its shape gives.
+pub fn sgemm_bias(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    let n = bias.len();
+    assert_eq!(a.len(), m * k, "a must be m x k");
+    assert_eq!(w.len(), n * k, "w must be n x k");
+    assert_eq!(out.len(), m * n, "out must be m x n");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+    } else if m < GEMV_MAX_ROWS {
+        let dot = dot_fn();
+        for (x, y) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            for (y, w) in y.iter_mut().zip(w.chunks_exact(k)) {
+                *y = dot(x, w);
+            }
+        }
+    } else {
+        // SAFETY: the asserts above make every index the strides reach valid: `a` is m x k with
+        // strides (k, 1), `w^T` is k x n with strides (1, k) over the n x k `w`, and `out` is
+        // m x n with strides (n, 1). With beta = 0 the initial contents of `out` are not read.
+        unsafe {
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                k as isize,
+                1,
+                w.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                out.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+    }
+    bias_relu(out, bias, relu);
+}
+
+/// A sparse `rows x cols` matrix in compressed sparse row form: row `i` holds the entries
+/// `row_ptr[i]..row_ptr[i + 1]` of `col_idx` and `values`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CsrMatrix {
+    rows: usize,
+    cols: usize,
+    row_ptr: Vec<usize>,
+    col_idx: Vec<u32>,
+    values: Vec<f32>,
+}
+
+impl CsrMatrix {
+    /// Checks and wraps CSR arrays: `row_ptr` has `rows + 1` entries, starts at 0, never
+    /// decreases and ends at the number of values; every column index is below `cols`.
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        row_ptr: Vec<usize>,
+        col_idx: Vec<u32>,
+        values: Vec<f32>,
+    ) -> Result<Self, String> {
+        if row_ptr.len() != rows + 1 {
+            return Err(format!(
+                "row_ptr has {} entries, expected {}",
+                row_ptr.len(),
+                rows + 1
+            ));
+        }
+        if col_idx.len() != values.len() {
+            return Err(format!(
+                "{} column indices for {} values",
+                col_idx.len(),
+                values.len()
+            ));
+        }
+        if row_ptr[0] != 0 {
+            return Err(format!("row_ptr starts at {}, expected 0", row_ptr[0]));
+        }
+        if let Some(i) = row_ptr.windows(2).position(|w| w[1] < w[0]) {
+            return Err(format!(
+                "row_ptr is not monotone: entry {} is {} after {}",
+                i + 1,
+                row_ptr[i + 1],
+                row_ptr[i]
+            ));
+        }
+        if row_ptr[rows] != values.len() {
+            return Err(format!(
+                "row_ptr ends at {}, but there are {} values",
+                row_ptr[rows],
+                values.len()
+            ));
+        }
+        if let Some(i) = col_idx.iter().position(|&c| c as usize >= cols) {
+            return Err(format!(
+                "column index {} at entry {i} is out of range for {cols} columns",
+                col_idx[i]
+            ));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            row_ptr,
+            col_idx,
+            values,
+        })
+    }
+
+    /// The non-zero entries of a dense row-major `rows x cols` matrix.
+    ///
+    /// # Panics
+    /// If `dense.len() != rows * cols` or `cols` does not fit a `u32`.
+    pub fn from_dense(dense: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(dense.len(), rows * cols);
+        let cols32 = u32::try_from(cols).expect("columns fit u32");
+        let mut row_ptr = Vec::with_capacity(rows + 1);
+        let (mut col_idx, mut values) = (Vec::new(), Vec::new());
+        row_ptr.push(0);
+        for row in dense.chunks_exact(cols.max(1)).take(rows) {
+            for (c, &v) in (0..cols32).zip(row) {
+                if v != 0.0 {
+                    col_idx.push(c);
+                    values.push(v);
+                }
+            }
+            row_ptr.push(values.len());
+        }
+        row_ptr.resize(rows + 1, 0);
+        Self {
+            rows,
+            cols,
+            row_ptr,
+            col_idx,
+            values,
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Number of columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Number of stored entries.
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Row pointers (`rows + 1` entries).
+    pub fn row_ptr(&self) -> &[usize] {
+        &self.row_ptr
+    }
+
+    /// Column index of each stored entry.
+    pub fn col_idx(&self) -> &[u32] {
+        &self.col_idx
+    }
+
+    /// Value of each stored entry.
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// The dense row-major matrix.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.rows * self.cols];
+        for r in 0..self.rows {
+            for e in self.row_ptr[r]..self.row_ptr[r + 1] {
+                out[r * self.cols + self.col_idx[e] as usize] = self.values[e];
+            }
+        }
+        out
+    }
+}
+
+/// Rows of `x` handled together, so that each sparse entry is loaded once for all of them.
+const CSR_ROWS: usize = 4;
+
+/// `out = x w^T + bias` (then ReLU if asked) for a CSR `w` (`n x k`, one row per output):
+/// `x` is `m x k`, `out` is `m x n`, row-major.
+///
+/// # Panics
+/// If a slice does not have the length its shape gives.
+pub fn csr_gemm_bias(
+    x: &[f32],
+    m: usize,
+    w: &CsrMatrix,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert_eq!(x.len(), m * k, "x must be m x k");
+    assert_eq!(bias.len(), n, "one bias per output");
+    assert_eq!(out.len(), m * n, "out must be m x n");
+    if n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        bias_relu(out, bias, relu);
+        return;
+    }
+    let block = |x: &[f32], out: &mut [f32]| {
+        let rows = out.len() / n;
+        for j in 0..n {
+            let mut acc = [0.0f32; CSR_ROWS];
+            for e in w.row_ptr[j]..w.row_ptr[j + 1] {
+                let (c, v) = (w.col_idx[e] as usize, w.values[e]);
+                for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                    *a += v * x[r * k + c];
+                }
+            }
+            for (r, &a) in acc.iter().enumerate().take(rows) {
+                let y = a + bias[j];
+                out[r * n + j] = if relu { y.max(0.0) } else { y };
+            }
+        }
+    };
+    let chunks = x.chunks(CSR_ROWS * k).zip(out.chunks_mut(CSR_ROWS * n));
+    if m * w.nnz() < PARALLEL_MIN_MACS || m <= CSR_ROWS {
+        chunks.for_each(|(x, out)| block(x, out));
+    } else {
+        x.par_chunks(CSR_ROWS * k)
+            .zip(out.par_chunks_mut(CSR_ROWS * n))
+            .for_each(|(x, out)| block(x, out));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Relative error allowed per unit of `k` between an f32 kernel and the f64 reference:
+    /// a length-`k` dot product accumulates at most about `k` roundings of `2^-24` each,
+    /// relative to the sum of absolute products.
+    const F32_DOT_REL_TOL_PER_K: f64 = 2.0 * f32::EPSILON as f64;
+
+    fn reference(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        bias: &[f32],
+        relu: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let n = bias.len();
+        let (mut out, mut mag) = (vec![0.0; m * n], vec![0.0; m * n]);
+        for r in 0..m {
+            for j in 0..n {
+                let (mut s, mut a) = (f64::from(bias[j]), f64::from(bias[j]).abs());
+                for kk in 0..k {
+                    let p = f64::from(x[r * k + kk]) * f64::from(w[j * k + kk]);
+                    s += p;
+                    a += p.abs();
+                }
+                out[r * n + j] = if relu { s.max(0.0) } else { s };
+                mag[r * n + j] = a;
+            }
+        }
+        (out, mag)
+    }
+
+    fn close(got: &[f32], expected: &[f64], mag: &[f64], k: usize) -> Result<(), TestCaseError> {
+        for (i, ((&g, &e), &a)) in got.iter().zip(expected).zip(mag).enumerate() {
+            let tol = F32_DOT_REL_TOL_PER_K * (k as f64 + 1.0) * a + f64::from(f32::MIN_POSITIVE);
+            prop_assert!(
+                (f64::from(g) - e).abs() <= tol,
+                "entry {i}: {g} vs {e} (tol {tol})"
+            );
+        }
+        Ok(())
+    }
+
+    fn matrix(len: usize, sparsity: f64, seed: u64) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let u = (s >> 40) as f64 / (1u64 << 24) as f64;
+                if u < sparsity {
+                    0.0
+                } else {
+                    (u * 8.0 - 4.0) as f32
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn sgemm_matches_the_reference(m in 1usize..40, n in 1usize..40, k in 1usize..130, seed in any::<u64>(), relu in any::<bool>()) {
+            let x = matrix(m * k, 0.0, seed);
+            let w = matrix(n * k, 0.0, !seed);
+            let bias = matrix(n, 0.0, seed ^ 5);
+            let mut out = vec![0.0; m * n];
+            sgemm_bias(&x, m, k, &w, &bias, relu, &mut out);
+            let (e, mag) = reference(&x, m, k, &w, &bias, relu);
+            close(&out, &e, &mag, k)?;
+        }
+
+        #[test]
+        fn csr_matches_the_dense_reference(m in 1usize..20, n in 1usize..40, k in 1usize..130, sparsity in 0.0f64..1.0, seed in any::<u64>(), relu in any::<bool>()) {
+            let x = matrix(m * k, 0.0, seed);
+            let w = matrix(n * k, sparsity, !seed);
+            let bias = matrix(n, 0.0, seed ^ 5);
+            let csr = CsrMatrix::from_dense(&w, n, k);
+            prop_assert_eq!(csr.to_dense(), w.clone());
+            let mut out = vec![0.0; m * n];
+            csr_gemm_bias(&x, m, &csr, &bias, relu, &mut out);
+            let (e, mag) = reference(&x, m, k, &w, &bias, relu);
+            close(&out, &e, &mag, k)?;
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_dot_product_matches_the_reference(len in 0usize..300, seed in any::<u64>()) {
+            let (a, b) = (matrix(len, 0.0, seed), matrix(len, 0.0, !seed));
+            let (e, mag) = reference(&a, 1, len, &b, &[0.0], false);
+            close(&[scalar::dot(&a, &b)], &e, &mag, len)?;
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were detected just above.
+                let got = unsafe { crate::kernels::avx2::dot(&a, &b) };
+                close(&[got], &e, &mag, len)?;
+            }
+        }
+    }
+
+    #[test]
+    fn csr_rejects_bad_arrays() {
+        let ok = CsrMatrix::new(2, 3, vec![0, 1, 2], vec![0, 2], vec![1.0, 2.0]);
+        assert!(ok.is_ok());
+        let err = CsrMatrix::new(2, 3, vec![0, 2, 1], vec![0, 2], vec![1.0, 2.0]).unwrap_err();
+        assert!(err.contains("not monotone"), "{err}");
+        let err = CsrMatrix::new(2, 3, vec![0, 1, 2], vec![0, 3], vec![1.0, 2.0]).unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        let err = CsrMatrix::new(2, 3, vec![0, 1], vec![0], vec![1.0]).unwrap_err();
+        assert!(err.contains("row_ptr has 2 entries"), "{err}");
+        let err = CsrMatrix::new(1, 3, vec![0, 3], vec![0], vec![1.0]).unwrap_err();
+        assert!(err.contains("ends at 3"), "{err}");
+    }
+
+    #[test]
+    fn large_sparse_batches_take_the_parallel_path_and_agree() {
+        let (m, n, k) = (300, 64, 300);
+        let x = matrix(m * k, 0.0, 1);
+        let w = matrix(n * k, 0.5, 2);
+        let csr = CsrMatrix::from_dense(&w, n, k);
+        assert!(m * csr.nnz() >= PARALLEL_MIN_MACS);
+        let bias = vec![0.5; n];
+        let mut out = vec![0.0; m * n];
+        csr_gemm_bias(&x, m, &csr, &bias, true, &mut out);
+        let (e, mag) = reference(&x, m, k, &w, &bias, true);
+        close(&out, &e, &mag, k).unwrap();
+    }
+}

@@ -1,0 +1,557 @@
+//! Compute kernels: integer and float matrix products with fused epilogues, convolution
+//! lowering, pooling and sparse products.
+//!
+//! The integer GEMM has one file per instruction set, in the candle style:
+//! [`scalar`](Isa::Scalar) (the reference), [`avx2`](Isa::Avx2) and
+//! [`avx512`](Isa::Avx512Vnni) (VNNI), chosen at run time with `is_x86_feature_detected!`.
+//! Every fast path is property-tested to give exactly the scalar path's `i32` accumulators.
+//!
+//! The f32 GEMM is `matrixmultiply::sgemm` (well kept, runtime-dispatched AVX/FMA kernels,
+//! its own threading), followed by a bias and ReLU pass.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod dense;
+mod scalar;
+mod spatial;
+
+pub use dense::{CsrMatrix, csr_gemm_bias, sgemm_bias};
+pub use spatial::{ConvGeometry, im2col, max_pool2d, nhwc_to_nchw};
+
+use rayon::prelude::*;
+
+/// Largest reduction length `k` of the integer GEMM: `k * 255 * 128` must fit an `i32`
+/// accumulator (65 536 * 32 640 < 2^31).
+pub const MAX_INT8_K: usize = 65_536;
+
+/// Row stride granularity of integer GEMM activations: rows are read in groups of this many
+/// bytes, so an activation row holds at least [`padded_k`] bytes (the padding may hold anything;
+/// it meets zero weights).
+pub const K_ALIGN: usize = 4;
+
+/// Rows per block of the integer GEMM drivers: one block is computed and its epilogue applied
+/// while the accumulators are still in cache; blocks are the unit of parallel work.
+const ROW_BLOCK: usize = 64;
+
+/// Below this many multiply-adds a product runs on the calling thread: batch-1 inference of
+/// small layers would spend more time waking rayon workers than computing.
+pub const PARALLEL_MIN_MACS: usize = 1 << 21;
+
+/// `k` rounded up to [`K_ALIGN`]: the smallest valid row stride for integer activations.
+pub fn padded_k(k: usize) -> usize {
+    k.next_multiple_of(K_ALIGN)
+}
+
+/// The instruction set an integer kernel uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust: the reference.
+    Scalar,
+    /// AVX2, widening to `i16` and `vpmaddwd` (exact, no `vpmaddubsw` saturation).
+    Avx2,
+    /// AVX-512 with VNNI `vpdpbusd` (`u8 x i8` into `i32`).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The fastest instruction set this CPU supports.
+    pub fn detect() -> Self {
+        [Self::Avx512Vnni, Self::Avx2]
+            .into_iter()
+            .find(|isa| isa.is_available())
+            .unwrap_or(Self::Scalar)
+    }
+
+    /// Whether this CPU can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            Self::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every instruction set this CPU supports, the reference first.
+    pub fn available() -> Vec<Self> {
+        [Self::Scalar, Self::Avx2, Self::Avx512Vnni]
+            .into_iter()
+            .filter(|isa| isa.is_available())
+            .collect()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum PackedData {
+    I8(Vec<i8>),
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    I16(Vec<i16>),
+}
+
+/// An `n x k` int8 weight matrix (one row per output), packed once for one kernel, with the
+/// per-row sums and zero points its epilogue needs.
+#[derive(Clone, Debug)]
+pub struct PackedI8 {
+    isa: Isa,
+    n: usize,
+    k: usize,
+    kp: usize,
+    data: PackedData,
+    row_sums: Vec<i32>,
+    zero_points: Vec<i32>,
+}
+
+impl PackedI8 {
+    /// Packs `weights` (`n` rows of `k`) for the fastest kernel of this CPU.
+    ///
+    /// `zero_points` holds one zero point per row, or is empty for symmetric weights.
+    ///
+    /// # Panics
+    /// If `weights.len() != n * k`, `k` exceeds [`MAX_INT8_K`] or `zero_points` has neither
+    /// 0 nor `n` entries (the loader checks all of these first).
+    pub fn new(weights: &[i8], n: usize, k: usize, zero_points: &[i32]) -> Self {
+        Self::pack(Isa::detect(), weights, n, k, zero_points)
+    }
+
+    /// Like [`PackedI8::new`] for a chosen kernel; `None` if this CPU cannot run it.
+    ///
+    /// # Panics
+    /// As [`PackedI8::new`].
+    pub fn new_for(
+        isa: Isa,
+        weights: &[i8],
+        n: usize,
+        k: usize,
+        zero_points: &[i32],
+    ) -> Option<Self> {
+        isa.is_available()
+            .then(|| Self::pack(isa, weights, n, k, zero_points))
+    }
+
+    fn pack(isa: Isa, weights: &[i8], n: usize, k: usize, zero_points: &[i32]) -> Self {
+        assert_eq!(weights.len(), n * k, "weights must hold n * k values");
+        assert!(
+            k > 0 && k <= MAX_INT8_K,
+            "k = {k} is outside 1..={MAX_INT8_K}"
+        );
+        assert!(zero_points.is_empty() || zero_points.len() == n);
+        let kp = padded_k(k);
+        let data = match isa {
+            Isa::Scalar => PackedData::I8(scalar::pack(weights, n, k, kp)),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => PackedData::I16(avx2::pack(weights, n, k, kp)),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => PackedData::I8(avx512::pack(weights, n, k, kp)),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only scalar kernels exist on this architecture"),
+        };
+        let row_sums = weights
+            .chunks_exact(k)
+            .map(|row| row.iter().map(|&w| i32::from(w)).sum())
+            .collect();
+        let zero_points = if zero_points.iter().all(|&z| z == 0) {
+            Vec::new()
+        } else {
+            zero_points.to_vec()
+        };
+        Self {
+            isa,
+            n,
+            k,
+            kp,
+            data,
+            row_sums,
+            zero_points,
+        }
+    }
+
+    /// Number of rows (outputs).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Reduction length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The kernel the weights are packed for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    fn zero_point(&self, j: usize) -> i64 {
+        self.zero_points.get(j).map_or(0, |&z| i64::from(z))
+    }
+}
+
+/// Raw integer product: `c[r * n + j] = sum_kk a[r * lda + kk] * w[j][kk]` for `m` rows.
+///
+/// # Panics
+/// If `lda < padded_k(k)`, `a` is shorter than `(m - 1) * lda + padded_k(k)` or `c` than
+/// `m * n`.
+pub fn gemm_u8i8(a: &[u8], lda: usize, m: usize, w: &PackedI8, c: &mut [i32]) {
+    assert!(lda >= w.kp, "row stride {lda} is below padded k {}", w.kp);
+    assert!(
+        m == 0 || a.len() >= (m - 1) * lda + w.kp,
+        "activations too short"
+    );
+    assert!(c.len() >= m * w.n, "output too short");
+    match (&w.data, w.isa) {
+        (PackedData::I8(b), Isa::Scalar) => scalar::gemm(a, lda, m, b, w.n, w.k, w.kp, c),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `PackedI8` for AVX-512 VNNI exists only where the CPU supports it
+        // (`PackedI8::new` detects, `new_for` checks); the kernel checks slice lengths.
+        (PackedData::I8(b), Isa::Avx512Vnni) => unsafe { avx512::gemm(a, lda, m, b, w.n, w.kp, c) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2.
+        (PackedData::I16(b), Isa::Avx2) => unsafe { avx2::gemm(a, lda, m, b, w.n, w.kp, c) },
+        _ => unreachable!("packed data always matches its kernel"),
+    }
+}
+
+/// Quantized activations for the integer GEMM: `rows` rows of `k` bytes at stride `lda`
+/// (at least [`padded_k`]), all with the same zero point.
+#[derive(Clone, Copy, Debug)]
+pub struct U8Matrix<'a> {
+    /// The bytes, row-major.
+    pub data: &'a [u8],
+    /// Row stride, at least `padded_k(k)`.
+    pub lda: usize,
+    /// Number of rows.
+    pub rows: usize,
+    /// The activation zero point (0..=255).
+    pub zero_point: i32,
+}
+
+/// An exact corrected accumulator `sum_k (a - za) * (w - zw)`: `i32` where it provably fits
+/// (a loop the compiler vectorises), `i64` otherwise. Both convert to the same f32.
+trait Corrected: Copy {
+    fn wide(self) -> i64;
+    fn to_f32(self) -> f32;
+}
+
+impl Corrected for i32 {
+    fn wide(self) -> i64 {
+        self.into()
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+impl Corrected for i64 {
+    fn wide(self) -> i64 {
+        self
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+}
+
+/// What happens to a corrected accumulator of column `j`.
+trait Epilogue<T>: Sync {
+    fn apply<V: Corrected>(&self, j: usize, acc: V) -> T;
+}
+
+struct Dequantize<'a> {
+    scales: &'a [f32],
+    bias: &'a [f32],
+    relu: bool,
+}
+
+impl Epilogue<f32> for Dequantize<'_> {
+    #[inline(always)]
+    fn apply<V: Corrected>(&self, j: usize, acc: V) -> f32 {
+        let y = acc.to_f32() * self.scales[j] + self.bias[j];
+        if self.relu { y.max(0.0) } else { y }
+    }
+}
+
+struct Requantize<'a> {
+    bias: &'a [i32],
+    multipliers: &'a [f32],
+    zero_point: i32,
+    lo: i32,
+}
+
+impl Epilogue<u8> for Requantize<'_> {
+    #[inline(always)]
+    fn apply<V: Corrected>(&self, j: usize, acc: V) -> u8 {
+        requantize(
+            acc.wide(),
+            self.bias[j],
+            self.multipliers[j],
+            self.zero_point,
+            self.lo,
+        )
+    }
+}
+
+/// Runs the integer GEMM block by block and applies the epilogue to each corrected
+/// accumulator while the block is in cache.
+fn drive<T: Send, E: Epilogue<T>>(a: &U8Matrix, w: &PackedI8, out: &mut [T], finish: &E) {
+    let (m, n, k, lda) = (a.rows, w.n, w.k, a.lda);
+    assert!(out.len() >= m * n, "output too short");
+    assert!(
+        m == 0 || a.data.len() >= (m - 1) * lda + w.kp,
+        "activations too short"
+    );
+    let za = i64::from(a.zero_point);
+    // sum_k (a - za)(w - zw) = sum a w - za sum w - zw sum a + k za zw
+    let column: Vec<i64> = (0..n)
+        .map(|j| k as i64 * za * w.zero_point(j) - za * i64::from(w.row_sums[j]))
+        .collect();
+    // With symmetric weights and `k * 32_640 * 2 < 2^31` the corrected sum fits an `i32`:
+    // the common case gets an `i32` loop the compiler vectorises (same values, so the same
+    // results as the `i64` loop).
+    let narrow = w.zero_points.is_empty() && k <= (i32::MAX as usize) / (2 * 255 * 128);
+    let column32: Vec<i32> = if narrow {
+        column.iter().map(|&c| c as i32).collect()
+    } else {
+        Vec::new()
+    };
+    let block = |r0: usize, out: &mut [T]| {
+        let rows = out.len() / n;
+        let mut acc = vec![0i32; rows * n];
+        gemm_u8i8(&a.data[r0 * lda..], lda, rows, w, &mut acc);
+        for (i, (acc_row, out_row)) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate()
+        {
+            if narrow {
+                for (j, ((o, &v), &c)) in out_row.iter_mut().zip(acc_row).zip(&column32).enumerate()
+                {
+                    *o = finish.apply(j, v + c);
+                }
+                continue;
+            }
+            let row_sum: i64 = if w.zero_points.is_empty() {
+                0
+            } else {
+                let row = &a.data[(r0 + i) * lda..(r0 + i) * lda + k];
+                row.iter().map(|&x| i64::from(x)).sum()
+            };
+            for (j, (o, &v)) in out_row.iter_mut().zip(acc_row).enumerate() {
+                *o = finish.apply(j, i64::from(v) + column[j] - w.zero_point(j) * row_sum);
+            }
+        }
+    };
+    let out = &mut out[..m * n];
+    if n == 0 || m == 0 {
+        return;
+    }
+    if m * n * k < PARALLEL_MIN_MACS || m <= ROW_BLOCK {
+        for (b, chunk) in out.chunks_mut(ROW_BLOCK * n).enumerate() {
+            block(b * ROW_BLOCK, chunk);
+        }
+    } else {
+        out.par_chunks_mut(ROW_BLOCK * n)
+            .enumerate()
+            .for_each(|(b, chunk)| block(b * ROW_BLOCK, chunk));
+    }
+}
+
+/// Integer GEMM with a dequantizing epilogue:
+/// `out[r, j] = acc[r, j] * scales[j] + bias[j]`, then ReLU if asked, where `acc` is the exact
+/// `sum_k (a - za) * (w - zw)` and `scales[j] = scale_a * scale_w[j]`.
+///
+/// # Panics
+/// On slices shorter than the shapes need.
+pub fn int8_gemm_f32(
+    a: &U8Matrix,
+    w: &PackedI8,
+    scales: &[f32],
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    assert!(scales.len() == w.n && bias.len() == w.n);
+    drive(a, w, out, &Dequantize { scales, bias, relu });
+}
+
+/// Requantization of one corrected accumulator:
+/// `round_half_even((acc + bias) * multiplier) + zero_point`, clamped to `lo..=255`
+/// (`lo` is the output zero point when a ReLU is folded in, else 0).
+pub fn requantize(acc: i64, bias: i32, multiplier: f32, zero_point: i32, lo: i32) -> u8 {
+    let scaled = ((acc + i64::from(bias)) as f32 * multiplier).round_ties_even();
+    // `as` saturates (NaN becomes 0), so the clamp below sees a finite i32.
+    (scaled as i32).saturating_add(zero_point).clamp(lo, 255) as u8
+}
+
+/// Integer GEMM with a requantizing epilogue ([`requantize`]): activations stay `u8` between
+/// layers. `multipliers[j] = scale_a * scale_w[j] / scale_out`; `bias` is in accumulator
+/// units (`round(bias / (scale_a * scale_w[j]))`); `relu` folds a ReLU into the clamp.
+///
+/// # Panics
+/// On slices shorter than the shapes need.
+#[allow(clippy::too_many_arguments)]
+pub fn int8_gemm_u8(
+    a: &U8Matrix,
+    w: &PackedI8,
+    bias: &[i32],
+    multipliers: &[f32],
+    out_zero_point: i32,
+    relu: bool,
+    out: &mut [u8],
+) {
+    assert!(multipliers.len() == w.n && bias.len() == w.n);
+    let lo = if relu {
+        out_zero_point.clamp(0, 255)
+    } else {
+        0
+    };
+    let epilogue = Requantize {
+        bias,
+        multipliers,
+        zero_point: out_zero_point,
+        lo,
+    };
+    drive(a, w, out, &epilogue);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Exact `sum_k (a - za) * (w - zw)` from unpacked data.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        a: &[u8],
+        lda: usize,
+        m: usize,
+        za: i32,
+        w: &[i8],
+        zw: &[i32],
+        n: usize,
+        k: usize,
+    ) -> Vec<i64> {
+        let mut out = vec![0i64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let z = zw.get(j).copied().unwrap_or(0);
+                out[r * n + j] = (0..k)
+                    .map(|kk| {
+                        i64::from(i32::from(a[r * lda + kk]) - za)
+                            * i64::from(i32::from(w[j * k + kk]) - z)
+                    })
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn case() -> impl Strategy<Value = (usize, usize, usize, usize, u64)> {
+        // m, n, k, extra row padding, seed
+        (1usize..80, 1usize..70, 1usize..150, 0usize..9, any::<u64>())
+    }
+
+    /// A cheap deterministic generator: proptest picks the seed, shrinking picks the shape.
+    fn fill(seed: u64, len: usize) -> Vec<u8> {
+        let mut s = seed | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn every_kernel_matches_the_scalar_reference_exactly((m, n, k, pad, seed) in case()) {
+            let lda = padded_k(k) + pad;
+            let mut a = fill(seed, m * lda);
+            // Exercise the extremes too: all-255 rows and -128 weights are where saturating
+            // instructions would go wrong.
+            a[..k.min(m * lda)].fill(255);
+            let mut w: Vec<i8> = fill(seed.rotate_left(17), n * k).into_iter().map(|x| x as i8).collect();
+            w[..k].fill(-128);
+            for isa in Isa::available() {
+                let packed = PackedI8::new_for(isa, &w, n, k, &[]).unwrap();
+                let mut c = vec![0i32; m * n];
+                gemm_u8i8(&a, lda, m, &packed, &mut c);
+                let expected = reference(&a, lda, m, 0, &w, &[], n, k);
+                let got: Vec<i64> = c.iter().map(|&v| i64::from(v)).collect();
+                prop_assert_eq!(got, expected, "kernel {:?}", isa);
+            }
+        }
+
+        #[test]
+        fn zero_point_corrections_are_exact((m, n, k, pad, seed) in case(), za in 0i32..=255, asymmetric in any::<bool>()) {
+            let lda = padded_k(k) + pad;
+            let a = fill(seed, m * lda);
+            let w: Vec<i8> = fill(!seed, n * k).into_iter().map(|x| x as i8).collect();
+            let zw: Vec<i32> = if asymmetric { (0..n).map(|j| (j as i32 % 7) - 3).collect() } else { Vec::new() };
+            let expected = reference(&a, lda, m, za, &w, &zw, n, k);
+            for isa in Isa::available() {
+                let packed = PackedI8::new_for(isa, &w, n, k, &zw).unwrap();
+                let input = U8Matrix { data: &a, lda, rows: m, zero_point: za };
+                // A multiplier of 1 with no bias and an offset-free output shows the raw value.
+                let ones = vec![1.0f32; n];
+                let zeros = vec![0.0f32; n];
+                let mut out = vec![0f32; m * n];
+                int8_gemm_f32(&input, &packed, &ones, &zeros, false, &mut out);
+                for (o, &e) in out.iter().zip(&expected) {
+                    prop_assert_eq!(*o, e as f32, "kernel {:?}", isa);
+                }
+                let bias: Vec<i32> = (0..n as i32).map(|j| j * 37 - 500).collect();
+                let mult: Vec<f32> = (0..n).map(|j| 0.001 + j as f32 * 1e-4).collect();
+                let mut q = vec![0u8; m * n];
+                int8_gemm_u8(&input, &packed, &bias, &mult, 7, true, &mut q);
+                for (idx, (&o, &e)) in q.iter().zip(&expected).enumerate() {
+                    let j = idx % n;
+                    prop_assert_eq!(o, requantize(e, bias[j], mult[j], 7, 7));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn requantize_rounds_half_to_even_and_clamps() {
+        assert_eq!(requantize(5, 0, 0.5, 0, 0), 2); // 2.5 -> 2
+        assert_eq!(requantize(7, 0, 0.5, 0, 0), 4); // 3.5 -> 4
+        assert_eq!(requantize(-100, 0, 1.0, 10, 0), 0);
+        assert_eq!(requantize(-100, 0, 1.0, 10, 10), 10);
+        assert_eq!(requantize(1 << 40, 0, 1.0, 10, 0), 255);
+        assert_eq!(requantize(3, 4, 1.0, 0, 0), 7);
+    }
+
+    #[test]
+    fn large_batches_take_the_parallel_path_and_agree() {
+        let (m, n, k) = (300, 40, 200);
+        let a = fill(3, m * padded_k(k));
+        let w: Vec<i8> = fill(4, n * k).into_iter().map(|x| x as i8).collect();
+        assert!(m * n * k >= PARALLEL_MIN_MACS);
+        let packed = PackedI8::new(&w, n, k, &[]);
+        let input = U8Matrix {
+            data: &a,
+            lda: padded_k(k),
+            rows: m,
+            zero_point: 3,
+        };
+        let mut out = vec![0f32; m * n];
+        int8_gemm_f32(
+            &input,
+            &packed,
+            &vec![1.0; n],
+            &vec![0.0; n],
+            false,
+            &mut out,
+        );
+        let expected = reference(&a, padded_k(k), m, 3, &w, &[], n, k);
+        assert!(out.iter().zip(&expected).all(|(&o, &e)| o == e as f32));
+    }
+}

@@ -1,0 +1,303 @@
+//! Convolution lowering (im2col), max pooling and layout changes, generic over the element
+//! type so that the f32 and the u8 paths share them.
+
+use rayon::prelude::*;
+
+/// Elements below which a spatial kernel stays on the calling thread.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
+
+/// The shapes of one 2-D convolution over one `channels x height x width` image, square
+/// kernel, equal stride and zero padding on both axes (PyTorch's `Conv2d` with `int` args).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub channels: usize,
+    /// Input height.
+    pub height: usize,
+    /// Input width.
+    pub width: usize,
+    /// Kernel side.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Padding on every side.
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// Output height.
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// Output width.
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    /// Output pixels per image: the rows im2col produces.
+    pub fn pixels(&self) -> usize {
+        self.out_height() * self.out_width()
+    }
+
+    /// Length of one patch, `channels * kernel^2`: the GEMM's `k`.
+    pub fn patch_len(&self) -> usize {
+        self.channels * self.kernel * self.kernel
+    }
+
+    /// Elements of one input image.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+}
+
+/// One image's patches, one row per output pixel (row-major over `(y, x)`), columns ordered
+/// `(channel, ky, kx)` like a PyTorch conv weight flattened to `out x (in * k * k)`.
+fn im2col_image<T: Copy>(image: &[T], g: &ConvGeometry, pad: T, out: &mut [T], ld: usize) {
+    let (k, s, p) = (g.kernel, g.stride, g.padding);
+    let (ow, patch) = (g.out_width(), g.patch_len());
+    for (pixel, row) in out.chunks_mut(ld).take(g.pixels()).enumerate() {
+        let (oy, ox) = (pixel / ow, pixel % ow);
+        let row = &mut row[..patch];
+        for c in 0..g.channels {
+            for ky in 0..k {
+                let dst = &mut row[(c * k + ky) * k..(c * k + ky + 1) * k];
+                let iy = (oy * s + ky).wrapping_sub(p);
+                if iy >= g.height {
+                    dst.fill(pad);
+                    continue;
+                }
+                let src = &image[(c * g.height + iy) * g.width..(c * g.height + iy + 1) * g.width];
+                let ix0 = (ox * s).wrapping_sub(p);
+                // Interior patches (the common case) are one contiguous copy.
+                if let Some(row) = src.get(ix0..ix0.wrapping_add(k)) {
+                    dst.copy_from_slice(row);
+                    continue;
+                }
+                for (kx, d) in dst.iter_mut().enumerate() {
+                    let ix = (ox * s + kx).wrapping_sub(p);
+                    *d = if ix < g.width { src[ix] } else { pad };
+                }
+            }
+        }
+    }
+}
+
+/// Patches of a batch of NCHW images: `batch * pixels` rows of `patch_len` values at row
+/// stride `ld` (the columns past `patch_len` are left as they are). Out-of-image positions get
+/// `pad`: 0.0 for f32, the activation zero point for u8.
+///
+/// # Panics
+/// If `ld < patch_len` or a slice is too short.
+pub fn im2col<T: Copy + Send + Sync>(
+    input: &[T],
+    batch: usize,
+    g: &ConvGeometry,
+    pad: T,
+    out: &mut [T],
+    ld: usize,
+) {
+    assert!(ld >= g.patch_len(), "row stride below the patch length");
+    assert!(input.len() >= batch * g.image_len(), "input too short");
+    let per_image = g.pixels() * ld;
+    assert!(out.len() >= batch * per_image, "output too short");
+    if batch == 0 || per_image == 0 {
+        return;
+    }
+    let images = input
+        .chunks(g.image_len().max(1))
+        .zip(out.chunks_mut(per_image))
+        .take(batch);
+    if batch * per_image < PARALLEL_MIN_ELEMENTS {
+        images.for_each(|(x, o)| im2col_image(x, g, pad, o, ld));
+    } else {
+        input
+            .par_chunks(g.image_len().max(1))
+            .zip(out.par_chunks_mut(per_image))
+            .take(batch)
+            .for_each(|(x, o)| im2col_image(x, g, pad, o, ld));
+    }
+}
+
+/// Max pooling without padding over `planes` planes of `height x width` (a batch of NCHW
+/// images is `batch * channels` planes). Returns the output height and width.
+///
+/// # Panics
+/// If `kernel` or `stride` is 0, the window is larger than the plane, or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool2d<T: Copy + PartialOrd + Send + Sync>(
+    input: &[T],
+    planes: usize,
+    height: usize,
+    width: usize,
+    kernel: usize,
+    stride: usize,
+    out: &mut [T],
+) -> (usize, usize) {
+    assert!(kernel > 0 && stride > 0 && kernel <= height && kernel <= width);
+    let (oh, ow) = (
+        (height - kernel) / stride + 1,
+        (width - kernel) / stride + 1,
+    );
+    assert!(input.len() >= planes * height * width && out.len() >= planes * oh * ow);
+    let plane = |x: &[T], o: &mut [T]| {
+        for (oy, out_row) in o.chunks_exact_mut(ow).enumerate() {
+            let window_rows = &x[oy * stride * width..(oy * stride + kernel) * width];
+            for (ox, best) in out_row.iter_mut().enumerate() {
+                let mut m = window_rows[ox * stride];
+                for row in window_rows.chunks_exact(width) {
+                    for &v in &row[ox * stride..ox * stride + kernel] {
+                        if v > m {
+                            m = v;
+                        }
+                    }
+                }
+                *best = m;
+            }
+        }
+    };
+    let (ilen, olen) = (height * width, oh * ow);
+    if planes * ilen < PARALLEL_MIN_ELEMENTS {
+        input
+            .chunks(ilen)
+            .zip(out.chunks_mut(olen))
+            .take(planes)
+            .for_each(|(x, o)| plane(x, o));
+    } else {
+        input
+            .par_chunks(ilen)
+            .zip(out.par_chunks_mut(olen))
+            .take(planes)
+            .for_each(|(x, o)| plane(x, o));
+    }
+    (oh, ow)
+}
+
+/// Reorders `batch` blocks of `pixels x channels` (what a GEMM over im2col rows produces) into
+/// `batch` blocks of `channels x pixels` (NCHW).
+///
+/// # Panics
+/// If a slice is shorter than `batch * pixels * channels`.
+pub fn nhwc_to_nchw<T: Copy + Send + Sync>(
+    input: &[T],
+    batch: usize,
+    pixels: usize,
+    channels: usize,
+    out: &mut [T],
+) {
+    let len = pixels * channels;
+    assert!(input.len() >= batch * len && out.len() >= batch * len);
+    if len == 0 {
+        return;
+    }
+    let image = |x: &[T], o: &mut [T]| {
+        for (p, row) in x.chunks_exact(channels).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                o[c * pixels + p] = v;
+            }
+        }
+    };
+    if batch * len < PARALLEL_MIN_ELEMENTS {
+        input
+            .chunks(len)
+            .zip(out.chunks_mut(len))
+            .take(batch)
+            .for_each(|(x, o)| image(x, o));
+    } else {
+        input
+            .par_chunks(len)
+            .zip(out.par_chunks_mut(len))
+            .take(batch)
+            .for_each(|(x, o)| image(x, o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Direct convolution of one image, the definition im2col must reproduce.
+    fn direct_conv(x: &[i64], g: &ConvGeometry, w: &[i64], out_ch: usize) -> Vec<i64> {
+        let (oh, ow, k) = (g.out_height(), g.out_width(), g.kernel);
+        let mut out = vec![0; out_ch * oh * ow];
+        for o in 0..out_ch {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut s = 0;
+                    for c in 0..g.channels {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (oy * g.stride + ky) as i64 - g.padding as i64;
+                                let ix = (ox * g.stride + kx) as i64 - g.padding as i64;
+                                if iy >= 0
+                                    && ix >= 0
+                                    && (iy as usize) < g.height
+                                    && (ix as usize) < g.width
+                                {
+                                    s += x[(c * g.height + iy as usize) * g.width + ix as usize]
+                                        * w[((o * g.channels + c) * k + ky) * k + kx];
+                                }
+                            }
+                        }
+                    }
+                    out[(o * oh + oy) * ow + ox] = s;
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn im2col_then_product_is_the_direct_convolution(
+            channels in 1usize..4, height in 1usize..12, width in 1usize..12, kernel in 1usize..5,
+            stride in 1usize..4, padding in 0usize..3, out_ch in 1usize..4, batch in 1usize..3,
+        ) {
+            prop_assume!(kernel <= height + 2 * padding && kernel <= width + 2 * padding);
+            let g = ConvGeometry { channels, height, width, kernel, stride, padding };
+            let x: Vec<i64> = (0..batch * g.image_len()).map(|i| (i as i64 * 7919) % 13 - 6).collect();
+            let w: Vec<i64> = (0..out_ch * g.patch_len()).map(|i| (i as i64 * 104_729) % 11 - 5).collect();
+            let ld = g.patch_len() + 3;
+            let mut cols = vec![99; batch * g.pixels() * ld];
+            im2col(&x, batch, &g, 0, &mut cols, ld);
+            let mut nhwc = vec![0; batch * g.pixels() * out_ch];
+            for (row, out) in cols.chunks(ld).zip(nhwc.chunks_mut(out_ch)) {
+                for (o, y) in out.iter_mut().enumerate() {
+                    *y = (0..g.patch_len()).map(|i| row[i] * w[o * g.patch_len() + i]).sum();
+                }
+            }
+            let mut nchw = vec![0; nhwc.len()];
+            nhwc_to_nchw(&nhwc, batch, g.pixels(), out_ch, &mut nchw);
+            for b in 0..batch {
+                let image = &x[b * g.image_len()..(b + 1) * g.image_len()];
+                let expected = direct_conv(image, &g, &w, out_ch);
+                let len = expected.len();
+                prop_assert_eq!(&nchw[b * len..(b + 1) * len], &expected[..]);
+            }
+        }
+
+        #[test]
+        fn max_pool_takes_window_maxima(planes in 1usize..4, height in 1usize..10, width in 1usize..10, kernel in 1usize..4, stride in 1usize..4) {
+            prop_assume!(kernel <= height && kernel <= width);
+            let x: Vec<i32> = (0..planes * height * width).map(|i| (i as i32 * 7919) % 101).collect();
+            let (oh, ow) = ((height - kernel) / stride + 1, (width - kernel) / stride + 1);
+            let mut out = vec![0; planes * oh * ow];
+            prop_assert_eq!(max_pool2d(&x, planes, height, width, kernel, stride, &mut out), (oh, ow));
+            for p in 0..planes {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let expected = (0..kernel)
+                            .flat_map(|ky| (0..kernel).map(move |kx| (ky, kx)))
+                            .map(|(ky, kx)| x[(p * height + oy * stride + ky) * width + ox * stride + kx])
+                            .max()
+                            .unwrap();
+                        prop_assert_eq!(out[(p * oh + oy) * ow + ox], expected);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! A pure-Rust inference runtime for models exported by the toolkit: no LibTorch, no C++.
+//!
+//! An artifact is one safetensors file (specified in `docs/FORMAT.md`) holding the network
+//! description ([`model_spec::NetworkSpec`]) and every parameter in its storage scheme: f32,
+//! f16, int8 (per-channel or per-tensor scales and zero points) or CSR-sparse. [`Model`]
+//! loads and validates one and runs batches of inputs:
+//!
+//! - f32 and f16 weights run through `matrixmultiply`'s f32 GEMM;
+//! - int8 weights run through an exact `u8 x i8 -> i32` GEMM (AVX-512 VNNI, AVX2 or scalar,
+//!   chosen at run time), with activations quantized per batch (dynamic range) or, when the
+//!   artifact carries calibrated input scales, in full-integer (static) mode where activations
+//!   stay `u8` between layers;
+//! - CSR weights (pruned layers) run through a sparse-times-dense product.
+//!
+//! Convolutions are lowered with im2col; large batches are spread over all cores with rayon.
+//!
+//! ```
+//! use model_spec::{LayerSpec, NetworkSpec};
+//! use ndarray::Array4;
+//! use runtime::{ArtifactBuilder, Granularity, Model};
+//!
+//! // A 2x2 image, flattened, through a linear layer with 3 outputs.
+//! let network = NetworkSpec {
+//!     name: "tiny".into(),
+//!     input: [1, 2, 2],
+//!     layers: vec![
+//!         LayerSpec::Flatten,
+//!         LayerSpec::Linear { in_features: 4, out_features: 3 },
+//!     ],
+//! };
+//! let weight = [1.0, 0.0, 0.0, 0.0, /**/ 0.0, 1.0, 1.0, 0.0, /**/ -1.0, 0.0, 0.0, 1.0];
+//! let mut artifact = ArtifactBuilder::new(network);
+//! artifact
+//!     .add_f32("1.weight", &weight, &[3, 4])?
+//!     .add_f32("1.bias", &[0.5, 0.0, 0.0], &[3])?;
+//! let model = Model::from_bytes(&artifact.to_bytes()?)?;
+//!
+//! let x = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+//! let logits = model.run(x.view())?;
+//! assert_eq!(logits.shape(), &[1, 3]);
+//! assert!((logits[[0, 0]] - 1.5).abs() < 1e-6);
+//! assert!((logits[[0, 1]] - 5.0).abs() < 1e-6);
+//! assert!((logits[[0, 2]] - 3.0).abs() < 1e-6);
+//!
+//! // The same layer with int8 weights: close, not equal.
+//! let mut artifact = ArtifactBuilder::new(model.network().clone());
+//! artifact
+//!     .add_int8_quantized("1.weight", &weight, &[3, 4], Granularity::PerChannel)?
+//!     .add_f32("1.bias", &[0.5, 0.0, 0.0], &[3])?;
+//! let int8 = Model::from_bytes(&artifact.to_bytes()?)?;
+//! let approx = int8.run(x.view())?;
+//! assert!((approx[[0, 1]] - 5.0).abs() < 0.1);
+//! # Ok::<(), runtime::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+mod artifact;
+mod engine;
+mod error;
+pub mod kernels;
+mod quant;
+
+pub use artifact::{
+    ArtifactBuilder, FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM,
+    MAX_LAYERS, Scheme,
+};
+pub use engine::{Execution, Model};
+pub use error::{Error, Result};
+pub use quant::{QParams, quantize_symmetric};

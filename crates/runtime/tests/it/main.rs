@@ -1,0 +1,6 @@
+//! Integration tests of the runtime: artifacts written, loaded, validated and run. One test
+//! binary (`autotests = false`), one module per concern.
+
+mod common;
+mod engine;
+mod validation;

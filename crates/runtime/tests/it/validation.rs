@@ -1,0 +1,482 @@
+//! The loader rejects every malformed artifact with an error that says what is wrong, and
+//! never panics.
+
+use model_spec::{LayerSpec, NetworkSpec};
+use proptest::prelude::*;
+use runtime::{ArtifactBuilder, Error, Granularity, Model, QParams};
+use safetensors::Dtype;
+
+use crate::common::{Store, artifact, edit_file, edit_metadata, params};
+
+/// A small but complete network: conv, pool, linear, every parameter kind present.
+fn small_spec() -> NetworkSpec {
+    NetworkSpec {
+        name: "small".into(),
+        input: [1, 6, 6],
+        layers: vec![
+            LayerSpec::Conv2d {
+                in_channels: 1,
+                out_channels: 2,
+                kernel: 3,
+                stride: 1,
+                padding: 0,
+            },
+            LayerSpec::Relu,
+            LayerSpec::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+            },
+            LayerSpec::Flatten,
+            LayerSpec::Linear {
+                in_features: 8,
+                out_features: 3,
+            },
+        ],
+    }
+}
+
+fn small(store: impl Fn(usize) -> Store) -> Vec<u8> {
+    let spec = small_spec();
+    artifact(&spec, &params(&spec, 1), store)
+        .to_bytes()
+        .unwrap()
+}
+
+fn err(bytes: &[u8]) -> (Error, String) {
+    let e = Model::from_bytes(bytes).unwrap_err();
+    let s = e.to_string();
+    (e, s)
+}
+
+#[test]
+fn a_valid_artifact_loads() {
+    for store in [
+        Store::F32,
+        Store::F16,
+        Store::Int8(Granularity::PerTensor),
+        Store::Csr,
+    ] {
+        Model::from_bytes(&small(|_| store)).unwrap();
+    }
+}
+
+#[test]
+fn unknown_format_and_version_are_named() {
+    let bytes = small(|_| Store::F32);
+    let (e, s) = err(&edit_metadata(&bytes, |m| {
+        m.insert("format".into(), "onnx".into());
+    }));
+    assert!(
+        matches!(e, Error::UnknownFormat { .. }) && s.contains("`onnx`"),
+        "{s}"
+    );
+    let (e, s) = err(&edit_metadata(&bytes, |m| {
+        m.insert("format_version".into(), "2".into());
+    }));
+    assert!(matches!(e, Error::UnsupportedVersion { .. }), "{s}");
+    assert!(
+        s.contains("format version `2`") && s.contains("reads version 1"),
+        "{s}"
+    );
+    let (e, s) = err(&edit_metadata(&bytes, |m| {
+        m.remove("format_version");
+    }));
+    assert!(
+        matches!(
+            e,
+            Error::MissingMetadata {
+                key: "format_version",
+                ..
+            }
+        ),
+        "{s}"
+    );
+    assert!(s.starts_with("<bytes> lacks"), "{s}");
+    let (e, _) = err(&edit_metadata(&bytes, |m| m.clear()));
+    assert!(matches!(e, Error::MissingMetadata { key: "format", .. }));
+}
+
+#[test]
+fn malformed_metadata_json_is_an_error() {
+    let bytes = small(|_| Store::F32);
+    for key in ["network", "tensors", "activations"] {
+        let (e, s) = err(&edit_metadata(&bytes, |m| {
+            m.insert(key.into(), "{not json".into());
+        }));
+        assert!(matches!(e, Error::MalformedMetadata { .. }), "{key}: {s}");
+        assert!(s.contains(&format!("metadata `{key}`")), "{s}");
+    }
+    let (_, s) = err(&edit_metadata(&bytes, |m| {
+        m.insert(
+            "network".into(),
+            r#"{"name":"x","input":[1,6,6],"layers":[{"op":"softmax"}]}"#.into(),
+        );
+    }));
+    assert!(s.contains("softmax"), "{s}");
+    let (_, s) = err(&edit_metadata(&bytes, |m| {
+        m.insert("tensors".into(), r#"{"0.weight":{"scheme":"int4"}}"#.into());
+    }));
+    assert!(s.contains("int4"), "{s}");
+}
+
+#[test]
+fn invalid_networks_are_errors() {
+    let mut spec = small_spec();
+    spec.layers[4] = LayerSpec::Linear {
+        in_features: 9,
+        out_features: 3,
+    };
+    let bytes = edit_metadata(&small(|_| Store::F32), |m| {
+        m.insert("network".into(), serde_json::to_string(&spec).unwrap());
+    });
+    let (e, s) = err(&bytes);
+    assert!(matches!(e, Error::InvalidNetwork { .. }), "{s}");
+    assert!(s.contains("layer 4 (linear)"), "{s}");
+    // Hyperparameters that would overflow shape arithmetic are refused before it.
+    let mut spec = small_spec();
+    spec.layers[0] = LayerSpec::Conv2d {
+        in_channels: 1,
+        out_channels: 2,
+        kernel: 3,
+        stride: 1,
+        padding: usize::MAX / 2,
+    };
+    let (_, s) = err(&edit_metadata(&small(|_| Store::F32), |m| {
+        m.insert("network".into(), serde_json::to_string(&spec).unwrap());
+    }));
+    assert!(s.contains("above the limit"), "{s}");
+    let mut spec = small_spec();
+    spec.input = [1 << 20, 1 << 20, 1 << 20];
+    let (_, s) = err(&edit_metadata(&small(|_| Store::F32), |m| {
+        m.insert("network".into(), serde_json::to_string(&spec).unwrap());
+    }));
+    assert!(s.contains("exceeds"), "{s}");
+}
+
+#[test]
+fn missing_and_unexpected_tensors_are_named() {
+    let bytes = small(|_| Store::F32);
+    let (e, s) = err(&edit_file(&bytes, |_, t| {
+        t.remove("4.bias");
+    }));
+    assert!(
+        matches!(e, Error::MissingTensor { .. }) && s.contains("`4.bias`"),
+        "{s}"
+    );
+    let (e, s) = err(&edit_file(&bytes, |_, t| {
+        t.insert("extra".into(), (Dtype::F32, vec![1], vec![0; 4]));
+    }));
+    assert!(
+        matches!(e, Error::UnexpectedTensor { .. }) && s.contains("`extra`"),
+        "{s}"
+    );
+    let int8 = small(|_| Store::Int8(Granularity::PerChannel));
+    let (_, s) = err(&edit_file(&int8, |_, t| {
+        t.remove("0.weight.scale");
+    }));
+    assert!(s.contains("`0.weight.scale`"), "{s}");
+    let (_, s) = err(&edit_metadata(&bytes, |m| {
+        m.insert(
+            "tensors".into(),
+            r#"{"0.weight":{"scheme":"f32"},"0.bias":{"scheme":"f32"},"4.bias":{"scheme":"f32"}}"#
+                .into(),
+        );
+    }));
+    assert!(s.contains("no scheme for `4.weight`"), "{s}");
+    let (_, s) = err(&edit_metadata(&bytes, |m| {
+        let mut t: serde_json::Value = serde_json::from_str(&m["tensors"]).unwrap();
+        t["2.weight"] = serde_json::json!({"scheme": "f32"});
+        m.insert("tensors".into(), t.to_string());
+    }));
+    assert!(s.contains("`2.weight`, which no layer"), "{s}");
+}
+
+#[test]
+fn shapes_must_match_the_network() {
+    let spec = small_spec();
+    let p = params(&spec, 2);
+    // A conv weight must be [out, in, k, k]: give it [2, 9] instead.
+    let mut b = ArtifactBuilder::new(spec.clone());
+    b.add_f32("0.weight", &p[&0].weight, &[2, 9]).unwrap();
+    b.add_f32("0.bias", &p[&0].bias, &[2]).unwrap();
+    b.add_f32("4.weight", &p[&4].weight, &[3, 8]).unwrap();
+    b.add_f32("4.bias", &p[&4].bias, &[3]).unwrap();
+    let (e, s) = err(&b.to_bytes().unwrap());
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{s}");
+    assert!(
+        s.contains("`0.weight` has shape [2, 9], expected [2, 1, 3, 3]"),
+        "{s}"
+    );
+    // A bias of the wrong length.
+    let mut b = ArtifactBuilder::new(spec.clone());
+    b.add_f32("0.weight", &p[&0].weight, &[2, 1, 3, 3]).unwrap();
+    b.add_f32("0.bias", &[0.0; 3], &[3]).unwrap();
+    b.add_f32("4.weight", &p[&4].weight, &[3, 8]).unwrap();
+    b.add_f32("4.bias", &p[&4].bias, &[3]).unwrap();
+    let (_, s) = err(&b.to_bytes().unwrap());
+    assert!(s.contains("`0.bias` has shape [3], expected [2]"), "{s}");
+    // Per-channel scales with the wrong count.
+    let mut b = ArtifactBuilder::new(spec.clone());
+    b.add_int8_per_channel("0.weight", &[1; 18], &[2, 1, 3, 3], &[0.1, 0.1], &[0, 0])
+        .unwrap();
+    b.add_f32("0.bias", &p[&0].bias, &[2]).unwrap();
+    b.add_int8_per_tensor("4.weight", &[1; 24], &[3, 8], 0.5, 0)
+        .unwrap();
+    b.add_f32("4.bias", &p[&4].bias, &[3]).unwrap();
+    Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
+    let bytes = edit_metadata(&b.to_bytes().unwrap(), |m| {
+        let t = m["tensors"].replace("per_tensor", "per_channel");
+        m.insert("tensors".into(), t);
+    });
+    let (_, s) = err(&bytes);
+    assert!(
+        s.contains("`4.weight.scale` has shape [1], expected [3]"),
+        "{s}"
+    );
+}
+
+#[test]
+fn dtypes_must_match_the_scheme() {
+    let bytes = small(|_| Store::F32);
+    let (e, s) = err(&edit_metadata(&bytes, |m| {
+        let t = m["tensors"].replacen(r#""scheme":"f32""#, r#""scheme":"f16""#, 1);
+        m.insert("tensors".into(), t);
+    }));
+    assert!(matches!(e, Error::DtypeMismatch { .. }), "{s}");
+    assert!(s.contains("has dtype F32, its scheme needs F16"), "{s}");
+    let int8 = small(|_| Store::Int8(Granularity::PerChannel));
+    let (_, s) = err(&edit_file(&int8, |_, t| {
+        let zp = t.get_mut("4.weight.zero_point").unwrap();
+        *zp = (Dtype::I32, vec![3], vec![0; 12]);
+    }));
+    assert!(
+        s.contains("`4.weight.zero_point` has dtype I32, its scheme needs I8"),
+        "{s}"
+    );
+    // A bias stored as int8 is refused: biases are f32 or f16.
+    let (e, s) = err(&edit_file(&bytes, |m, t| {
+        let tensors = m["tensors"].replace(
+            r#""4.bias":{"scheme":"f32"}"#,
+            r#""4.bias":{"scheme":"int8","granularity":"per_tensor"}"#,
+        );
+        m.insert("tensors".into(), tensors);
+        t.insert("4.bias".into(), (Dtype::I8, vec![3], vec![0; 3]));
+    }));
+    assert!(
+        matches!(e, Error::Unsupported { .. }) && s.contains("biases must be f32 or f16"),
+        "{s}"
+    );
+}
+
+#[test]
+fn scales_must_be_positive_and_finite() {
+    let int8 = small(|_| Store::Int8(Granularity::PerChannel));
+    for bad in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        let (e, s) = err(&edit_file(&int8, |_, t| {
+            let scale = t.get_mut("4.weight.scale").unwrap();
+            scale.2[4..8].copy_from_slice(&bad.to_le_bytes());
+        }));
+        assert!(matches!(e, Error::InvalidTensor { .. }), "{s}");
+        assert!(
+            s.contains("`4.weight.scale`")
+                && s.contains("scale 1 is")
+                && s.contains("not positive and finite"),
+            "{s}"
+        );
+    }
+}
+
+#[test]
+fn csr_arrays_are_validated() {
+    let csr = small(|_| Store::Csr);
+    let set_i32 = |name: &'static str, index: usize, value: i32| {
+        edit_file(&csr, move |_, t| {
+            let data = &mut t.get_mut(name).unwrap().2;
+            data[index * 4..index * 4 + 4].copy_from_slice(&value.to_le_bytes());
+        })
+    };
+    let (e, s) = err(&set_i32("4.weight.col_idx", 0, 8));
+    assert!(matches!(e, Error::InvalidTensor { .. }), "{s}");
+    assert!(
+        s.contains("`4.weight`") && s.contains("column index 8") && s.contains("out of range"),
+        "{s}"
+    );
+    let (_, s) = err(&set_i32("4.weight.col_idx", 0, -1));
+    assert!(
+        s.contains("`4.weight.col_idx`") && s.contains("negative"),
+        "{s}"
+    );
+    let (_, s) = err(&set_i32("4.weight.row_ptr", 1, 20));
+    assert!(s.contains("not monotone"), "{s}");
+    let (_, s) = err(&set_i32("4.weight.row_ptr", 0, 1));
+    assert!(s.contains("starts at 1"), "{s}");
+    let (_, s) = err(&edit_metadata(&csr, |m| {
+        let t = m["tensors"].replace("[3,8]", "[4,6]");
+        m.insert("tensors".into(), t);
+    }));
+    assert!(
+        s.contains("`4.weight` has shape [4, 6], expected [3, 8]"),
+        "{s}"
+    );
+}
+
+#[test]
+fn activation_quantization_is_validated() {
+    let spec = small_spec();
+    let p = params(&spec, 3);
+    let mut b = artifact(&spec, &p, |_| Store::Int8(Granularity::PerChannel));
+    b.set_input_quantization(
+        4,
+        QParams {
+            scale: 0.1,
+            zero_point: 3,
+        },
+    );
+    Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
+    for (layer, q, needle) in [
+        (
+            4,
+            QParams {
+                scale: 0.0,
+                zero_point: 3,
+            },
+            "not a positive finite scale",
+        ),
+        (
+            4,
+            QParams {
+                scale: 0.1,
+                zero_point: 256,
+            },
+            "zero point 256",
+        ),
+        (
+            1,
+            QParams {
+                scale: 0.1,
+                zero_point: 0,
+            },
+            "entry `1` is not a conv2d or linear layer",
+        ),
+    ] {
+        let mut b = b.clone();
+        b.set_input_quantization(layer, q);
+        let (e, s) = err(&b.to_bytes().unwrap());
+        assert!(
+            matches!(
+                e,
+                Error::MalformedMetadata {
+                    key: "activations",
+                    ..
+                }
+            ),
+            "{s}"
+        );
+        assert!(s.contains(needle), "{s}");
+    }
+    let mut f32_model = artifact(&spec, &p, |_| Store::F32);
+    f32_model.set_input_quantization(
+        0,
+        QParams {
+            scale: 0.1,
+            zero_point: 0,
+        },
+    );
+    let (_, s) = err(&f32_model.to_bytes().unwrap());
+    assert!(s.contains("its weight is not int8"), "{s}");
+}
+
+#[test]
+fn the_builder_checks_lengths_and_duplicates() {
+    let mut b = ArtifactBuilder::new(small_spec());
+    let e = b
+        .add_f32("0.weight", &[0.0; 5], &[2, 1, 3, 3])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`0.weight`: data has 5 values, expected 18"),
+        "{e}"
+    );
+    b.add_f32("0.bias", &[0.0; 2], &[2]).unwrap();
+    let e = b
+        .add_f16("0.bias", &[0.0; 2], &[2])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("added twice"), "{e}");
+    let e = b
+        .add_int8_per_channel("4.weight", &[0; 24], &[3, 8], &[1.0; 2], &[0; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scales has 2 values, expected 3"), "{e}");
+    assert!(
+        ArtifactBuilder::default()
+            .to_bytes()
+            .unwrap_err()
+            .to_string()
+            .contains("no network")
+    );
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let bytes = small(|_| Store::Int8(Granularity::PerChannel));
+    for len in 0..bytes.len() {
+        let (e, _) = err(&bytes[..len]);
+        assert!(matches!(e, Error::Damaged { .. }), "length {len}: {e}");
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(matches!(err(&longer).0, Error::Damaged { .. }));
+}
+
+#[test]
+fn hostile_offsets_are_errors_not_panics() {
+    // Offsets near usize::MAX would overflow safetensors' own sums.
+    let header = format!(
+        r#"{{"a":{{"dtype":"U8","shape":[{}],"data_offsets":[0,{}]}}}}"#,
+        usize::MAX / 2,
+        usize::MAX / 2
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    assert!(matches!(err(&bytes).0, Error::Damaged { .. }));
+    let mut huge = u64::MAX.to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    assert!(matches!(err(&huge).0, Error::Damaged { .. }));
+}
+
+#[test]
+fn every_single_byte_corruption_is_handled() {
+    // Flipping any byte either still loads (a changed weight) or is an error: never a panic.
+    let bytes = small(|i| {
+        if i == 0 {
+            Store::Csr
+        } else {
+            Store::Int8(Granularity::PerChannel)
+        }
+    });
+    for i in 0..bytes.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut b = bytes.clone();
+            b[i] ^= flip;
+            let _ = Model::from_bytes(&b);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        prop_assert!(Model::from_bytes(&bytes).is_err());
+    }
+
+    #[test]
+    fn random_headers_never_panic(json in "\\{(\"[a-z._]{1,8}\":\\{\"dtype\":\"(F32|I8|I32|F16)\",\"shape\":\\[[0-9]{1,3}\\],\"data_offsets\":\\[[0-9]{1,3},[0-9]{1,3}\\]\\},?){0,3}\\}", pad in 0usize..64) {
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(json.as_bytes());
+        bytes.extend(std::iter::repeat_n(0u8, pad));
+        let _ = Model::from_bytes(&bytes);
+    }
+}

@@ -1,0 +1,34 @@
+use thiserror::Error;
+
+use crate::Policy;
+
+/// Errors of precision policies, conversions and audits.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A policy name that is not one of Keras's.
+    #[error("unknown precision policy `{name}`: expected one of {}", Policy::NAMES.join(", "))]
+    UnknownPolicy {
+        /// The name that was given.
+        name: String,
+    },
+    /// Source and destination of a conversion differ in length.
+    #[error("conversion of {source_len} values into a buffer of {destination_len}")]
+    LengthMismatch {
+        /// Number of values to convert.
+        source_len: usize,
+        /// Room in the destination.
+        destination_len: usize,
+    },
+    /// A tensor whose element type is not a floating-point one.
+    #[error("expected a floating-point tensor, got {kind:?}")]
+    NotFloatingPoint {
+        /// The tensor's element type.
+        kind: tch::Kind,
+    },
+    /// An error from LibTorch.
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+/// Result with this crate's [`enum@Error`].
+pub type Result<T> = std::result::Result<T, Error>;
