@@ -53,7 +53,7 @@ fn quick_baseline_writes_a_complete_report() {
     let accuracy = row["test_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.5 && accuracy <= 1.0, "accuracy {accuracy}");
     let params = row["params"].as_u64().unwrap();
-    assert_eq!(params, 225_034);
+    assert_eq!(params, 225_226);
     assert!(row["nonzero_params"].as_u64().unwrap() <= params);
     for field in [
         "train_seconds",
@@ -76,7 +76,7 @@ fn quick_baseline_writes_a_complete_report() {
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
-        md.contains("| baseline | teacher_float32 | teacher_cnn | 225034 |"),
+        md.contains("| baseline | teacher_float32 | teacher_cnn | 225226 |"),
         "{md}"
     );
     // No temporary files are left behind.

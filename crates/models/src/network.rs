@@ -30,6 +30,7 @@ enum Layer {
         weight: Tensor,
         bias: Tensor,
     },
+    BatchNorm2d(nn::BatchNorm),
     Relu,
     MaxPool2d {
         kernel: i64,
@@ -98,6 +99,17 @@ impl Network {
                             bias: linear.bs.expect("linear is created with a bias"),
                         }
                     }
+                    LayerSpec::BatchNorm2d { features, eps } => {
+                        Layer::BatchNorm2d(nn::batch_norm2d(
+                            &path,
+                            dim(features),
+                            nn::BatchNormConfig {
+                                eps,
+                                momentum: 0.1,
+                                ..Default::default()
+                            },
+                        ))
+                    }
                     LayerSpec::Relu => Layer::Relu,
                     LayerSpec::MaxPool2d { kernel, stride } => Layer::MaxPool2d {
                         kernel: dim(kernel),
@@ -147,6 +159,7 @@ impl Network {
             Layer::Conv2d { weight, bias, .. } | Layer::Linear { weight, bias } => {
                 vec![weight, bias]
             }
+            Layer::BatchNorm2d(bn) => bn.ws.iter().chain(&bn.bs).collect(),
             _ => vec![],
         })
     }
@@ -189,6 +202,11 @@ impl ModuleT for Network {
                     Some(kind) => {
                         cast(&xs, kind).linear(&cast(weight, kind), Some(&cast(bias, kind)))
                     }
+                },
+                // Normalisation statistics stay in float32 under every policy.
+                Layer::BatchNorm2d(bn) => match compute {
+                    None => xs.apply_t(bn, train),
+                    Some(kind) => cast(&cast(&xs, Kind::Float).apply_t(bn, train), kind),
                 },
                 Layer::Relu => xs.relu(),
                 Layer::MaxPool2d { kernel, stride } => {
@@ -233,12 +251,20 @@ mod tests {
             [
                 "0.bias",
                 "0.weight",
-                "11.bias",
-                "11.weight",
-                "3.bias",
-                "3.weight",
-                "8.bias",
-                "8.weight"
+                "1.bias",
+                "1.running_mean",
+                "1.running_var",
+                "1.weight",
+                "10.bias",
+                "10.weight",
+                "13.bias",
+                "13.weight",
+                "4.bias",
+                "4.weight",
+                "5.bias",
+                "5.running_mean",
+                "5.running_var",
+                "5.weight",
             ]
         );
         assert_eq!(net.param_count(), NetworkSpec::teacher_cnn().param_count());
@@ -265,7 +291,7 @@ mod tests {
         let before = net.nonzero_param_count();
         assert!(before < net.param_count());
         tch::no_grad(|| {
-            let mut weight = vs.variables()["8.weight"].shallow_clone();
+            let mut weight = vs.variables()["10.weight"].shallow_clone();
             let _ = weight.zero_();
         });
         assert_eq!(net.nonzero_param_count(), before - 1600 * 128);
@@ -329,6 +355,11 @@ mod tests {
         loss.backward();
         for (name, var) in vs.variables() {
             assert_eq!(var.kind(), Kind::Float, "{name}");
+            if name.contains("running_") {
+                // Batch-norm statistics are buffers, not trained.
+                assert!(!var.requires_grad(), "{name}");
+                continue;
+            }
             let grad = var.grad();
             assert!(grad.defined(), "{name} has no gradient");
             assert_eq!(grad.kind(), Kind::Float, "{name}");

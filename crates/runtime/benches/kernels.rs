@@ -105,7 +105,7 @@ fn kernels(c: &mut Criterion) {
 
 /// End to end: the teacher CNN in f32, dynamic int8 and static int8.
 fn models(c: &mut Criterion) {
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let mut f32_artifact = ArtifactBuilder::new(spec.clone());
     let mut int8_artifact = ArtifactBuilder::new(spec.clone());
     let mut seed = 10;

@@ -652,6 +652,14 @@ fn shapes(network: &NetworkSpec, file: &str) -> Result<Vec<Vec<usize>>> {
                 out_features,
             } => dims.extend([(i, in_features), (i, out_features)]),
             LayerSpec::MaxPool2d { kernel, stride } => dims.extend([(i, kernel), (i, stride)]),
+            LayerSpec::BatchNorm2d { .. } => {
+                return Err(Error::Unsupported {
+                    file: file.to_owned(),
+                    reason: format!(
+                        "layer {i} (batch_norm2d): batch norm must be folded into the preceding convolution before export"
+                    ),
+                });
+            }
             LayerSpec::Relu | LayerSpec::Flatten | LayerSpec::Dropout { .. } => {}
         }
     }

@@ -218,6 +218,9 @@ pub fn reference(
                 shape = vec![out_features];
             }
             LayerSpec::Relu => data.iter_mut().for_each(|v| *v = v.max(0.0)),
+            LayerSpec::BatchNorm2d { .. } => {
+                unreachable!("deployed networks have their batch norm folded")
+            }
             LayerSpec::MaxPool2d { kernel, stride } => {
                 let (c, h, w) = (shape[0], shape[1], shape[2]);
                 let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);

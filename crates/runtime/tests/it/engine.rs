@@ -39,7 +39,7 @@ fn argmax_agreement(got: &Array2<f32>, expected: &Array2<f64>) -> f64 {
 
 #[test]
 fn f32_teacher_cnn_matches_the_reference() {
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let p = params(&spec, 1);
     let model = load(&artifact(&spec, &p, |_| Store::F32));
     assert_eq!(model.output_shape(), &[10]);
@@ -134,7 +134,7 @@ fn f16_weights_stay_close() {
 
 #[test]
 fn dynamic_int8_teacher_stays_close_and_agrees_on_classes() {
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let p = params(&spec, 9);
     let model = load(&artifact(&spec, &p, |_| {
         Store::Int8(Granularity::PerChannel)
@@ -189,7 +189,7 @@ fn mixed_schemes_run_together() {
 
 #[test]
 fn csr_equals_dense_with_the_same_zeros() {
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let mut p = params(&spec, 13);
     for param in p.values_mut() {
         for (i, w) in param.weight.iter_mut().enumerate() {
@@ -228,7 +228,7 @@ fn calibrated(
 
 #[test]
 fn static_int8_keeps_activations_u8_and_stays_close() {
-    for spec in [mlp(), NetworkSpec::teacher_cnn()] {
+    for spec in [mlp(), NetworkSpec::teacher_cnn().without_batch_norm()] {
         let p = params(&spec, 15);
         let model = load(&calibrated(&spec, &p, 16));
         let exec = model.execution();
@@ -260,7 +260,7 @@ fn static_int8_keeps_activations_u8_and_stays_close() {
 fn static_results_do_not_depend_on_the_batch() {
     // Dynamic quantization picks its range per batch; static quantization does not, so a
     // sample gives bit-identical logits alone and in a batch.
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let p = params(&spec, 18);
     let model = load(&calibrated(&spec, &p, 19));
     let x = images(5, &spec, 20);
@@ -297,7 +297,7 @@ fn large_batches_agree_with_small_ones() {
 
 #[test]
 fn empty_batches_give_empty_outputs() {
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let model = load(&artifact(&spec, &params(&spec, 23), |_| {
         Store::Int8(Granularity::PerChannel)
     }));
@@ -307,7 +307,7 @@ fn empty_batches_give_empty_outputs() {
 
 #[test]
 fn wrong_input_shapes_are_errors() {
-    let spec = NetworkSpec::teacher_cnn();
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let model = load(&artifact(&spec, &params(&spec, 24), |_| Store::F32));
     let err = model
         .run(ndarray::Array4::<f32>::zeros((2, 1, 27, 28)).view())

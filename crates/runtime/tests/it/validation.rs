@@ -154,6 +154,24 @@ fn invalid_networks_are_errors() {
 }
 
 #[test]
+fn unfolded_batch_norm_is_refused() {
+    let mut spec = small_spec();
+    spec.layers.insert(
+        1,
+        LayerSpec::BatchNorm2d {
+            features: 2,
+            eps: 1e-5,
+        },
+    );
+    let (e, s) = err(&edit_metadata(&small(|_| Store::F32), |m| {
+        m.insert("network".into(), serde_json::to_string(&spec).unwrap());
+    }));
+    assert!(matches!(e, Error::Unsupported { .. }), "{s}");
+    assert!(s.contains("layer 1 (batch_norm2d)"), "{s}");
+    assert!(s.contains("folded"), "{s}");
+}
+
+#[test]
 fn missing_and_unexpected_tensors_are_named() {
     let bytes = small(|_| Store::F32);
     let (e, s) = err(&edit_file(&bytes, |_, t| {
