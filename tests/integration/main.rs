@@ -2,3 +2,4 @@
 //! LibTorch, so fewer binaries means much faster builds).
 
 mod data_to_model;
+mod runtime_isolation;

@@ -1,0 +1,72 @@
+//! Architecture invariant: the runtime never links tch or any other C++ dependency.
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Packages that bring LibTorch or C++ with them.
+const FORBIDDEN: [&str; 3] = ["tch", "torch-sys", "cc"];
+
+#[test]
+fn runtime_dependency_tree_has_no_tch() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let names: HashMap<&str, &str> = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
+        .collect();
+    let nodes: HashMap<&str, &Value> = metadata["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap(), n))
+        .collect();
+    let root = names
+        .iter()
+        .find(|(_, name)| **name == "runtime")
+        .map(|(id, _)| *id)
+        .expect("the runtime package is in the workspace");
+
+    // Everything the runtime library links: normal and build dependencies, transitively.
+    let mut visited = BTreeSet::new();
+    let mut stack = vec![root];
+    while let Some(id) = stack.pop() {
+        if !visited.insert(id) {
+            continue;
+        }
+        for dep in nodes[id]["deps"].as_array().unwrap() {
+            let linked = dep["dep_kinds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|k| k["kind"].is_null() || k["kind"] == "build");
+            if linked {
+                stack.push(dep["pkg"].as_str().unwrap());
+            }
+        }
+    }
+    let seen: BTreeSet<&str> = visited.iter().map(|id| names[id]).collect();
+    assert!(
+        seen.contains("safetensors") && seen.contains("ndarray"),
+        "{seen:?}"
+    );
+    for forbidden in FORBIDDEN {
+        assert!(
+            !seen.contains(forbidden),
+            "runtime depends on {forbidden}: {seen:?}"
+        );
+    }
+}
