@@ -185,6 +185,8 @@ fn install(root: &Path) -> Result<()> {
             "--disable-pip-version-check",
             &format!("torch=={TORCH_VERSION}"),
         ])
+        // pip's progress goes to stderr, so that `eval "$(cargo xtask env)"` stays clean.
+        .stdout(std::io::stderr())
         .status()
         .context("running pip")?;
     if !status.success() {
