@@ -12,7 +12,7 @@
 //! assert_eq!(spec.validate()?, vec![10]);
 //! let json = serde_json::to_string(&spec).unwrap();
 //! assert!(json.contains(r#""op":"conv2d""#));
-//! assert_eq!(spec.layers[1], LayerSpec::Relu);
+//! assert_eq!(spec.layers[2], LayerSpec::Relu);
 //! # Ok::<(), model_spec::SpecError>(())
 //! ```
 #![warn(missing_docs)]
