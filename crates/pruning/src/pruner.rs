@@ -1,0 +1,173 @@
+//! The pruner a training loop drives.
+
+use serde::Serialize;
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+use crate::mask::{global_masks, layer_mask};
+use crate::{Granularity, Result, Schedule};
+
+/// Whether each layer gets its own threshold or all share one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Each layer pruned to the target sparsity by its own magnitudes.
+    #[default]
+    PerLayer,
+    /// One magnitude threshold across all prunable layers (unstructured only).
+    Global,
+}
+
+/// What to prune, how and when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruningConfig {
+    /// When masks are recomputed and to which sparsity.
+    pub schedule: Schedule,
+    /// What is pruned together.
+    pub granularity: Granularity,
+    /// Per-layer or global thresholds.
+    pub scope: Scope,
+}
+
+/// Sparsity of one pruned layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerSparsity {
+    /// Variable name.
+    pub name: String,
+    /// Number of weights.
+    pub total: usize,
+    /// Number of weights that are exactly zero.
+    pub zeros: usize,
+}
+
+impl LayerSparsity {
+    /// `zeros / total`.
+    pub fn sparsity(&self) -> f64 {
+        self.zeros as f64 / self.total.max(1) as f64
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    name: String,
+    weight: Tensor,
+    mask: Tensor,
+}
+
+/// Magnitude pruning driven from a user's loop: call [`Pruner::update`] with the step
+/// number before each optimizer step (it recomputes masks on schedule steps) and
+/// [`Pruner::apply`] after it, so pruned weights stay exactly zero whatever the
+/// optimizer's momentum does.
+#[derive(Debug)]
+pub struct Pruner {
+    config: PruningConfig,
+    layers: Vec<Layer>,
+}
+
+impl Pruner {
+    /// Prunes the default layers of `vs`: every variable named `*.weight` with at least two
+    /// dimensions (convolution and dense weights; never biases or batch-norm scales).
+    pub fn new(vs: &VarStore, config: PruningConfig) -> Result<Self> {
+        let mut names: Vec<String> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| name.ends_with(".weight") && t.dim() >= 2)
+            .map(|(name, _)| name)
+            .collect();
+        names.sort();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        Self::with_layers(vs, &names, config)
+    }
+
+    /// Prunes exactly the named variables of `vs`.
+    pub fn with_layers(vs: &VarStore, names: &[&str], config: PruningConfig) -> Result<Self> {
+        config.schedule.validate()?;
+        let variables = vs.variables();
+        let layers = names
+            .iter()
+            .map(|&name| {
+                let weight = variables.get(name).ok_or_else(|| {
+                    crate::Error::InvalidGranularity(format!("no variable named `{name}`"))
+                })?;
+                // Check the granularity fits now rather than at the first pruning step.
+                let _ = layer_mask(weight, 0.0, config.granularity)?;
+                Ok(Layer {
+                    name: name.to_owned(),
+                    weight: weight.shallow_clone(),
+                    mask: weight.ones_like(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if config.scope == Scope::Global && config.granularity != Granularity::Unstructured {
+            return Err(crate::Error::InvalidGranularity(
+                "global scope supports unstructured pruning only".into(),
+            ));
+        }
+        Ok(Self { config, layers })
+    }
+
+    /// Recomputes the masks if `step` is a pruning step, then applies them; returns whether
+    /// the masks changed.
+    pub fn update(&mut self, step: u64) -> Result<bool> {
+        if !self.config.schedule.should_prune(step) {
+            return Ok(false);
+        }
+        let sparsity = self.config.schedule.sparsity(step);
+        tch::no_grad(|| -> Result<()> {
+            match self.config.scope {
+                Scope::Global => {
+                    let weights: Vec<&Tensor> = self.layers.iter().map(|l| &l.weight).collect();
+                    let masks = global_masks(&weights, sparsity)?;
+                    for (layer, mask) in self.layers.iter_mut().zip(masks) {
+                        layer.mask = mask;
+                    }
+                }
+                Scope::PerLayer => {
+                    for layer in &mut self.layers {
+                        layer.mask = layer_mask(&layer.weight, sparsity, self.config.granularity)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.apply();
+        Ok(true)
+    }
+
+    /// Multiplies every pruned weight by its mask (call after each optimizer step).
+    pub fn apply(&self) {
+        tch::no_grad(|| {
+            for layer in &self.layers {
+                let mut weight = layer.weight.shallow_clone();
+                let weight = &mut weight;
+                *weight *= &layer.mask;
+            }
+        });
+    }
+
+    /// Bakes the zeros into the weights for good and reports the sparsity; the pruner is
+    /// consumed, so the masks are no longer enforced.
+    pub fn strip(self) -> Vec<LayerSparsity> {
+        self.apply();
+        self.report()
+    }
+
+    /// The current sparsity of every pruned layer.
+    pub fn report(&self) -> Vec<LayerSparsity> {
+        self.layers
+            .iter()
+            .map(|layer| {
+                let total = layer.weight.numel();
+                let nonzero = layer
+                    .weight
+                    .count_nonzero(None::<i64>)
+                    .to_kind(Kind::Int64)
+                    .int64_value(&[]) as usize;
+                LayerSparsity {
+                    name: layer.name.clone(),
+                    total,
+                    zeros: total - nonzero,
+                }
+            })
+            .collect()
+    }
+}
