@@ -1,0 +1,189 @@
+//! Activation-range calibration: min-max, percentile, entropy (KL) and MSE.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{BitWidth, Error, QParams, Result, check_finite};
+
+/// Bins of the histogram the entropy and MSE calibrators search over.
+const BINS: usize = 2048;
+/// Values kept for calibration; beyond this the observer keeps an even subsample.
+const MAX_KEPT: usize = 1 << 22;
+
+/// How a calibrated range is chosen from the observed values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Method {
+    /// The observed minimum and maximum.
+    MinMax,
+    /// The given percentile of the values at the top (and its mirror at the bottom): outliers
+    /// are clipped. 99.99 is the usual choice.
+    Percentile(f64),
+    /// The clipping threshold whose quantized histogram is closest in KL divergence to the
+    /// observed one (TensorRT's entropy calibration).
+    Entropy,
+    /// The clipping threshold with the smallest mean squared quantization error.
+    Mse,
+}
+
+impl Default for Method {
+    fn default() -> Self {
+        Self::Percentile(99.99)
+    }
+}
+
+impl Method {
+    /// Checks the method's own parameter.
+    pub fn validate(self) -> Result<()> {
+        match self {
+            Self::Percentile(p) if !(p > 0.0 && p <= 100.0) => Err(Error::InvalidPercentile(p)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Collects activation values over calibration batches, then chooses a range.
+#[derive(Debug, Clone, Default)]
+pub struct Observer {
+    values: Vec<f32>,
+    seen: usize,
+}
+
+impl Observer {
+    /// An empty observer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a batch of values; non-finite values are an error.
+    pub fn observe(&mut self, batch: &[f32]) -> Result<()> {
+        check_finite(batch, "the calibration activations")?;
+        self.seen += batch.len();
+        self.values.extend_from_slice(batch);
+        if self.values.len() > MAX_KEPT {
+            // Keep every other value: an even subsample, deterministic.
+            let halved: Vec<f32> = self.values.iter().step_by(2).copied().collect();
+            self.values = halved;
+        }
+        Ok(())
+    }
+
+    /// Number of values observed (before any subsampling).
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// The calibrated `[min, max]` range by `method`.
+    pub fn range(&self, method: Method, bits: BitWidth) -> Result<(f32, f32)> {
+        method.validate()?;
+        if self.values.is_empty() {
+            return Err(Error::EmptyCalibration);
+        }
+        let (min, max) = self
+            .values
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        Ok(match method {
+            Method::MinMax => (min, max),
+            Method::Percentile(p) => {
+                let mut sorted = self.values.clone();
+                sorted.sort_by(f32::total_cmp);
+                let at = |q: f64| {
+                    let i = ((q / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+                    sorted[i.min(sorted.len() - 1)]
+                };
+                (at(100.0 - p), at(p))
+            }
+            Method::Entropy | Method::Mse => {
+                let threshold_fraction = self.best_threshold(method, min, max, bits);
+                (min * threshold_fraction, max * threshold_fraction)
+            }
+        })
+    }
+
+    /// The calibrated quantization parameters (asymmetric, unsigned).
+    pub fn qparams(&self, method: Method, bits: BitWidth) -> Result<QParams> {
+        let (min, max) = self.range(method, bits)?;
+        Ok(QParams::asymmetric(min, max, bits))
+    }
+
+    /// The fraction of the observed magnitude range to keep, searched on a histogram of
+    /// absolute values.
+    fn best_threshold(&self, method: Method, min: f32, max: f32, bits: BitWidth) -> f32 {
+        let top = min.abs().max(max.abs());
+        if top == 0.0 {
+            return 1.0;
+        }
+        let mut hist = vec![0f64; BINS];
+        let width = top / BINS as f32;
+        for &v in &self.values {
+            let bin = ((v.abs() / width) as usize).min(BINS - 1);
+            hist[bin] += 1.0;
+        }
+        let levels = 1usize << (bits.get() - 1); // levels on one side of zero
+        let start = levels.min(BINS);
+        let mut best = (f64::INFINITY, BINS);
+        for end in start..=BINS {
+            let cost = match method {
+                Method::Entropy => kl_cost(&hist, end, levels),
+                _ => mse_cost(&hist, end, levels, width as f64),
+            };
+            if cost < best.0 {
+                best = (cost, end);
+            }
+        }
+        best.1 as f32 / BINS as f32
+    }
+}
+
+/// KL(P || Q) of the histogram clipped at `end` bins (outliers folded into the last bin)
+/// against its quantization to `levels` levels.
+fn kl_cost(hist: &[f64], end: usize, levels: usize) -> f64 {
+    let mut p: Vec<f64> = hist[..end].to_vec();
+    p[end - 1] += hist[end..].iter().sum::<f64>();
+    let total: f64 = p.iter().sum();
+    if total == 0.0 {
+        return 0.0;
+    }
+    // Q: merge the `end` bins into `levels` groups, spread each group's mass evenly over
+    // its nonzero bins.
+    let mut q = vec![0f64; end];
+    for level in 0..levels {
+        let lo = level * end / levels;
+        let hi = ((level + 1) * end / levels).max(lo + 1).min(end);
+        let mass: f64 = p[lo..hi].iter().sum();
+        let nonzero = p[lo..hi].iter().filter(|&&x| x > 0.0).count();
+        if nonzero > 0 {
+            for i in lo..hi {
+                if p[i] > 0.0 {
+                    q[i] = mass / nonzero as f64;
+                }
+            }
+        }
+    }
+    let q_total: f64 = q.iter().sum();
+    p.iter()
+        .zip(&q)
+        .filter(|(pi, _)| **pi > 0.0)
+        .map(|(pi, qi)| {
+            let (pn, qn) = (pi / total, (qi / q_total).max(1e-12));
+            pn * (pn / qn).ln()
+        })
+        .sum()
+}
+
+/// Mean squared error of quantizing the histogram's bin centres with a clip at `end` bins
+/// and `levels` levels.
+fn mse_cost(hist: &[f64], end: usize, levels: usize, width: f64) -> f64 {
+    let clip = end as f64 * width;
+    let step = clip / levels as f64;
+    hist.iter()
+        .enumerate()
+        .filter(|(_, count)| **count > 0.0)
+        .map(|(i, count)| {
+            let x = (i as f64 + 0.5) * width;
+            let q = (x / step).round().min(levels as f64) * step;
+            count * (x - q).powi(2)
+        })
+        .sum()
+}

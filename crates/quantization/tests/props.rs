@@ -1,0 +1,161 @@
+//! Properties of the quantizers and calibrators.
+
+use proptest::prelude::*;
+use quantization::{BitWidth, Error, Method, Observer, QParams, quantize_weights};
+
+/// Float slack on "at most half a step" (the division and the rounding each round once).
+const HALF_STEP_SLACK: f32 = 1e-5;
+
+fn bits() -> impl Strategy<Value = BitWidth> {
+    (2u32..=8).prop_map(|b| BitWidth::new(b).unwrap())
+}
+
+proptest! {
+    #[test]
+    fn round_trip_error_is_at_most_half_a_step_inside_the_range(
+        lo in -100.0f32..0.0, hi in 0.0f32..100.0, t in 0.0f32..=1.0, bits in bits(), symmetric in any::<bool>(),
+    ) {
+        let p = if symmetric { QParams::symmetric(lo.abs().max(hi), bits) } else { QParams::asymmetric(lo, hi, bits) };
+        prop_assert!(p.scale > 0.0 && p.scale.is_finite());
+        let (min, max) = p.range();
+        let x = min + t * (max - min);
+        let err = (p.dequantize(p.quantize(x)) - x).abs();
+        prop_assert!(err <= p.scale * (0.5 + HALF_STEP_SLACK), "x {x} err {err} scale {}", p.scale);
+        // Zero is exact.
+        prop_assert_eq!(p.dequantize(p.quantize(0.0)), 0.0);
+    }
+
+    #[test]
+    fn requantizing_dequantized_values_gives_the_same_levels(
+        lo in -50.0f32..0.0, hi in 0.0f32..50.0, q in 0i32..=255, bits in bits(),
+    ) {
+        let p = QParams::asymmetric(lo, hi, bits);
+        let q = q.clamp(p.qmin, p.qmax);
+        prop_assert_eq!(p.quantize(p.dequantize(q)), q);
+        let s = QParams::symmetric(hi.max(1e-3), bits);
+        let q = q.clamp(s.qmin, s.qmax);
+        prop_assert_eq!(s.quantize(s.dequantize(q)), q);
+    }
+
+    #[test]
+    fn per_channel_error_never_exceeds_per_tensor_error(
+        rows in 1usize..8, cols in 1usize..16, seed in prop::collection::vec(-10.0f32..10.0, 128), scale_rows in prop::collection::vec(0.01f32..10.0, 8),
+    ) {
+        let w: Vec<f32> = (0..rows * cols).map(|i| seed[i % seed.len()] * scale_rows[i / cols]).collect();
+        // Realised errors depend on where values fall between levels; the guarantee is on
+        // the steps: no channel's step exceeds the tensor's, so every per-channel error is
+        // within half of the per-tensor step.
+        let pc = quantize_weights(&w, rows, true, BitWidth::INT8).unwrap();
+        let pt = quantize_weights(&w, rows, false, BitWidth::INT8).unwrap();
+        let tensor_step = pt.scales[0];
+        prop_assert!(pc.scales.iter().all(|&s| s <= tensor_step));
+        for (i, &x) in w.iter().enumerate() {
+            let err = (f32::from(pc.values[i]) * pc.scales[i / cols] - x).abs();
+            prop_assert!(err <= tensor_step * (0.5 + HALF_STEP_SLACK), "element {i}: {err}");
+        }
+    }
+
+}
+
+proptest! {
+    // Each case runs the entropy and MSE searches over a 2048-bin histogram.
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn calibrated_ranges_are_ordered_and_scales_valid(
+        values in prop::collection::vec(-20.0f32..20.0, 1..400), p in 90.0f64..=100.0,
+    ) {
+        let mut observer = Observer::new();
+        observer.observe(&values).unwrap();
+        for method in [Method::MinMax, Method::Percentile(p), Method::Entropy, Method::Mse] {
+            let (lo, hi) = observer.range(method, BitWidth::INT8).unwrap();
+            prop_assert!(lo <= hi, "{method:?}: {lo} > {hi}");
+            let q = observer.qparams(method, BitWidth::INT8).unwrap();
+            prop_assert!(q.scale > 0.0 && q.scale.is_finite());
+            prop_assert!((q.qmin..=q.qmax).contains(&q.zero_point));
+        }
+    }
+}
+
+#[test]
+fn clipping_calibrators_ignore_a_far_outlier() {
+    // Mostly uniform in [0, 1] with one value at 1000: min-max keeps the outlier, the
+    // others clip it and so resolve the bulk of the values far better.
+    let mut values: Vec<f32> = (0..100_000).map(|i| (i % 1000) as f32 / 1000.0).collect();
+    values.push(1000.0);
+    let mut observer = Observer::new();
+    observer.observe(&values).unwrap();
+    let (_, minmax) = observer.range(Method::MinMax, BitWidth::INT8).unwrap();
+    assert_eq!(minmax, 1000.0);
+    for method in [Method::Percentile(99.99), Method::Entropy] {
+        let (_, hi) = observer.range(method, BitWidth::INT8).unwrap();
+        assert!(hi < 100.0, "{method:?} kept {hi}");
+        assert!(hi >= 0.9, "{method:?} clipped the bulk at {hi}");
+    }
+}
+
+#[test]
+fn mse_calibration_has_no_more_error_than_min_max() {
+    // A long-tailed distribution: MSE trades clipping the tail against resolution.
+    let values: Vec<f32> = (1..20_000).map(|i| 1.0 / (i as f32 / 1000.0)).collect();
+    let mut observer = Observer::new();
+    observer.observe(&values).unwrap();
+    let squared_error = |p: QParams| -> f64 {
+        values
+            .iter()
+            .map(|&x| f64::from(p.dequantize(p.quantize(x)) - x).powi(2))
+            .sum()
+    };
+    let mse = squared_error(observer.qparams(Method::Mse, BitWidth::INT8).unwrap());
+    let minmax = squared_error(observer.qparams(Method::MinMax, BitWidth::INT8).unwrap());
+    assert!(mse <= minmax, "mse {mse} vs min-max {minmax}");
+    let (_, hi) = observer.range(Method::Mse, BitWidth::INT8).unwrap();
+    assert!(hi < 1000.0, "the tail is clipped: {hi}");
+}
+
+#[test]
+fn invalid_settings_and_inputs_are_errors() {
+    for b in [0, 1, 9, 32] {
+        assert!(matches!(BitWidth::new(b), Err(Error::InvalidBitWidth(_))));
+    }
+    let mut observer = Observer::new();
+    assert!(matches!(
+        observer.range(Method::MinMax, BitWidth::INT8),
+        Err(Error::EmptyCalibration)
+    ));
+    for p in [0.0, -1.0, 100.5, f64::NAN] {
+        observer.observe(&[1.0]).unwrap();
+        assert!(matches!(
+            observer.range(Method::Percentile(p), BitWidth::INT8),
+            Err(Error::InvalidPercentile(_))
+        ));
+    }
+    let err = observer.observe(&[1.0, f32::NAN]).unwrap_err();
+    assert!(err.to_string().contains("index 1"), "{err}");
+    assert!(matches!(
+        quantize_weights(&[1.0, f32::INFINITY], 1, true, BitWidth::INT8),
+        Err(Error::NonFinite { .. })
+    ));
+    assert!(matches!(
+        quantize_weights(&[1.0, 2.0, 3.0], 2, true, BitWidth::INT8),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn constant_tensors_quantize_without_nan() {
+    let q = quantize_weights(&[0.0; 6], 2, true, BitWidth::INT8).unwrap();
+    assert!(q.scales.iter().all(|s| s.is_finite() && *s > 0.0));
+    assert!(q.values.iter().all(|&v| v == 0));
+    let mut observer = Observer::new();
+    observer.observe(&[3.0; 10]).unwrap();
+    for method in [
+        Method::MinMax,
+        Method::Percentile(99.99),
+        Method::Entropy,
+        Method::Mse,
+    ] {
+        let p = observer.qparams(method, BitWidth::INT8).unwrap();
+        assert!(p.scale.is_finite() && p.scale > 0.0, "{method:?}");
+    }
+}
