@@ -93,6 +93,11 @@ impl TeacherCache {
         Self { logits }
     }
 
+    /// All cached logits, `[samples, classes]`, in the order of the images.
+    pub fn logits(&self) -> &Tensor {
+        &self.logits
+    }
+
     /// The cached logits of the samples at `index` (an int64 tensor of positions).
     pub fn select(&self, index: &Tensor) -> Tensor {
         self.logits.index_select(0, index)
