@@ -2,4 +2,5 @@
 //! LibTorch, so fewer binaries means much faster builds).
 
 mod data_to_model;
+mod python_round_trip;
 mod runtime_isolation;

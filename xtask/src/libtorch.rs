@@ -29,7 +29,9 @@ impl LibTorch {
         if let Some(dir) = std::env::var_os("LIBTORCH") {
             let dir = PathBuf::from(dir);
             check_layout(&dir).context("LIBTORCH is set but does not point at a LibTorch")?;
-            let python = std::env::var_os("TCH_MOT_PYTHON").map(PathBuf::from);
+            let python = std::env::var_os("TCH_MOT_PYTHON")
+                .map(PathBuf::from)
+                .or_else(|| python_beside(&dir));
             return Ok(Self { dir, python });
         }
         let root = cache_dir()?
@@ -109,6 +111,14 @@ fn check_layout(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The Python of the environment a `torch/` package folder belongs to, when `dir` is one
+/// (`<env>/lib/python3.X/site-packages/torch` next to `<env>/bin/python`).
+fn python_beside(torch: &Path) -> Option<PathBuf> {
+    let env = torch.ancestors().nth(4)?;
+    let python = venv_python(env);
+    python.is_file().then_some(python)
 }
 
 fn cache_dir() -> Result<PathBuf> {

@@ -33,9 +33,11 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod export;
 mod network;
 
 pub use error::{Error, Result};
+pub use export::{ExportError, WeightFormat, export_f32, export_int8_dynamic};
 pub use model_spec::{LayerSpec, NetworkSpec, SpecError};
 pub use network::Network;
 pub use tensor_precision::Policy;

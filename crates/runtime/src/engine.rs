@@ -1,5 +1,6 @@
 //! The inference engine: a validated artifact compiled into a sequence of operations.
 
+use std::cell::Cell;
 use std::path::Path;
 
 use model_spec::{LayerSpec, NetworkSpec};
@@ -8,8 +9,8 @@ use ndarray::{Array2, ArrayView, Dimension};
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ConvGeometry, CsrMatrix, PackedI8, U8Matrix, csr_gemm_bias, im2col, int8_gemm_f32,
-    int8_gemm_u8, max_pool2d, nhwc_to_nchw, padded_k, sgemm_bias,
+    ConvGeometry, CsrMatrix, PackedI8, U8Matrix, csr_gemm_bias, im2col_nhwc, int8_gemm_f32,
+    int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_bias,
 };
 use crate::quant::QParams;
 
@@ -59,6 +60,8 @@ enum Kernel {
 /// A conv2d or linear layer.
 #[derive(Clone, Debug)]
 struct Compute {
+    /// Its index in the network.
+    layer: usize,
     /// `None` for a linear layer.
     conv: Option<ConvGeometry>,
     out: usize,
@@ -69,16 +72,58 @@ struct Compute {
     relu: bool,
 }
 
+/// The engine's operations. Images travel NHWC (`height x width x channels` per sample), the
+/// layout an im2col GEMM produces and consumes, so convolutions need no transposes; weights
+/// are permuted once at load time to match (see [`Layout`]).
 #[derive(Clone, Debug)]
 enum Op {
     Compute(Box<Compute>),
     Relu,
+    /// Max pooling of NHWC images.
     MaxPool {
+        channels: usize,
+        height: usize,
+        width: usize,
         kernel: usize,
         stride: usize,
     },
-    /// Flatten, dropout and fused ReLUs: the data stays as it is.
-    Identity,
+    /// Max pooling of NCHW images (before any convolution has made them NHWC).
+    MaxPoolPlanar {
+        channels: usize,
+        height: usize,
+        width: usize,
+        kernel: usize,
+        stride: usize,
+    },
+    /// Transposes every sample from `rows x cols` to `cols x rows`: NCHW input to NHWC before
+    /// the first convolution, and NHWC back to PyTorch's order at the end.
+    Transpose {
+        rows: usize,
+        cols: usize,
+    },
+}
+
+/// The layout of the activations between two operations, tracked while compiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// PyTorch's order: an NCHW image, or features in C order.
+    Torch,
+    /// An NHWC image of this many channels and pixels.
+    Hwc { channels: usize, pixels: usize },
+    /// Flattened from an NHWC image: the next linear layer permutes its weight columns.
+    FlatHwc { channels: usize, pixels: usize },
+}
+
+impl Layout {
+    /// The layout of an image of `channels x pixels`: NHWC, unless one side is 1, where both
+    /// orders are the same.
+    fn image(channels: usize, pixels: usize) -> Self {
+        if channels == 1 || pixels == 1 {
+            Self::Torch
+        } else {
+            Self::Hwc { channels, pixels }
+        }
+    }
 }
 
 /// Activations between layers.
@@ -88,17 +133,79 @@ enum Data {
     U8(Vec<u8>, QParams),
 }
 
-impl Data {
-    fn into_f32(self) -> Vec<f32> {
-        match self {
-            Self::F32(v) => v,
-            Self::U8(q, p) => {
-                let mut out = vec![0.0; q.len()];
+/// Buffers reused from one layer and one call to the next (per calling thread), so that a
+/// forward pass does not allocate (and page-fault) its activations afresh every time. Buffers
+/// are handed out with stale contents: every kernel writes all of its output.
+#[derive(Debug, Default)]
+struct Pool {
+    f32s: Vec<Vec<f32>>,
+    u8s: Vec<Vec<u8>>,
+}
+
+/// The best buffer for `len` elements: the smallest that holds them, else the largest.
+fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
+    let fits = buffers
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= len)
+        .min_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i);
+    let largest = || {
+        buffers
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)
+    };
+    let mut v = fits
+        .or_else(largest)
+        .map_or_else(Vec::new, |i| buffers.swap_remove(i));
+    if v.len() >= len {
+        v.truncate(len);
+    } else {
+        v.resize(len, fill);
+    }
+    v
+}
+
+impl Pool {
+    fn f32(&mut self, len: usize) -> Vec<f32> {
+        pick(&mut self.f32s, len, 0.0)
+    }
+
+    fn u8(&mut self, len: usize) -> Vec<u8> {
+        pick(&mut self.u8s, len, 0)
+    }
+
+    fn give_f32(&mut self, v: Vec<f32>) {
+        if v.capacity() > 0 {
+            self.f32s.push(v);
+        }
+    }
+
+    fn give_u8(&mut self, v: Vec<u8>) {
+        if v.capacity() > 0 {
+            self.u8s.push(v);
+        }
+    }
+
+    /// The activations as f32 (dequantized into a pooled buffer if they are u8).
+    fn take_f32(&mut self, data: Data) -> Vec<f32> {
+        match data {
+            Data::F32(v) => v,
+            Data::U8(q, p) => {
+                let mut out = self.f32(q.len());
                 p.dequantize_slice(&q, &mut out);
+                self.give_u8(q);
                 out
             }
         }
     }
+}
+
+thread_local! {
+    /// The calling thread's buffers, taken out for the length of one `Model::run`.
+    static POOL: Cell<Pool> = Cell::new(Pool::default());
 }
 
 /// A loaded model, ready to run.
@@ -143,18 +250,51 @@ impl Model {
             .iter()
             .map(|p| p.as_ref().and_then(|p| p.input_quant))
             .collect();
-        let mut ops: Vec<Op> = Vec::with_capacity(network.layers.len());
+        let image_layout = |shape: &[usize]| match *shape {
+            [c, h, w] => Layout::image(c, h * w),
+            _ => Layout::Torch,
+        };
+        let mut layout = Layout::Torch;
+        let mut ops: Vec<Op> = Vec::with_capacity(network.layers.len() + 2);
         for (i, (layer, params)) in network.layers.iter().zip(params).enumerate() {
-            let op = match (layer, params) {
+            let input = &shapes[i];
+            match (layer, params) {
                 (LayerSpec::Relu, _) => match ops.last_mut() {
-                    Some(Op::Compute(c)) if !c.relu => {
-                        c.relu = true;
-                        Op::Identity
-                    }
-                    _ => Op::Relu,
+                    Some(Op::Compute(c)) if !c.relu => c.relu = true,
+                    _ => ops.push(Op::Relu),
                 },
-                (&LayerSpec::MaxPool2d { kernel, stride }, _) => Op::MaxPool { kernel, stride },
-                (LayerSpec::Flatten | LayerSpec::Dropout { .. }, _) => Op::Identity,
+                (&LayerSpec::MaxPool2d { kernel, stride }, _) => {
+                    let &[channels, height, width] = input.as_slice() else {
+                        unreachable!("the decoder checked that max pooling gets (C, H, W)")
+                    };
+                    let planar = layout == Layout::Torch;
+                    ops.push(if planar {
+                        Op::MaxPoolPlanar {
+                            channels,
+                            height,
+                            width,
+                            kernel,
+                            stride,
+                        }
+                    } else {
+                        Op::MaxPool {
+                            channels,
+                            height,
+                            width,
+                            kernel,
+                            stride,
+                        }
+                    });
+                    if !planar {
+                        layout = image_layout(&shapes[i + 1]);
+                    }
+                }
+                (LayerSpec::Flatten, _) => {
+                    if let Layout::Hwc { channels, pixels } = layout {
+                        layout = Layout::FlatHwc { channels, pixels };
+                    }
+                }
+                (LayerSpec::Dropout { .. } | LayerSpec::BatchNorm2d { .. }, _) => {}
                 (_, Some(params)) => {
                     // The next conv2d or linear layer decides whether the output stays u8.
                     let next_input = static_inputs
@@ -165,14 +305,39 @@ impl Model {
                             matches!(l, LayerSpec::Conv2d { .. } | LayerSpec::Linear { .. })
                         })
                         .and_then(|(q, _)| *q);
-                    Op::Compute(Box::new(compile_layer(
-                        layer, &shapes[i], params, next_input,
-                    )))
+                    let is_conv = matches!(layer, LayerSpec::Conv2d { .. });
+                    if let (true, &[c, h, w]) = (is_conv && layout == Layout::Torch, &input[..])
+                        && Layout::image(c, h * w) != Layout::Torch
+                    {
+                        ops.push(Op::Transpose {
+                            rows: c,
+                            cols: h * w,
+                        });
+                    }
+                    let flat_from = match layout {
+                        Layout::FlatHwc { channels, pixels } if !is_conv => {
+                            Some((channels, pixels))
+                        }
+                        _ => None,
+                    };
+                    let compute = compile_layer(i, layer, input, params, next_input, flat_from);
+                    ops.push(Op::Compute(Box::new(compute)));
+                    layout = if is_conv {
+                        image_layout(&shapes[i + 1])
+                    } else {
+                        Layout::Torch
+                    };
                 }
                 // The decoder gives every conv2d and linear layer its parameters.
-                (_, None) => Op::Identity,
-            };
-            ops.push(op);
+                (_, None) => {}
+            }
+        }
+        // The output goes back to PyTorch's order.
+        if let Layout::Hwc { channels, pixels } | Layout::FlatHwc { channels, pixels } = layout {
+            ops.push(Op::Transpose {
+                rows: pixels,
+                cols: channels,
+            });
         }
         Self {
             file: file.to_owned(),
@@ -201,10 +366,9 @@ impl Model {
     pub fn execution(&self) -> Vec<(usize, Execution)> {
         self.ops
             .iter()
-            .enumerate()
-            .filter_map(|(i, op)| match op {
+            .filter_map(|op| match op {
                 Op::Compute(c) => Some((
-                    i,
+                    c.layer,
                     match &c.kernel {
                         Kernel::Dense(_) => Execution::F32,
                         Kernel::Csr(m) => Execution::Csr { nnz: m.nnz() },
@@ -223,6 +387,9 @@ impl Model {
     ///
     /// The input is `(batch, channels, height, width)` like the network's input, or
     /// `(batch, features)` with the input flattened in C order.
+    ///
+    /// Intermediate buffers are kept by the calling thread and reused by its next call (they
+    /// grow to the largest batch it has run).
     pub fn run<D: Dimension>(&self, input: ArrayView<'_, f32, D>) -> Result<Array2<f32>> {
         let expected = self.network.input.to_vec();
         let shape = input.shape();
@@ -239,33 +406,73 @@ impl Model {
             });
         }
         let batch = shape[0];
-        let mut data = Data::F32(input.as_standard_layout().iter().copied().collect());
-        for (op, shape) in self.ops.iter().zip(&self.shapes) {
+        let mut pool = POOL.with(Cell::take);
+        let mut x = pool.f32(input.len());
+        match input.as_slice() {
+            Some(values) => x.copy_from_slice(values),
+            None => x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v),
+        }
+        let mut data = Data::F32(x);
+        for op in &self.ops {
             data = match op {
-                Op::Compute(c) => run_compute(c, data, batch),
+                Op::Compute(c) => run_compute(c, data, batch, &mut pool),
                 Op::Relu => relu(data),
-                &Op::MaxPool { kernel, stride } => {
-                    let &[c, h, w] = shape.as_slice() else {
-                        unreachable!("the decoder checked that max pooling gets (C, H, W)")
-                    };
-                    max_pool(data, batch * c, h, w, kernel, stride)
+                Op::MaxPool { .. } | Op::MaxPoolPlanar { .. } => {
+                    max_pool(data, op, batch, &mut pool)
                 }
-                Op::Identity => data,
+                &Op::Transpose { rows, cols } => transpose(data, batch, rows, cols, &mut pool),
             };
         }
         let out_len: usize = self.output_shape().iter().product();
-        let out = data.into_f32();
-        Ok(Array2::from_shape_vec((batch, out_len), out)
-            .expect("the output has batch * out_len values"))
+        let out = pool.take_f32(data);
+        let logits = Array2::from_shape_vec((batch, out_len), out[..batch * out_len].to_vec())
+            .expect("the output has batch * out_len values");
+        pool.give_f32(out);
+        POOL.with(|p| p.set(pool));
+        Ok(logits)
     }
+}
+
+/// Where column `column` of a weight goes in the engine's layout: convolution weights are
+/// read `(ky, kx, channel)` by the NHWC im2col, a linear layer after a flattened NHWC image
+/// reads `(pixel, channel)`.
+fn permutation(
+    conv: Option<&ConvGeometry>,
+    flat_from: Option<(usize, usize)>,
+    k: usize,
+) -> Option<Vec<usize>> {
+    match (conv, flat_from) {
+        (Some(g), _) if g.channels > 1 && g.kernel > 1 => {
+            Some((0..k).map(|col| g.nhwc_column(col)).collect())
+        }
+        (None, Some((channels, pixels))) => Some(
+            (0..k)
+                .map(|col| (col % pixels) * channels + col / pixels)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// Moves the columns of a row-major `rows x k` matrix.
+fn permute_rows<T: Copy + Default>(values: &[T], k: usize, perm: &[usize]) -> Vec<T> {
+    let mut out = vec![T::default(); values.len()];
+    for (src, dst) in values.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for (&v, &p) in src.iter().zip(perm) {
+            dst[p] = v;
+        }
+    }
+    out
 }
 
 /// Prepares one conv2d or linear layer: packs int8 weights, quantizes static biases.
 fn compile_layer(
+    index: usize,
     layer: &LayerSpec,
     input: &[usize],
     params: LayerParams,
     next_input: Option<QParams>,
+    flat_from: Option<(usize, usize)>,
 ) -> Compute {
     let (conv, out, k) = match (layer, input) {
         (
@@ -302,14 +509,25 @@ fn compile_layer(
         bias,
         input_quant,
     } = params;
+    let perm = permutation(conv.as_ref(), flat_from, k);
     let kernel = match weight {
-        Weight::Dense(w) => Kernel::Dense(w),
-        Weight::Csr(m) => Kernel::Csr(m),
+        Weight::Dense(w) => Kernel::Dense(match &perm {
+            Some(p) => permute_rows(&w, k, p),
+            None => w,
+        }),
+        Weight::Csr(m) => Kernel::Csr(match &perm {
+            Some(p) => m.permute_columns(p),
+            None => m,
+        }),
         Weight::Int8 {
             values,
             scales,
             zero_points,
         } => {
+            let values = match &perm {
+                Some(p) => permute_rows(&values, k, p),
+                None => values,
+            };
             let packed = PackedI8::new(&values, out, k, &zero_points);
             let stat = input_quant.map(|input| {
                 let acc_scale: Vec<f32> = scales.iter().map(|&s| input.scale * s).collect();
@@ -334,6 +552,7 @@ fn compile_layer(
         }
     };
     Compute {
+        layer: index,
         conv,
         out,
         k,
@@ -343,27 +562,35 @@ fn compile_layer(
     }
 }
 
-/// Runs one conv2d or linear layer on a batch.
-fn run_compute(c: &Compute, data: Data, batch: usize) -> Data {
+/// Runs one conv2d or linear layer on a batch (NHWC images in, NHWC images out).
+fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
     let rows = batch * c.conv.map_or(1, |g| g.pixels());
     let (n, k) = (c.out, c.k);
-    let result = match &c.kernel {
+    // A 1x1 convolution with stride 1 and no padding reads the NHWC image as it is.
+    let pointwise = |g: &ConvGeometry| g.kernel == 1 && g.stride == 1 && g.padding == 0;
+    match &c.kernel {
         Kernel::Dense(_) | Kernel::Csr(_) => {
-            let x = data.into_f32();
+            let x = pool.take_f32(data);
             let cols = match c.conv {
-                Some(g) => {
-                    let mut cols = vec![0.0; rows * k];
-                    im2col(&x, batch, &g, 0.0, &mut cols, k);
+                Some(g) if !pointwise(&g) => {
+                    let mut cols = pool.f32(rows * k);
+                    im2col_nhwc(&x, batch, &g, 0.0, &mut cols, k);
+                    pool.give_f32(x);
                     cols
                 }
-                None => x,
+                _ => x,
             };
-            let mut y = vec![0.0; rows * n];
+            let mut y = pool.f32(rows * n);
             match &c.kernel {
-                Kernel::Dense(w) => sgemm_bias(&cols, rows, k, w, &c.bias, c.relu, &mut y),
-                Kernel::Csr(m) => csr_gemm_bias(&cols, rows, m, &c.bias, c.relu, &mut y),
+                Kernel::Dense(w) => {
+                    sgemm_bias(&cols[..rows * k], rows, k, w, &c.bias, c.relu, &mut y)
+                }
+                Kernel::Csr(m) => {
+                    csr_gemm_bias(&cols[..rows * k], rows, m, &c.bias, c.relu, &mut y)
+                }
                 Kernel::Int8 { .. } => unreachable!(),
             }
+            pool.give_f32(cols);
             Data::F32(y)
         }
         Kernel::Int8 {
@@ -375,44 +602,47 @@ fn run_compute(c: &Compute, data: Data, batch: usize) -> Data {
             let (q, params) = match (data, stat) {
                 (Data::U8(q, p), Some(s)) if p == s.input => (q, p),
                 (data, stat) => {
-                    let x = data.into_f32();
+                    let x = pool.take_f32(data);
                     let p = stat
                         .as_ref()
                         .map_or_else(|| QParams::dynamic(&x), |s| s.input);
-                    let mut q = vec![0u8; x.len()];
+                    let mut q = pool.u8(x.len());
                     p.quantize_slice(&x, &mut q);
+                    pool.give_f32(x);
                     (q, p)
                 }
             };
             let a = match c.conv {
-                Some(g) => {
-                    let mut cols = vec![0u8; rows * lda];
-                    im2col(&q, batch, &g, params.zero_point as u8, &mut cols, lda);
+                Some(g) if !(pointwise(&g) && lda == k) => {
+                    let mut cols = pool.u8(rows * lda);
+                    im2col_nhwc(&q, batch, &g, params.zero_point as u8, &mut cols, lda);
+                    pool.give_u8(q);
                     cols
                 }
-                None if lda == k => q,
-                None => {
-                    let mut padded = vec![0u8; rows * lda];
+                _ if lda == k => q,
+                _ => {
+                    let mut padded = pool.u8(rows * lda);
                     for (dst, src) in padded.chunks_exact_mut(lda).zip(q.chunks_exact(k)) {
                         dst[..k].copy_from_slice(src);
                     }
+                    pool.give_u8(q);
                     padded
                 }
             };
-            let a = U8Matrix {
+            let matrix = U8Matrix {
                 data: &a,
                 lda,
                 rows,
                 zero_point: params.zero_point,
             };
-            match stat
+            let result = match stat
                 .as_ref()
                 .and_then(|s| s.output.as_ref().map(|o| (s, o)))
             {
                 Some((s, (out_q, multipliers))) => {
-                    let mut y = vec![0u8; rows * n];
+                    let mut y = pool.u8(rows * n);
                     int8_gemm_u8(
-                        &a,
+                        &matrix,
                         packed,
                         &s.bias,
                         multipliers,
@@ -424,24 +654,13 @@ fn run_compute(c: &Compute, data: Data, batch: usize) -> Data {
                 }
                 None => {
                     let acc_scale: Vec<f32> = scales.iter().map(|&s| params.scale * s).collect();
-                    let mut y = vec![0.0; rows * n];
-                    int8_gemm_f32(&a, packed, &acc_scale, &c.bias, c.relu, &mut y);
+                    let mut y = pool.f32(rows * n);
+                    int8_gemm_f32(&matrix, packed, &acc_scale, &c.bias, c.relu, &mut y);
                     Data::F32(y)
                 }
-            }
-        }
-    };
-    match (c.conv, result) {
-        (None, result) => result,
-        (Some(g), Data::F32(y)) => {
-            let mut nchw = vec![0.0; y.len()];
-            nhwc_to_nchw(&y, batch, g.pixels(), n, &mut nchw);
-            Data::F32(nchw)
-        }
-        (Some(g), Data::U8(y, p)) => {
-            let mut nchw = vec![0u8; y.len()];
-            nhwc_to_nchw(&y, batch, g.pixels(), n, &mut nchw);
-            Data::U8(nchw, p)
+            };
+            pool.give_u8(a);
+            result
         }
     }
 }
@@ -461,18 +680,78 @@ fn relu(data: Data) -> Data {
     }
 }
 
-fn max_pool(data: Data, planes: usize, h: usize, w: usize, kernel: usize, stride: usize) -> Data {
-    let (oh, ow) = ((h - kernel) / stride + 1, (w - kernel) / stride + 1);
+/// Max pooling of f32 or u8 activations (quantization is monotone, so the maximum of the codes
+/// is the code of the maximum). `op` is one of the two pooling operations.
+fn max_pool(data: Data, op: &Op, batch: usize, pool: &mut Pool) -> Data {
+    let (&Op::MaxPool {
+        channels,
+        height,
+        width,
+        kernel,
+        stride,
+    }
+    | &Op::MaxPoolPlanar {
+        channels,
+        height,
+        width,
+        kernel,
+        stride,
+    }) = op
+    else {
+        unreachable!("called for pooling operations only")
+    };
+    let planar = matches!(op, Op::MaxPoolPlanar { .. });
+    let out_len =
+        batch * channels * ((height - kernel) / stride + 1) * ((width - kernel) / stride + 1);
+    fn kernel_of<T: Copy + PartialOrd + Send + Sync>(
+        planar: bool,
+        x: &[T],
+        out: &mut [T],
+        (batch, channels, height, width, kernel, stride): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+    ) {
+        if planar {
+            max_pool2d(x, batch * channels, height, width, kernel, stride, out);
+        } else {
+            max_pool2d_nhwc(x, batch, channels, height, width, kernel, stride, out);
+        }
+    }
+    let shape = (batch, channels, height, width, kernel, stride);
     match data {
         Data::F32(v) => {
-            let mut out = vec![0.0; planes * oh * ow];
-            max_pool2d(&v, planes, h, w, kernel, stride, &mut out);
+            let mut out = pool.f32(out_len);
+            kernel_of(planar, &v, &mut out, shape);
+            pool.give_f32(v);
             Data::F32(out)
         }
         Data::U8(v, p) => {
-            // Quantization is monotone, so the maximum of the codes is the code of the maximum.
-            let mut out = vec![0u8; planes * oh * ow];
-            max_pool2d(&v, planes, h, w, kernel, stride, &mut out);
+            let mut out = pool.u8(out_len);
+            kernel_of(planar, &v, &mut out, shape);
+            pool.give_u8(v);
+            Data::U8(out, p)
+        }
+    }
+}
+
+/// Transposes every sample from `rows x cols` to `cols x rows`.
+fn transpose(data: Data, batch: usize, rows: usize, cols: usize, pool: &mut Pool) -> Data {
+    match data {
+        Data::F32(v) => {
+            let mut out = pool.f32(v.len());
+            nhwc_to_nchw(&v, batch, rows, cols, &mut out);
+            pool.give_f32(v);
+            Data::F32(out)
+        }
+        Data::U8(v, p) => {
+            let mut out = pool.u8(v.len());
+            nhwc_to_nchw(&v, batch, rows, cols, &mut out);
+            pool.give_u8(v);
             Data::U8(out, p)
         }
     }

@@ -12,7 +12,11 @@
 //!   stay `u8` between layers;
 //! - CSR weights (pruned layers) run through a sparse-times-dense product.
 //!
-//! Convolutions are lowered with im2col; large batches are spread over all cores with rayon.
+//! Convolutions are lowered with im2col over NHWC images: activations stay NHWC from the
+//! first convolution to the output (weights are permuted once at load time, and the output
+//! comes back in PyTorch's order), and every thread reuses its activation buffers from one
+//! call to the next. Large batches are spread over all cores with rayon; single rows of wide
+//! f32 layers are split over output columns.
 //!
 //! ```
 //! use model_spec::{LayerSpec, NetworkSpec};

@@ -10,6 +10,12 @@ use super::{PARALLEL_MIN_MACS, scalar};
 /// costs more than the product.
 const GEMV_MAX_ROWS: usize = 4;
 
+/// Weights (`n * k`) from which a GEMV is split over output columns across cores.
+const GEMV_PARALLEL_MIN_WEIGHTS: usize = 1 << 17;
+
+/// Output columns per parallel GEMV task.
+const GEMV_COLUMNS: usize = 64;
+
 /// The f32 dot product of the fastest path this CPU has.
 fn dot_fn() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -56,8 +62,19 @@ pub fn sgemm_bias(
     } else if m < GEMV_MAX_ROWS {
         let dot = dot_fn();
         for (x, y) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-            for (y, w) in y.iter_mut().zip(w.chunks_exact(k)) {
-                *y = dot(x, w);
+            let columns = |y: &mut [f32], w: &[f32]| {
+                for (y, w) in y.iter_mut().zip(w.chunks_exact(k)) {
+                    *y = dot(x, w);
+                }
+            };
+            if n * k < GEMV_PARALLEL_MIN_WEIGHTS || n < 2 * GEMV_COLUMNS {
+                columns(y, w);
+            } else {
+                // Few rows: the work is split over the outputs, so that each core streams
+                // its share of the weights (which then also stays in its own cache).
+                y.par_chunks_mut(GEMV_COLUMNS)
+                    .zip(w.par_chunks(GEMV_COLUMNS * k))
+                    .for_each(|(y, w)| columns(y, w));
             }
         }
     } else {
@@ -206,6 +223,28 @@ impl CsrMatrix {
     /// Column index of each stored entry.
     pub fn col_idx(&self) -> &[u32] {
         &self.col_idx
+    }
+
+    /// The same matrix with its columns renumbered: entry `(r, c)` moves to
+    /// `(r, permutation[c])`.
+    ///
+    /// # Panics
+    /// If `permutation` has fewer than `cols` entries or maps a column to `cols` or beyond.
+    pub fn permute_columns(&self, permutation: &[usize]) -> Self {
+        assert!(permutation.len() >= self.cols);
+        let col_idx = self
+            .col_idx
+            .iter()
+            .map(|&c| {
+                let p = permutation[c as usize];
+                assert!(p < self.cols, "permutation leaves the matrix");
+                p as u32
+            })
+            .collect();
+        Self {
+            col_idx,
+            ..self.clone()
+        }
     }
 
     /// Value of each stored entry.
@@ -397,6 +436,32 @@ mod tests {
         assert!(err.contains("row_ptr has 2 entries"), "{err}");
         let err = CsrMatrix::new(1, 3, vec![0, 3], vec![0], vec![1.0]).unwrap_err();
         assert!(err.contains("ends at 3"), "{err}");
+    }
+
+    #[test]
+    fn wide_single_rows_take_the_parallel_gemv_and_agree() {
+        let (m, n, k) = (1, 300, 512);
+        assert!(n * k >= GEMV_PARALLEL_MIN_WEIGHTS && n >= 2 * GEMV_COLUMNS);
+        let x = matrix(m * k, 0.0, 7);
+        let w = matrix(n * k, 0.0, 8);
+        let bias = matrix(n, 0.0, 9);
+        let mut out = vec![0.0; m * n];
+        sgemm_bias(&x, m, k, &w, &bias, true, &mut out);
+        let (e, mag) = reference(&x, m, k, &w, &bias, true);
+        close(&out, &e, &mag, k).unwrap();
+    }
+
+    #[test]
+    fn permuting_columns_moves_the_dense_entries() {
+        let w = matrix(3 * 5, 0.5, 3);
+        let perm = [4, 0, 3, 1, 2];
+        let csr = CsrMatrix::from_dense(&w, 3, 5).permute_columns(&perm);
+        let dense = csr.to_dense();
+        for r in 0..3 {
+            for (c, &p) in perm.iter().enumerate() {
+                assert_eq!(dense[r * 5 + p], w[r * 5 + c]);
+            }
+        }
     }
 
     #[test]

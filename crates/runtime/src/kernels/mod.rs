@@ -18,7 +18,7 @@ mod scalar;
 mod spatial;
 
 pub use dense::{CsrMatrix, csr_gemm_bias, sgemm_bias};
-pub use spatial::{ConvGeometry, im2col, max_pool2d, nhwc_to_nchw};
+pub use spatial::{ConvGeometry, im2col, im2col_nhwc, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw};
 
 use rayon::prelude::*;
 
@@ -261,6 +261,14 @@ impl Corrected for i64 {
 /// What happens to a corrected accumulator of column `j`.
 trait Epilogue<T>: Sync {
     fn apply<V: Corrected>(&self, j: usize, acc: V) -> T;
+
+    /// One row of `i32`-exact accumulators: `out[j] = apply(j, acc[j] + column[j])`.
+    #[inline(always)]
+    fn apply_row(&self, acc: &[i32], column: &[i32], out: &mut [T]) {
+        for (j, ((o, &v), &c)) in out.iter_mut().zip(acc).zip(column).enumerate() {
+            *o = self.apply(j, v + c);
+        }
+    }
 }
 
 struct Dequantize<'a> {
@@ -274,6 +282,23 @@ impl Epilogue<f32> for Dequantize<'_> {
     fn apply<V: Corrected>(&self, j: usize, acc: V) -> f32 {
         let y = acc.to_f32() * self.scales[j] + self.bias[j];
         if self.relu { y.max(0.0) } else { y }
+    }
+
+    /// The same as [`Epilogue::apply`] per column, in a loop the compiler vectorises.
+    #[inline(always)]
+    fn apply_row(&self, acc: &[i32], column: &[i32], out: &mut [f32]) {
+        let n = out.len();
+        let (acc, column) = (&acc[..n], &column[..n]);
+        let (scales, bias) = (&self.scales[..n], &self.bias[..n]);
+        if self.relu {
+            for j in 0..n {
+                out[j] = ((acc[j] + column[j]) as f32 * scales[j] + bias[j]).max(0.0);
+            }
+        } else {
+            for j in 0..n {
+                out[j] = (acc[j] + column[j]) as f32 * scales[j] + bias[j];
+            }
+        }
     }
 }
 
@@ -295,6 +320,11 @@ impl Epilogue<u8> for Requantize<'_> {
             self.lo,
         )
     }
+}
+
+thread_local! {
+    /// One block's `i32` accumulators, kept by each thread between blocks and calls.
+    static ACCUMULATORS: std::cell::Cell<Vec<i32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Runs the integer GEMM block by block and applies the epilogue to each corrected
@@ -322,15 +352,13 @@ fn drive<T: Send, E: Epilogue<T>>(a: &U8Matrix, w: &PackedI8, out: &mut [T], fin
     };
     let block = |r0: usize, out: &mut [T]| {
         let rows = out.len() / n;
-        let mut acc = vec![0i32; rows * n];
+        let mut acc = ACCUMULATORS.with(std::cell::Cell::take);
+        acc.resize(rows * n, 0);
         gemm_u8i8(&a.data[r0 * lda..], lda, rows, w, &mut acc);
         for (i, (acc_row, out_row)) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate()
         {
             if narrow {
-                for (j, ((o, &v), &c)) in out_row.iter_mut().zip(acc_row).zip(&column32).enumerate()
-                {
-                    *o = finish.apply(j, v + c);
-                }
+                finish.apply_row(acc_row, &column32, out_row);
                 continue;
             }
             let row_sum: i64 = if w.zero_points.is_empty() {
@@ -343,6 +371,7 @@ fn drive<T: Send, E: Epilogue<T>>(a: &U8Matrix, w: &PackedI8, out: &mut [T], fin
                 *o = finish.apply(j, i64::from(v) + column[j] - w.zero_point(j) * row_sum);
             }
         }
+        ACCUMULATORS.with(|cell| cell.set(acc));
     };
     let out = &mut out[..m * n];
     if n == 0 || m == 0 {
@@ -381,7 +410,8 @@ pub fn int8_gemm_f32(
 /// `round_half_even((acc + bias) * multiplier) + zero_point`, clamped to `lo..=255`
 /// (`lo` is the output zero point when a ReLU is folded in, else 0).
 pub fn requantize(acc: i64, bias: i32, multiplier: f32, zero_point: i32, lo: i32) -> u8 {
-    let scaled = ((acc + i64::from(bias)) as f32 * multiplier).round_ties_even();
+    let scaled =
+        crate::quant::round_ties_even_saturating((acc + i64::from(bias)) as f32 * multiplier);
     // `as` saturates (NaN becomes 0), so the clamp below sees a finite i32.
     (scaled as i32).saturating_add(zero_point).clamp(lo, 255) as u8
 }

@@ -45,6 +45,14 @@ impl ConvGeometry {
         self.channels * self.kernel * self.kernel
     }
 
+    /// Where column `column` of a PyTorch weight row (ordered `(channel, ky, kx)`) goes in
+    /// the `(ky, kx, channel)` order of [`im2col_nhwc`].
+    pub fn nhwc_column(&self, column: usize) -> usize {
+        let kk = self.kernel * self.kernel;
+        let (c, position) = (column / kk, column % kk);
+        position * self.channels + c
+    }
+
     /// Elements of one input image.
     pub fn image_len(&self) -> usize {
         self.channels * self.height * self.width
@@ -117,6 +125,135 @@ pub fn im2col<T: Copy + Send + Sync>(
             .take(batch)
             .for_each(|(x, o)| im2col_image(x, g, pad, o, ld));
     }
+}
+
+/// One NHWC image's patches, one row per output pixel, columns ordered `(ky, kx, channel)`.
+fn im2col_nhwc_image<T: Copy>(image: &[T], g: &ConvGeometry, pad: T, out: &mut [T], ld: usize) {
+    let (k, s, p, c) = (g.kernel, g.stride, g.padding, g.channels);
+    let (ow, patch) = (g.out_width(), g.patch_len());
+    let span = k * c;
+    for (pixel, row) in out.chunks_mut(ld).take(g.pixels()).enumerate() {
+        let (oy, ox) = (pixel / ow, pixel % ow);
+        let row = &mut row[..patch];
+        let ix0 = (ox * s).wrapping_sub(p);
+        for (ky, dst) in row.chunks_exact_mut(span).enumerate() {
+            let iy = (oy * s + ky).wrapping_sub(p);
+            if iy >= g.height {
+                dst.fill(pad);
+                continue;
+            }
+            let src = &image[iy * g.width * c..(iy + 1) * g.width * c];
+            // Interior patches (the common case) are one contiguous copy of `k * c` values.
+            if ix0 < g.width && ix0 + k <= g.width {
+                dst.copy_from_slice(&src[ix0 * c..(ix0 + k) * c]);
+                continue;
+            }
+            for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
+                let ix = (ox * s + kx).wrapping_sub(p);
+                if ix < g.width {
+                    d.copy_from_slice(&src[ix * c..(ix + 1) * c]);
+                } else {
+                    d.fill(pad);
+                }
+            }
+        }
+    }
+}
+
+/// Patches of a batch of NHWC images (`height x width x channels` each): `batch * pixels`
+/// rows of `patch_len` values at row stride `ld`, columns ordered `(ky, kx, channel)` (a
+/// PyTorch weight needs its columns permuted to match, see [`ConvGeometry::nhwc_column`]).
+/// Out-of-image positions get `pad`; the columns past `patch_len` are left as they are.
+///
+/// # Panics
+/// If `ld < patch_len` or a slice is too short.
+pub fn im2col_nhwc<T: Copy + Send + Sync>(
+    input: &[T],
+    batch: usize,
+    g: &ConvGeometry,
+    pad: T,
+    out: &mut [T],
+    ld: usize,
+) {
+    assert!(ld >= g.patch_len(), "row stride below the patch length");
+    assert!(input.len() >= batch * g.image_len(), "input too short");
+    let per_image = g.pixels() * ld;
+    assert!(out.len() >= batch * per_image, "output too short");
+    if batch == 0 || per_image == 0 || g.image_len() == 0 {
+        return;
+    }
+    if batch * per_image < PARALLEL_MIN_ELEMENTS {
+        input
+            .chunks(g.image_len())
+            .zip(out.chunks_mut(per_image))
+            .take(batch)
+            .for_each(|(x, o)| im2col_nhwc_image(x, g, pad, o, ld));
+    } else {
+        input
+            .par_chunks(g.image_len())
+            .zip(out.par_chunks_mut(per_image))
+            .take(batch)
+            .for_each(|(x, o)| im2col_nhwc_image(x, g, pad, o, ld));
+    }
+}
+
+/// Max pooling without padding over a batch of NHWC images (`height x width x channels`
+/// each); the output is NHWC too. Returns the output height and width.
+///
+/// # Panics
+/// If `kernel` or `stride` is 0, the window is larger than the image, or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool2d_nhwc<T: Copy + PartialOrd + Send + Sync>(
+    input: &[T],
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+    kernel: usize,
+    stride: usize,
+    out: &mut [T],
+) -> (usize, usize) {
+    assert!(kernel > 0 && stride > 0 && kernel <= height && kernel <= width);
+    let (oh, ow) = (
+        (height - kernel) / stride + 1,
+        (width - kernel) / stride + 1,
+    );
+    let (ilen, olen) = (height * width * channels, oh * ow * channels);
+    assert!(input.len() >= batch * ilen && out.len() >= batch * olen);
+    if batch == 0 || olen == 0 {
+        return (oh, ow);
+    }
+    let image = |x: &[T], o: &mut [T]| {
+        for (pixel, best) in o.chunks_exact_mut(channels).enumerate() {
+            let (oy, ox) = (pixel / ow, pixel % ow);
+            let first = (oy * stride * width + ox * stride) * channels;
+            best.copy_from_slice(&x[first..first + channels]);
+            for ky in 0..kernel {
+                for kx in 0..kernel {
+                    let at = ((oy * stride + ky) * width + ox * stride + kx) * channels;
+                    for (b, &v) in best.iter_mut().zip(&x[at..at + channels]) {
+                        if v > *b {
+                            *b = v;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if batch * ilen < PARALLEL_MIN_ELEMENTS {
+        input
+            .chunks(ilen)
+            .zip(out.chunks_mut(olen))
+            .take(batch)
+            .for_each(|(x, o)| image(x, o));
+    } else {
+        input
+            .par_chunks(ilen)
+            .zip(out.par_chunks_mut(olen))
+            .take(batch)
+            .for_each(|(x, o)| image(x, o));
+    }
+    (oh, ow)
 }
 
 /// Max pooling without padding over `planes` planes of `height x width` (a batch of NCHW
@@ -277,6 +414,56 @@ mod tests {
                 let len = expected.len();
                 prop_assert_eq!(&nchw[b * len..(b + 1) * len], &expected[..]);
             }
+        }
+
+        #[test]
+        fn nhwc_im2col_with_permuted_weights_is_the_direct_convolution(
+            channels in 1usize..4, height in 1usize..12, width in 1usize..12, kernel in 1usize..5,
+            stride in 1usize..4, padding in 0usize..3, out_ch in 1usize..4, batch in 1usize..3,
+        ) {
+            prop_assume!(kernel <= height + 2 * padding && kernel <= width + 2 * padding);
+            let g = ConvGeometry { channels, height, width, kernel, stride, padding };
+            let x: Vec<i64> = (0..batch * g.image_len()).map(|i| (i as i64 * 7919) % 13 - 6).collect();
+            let w: Vec<i64> = (0..out_ch * g.patch_len()).map(|i| (i as i64 * 104_729) % 11 - 5).collect();
+            let (hw, k) = (height * width, g.patch_len());
+            let mut nhwc_x = vec![0; x.len()];
+            nhwc_to_nchw(&x, batch, channels, hw, &mut nhwc_x);
+            let mut w_perm = vec![0; w.len()];
+            for o in 0..out_ch {
+                for col in 0..k {
+                    w_perm[o * k + g.nhwc_column(col)] = w[o * k + col];
+                }
+            }
+            let ld = k + 2;
+            let mut cols = vec![99; batch * g.pixels() * ld];
+            im2col_nhwc(&nhwc_x, batch, &g, 0, &mut cols, ld);
+            for b in 0..batch {
+                let image = &x[b * g.image_len()..(b + 1) * g.image_len()];
+                let expected = direct_conv(image, &g, &w, out_ch);
+                for p in 0..g.pixels() {
+                    let row = &cols[(b * g.pixels() + p) * ld..][..k];
+                    for o in 0..out_ch {
+                        let got: i64 = (0..k).map(|i| row[i] * w_perm[o * k + i]).sum();
+                        prop_assert_eq!(got, expected[o * g.pixels() + p]);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn nhwc_max_pool_is_the_planar_one_transposed(batch in 1usize..3, channels in 1usize..5, height in 1usize..10, width in 1usize..10, kernel in 1usize..4, stride in 1usize..4) {
+            prop_assume!(kernel <= height && kernel <= width);
+            let x: Vec<i32> = (0..batch * channels * height * width).map(|i| (i as i32 * 7919) % 101).collect();
+            let (oh, ow) = ((height - kernel) / stride + 1, (width - kernel) / stride + 1);
+            let mut planar = vec![0; batch * channels * oh * ow];
+            max_pool2d(&x, batch * channels, height, width, kernel, stride, &mut planar);
+            let mut nhwc_x = vec![0; x.len()];
+            nhwc_to_nchw(&x, batch, channels, height * width, &mut nhwc_x);
+            let mut out = vec![0; planar.len()];
+            prop_assert_eq!(max_pool2d_nhwc(&nhwc_x, batch, channels, height, width, kernel, stride, &mut out), (oh, ow));
+            let mut back = vec![0; out.len()];
+            nhwc_to_nchw(&out, batch, oh * ow, channels, &mut back);
+            prop_assert_eq!(back, planar);
         }
 
         #[test]

@@ -352,3 +352,52 @@ fn load_reads_files_and_names_them_in_errors() {
         "{err}"
     );
 }
+
+/// The engine keeps images NHWC internally; networks that end on an image, or on a flattened
+/// image with no linear layer after it, must still return PyTorch's (C, H, W) order, in f32
+/// and in int8.
+#[test]
+fn image_outputs_come_back_in_pytorch_order() {
+    let conv = |in_channels, out_channels, kernel, padding| LayerSpec::Conv2d {
+        in_channels,
+        out_channels,
+        kernel,
+        stride: 1,
+        padding,
+    };
+    let tails: [Vec<LayerSpec>; 3] = [
+        vec![],
+        vec![LayerSpec::Flatten],
+        vec![
+            LayerSpec::MaxPool2d {
+                kernel: 2,
+                stride: 2,
+            },
+            LayerSpec::Relu,
+        ],
+    ];
+    for tail in tails {
+        let mut layers = vec![conv(3, 4, 3, 1), LayerSpec::Relu, conv(4, 5, 1, 0)];
+        layers.extend(tail);
+        let spec = NetworkSpec {
+            name: "image_out".into(),
+            input: [3, 6, 5],
+            layers,
+        };
+        spec.validate().unwrap();
+        let p = params(&spec, 11);
+        let x = images(3, &spec, 12);
+        let (expected, _) = reference(&spec, &p, &x);
+        let got = load(&artifact(&spec, &p, |_| Store::F32))
+            .run(x.view())
+            .unwrap();
+        assert!(relative_error(&got, &expected) <= MAX_F32_RELATIVE_ERROR);
+        let int8 = load(&artifact(&spec, &p, |_| {
+            Store::Int8(Granularity::PerChannel)
+        }))
+        .run(x.view())
+        .unwrap();
+        let err = relative_error(&int8, &expected);
+        assert!(err <= MAX_INT8_RELATIVE_ERROR, "relative error {err}");
+    }
+}

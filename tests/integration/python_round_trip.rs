@@ -1,0 +1,166 @@
+//! The artifact round trip: a briefly trained teacher exported by `models::export`, read by
+//! the Python reader printed in `docs/FORMAT.md` (taken from the document itself, so the two
+//! cannot drift), gives the Rust runtime's logits on real MNIST images.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+use integration_tests::bundled_mnist;
+use mnist_data::{Batcher, Dataset, Normalization};
+use models::{Network, NetworkSpec, WeightFormat};
+use ndarray::{Array4, Axis};
+use tch::nn::{self, ModuleT, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// The format document; the test runs the Python block of its last section.
+const FORMAT_DOC: &str = include_str!("../../docs/FORMAT.md");
+/// The heading of the section whose code block is the reader.
+const READER_HEADING: &str = "## Reading an artifact in Python";
+
+/// Largest difference between PyTorch's and the runtime's logits for an f32 artifact,
+/// relative to the largest logit: both compute in f32 with different summation orders
+/// (k <= 1600); measured 2e-7, fifty times below this.
+const F32_LOGIT_TOLERANCE: f32 = 1e-5;
+/// The same for the int8 artifact: Python dequantizes the weights and keeps activations
+/// in f32, the runtime also quantizes every layer's input to u8 per batch (half a step of
+/// 1/255 of the range per activation); measured 0.45%, ten times below this.
+const INT8_LOGIT_TOLERANCE: f32 = 0.05;
+/// Test images sent through both engines.
+const IMAGES: usize = 32;
+
+/// The Python code block under [`READER_HEADING`] in `docs/FORMAT.md`.
+fn python_reader() -> Result<&'static str> {
+    let section = FORMAT_DOC
+        .split_once(READER_HEADING)
+        .context("docs/FORMAT.md has no Python reader section")?
+        .1;
+    let code = section
+        .split_once("```python\n")
+        .context("the reader section has no ```python block")?
+        .1;
+    let (code, _) = code
+        .split_once("\n```")
+        .context("the ```python block is not closed")?;
+    Ok(code)
+}
+
+fn python() -> Result<PathBuf> {
+    std::env::var_os("TCH_MOT_PYTHON")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .context(
+            "this test runs the PyTorch reader of docs/FORMAT.md and needs TCH_MOT_PYTHON (the \
+         Python of the LibTorch environment): run the tests with `cargo xtask test`, which sets it",
+        )
+}
+
+/// A teacher trained for a few dozen steps on 2% of MNIST: realistic weights and batch-norm
+/// statistics.
+fn trained_teacher(data: &Dataset) -> Result<(nn::VarStore, Network)> {
+    let train = data.train.stratified_subset(0.02, 3)?;
+    let images = train.normalized(Normalization::default());
+    let xs = Tensor::from_slice(images.as_slice().context("standard layout")?).view([
+        train.len() as i64,
+        1,
+        28,
+        28,
+    ]);
+    let ys = Tensor::from_slice(train.labels.as_slice().context("standard layout")?)
+        .to_kind(Kind::Int64);
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = Network::new(&vs.root(), &NetworkSpec::teacher_cnn())?;
+    let mut opt = nn::Adam::default().build(&vs, 2e-3)?;
+    for batch in Batcher::new(train.len(), 32, 3)?.epoch(0).iter().take(20) {
+        let index = Tensor::from_slice(&batch.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let loss = net
+            .forward_t(&xs.index_select(0, &index), true)
+            .cross_entropy_for_logits(&ys.index_select(0, &index));
+        opt.backward_step(&loss);
+    }
+    Ok((vs, net))
+}
+
+/// Starts the reader (saved as `dir/load.py`) on `model` with the raw f32 inputs in `input`.
+fn start_reader(python: &Path, dir: &Path, model: &Path, input: &Path) -> Result<Child> {
+    Command::new(python)
+        .arg(dir.join("load.py"))
+        .arg(model)
+        .arg(input)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the Python reader")
+}
+
+/// The logits the reader printed.
+fn reader_logits(child: Child) -> Result<Vec<f32>> {
+    let output = child
+        .wait_with_output()
+        .context("waiting for the Python reader")?;
+    if !output.status.success() {
+        bail!(
+            "the Python reader failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let rows: Vec<Vec<f32>> =
+        serde_json::from_slice(&output.stdout).context("reading the reader's JSON logits")?;
+    Ok(rows.into_iter().flatten().collect())
+}
+
+fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    diff / scale
+}
+
+#[test]
+fn python_reader_of_the_format_doc_matches_the_runtime() -> Result<()> {
+    // Fails (never skips) without the Python, with the message saying how to run.
+    let python = python()?;
+    let data = Dataset::load(&bundled_mnist())?;
+    let (vs, net) = trained_teacher(&data)?;
+    let test = data.test.select(&(0..IMAGES).collect::<Vec<_>>());
+    let images: Array4<f32> = test.normalized(Normalization::default());
+    assert_eq!(images.len_of(Axis(0)), IMAGES);
+
+    let dir = std::env::temp_dir().join(format!("tch-mot-round-trip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let input = dir.join("input.f32");
+    let bytes: Vec<u8> = images.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(&input, bytes)?;
+
+    std::fs::write(dir.join("load.py"), python_reader()?).context("writing load.py")?;
+
+    let cases = [
+        (WeightFormat::F32, F32_LOGIT_TOLERANCE),
+        (WeightFormat::Int8DynamicRange, INT8_LOGIT_TOLERANCE),
+    ];
+    // Both readers run at once: importing torch is most of their time.
+    let mut runs = Vec::new();
+    for (format, tolerance) in cases {
+        let path = dir.join(format!("{format:?}.safetensors"));
+        models::export::artifact(&net, &vs, format)?.write(&path)?;
+        let ours = runtime::Model::load(&path)?.run(images.view())?;
+        let reader = start_reader(&python, &dir, &path, &input)?;
+        runs.push((format, tolerance, ours, reader));
+    }
+    for (format, tolerance, ours, reader) in runs {
+        let theirs = reader_logits(reader)?;
+        let ours = ours.as_slice().context("standard layout")?;
+        assert_eq!(theirs.len(), ours.len(), "{format:?}");
+        let difference = relative_difference(ours, &theirs);
+        assert!(
+            difference < tolerance,
+            "{format:?}: relative difference {difference}"
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
