@@ -20,6 +20,8 @@ cargo xtask <COMMAND> [ARGS...]
 Commands:
   experiment [ARGS...]  build the experiment driver (release) and run it; ARGS go to it
                         (try `cargo xtask experiment --help`)
+  bench <SUITE> [ARGS]  benchmarks against PyTorch/libtorch measured in the same run;
+                        writes results/bench/<SUITE>.json (try `cargo xtask bench --help`)
   test [ARGS...]        every check: cargo fmt --check, clippy -D warnings, cargo test
                         --workspace (doc tests included); ARGS go to `cargo test`
   setup                 make sure LibTorch is available (installs it on first use)
@@ -60,7 +62,8 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some("test") => test(&rest),
-        Some("experiment") => experiment(&rest),
+        Some("experiment") => run_release(&rest, "experiment", "experiment"),
+        Some("bench") => run_release(&rest, "bench", "bench"),
         Some(other) => bail!("unknown command `{other}`\n\n{HELP}"),
     }
 }
@@ -100,19 +103,12 @@ fn test(extra: &[OsString]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn experiment(args: &[OsString]) -> Result<ExitCode> {
+/// Builds a binary of the workspace in release mode and runs it with `args`.
+fn run_release(args: &[OsString], package: &str, bin: &str) -> Result<ExitCode> {
     let root = workspace_root();
     let torch = LibTorch::ensure()?;
     let status = cargo(&root, Some(&torch))
-        .args([
-            "run",
-            "--release",
-            "--package",
-            "experiment",
-            "--bin",
-            "experiment",
-            "--",
-        ])
+        .args(["run", "--release", "--package", package, "--bin", bin, "--"])
         .args(args)
         .status()
         .context("starting cargo")?;

@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 /// Version of the `report.json` layout.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// A [`Row`]'s extra field that may hold Markdown for what a table row cannot show (a
+/// comparison, a trace, an audit): [`Report::markdown`] prints it under a heading of the
+/// row's stage, after the results table.
+pub const SECTION_EXTRA: &str = "markdown_section";
+
 /// The whole report of one run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -91,6 +96,11 @@ impl Report {
         );
         let _ = writeln!(md, "## Results\n");
         md.push_str(&self.results_table());
+        for row in &self.rows {
+            if let Some(section) = row.extra.get(SECTION_EXTRA).and_then(|v| v.as_str()) {
+                let _ = writeln!(md, "\n## Stage {}\n\n{}", row.stage, section.trim_end());
+            }
+        }
         let _ = writeln!(md, "\n## Stages\n");
         let _ = writeln!(
             md,
@@ -215,5 +225,20 @@ mod tests {
         );
         assert!(md.contains("| baseline | ok | 1.5 |"), "{md}");
         assert!(md.contains("quick mode"));
+    }
+
+    #[test]
+    fn a_rows_markdown_section_follows_the_table_under_its_stage() {
+        let mut report = sample();
+        report.rows[0].extra.insert(
+            SECTION_EXTRA.into(),
+            serde_json::json!("| step | scale |\n|---:|---:|\n| 0 | 65536 |\n"),
+        );
+        let md = report.markdown();
+        let section = md.find("## Stage baseline\n\n| step | scale |").expect(&md);
+        assert!(section > md.find("## Results").unwrap(), "{md}");
+        assert!(section < md.find("## Stages").unwrap(), "{md}");
+        // Rows without one add nothing.
+        assert!(!sample().markdown().contains("## Stage baseline"));
     }
 }

@@ -3,9 +3,12 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use loss_scaling::{LossScaler, ScalePoint};
 use mnist_data::{Batcher, Normalization, Split};
+use models::{Network, Policy};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
+use tensor_precision::GradientAuditor;
 
 use crate::progress::Progress;
 
@@ -55,34 +58,115 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// What a training run adds to the recipe of [`TrainConfig`]: loss scaling, a bound on
+/// the steps and a gradient audit. The default adds nothing (plain float32 training when
+/// the network computes in float32).
+#[derive(Debug, Default)]
+pub struct TrainOptions<'a> {
+    /// Scales the loss before `backward` and unscales, checks and steps through the
+    /// scaler (which skips steps with non-finite gradients); `None`: a plain step.
+    pub scaler: Option<&'a mut LossScaler>,
+    /// Stops after this many optimizer steps (skipped ones included); the cosine
+    /// schedule then spans these steps instead of all epochs.
+    pub max_steps: Option<usize>,
+    /// Records the float32 gradients of some steps for a float16 underflow audit.
+    pub audit: Option<GradientSampling<'a>>,
+    /// Trains against a teacher's logits (distillation) instead of the labels alone.
+    pub distill: Option<Distill<'a>>,
+}
+
+/// Distillation targets for [`TrainOptions::distill`]: the teacher's logits for every
+/// training sample, in the order of the training data.
+#[derive(Debug)]
+pub struct Distill<'a> {
+    pub teacher_logits: &'a Tensor,
+    pub config: distillation::DistillationConfig,
+}
+
+/// Which gradients [`TrainOptions::audit`] records: those of step 0 and of every
+/// `every`-th step after it, read after the optimizer step (so unscaled when a scaler
+/// runs). The time this takes is not counted as training time.
+#[derive(Debug)]
+pub struct GradientSampling<'a> {
+    pub auditor: &'a mut GradientAuditor,
+    pub every: usize,
+}
+
 /// What a training run measured.
 #[derive(Debug, Clone)]
 pub struct TrainStats {
+    /// The precision policy the network computed under.
+    pub policy: Policy,
+    /// Optimizer steps, skipped ones included.
+    pub steps: usize,
     pub seconds: f64,
     pub samples_per_second: f64,
     /// Mean training loss of each epoch.
     pub epoch_losses: Vec<f64>,
+    /// Steps the loss scaler skipped because of non-finite gradients (0 without one).
+    pub skipped_steps: u64,
+    /// The scale after the last step, `None` without a scaler.
+    pub final_loss_scale: Option<f32>,
+    /// The scaler's initial scale and every change of it (empty without a scaler).
+    pub scale_history: Vec<ScalePoint>,
+    /// Steps whose gradients went into the audit of [`TrainOptions::audit`].
+    pub audited_steps: usize,
 }
 
-/// Trains `net` (its variables live in `vs`) with Adam and cross-entropy.
+/// Trains `net` (its variables live in `vs`) with Adam and cross-entropy, under the
+/// network's precision policy, without loss scaling.
 pub fn train(
-    net: &impl ModuleT,
+    net: &Network,
     vs: &nn::VarStore,
     data: &DeviceSplit,
     config: &TrainConfig,
     progress: &Progress,
     label: &str,
 ) -> Result<TrainStats> {
+    train_with(
+        net,
+        vs,
+        data,
+        config,
+        TrainOptions::default(),
+        progress,
+        label,
+    )
+}
+
+/// [`train`] with loss scaling, a step bound or a gradient audit (see [`TrainOptions`]).
+/// The recipe is the same: seed, data order, schedule and optimizer come from `config`;
+/// the precision policy is the network's ([`Network::with_policy`]).
+pub fn train_with(
+    net: &Network,
+    vs: &nn::VarStore,
+    data: &DeviceSplit,
+    config: &TrainConfig,
+    mut options: TrainOptions<'_>,
+    progress: &Progress,
+    label: &str,
+) -> Result<TrainStats> {
     let batcher = Batcher::new(data.len(), config.batch_size, config.seed)?;
     let mut optimizer = nn::Adam::default().build(vs, config.learning_rate)?;
-    let total_steps = (config.epochs * batcher.batches_per_epoch()).max(1);
+    let planned_steps = config.epochs * batcher.batches_per_epoch();
+    let planned_steps = options
+        .max_steps
+        .map_or(planned_steps, |max| max.min(planned_steps));
+    let total_steps = planned_steps.max(1);
+    let skipped_before = options.scaler.as_ref().map_or(0, |s| s.skipped_steps());
     let device = data.images.device();
     let mut step = 0;
     let mut samples = 0;
     let mut epoch_losses = Vec::with_capacity(config.epochs);
+    let mut audit_seconds = 0.0;
+    let mut audited_steps = 0;
     let start = Instant::now();
     for epoch in 0..config.epochs {
+        if step >= planned_steps {
+            break;
+        }
         let batches = batcher.epoch(epoch as u64);
+        let batches = &batches[..batches.len().min(planned_steps - step)];
         let mut bar = progress.epoch(label, epoch, config.epochs, batches.len());
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut correct = Tensor::zeros([], (Kind::Int64, device));
@@ -96,8 +180,40 @@ pub fn train(
             let xs = data.images.index_select(0, &index);
             let ys = data.labels.index_select(0, &index);
             let logits = net.forward_t(&xs, true);
-            let loss = logits.cross_entropy_for_logits(&ys);
-            optimizer.backward_step(&loss);
+            let loss = match &options.distill {
+                None => logits.cross_entropy_for_logits(&ys),
+                Some(d) => distillation::distillation_loss(
+                    &logits,
+                    &d.teacher_logits.index_select(0, &index),
+                    &ys,
+                    &d.config,
+                )?,
+            };
+            match options.scaler.as_deref_mut() {
+                None => optimizer.backward_step(&loss),
+                Some(scaler) => {
+                    optimizer.zero_grad();
+                    scaler.scale(&loss).backward();
+                    scaler
+                        .step(&mut optimizer)
+                        .with_context(|| format!("loss scaling at step {step}"))?;
+                }
+            }
+            if let Some(sampling) = options.audit.as_mut()
+                && step % sampling.every.max(1) == 0
+            {
+                // Queued device work belongs to the training time, not to the audit's.
+                if let Device::Cuda(index) = device {
+                    tch::Cuda::synchronize(index as i64);
+                }
+                let audit_start = Instant::now();
+                sampling
+                    .auditor
+                    .record_variable_grads(&vs.trainable_variables())
+                    .context("recording gradients for the underflow audit")?;
+                audited_steps += 1;
+                audit_seconds += audit_start.elapsed().as_secs_f64();
+            }
             tch::no_grad(|| {
                 loss_sum += loss.detach() * batch.len() as f64;
                 correct += logits.argmax(-1, false).eq_tensor(&ys).sum(Kind::Int64);
@@ -108,7 +224,7 @@ pub fn train(
             if (i + 1) % PROGRESS_EVERY == 0 || i + 1 == batches.len() {
                 let loss = loss_sum.double_value(&[]) / seen as f64;
                 let accuracy = correct.int64_value(&[]) as f64 / seen as f64;
-                let rate = samples as f64 / start.elapsed().as_secs_f64();
+                let rate = samples as f64 / (start.elapsed().as_secs_f64() - audit_seconds);
                 bar.update(i + 1, loss, accuracy, rate);
             }
         }
@@ -120,11 +236,18 @@ pub fn train(
         ));
         epoch_losses.push(loss);
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = start.elapsed().as_secs_f64() - audit_seconds;
+    let scaler = options.scaler.as_deref();
     Ok(TrainStats {
+        policy: net.policy(),
+        steps: step,
         seconds,
         samples_per_second: samples as f64 / seconds,
         epoch_losses,
+        skipped_steps: scaler.map_or(0, |s| s.skipped_steps() - skipped_before),
+        final_loss_scale: scaler.map(LossScaler::current_scale),
+        scale_history: scaler.map_or_else(Vec::new, |s| s.history().to_vec()),
+        audited_steps,
     })
 }
 
@@ -135,6 +258,7 @@ pub struct Evaluation {
     pub samples_per_second: f64,
 }
 
+/// Evaluates under the network's precision policy.
 pub fn evaluate(net: &impl ModuleT, data: &DeviceSplit) -> Evaluation {
     tch::no_grad(|| {
         let n = data.len() as i64;
@@ -160,4 +284,142 @@ pub fn evaluate(net: &impl ModuleT, data: &DeviceSplit) -> Evaluation {
             samples_per_second: n as f64 / seconds,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loss_scaling::DynamicConfig;
+    use models::{LayerSpec, NetworkSpec};
+
+    /// A dynamic scale far above what float16 can hold: the first steps must overflow.
+    const OVERFLOWING_SCALE: f32 = 16_777_216.0;
+
+    fn tiny_split() -> DeviceSplit {
+        tch::manual_seed(11);
+        DeviceSplit {
+            images: Tensor::randn([64, 1, 28, 28], (Kind::Float, Device::Cpu)),
+            labels: Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)),
+        }
+    }
+
+    fn config() -> TrainConfig {
+        TrainConfig {
+            epochs: 3,
+            batch_size: 16,
+            learning_rate: 1e-3,
+            seed: 5,
+        }
+    }
+
+    /// 784-16-10: small enough for float16 on the CPU in milliseconds.
+    fn mlp() -> NetworkSpec {
+        NetworkSpec {
+            name: "mlp".into(),
+            input: [1, 28, 28],
+            layers: vec![
+                LayerSpec::Flatten,
+                LayerSpec::Linear {
+                    in_features: 784,
+                    out_features: 16,
+                },
+                LayerSpec::Relu,
+                LayerSpec::Linear {
+                    in_features: 16,
+                    out_features: 10,
+                },
+            ],
+        }
+    }
+
+    fn network(vs: &nn::VarStore, policy: Policy) -> Network {
+        Network::with_policy(&vs.root(), &mlp(), policy).unwrap()
+    }
+
+    #[test]
+    fn plain_training_runs_every_epoch_without_scaler_fields() {
+        let data = tiny_split();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = network(&vs, Policy::Float32);
+        let stats = train(&net, &vs, &data, &config(), &Progress::new(true), "t").unwrap();
+        assert_eq!(stats.policy, Policy::Float32);
+        assert_eq!(stats.steps, 3 * 4);
+        assert_eq!(stats.epoch_losses.len(), 3);
+        assert_eq!(stats.skipped_steps, 0);
+        assert_eq!(stats.final_loss_scale, None);
+        assert!(stats.scale_history.is_empty());
+        assert_eq!(stats.audited_steps, 0);
+        assert!(stats.samples_per_second > 0.0);
+    }
+
+    #[test]
+    fn max_steps_bounds_the_run_and_the_audit_samples_steps() {
+        let data = tiny_split();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = network(&vs, Policy::Float32);
+        let mut auditor = GradientAuditor::new();
+        let options = TrainOptions {
+            scaler: None,
+            max_steps: Some(5),
+            audit: Some(GradientSampling {
+                auditor: &mut auditor,
+                every: 2,
+            }),
+            distill: None,
+        };
+        let stats = train_with(
+            &net,
+            &vs,
+            &data,
+            &config(),
+            options,
+            &Progress::new(true),
+            "t",
+        )
+        .unwrap();
+        // Four batches an epoch: one full epoch and one step of the second.
+        assert_eq!(stats.steps, 5);
+        assert_eq!(stats.epoch_losses.len(), 2);
+        // Steps 0, 2 and 4, each with every parameter of the network.
+        assert_eq!(stats.audited_steps, 3);
+        let params = mlp().param_count() as u64;
+        assert_eq!(auditor.finish().values, 3 * params);
+    }
+
+    #[test]
+    fn a_loss_scaler_skips_overflowing_steps_and_reports_its_trace() {
+        let data = tiny_split();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = network(&vs, Policy::MixedFloat16);
+        let mut scaler = LossScaler::dynamic(DynamicConfig {
+            initial_scale: OVERFLOWING_SCALE,
+            ..DynamicConfig::keras()
+        })
+        .unwrap();
+        let options = TrainOptions {
+            scaler: Some(&mut scaler),
+            max_steps: Some(8),
+            audit: None,
+            distill: None,
+        };
+        let stats = train_with(
+            &net,
+            &vs,
+            &data,
+            &config(),
+            options,
+            &Progress::new(true),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(stats.policy, Policy::MixedFloat16);
+        assert_eq!(stats.steps, 8);
+        assert!(stats.skipped_steps >= 1, "{stats:?}");
+        assert_eq!(stats.skipped_steps, scaler.skipped_steps());
+        assert_eq!(stats.final_loss_scale, Some(scaler.current_scale()));
+        assert!(scaler.current_scale() < OVERFLOWING_SCALE);
+        assert_eq!(stats.scale_history[0].scale, OVERFLOWING_SCALE);
+        assert_eq!(stats.scale_history.len(), 1 + stats.skipped_steps as usize);
+        assert!(stats.epoch_losses.iter().all(|loss| loss.is_finite()));
+    }
 }

@@ -66,11 +66,21 @@ fn quick_baseline_writes_a_complete_report() {
     let artifact = out.join(row["artifact"].as_str().unwrap());
     let size = std::fs::metadata(&artifact).unwrap().len();
     assert_eq!(row["size_bytes"].as_u64().unwrap(), size);
-    // float32 weights: four bytes a parameter plus a small header.
+    // The deployed artifact: batch norm folded, so fewer parameters than trained, four
+    // bytes each, plus a header with the network description.
+    let deployed = models::NetworkSpec::teacher_cnn()
+        .without_batch_norm()
+        .param_count() as u64;
     assert!(
-        size >= params * 4 && size < params * 4 + 4096,
+        size >= deployed * 4 && size < deployed * 4 + 8192,
         "size {size}"
     );
+    let model = runtime::Model::load(&artifact).unwrap();
+    let logits = model
+        .run(ndarray::Array4::<f32>::zeros((2, 1, 28, 28)).view())
+        .unwrap();
+    assert_eq!(logits.dim(), (2, 10));
+    assert!(out.join("teacher_checkpoint.safetensors").exists());
     let gzip = row["gzip_bytes"].as_u64().unwrap();
     assert!(gzip > 0 && gzip < size, "gzip {gzip}");
 
@@ -86,6 +96,67 @@ fn quick_baseline_writes_a_complete_report() {
         .filter(|name| name.starts_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn quick_distillation_compares_two_students() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = experiment(&[
+        "--quick",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--stages",
+        "baseline,distillation",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["stages"]["distillation"]["status"], "ok");
+    let rows = report["rows"].as_array().unwrap();
+    let row = |variant: &str| {
+        rows.iter()
+            .find(|r| r["stage"] == "distillation" && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {variant} row"))
+    };
+    let (scratch, distilled) = (row("student_scratch"), row("student_distilled"));
+    let teacher_params = rows[0]["params"].as_u64().unwrap();
+    for r in [scratch, distilled] {
+        let accuracy = r["test_accuracy"].as_f64().unwrap();
+        assert!(accuracy > 0.1 && accuracy <= 1.0, "{r}");
+        assert!(r["params"].as_u64().unwrap() * 10 <= teacher_params, "{r}");
+        assert_eq!(r["seeds"].as_array().unwrap().len(), 1);
+    }
+    let gain = distilled["accuracy_gain_mean"].as_f64().unwrap();
+    let expected =
+        distilled["test_accuracy"].as_f64().unwrap() - scratch["test_accuracy"].as_f64().unwrap();
+    assert!((gain - expected).abs() < 1e-12, "{gain} vs {expected}");
+    assert!(out.join(distilled["artifact"].as_str().unwrap()).exists());
+}
+
+#[test]
+fn distillation_without_a_teacher_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let output = experiment(&[
+        "--quick",
+        "--quiet",
+        "--stages",
+        "distillation",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("--stages baseline,distillation"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The failure is recorded in the report.
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["stages"]["distillation"]["status"], "failed");
 }
 
 #[test]

@@ -203,11 +203,10 @@ impl ModuleT for Network {
                         cast(&xs, kind).linear(&cast(weight, kind), Some(&cast(bias, kind)))
                     }
                 },
-                // Normalisation statistics stay in float32 under every policy.
-                Layer::BatchNorm2d(bn) => match compute {
-                    None => xs.apply_t(bn, train),
-                    Some(kind) => cast(&cast(&xs, Kind::Float).apply_t(bn, train), kind),
-                },
+                // LibTorch's batch norm takes 16-bit input with float32 parameters and
+                // statistics and keeps its arithmetic in float32 (as autocast does); casting
+                // around it would double the activation traffic.
+                Layer::BatchNorm2d(bn) => xs.apply_t(bn, train),
                 Layer::Relu => xs.relu(),
                 Layer::MaxPool2d { kernel, stride } => {
                     xs.max_pool2d([*kernel], [*stride], [0], [1], false)

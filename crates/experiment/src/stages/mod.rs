@@ -1,6 +1,8 @@
 //! The experiment's stages. Each one trains or converts models and returns report rows.
 
 mod baseline;
+mod distillation;
+mod precision;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -20,6 +22,10 @@ use crate::train::DeviceSplit;
 pub enum Stage {
     /// Train the float32 teacher on the full training set.
     Baseline,
+    /// Train the teacher under float32 and under the device's mixed-precision policy.
+    Precision,
+    /// Train a small student from scratch and from the teacher's softened logits.
+    Distillation,
 }
 
 impl Stage {
@@ -30,12 +36,16 @@ impl Stage {
     pub fn name(self) -> &'static str {
         match self {
             Self::Baseline => "baseline",
+            Self::Precision => "precision",
+            Self::Distillation => "distillation",
         }
     }
 
     pub fn run(self, ctx: &Context) -> Result<Vec<Row>> {
         match self {
             Self::Baseline => baseline::run(ctx),
+            Self::Precision => precision::run(ctx),
+            Self::Distillation => distillation::run(ctx),
         }
     }
 }

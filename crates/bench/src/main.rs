@@ -1,0 +1,55 @@
+//! Benchmarks against peers measured in the same run: `cargo xtask bench <suite>`.
+//!
+//! Every suite writes `results/bench/<suite>.json`:
+//! `{"schema_version": 1, "suite": ..., "machine": ..., "date": ..., "results": [{"case": ...,
+//! "ours": {"engine": ..., "samples_per_second": ...}, "peer": {...}, "ratio": ours/peer}]}`
+//! and prints the same as a table. Speed goals live here, never in timed tests.
+
+mod peer;
+mod report;
+mod suites;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+
+use crate::suites::Suite;
+
+/// Benchmarks of the toolkit against PyTorch and libtorch, measured in the same run.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Which suite to run.
+    #[arg(value_enum)]
+    suite: Suite,
+    /// Fewer repeats and steps: checks that the suite runs, numbers are rough.
+    #[arg(long)]
+    quick: bool,
+    /// Folder for `<suite>.json`.
+    #[arg(long, default_value = "results/bench")]
+    out: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let report = args.suite.run(args.quick)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let path = args.out.join(format!("{}.json", report.suite));
+    report.write(&path)?;
+    print!("{}", report.table());
+    println!("written to {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! The benchmark suites, one module each.
+
+mod precision;
+mod runtime;
+
+use anyhow::Result;
+use clap::ValueEnum;
+
+use crate::report::BenchReport;
+
+/// A benchmark suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// Mixed-precision training throughput, ours against PyTorch autocast.
+    Precision,
+    /// Inference throughput of the pure-Rust runtime against libtorch and PyTorch.
+    Runtime,
+}
+
+impl Suite {
+    pub fn run(self, quick: bool) -> Result<BenchReport> {
+        match self {
+            Self::Precision => precision::run(quick),
+            Self::Runtime => runtime::run(quick),
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! `distillation`: a small student trained from scratch against the same student trained
+//! on the baseline teacher's softened logits, on a stratified subset with few epochs.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use distillation::{DistillationConfig, TeacherCache, Temperature};
+use models::{Network, NetworkSpec};
+use tch::nn;
+
+use super::Context;
+use super::baseline::TEACHER_CHECKPOINT;
+use crate::fsutil;
+use crate::report::Row;
+use crate::train::{self, DeviceSplit, Distill, TrainConfig, TrainOptions};
+
+/// Share of each class the students train on (the seed's "smaller subset of MNIST").
+const SUBSET_FRACTION: f64 = 0.1;
+/// Epochs of a full run ("fewer epochs").
+const EPOCHS: usize = 5;
+/// Seeds of a full run: the effect is small and noisy, one seed proves nothing.
+const FULL_SEEDS: u64 = 3;
+/// Temperatures of the sweep.
+const SWEEP: [f64; 4] = [1.0, 2.0, 4.0, 10.0];
+const STUDENT_ARTIFACT: &str = "student_distilled_float32.safetensors";
+
+struct Outcome {
+    accuracy: f64,
+    infer_samples_per_second: f64,
+    train_seconds: f64,
+    train_samples_per_second: f64,
+}
+
+pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+    let teacher_path = ctx.out.join(TEACHER_CHECKPOINT);
+    if !teacher_path.exists() {
+        bail!(
+            "the distillation stage needs the teacher from the baseline stage ({} is missing): \
+             run --stages baseline,distillation",
+            teacher_path.display()
+        );
+    }
+    let mut teacher_vs = nn::VarStore::new(ctx.device.device);
+    let teacher = Network::new(&teacher_vs.root(), &NetworkSpec::teacher_cnn())?;
+    teacher_vs
+        .load(&teacher_path)
+        .with_context(|| format!("loading the teacher from {}", teacher_path.display()))?;
+
+    let config = DistillationConfig::default();
+    let (seeds, epochs, fraction) = if ctx.args.quick {
+        (1, 1, 0.02)
+    } else {
+        (FULL_SEEDS, EPOCHS, SUBSET_FRACTION)
+    };
+    let spec = NetworkSpec::student_cnn();
+    let mut scratch = Vec::new();
+    let mut distilled = Vec::new();
+    let mut cache_seconds = 0.0;
+    let mut last_distilled: Option<(nn::VarStore, Network)> = None;
+    for k in 0..seeds {
+        let seed = ctx.args.seed + k;
+        let subset = ctx.dataset.train.stratified_subset(fraction, seed)?;
+        let data = DeviceSplit::new(&subset, ctx.normalization, ctx.device.device)?;
+        let train_config = TrainConfig {
+            epochs,
+            batch_size: 64,
+            learning_rate: 3e-3,
+            seed,
+        };
+        let start = Instant::now();
+        let cache = TeacherCache::compute(&teacher, &data.images, 512);
+        cache_seconds = start.elapsed().as_secs_f64();
+
+        ctx.progress.info(&format!(
+            "seed {seed}: students on {} images for {epochs} epochs",
+            data.len()
+        ));
+        let (outcome, _) = train_student(ctx, &spec, &data, &train_config, None, "scratch")?;
+        scratch.push(outcome);
+        let distill = Distill {
+            teacher_logits: cache.logits(),
+            config,
+        };
+        let (outcome, trained) =
+            train_student(ctx, &spec, &data, &train_config, Some(distill), "distilled")?;
+        distilled.push(outcome);
+        last_distilled = Some(trained);
+    }
+
+    // The temperature sweep (first seed only).
+    let mut sweep = Vec::new();
+    if !ctx.args.quick {
+        let seed = ctx.args.seed;
+        let subset = ctx.dataset.train.stratified_subset(fraction, seed)?;
+        let data = DeviceSplit::new(&subset, ctx.normalization, ctx.device.device)?;
+        let cache = TeacherCache::compute(&teacher, &data.images, 512);
+        let train_config = TrainConfig {
+            epochs,
+            batch_size: 64,
+            learning_rate: 3e-3,
+            seed,
+        };
+        for t in SWEEP {
+            let distill = Distill {
+                teacher_logits: cache.logits(),
+                config: DistillationConfig::new(Temperature::new(t)?, config.alpha),
+            };
+            let label = format!("T={t}");
+            let (outcome, _) =
+                train_student(ctx, &spec, &data, &train_config, Some(distill), &label)?;
+            sweep.push(serde_json::json!({"temperature": t, "test_accuracy": outcome.accuracy}));
+        }
+    }
+
+    let (student_vs, student) = last_distilled.context("at least one seed ran")?;
+    let artifact = ctx.out.join(STUDENT_ARTIFACT);
+    fsutil::create_atomic(&artifact, |path| {
+        student_vs
+            .save(path)
+            .context("saving the distilled student")
+    })?;
+    let (size, gzip) = fsutil::sizes(&artifact)?;
+
+    let gains: Vec<f64> = distilled
+        .iter()
+        .zip(&scratch)
+        .map(|(d, s)| d.accuracy - s.accuracy)
+        .collect();
+    let (gain_mean, gain_std) = mean_std(&gains);
+    ctx.progress.info(&format!(
+        "distilled - scratch: {:+.2} ± {:.2} percentage points over {} seeds",
+        gain_mean * 100.0,
+        gain_std * 100.0,
+        gains.len()
+    ));
+    let seeds_used: Vec<u64> = (0..seeds).map(|k| ctx.args.seed + k).collect();
+    let row = |variant: &str, outcomes: &[Outcome], artifact: Option<(u64, u64)>| {
+        let accuracies: Vec<f64> = outcomes.iter().map(|o| o.accuracy).collect();
+        let (mean, std) = mean_std(&accuracies);
+        let mean_of =
+            |f: fn(&Outcome) -> f64| mean_std(&outcomes.iter().map(f).collect::<Vec<_>>()).0;
+        let mut extra = serde_json::Map::new();
+        extra.insert("test_accuracy_std".into(), serde_json::json!(std));
+        extra.insert("seeds".into(), serde_json::json!(seeds_used));
+        extra.insert("per_seed_accuracy".into(), serde_json::json!(accuracies));
+        Row {
+            stage: "distillation".into(),
+            variant: variant.into(),
+            model: spec.name.clone(),
+            params: Some(student.param_count()),
+            nonzero_params: None,
+            test_accuracy: Some(mean),
+            size_bytes: artifact.map(|a| a.0),
+            gzip_bytes: artifact.map(|a| a.1),
+            train_seconds: Some(mean_of(|o| o.train_seconds)),
+            train_samples_per_second: Some(mean_of(|o| o.train_samples_per_second)),
+            infer_samples_per_second: Some(mean_of(|o| o.infer_samples_per_second)),
+            engine: Some("libtorch".into()),
+            artifact: artifact.map(|_| STUDENT_ARTIFACT.to_string()),
+            extra,
+        }
+    };
+    let scratch_row = row("student_scratch", &scratch, None);
+    let mut distilled_row = row("student_distilled", &distilled, Some((size, gzip)));
+    let extra = &mut distilled_row.extra;
+    extra.insert(
+        "temperature".into(),
+        serde_json::json!(config.temperature.get()),
+    );
+    extra.insert("alpha".into(), serde_json::json!(config.alpha.get()));
+    extra.insert("accuracy_gain_mean".into(), serde_json::json!(gain_mean));
+    extra.insert("accuracy_gain_std".into(), serde_json::json!(gain_std));
+    extra.insert("temperature_sweep".into(), serde_json::json!(sweep));
+    // The cache runs the teacher once instead of once per epoch.
+    extra.insert(
+        "teacher_cache_seconds_saved".into(),
+        serde_json::json!(cache_seconds * (epochs.saturating_sub(1)) as f64),
+    );
+    distilled_row.nonzero_params = Some(student.nonzero_param_count());
+    Ok(vec![scratch_row, distilled_row])
+}
+
+fn train_student(
+    ctx: &Context,
+    spec: &NetworkSpec,
+    data: &DeviceSplit,
+    config: &TrainConfig,
+    distill: Option<Distill<'_>>,
+    label: &str,
+) -> Result<(Outcome, (nn::VarStore, Network))> {
+    // The same seed gives both students the same initial weights and data order.
+    tch::manual_seed(config.seed as i64);
+    let vs = nn::VarStore::new(ctx.device.device);
+    let net = Network::new(&vs.root(), spec)?;
+    let options = TrainOptions {
+        distill,
+        ..TrainOptions::default()
+    };
+    let stats = train::train_with(&net, &vs, data, config, options, &ctx.progress, label)?;
+    let eval = train::evaluate(&net, &ctx.test);
+    ctx.progress.info(&format!(
+        "{label}: test accuracy {:.2}%",
+        eval.accuracy * 100.0
+    ));
+    Ok((
+        Outcome {
+            accuracy: eval.accuracy,
+            infer_samples_per_second: eval.samples_per_second,
+            train_seconds: stats.seconds,
+            train_samples_per_second: stats.samples_per_second,
+        },
+        (vs, net),
+    ))
+}
+
+/// Mean and sample standard deviation (0 for fewer than two values).
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}

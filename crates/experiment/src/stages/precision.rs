@@ -1,0 +1,432 @@
+//! `precision`: the teacher trained under float32 and under the device's mixed policy
+//! (Keras's `mixed_bfloat16` on the CPU; `mixed_float16` with dynamic loss scaling and
+//! `mixed_bfloat16` on CUDA), same seed, data order and recipe as `baseline`; a
+//! gradient-underflow audit of the float32 run; and on the CPU, where float16 arithmetic
+//! is emulated and slow, a short float16 run of a small network that shows the loss
+//! scaler at work.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result};
+use loss_scaling::{DynamicConfig, LossScaler, ScalePoint};
+use models::{LayerSpec, Network, NetworkSpec, Policy};
+use tch::{Device, nn};
+use tensor_precision::{GradientAudit, GradientAuditor};
+
+use super::Context;
+use crate::report::{Row, SECTION_EXTRA};
+use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions, TrainStats};
+
+/// The baseline's recipe (`stages/baseline.rs`): epochs of a full run, share of each
+/// class in `--quick` mode, batch size and peak learning rate.
+const EPOCHS: usize = 5;
+const QUICK_FRACTION: f64 = 0.1;
+const BATCH_SIZE: usize = 128;
+const LEARNING_RATE: f64 = 3e-3;
+
+/// Training steps whose float32 gradients the underflow audit reads, spread evenly
+/// over the float32 run (the first step included).
+const AUDIT_SAMPLES: usize = 8;
+/// A mixed policy counts as accurate when its test accuracy is at most this many
+/// percentage points below float32's (meaningful for full runs only).
+const ACCURACY_TOLERANCE_PP: f64 = 0.2;
+
+/// Steps of the float16 loss-scaling demonstration on the CPU.
+const DEMO_STEPS: usize = 200;
+const DEMO_STEPS_QUICK: usize = 100;
+/// The demonstration starts far too high (2^24: the first gradients overflow float16)
+/// and grows every 50 finite steps, so that a short run shows both back-off and growth;
+/// the Keras preset (2^15, growth every 2000 steps) would show a flat line.
+const DEMO_INITIAL_SCALE: f32 = 16_777_216.0;
+const DEMO_GROWTH_INTERVAL: u32 = 50;
+const DEMO_VARIANT: &str = "mixed_float16_small_demo";
+const DEMO_NOTE: &str = "correctness demonstration of loss scaling on CPU, not a speed result";
+/// Scale-trace points shown in report.md (the JSON has them all).
+const TRACE_ROWS: usize = 12;
+
+/// A loss scaler's trace for report.md.
+#[derive(Debug)]
+struct Trace {
+    variant: String,
+    history: Vec<ScalePoint>,
+    skipped_steps: u64,
+    steps: usize,
+}
+
+impl Trace {
+    fn of(variant: &str, stats: &TrainStats) -> Self {
+        Self {
+            variant: variant.into(),
+            history: stats.scale_history.clone(),
+            skipped_steps: stats.skipped_steps,
+            steps: stats.steps,
+        }
+    }
+}
+
+/// The small network of the CPU float16 demonstration: 784-64-10.
+pub fn small_mlp() -> NetworkSpec {
+    NetworkSpec {
+        name: "mlp_784_64_10".into(),
+        input: [1, 28, 28],
+        layers: vec![
+            LayerSpec::Flatten,
+            LayerSpec::Linear {
+                in_features: 784,
+                out_features: 64,
+            },
+            LayerSpec::Relu,
+            LayerSpec::Linear {
+                in_features: 64,
+                out_features: 10,
+            },
+        ],
+    }
+}
+
+/// The teacher runs of a device: policy and whether it trains with Keras's dynamic loss
+/// scaling.
+fn teacher_policies(device: Device) -> Vec<(Policy, bool)> {
+    match device {
+        Device::Cpu => vec![(Policy::Float32, false), (Policy::MixedBfloat16, false)],
+        _ => vec![
+            (Policy::Float32, false),
+            (Policy::MixedFloat16, true),
+            (Policy::MixedBfloat16, false),
+        ],
+    }
+}
+
+pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+    let seed = ctx.args.seed;
+    let subset;
+    let (train_split, epochs) = if ctx.args.quick {
+        subset = ctx.dataset.train.stratified_subset(QUICK_FRACTION, seed)?;
+        (&subset, 1)
+    } else {
+        (&ctx.dataset.train, EPOCHS)
+    };
+    let config = TrainConfig {
+        epochs,
+        batch_size: BATCH_SIZE,
+        learning_rate: LEARNING_RATE,
+        seed,
+    };
+    let data = DeviceSplit::new(train_split, ctx.normalization, ctx.device.device)?;
+    let steps_per_epoch = data.len().div_ceil(BATCH_SIZE);
+
+    let mut rows = Vec::new();
+    let mut auditor = GradientAuditor::new();
+    let mut audited_steps = 0;
+    let mut traces = Vec::new();
+    for (policy, scaled) in teacher_policies(ctx.device.device) {
+        ctx.progress.info(&format!(
+            "training the teacher under {policy} on {} images for {} epochs{}",
+            data.len(),
+            config.epochs,
+            if scaled { ", dynamic loss scaling" } else { "" }
+        ));
+        tch::manual_seed(seed as i64);
+        let spec = NetworkSpec::teacher_cnn();
+        let vs = nn::VarStore::new(ctx.device.device);
+        let net = Network::with_policy(&vs.root(), &spec, policy)?;
+        let mut scaler = scaled.then(LossScaler::default);
+        let audit = (policy == Policy::Float32).then(|| GradientSampling {
+            auditor: &mut auditor,
+            every: (config.epochs * steps_per_epoch / AUDIT_SAMPLES).max(1),
+        });
+        let options = TrainOptions {
+            scaler: scaler.as_mut(),
+            max_steps: None,
+            audit,
+            distill: None,
+        };
+        let label = format!("teacher {policy}");
+        let stats = train::train_with(&net, &vs, &data, &config, options, &ctx.progress, &label)
+            .with_context(|| format!("training the teacher under {policy}"))?;
+        audited_steps += stats.audited_steps;
+        let eval = train::evaluate(&net, &ctx.test);
+        ctx.progress.info(&format!(
+            "{label}: test accuracy {:.2}% after {:.1} s of training",
+            eval.accuracy * 100.0,
+            stats.seconds
+        ));
+        let mut row = row(&spec, &net, &stats, eval, policy.name());
+        if let Some(scaler) = &scaler {
+            add_scaling_extras(&mut row, scaler, &stats)?;
+            traces.push(Trace::of(policy.name(), &stats));
+        }
+        rows.push(row);
+    }
+    let audit = auditor.finish();
+    compare_with_float32(&mut rows);
+
+    if ctx.device.device == Device::Cpu {
+        let steps = if ctx.args.quick {
+            DEMO_STEPS_QUICK
+        } else {
+            DEMO_STEPS
+        };
+        let (demo, stats) = float16_demo(ctx, &data, steps)?;
+        traces.push(Trace::of(DEMO_VARIANT, &stats));
+        rows.push(demo);
+    }
+
+    let section = section(ctx, &rows, &traces, &audit, audited_steps);
+    if let Some(first) = rows.first_mut() {
+        first
+            .extra
+            .insert("gradient_audit".into(), serde_json::to_value(&audit)?);
+        first
+            .extra
+            .insert("gradient_audit_steps".into(), audited_steps.into());
+        first
+            .extra
+            .insert(SECTION_EXTRA.into(), serde_json::Value::String(section));
+    }
+    Ok(rows)
+}
+
+fn row(
+    spec: &NetworkSpec,
+    net: &Network,
+    stats: &TrainStats,
+    eval: train::Evaluation,
+    variant: &str,
+) -> Row {
+    let mut row = Row {
+        stage: "precision".into(),
+        variant: variant.into(),
+        model: spec.name.clone(),
+        params: Some(net.param_count()),
+        nonzero_params: Some(net.nonzero_param_count()),
+        test_accuracy: Some(eval.accuracy),
+        train_seconds: Some(stats.seconds),
+        train_samples_per_second: Some(stats.samples_per_second),
+        infer_samples_per_second: Some(eval.samples_per_second),
+        engine: Some("libtorch".into()),
+        ..Row::default()
+    };
+    row.extra
+        .insert("policy".into(), stats.policy.name().into());
+    row.extra.insert("train_steps".into(), stats.steps.into());
+    row.extra.insert(
+        "train_loss_per_epoch".into(),
+        serde_json::json!(stats.epoch_losses),
+    );
+    row
+}
+
+fn add_scaling_extras(row: &mut Row, scaler: &LossScaler, stats: &TrainStats) -> Result<()> {
+    row.extra.insert(
+        "loss_scale_config".into(),
+        serde_json::to_value(scaler.config())?,
+    );
+    row.extra
+        .insert("skipped_steps".into(), stats.skipped_steps.into());
+    row.extra.insert(
+        "final_loss_scale".into(),
+        serde_json::json!(stats.final_loss_scale),
+    );
+    row.extra.insert(
+        "loss_scale_history".into(),
+        serde_json::to_value(&stats.scale_history)?,
+    );
+    Ok(())
+}
+
+/// Adds each mixed row's speed-up over the float32 row and its accuracy difference.
+fn compare_with_float32(rows: &mut [Row]) {
+    let Some(reference) = rows.iter().find(|r| r.variant == Policy::Float32.name()) else {
+        return;
+    };
+    let (train_rate, infer_rate, accuracy) = (
+        reference.train_samples_per_second,
+        reference.infer_samples_per_second,
+        reference.test_accuracy,
+    );
+    for row in rows.iter_mut().filter(|r| r.variant != "float32") {
+        if let (Some(ours), Some(base)) = (row.train_samples_per_second, train_rate) {
+            row.extra
+                .insert("train_speedup_over_float32".into(), (ours / base).into());
+        }
+        if let (Some(ours), Some(base)) = (row.infer_samples_per_second, infer_rate) {
+            row.extra
+                .insert("infer_speedup_over_float32".into(), (ours / base).into());
+        }
+        if let (Some(ours), Some(base)) = (row.test_accuracy, accuracy) {
+            row.extra.insert(
+                "accuracy_difference_pp".into(),
+                ((ours - base) * 100.0).into(),
+            );
+        }
+    }
+}
+
+/// float16 with dynamic loss scaling on [`small_mlp`] for `steps` steps: shows the
+/// scaler backing off and growing. On the CPU float16 arithmetic is emulated, so its
+/// timings say nothing about float16 speed.
+fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row, TrainStats)> {
+    let seed = ctx.args.seed;
+    let config = TrainConfig {
+        epochs: steps.div_ceil(data.len().div_ceil(BATCH_SIZE)),
+        batch_size: BATCH_SIZE,
+        learning_rate: LEARNING_RATE,
+        seed,
+    };
+    ctx.progress.info(&format!(
+        "float16 loss-scaling demonstration: {} for {steps} steps ({DEMO_NOTE})",
+        small_mlp().name
+    ));
+    tch::manual_seed(seed as i64);
+    let spec = small_mlp();
+    let vs = nn::VarStore::new(ctx.device.device);
+    let net = Network::with_policy(&vs.root(), &spec, Policy::MixedFloat16)?;
+    let mut scaler = LossScaler::dynamic(DynamicConfig {
+        initial_scale: DEMO_INITIAL_SCALE,
+        growth_interval: DEMO_GROWTH_INTERVAL,
+        ..DynamicConfig::keras()
+    })?;
+    let stats = train::train_with(
+        &net,
+        &vs,
+        data,
+        &config,
+        TrainOptions {
+            scaler: Some(&mut scaler),
+            max_steps: Some(steps),
+            audit: None,
+            distill: None,
+        },
+        &ctx.progress,
+        "mlp mixed_float16 demo",
+    )
+    .context("training the float16 demonstration")?;
+    let eval = train::evaluate(&net, &ctx.test);
+    ctx.progress.info(&format!(
+        "float16 demonstration: {} of {} steps skipped, final scale {}, test accuracy {:.2}%",
+        stats.skipped_steps,
+        stats.steps,
+        scaler.current_scale(),
+        eval.accuracy * 100.0
+    ));
+    let mut row = row(&spec, &net, &stats, eval, DEMO_VARIANT);
+    add_scaling_extras(&mut row, &scaler, &stats)?;
+    row.extra.insert("note".into(), DEMO_NOTE.into());
+    Ok((row, stats))
+}
+
+fn percent(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{:.2}%", v * 100.0))
+}
+
+/// The stage's part of report.md: the comparison, the loss-scale traces and the audit.
+fn section(
+    ctx: &Context,
+    rows: &[Row],
+    traces: &[Trace],
+    audit: &GradientAudit,
+    audited_steps: usize,
+) -> String {
+    let mut md = String::new();
+    let reference = rows.iter().find(|r| r.variant == "float32");
+    let _ = writeln!(
+        md,
+        "Mixed precision against float32 on {} (same seed, data order and recipe):\n",
+        ctx.device.kind
+    );
+    let _ = writeln!(
+        md,
+        "| policy | test accuracy | difference | train samples/s | train speed-up | infer samples/s | infer speed-up |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in rows.iter().filter(|r| r.variant != DEMO_VARIANT) {
+        let number = |key: &str, show: &dyn Fn(f64) -> String| {
+            row.extra
+                .get(key)
+                .and_then(serde_json::Value::as_f64)
+                .map_or_else(|| "-".into(), show)
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | {} | {:.0} | {} |",
+            row.variant,
+            percent(row.test_accuracy),
+            number("accuracy_difference_pp", &|v| format!("{v:+.2} pp")),
+            row.train_samples_per_second.unwrap_or(f64::NAN),
+            number("train_speedup_over_float32", &|v| format!("{v:.2}x")),
+            row.infer_samples_per_second.unwrap_or(f64::NAN),
+            number("infer_speedup_over_float32", &|v| format!("{v:.2}x")),
+        );
+    }
+    md.push('\n');
+    for row in rows
+        .iter()
+        .filter(|r| r.variant != "float32" && r.variant != DEMO_VARIANT)
+    {
+        let (Some(speedup), Some(difference)) = (
+            row.extra
+                .get("train_speedup_over_float32")
+                .and_then(serde_json::Value::as_f64),
+            row.extra
+                .get("accuracy_difference_pp")
+                .and_then(serde_json::Value::as_f64),
+        ) else {
+            continue;
+        };
+        let verdict = if difference >= -ACCURACY_TOLERANCE_PP {
+            "within"
+        } else {
+            "outside"
+        };
+        let _ = writeln!(
+            md,
+            "- {}: trains {speedup:.2}x as fast as float32; test accuracy {difference:+.2} \
+             percentage points, {verdict} the {ACCURACY_TOLERANCE_PP}-point tolerance{}.",
+            row.variant,
+            if ctx.args.quick {
+                " (quick mode: accuracy not meaningful)"
+            } else {
+                ""
+            }
+        );
+    }
+    if reference.is_none() {
+        let _ = writeln!(md, "- no float32 row to compare with.");
+    }
+
+    for trace in traces {
+        let _ = writeln!(
+            md,
+            "\nLoss-scale trace of {}{} ({} of {} steps skipped; \
+             from step `step` on the scale was `scale`):\n",
+            trace.variant,
+            if trace.variant == DEMO_VARIANT {
+                format!(", {}: {DEMO_NOTE}", small_mlp().name)
+            } else {
+                String::new()
+            },
+            trace.skipped_steps,
+            trace.steps,
+        );
+        let _ = writeln!(md, "| step | scale |\n|---:|---:|");
+        for point in trace.history.iter().take(TRACE_ROWS) {
+            let _ = writeln!(md, "| {} | {} |", point.step, point.scale);
+        }
+        if trace.history.len() > TRACE_ROWS {
+            let _ = writeln!(
+                md,
+                "| ... | {} more in report.json |",
+                trace.history.len() - TRACE_ROWS
+            );
+        }
+    }
+
+    let _ = writeln!(
+        md,
+        "\nGradient-underflow audit: the float32 gradients of {audited_steps} steps spread \
+         over the teacher's float32 run, cast to float16 after multiplication by each \
+         loss scale:\n"
+    );
+    let _ = write!(md, "{audit}");
+    md
+}
