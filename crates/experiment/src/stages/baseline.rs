@@ -18,7 +18,10 @@ const EPOCHS: usize = 5;
 /// Share of each class trained on in `--quick` mode.
 const QUICK_FRACTION: f64 = 0.1;
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+/// The teacher's training data on the device and its recipe, shared by every stage that
+/// trains the teacher: the full training set (a stratified tenth for one epoch in
+/// `--quick` mode), Adam with a cosine schedule from 3e-3, batch 128.
+pub fn teacher_training(ctx: &Context) -> Result<(DeviceSplit, TrainConfig)> {
     let seed = ctx.args.seed;
     let subset;
     let (train_split, epochs) = if ctx.args.quick {
@@ -34,6 +37,12 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         seed,
     };
     let data = DeviceSplit::new(train_split, ctx.normalization, ctx.device.device)?;
+    Ok((data, config))
+}
+
+pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+    let seed = ctx.args.seed;
+    let (data, config) = teacher_training(ctx)?;
     ctx.progress.info(&format!(
         "training the float32 teacher on {} images for {} epochs",
         data.len(),

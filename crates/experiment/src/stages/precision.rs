@@ -17,13 +17,6 @@ use super::Context;
 use crate::report::{Row, SECTION_EXTRA};
 use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions, TrainStats};
 
-/// The baseline's recipe (`stages/baseline.rs`): epochs of a full run, share of each
-/// class in `--quick` mode, batch size and peak learning rate.
-const EPOCHS: usize = 5;
-const QUICK_FRACTION: f64 = 0.1;
-const BATCH_SIZE: usize = 128;
-const LEARNING_RATE: f64 = 3e-3;
-
 /// Training steps whose float32 gradients the underflow audit reads, spread evenly
 /// over the float32 run (the first step included).
 const AUDIT_SAMPLES: usize = 8;
@@ -99,21 +92,9 @@ fn teacher_policies(device: Device) -> Vec<(Policy, bool)> {
 
 pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let seed = ctx.args.seed;
-    let subset;
-    let (train_split, epochs) = if ctx.args.quick {
-        subset = ctx.dataset.train.stratified_subset(QUICK_FRACTION, seed)?;
-        (&subset, 1)
-    } else {
-        (&ctx.dataset.train, EPOCHS)
-    };
-    let config = TrainConfig {
-        epochs,
-        batch_size: BATCH_SIZE,
-        learning_rate: LEARNING_RATE,
-        seed,
-    };
-    let data = DeviceSplit::new(train_split, ctx.normalization, ctx.device.device)?;
-    let steps_per_epoch = data.len().div_ceil(BATCH_SIZE);
+    // The baseline's recipe, so the float32 row reproduces the baseline teacher.
+    let (data, config) = super::baseline::teacher_training(ctx)?;
+    let steps_per_epoch = data.len().div_ceil(config.batch_size);
 
     let mut rows = Vec::new();
     let mut auditor = GradientAuditor::new();
@@ -268,10 +249,11 @@ fn compare_with_float32(rows: &mut [Row]) {
 /// timings say nothing about float16 speed.
 fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row, TrainStats)> {
     let seed = ctx.args.seed;
+    let (batch_size, learning_rate) = (128, 3e-3);
     let config = TrainConfig {
-        epochs: steps.div_ceil(data.len().div_ceil(BATCH_SIZE)),
-        batch_size: BATCH_SIZE,
-        learning_rate: LEARNING_RATE,
+        epochs: steps.div_ceil(data.len().div_ceil(batch_size)),
+        batch_size,
+        learning_rate,
         seed,
     };
     ctx.progress.info(&format!(
