@@ -77,8 +77,14 @@ pub enum WeightFormat {
     #[default]
     F32,
     /// The minimal quantizer: per-channel symmetric int8 weights; the runtime runs these
-    /// layers in dynamic-range mode (activations quantized per batch at run time).
+    /// layers in dynamic-range mode (activations quantized per batch at run time). Add
+    /// input quantization ([`ArtifactBuilder::set_input_quantization`]) for full-integer
+    /// (static) execution.
     Int8DynamicRange,
+    /// Per-tensor symmetric int8 weights (one scale per weight tensor).
+    Int8PerTensor,
+    /// Weights and biases stored as IEEE half precision, computed in f32.
+    F16,
 }
 
 /// One parameter of the deployed network: batch norm folded, named by its deployed index.
@@ -188,17 +194,68 @@ pub fn artifact(
     vs: &nn::VarStore,
     format: WeightFormat,
 ) -> Result<ArtifactBuilder, ExportError> {
-    let mut builder = ArtifactBuilder::new(net.spec().without_batch_norm());
-    for p in deployed_parameters(net, vs)? {
+    artifact_from_parameters(
+        net.spec().without_batch_norm(),
+        &deployed_parameters(net, vs)?,
+        format,
+    )
+}
+
+/// An artifact builder for `network` (a deployed network: no batch norm) holding `params`
+/// (as [`deployed_parameters`] returns them, possibly modified) in `format`.
+pub fn artifact_from_parameters(
+    network: crate::NetworkSpec,
+    params: &[DeployedParameter],
+    format: WeightFormat,
+) -> Result<ArtifactBuilder, ExportError> {
+    let mut builder = ArtifactBuilder::new(network);
+    for p in params {
         let is_weight = p.name.ends_with(".weight");
         match format {
             WeightFormat::Int8DynamicRange if is_weight => {
                 builder.add_int8_quantized(&p.name, &p.data, &p.shape, Granularity::PerChannel)?
             }
+            WeightFormat::Int8PerTensor if is_weight => {
+                builder.add_int8_quantized(&p.name, &p.data, &p.shape, Granularity::PerTensor)?
+            }
+            WeightFormat::F16 => builder.add_f16(&p.name, &p.data, &p.shape)?,
             _ => builder.add_f32(&p.name, &p.data, &p.shape)?,
         };
     }
     Ok(builder)
+}
+
+/// Copies `params` into the variables of the same names in `vs` (a network built from the
+/// deployed spec at the store's root): how a folded network becomes trainable again, for
+/// quantization-aware training or pruning of the deployed form.
+pub fn load_parameters(vs: &nn::VarStore, params: &[DeployedParameter]) -> Result<(), ExportError> {
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for p in params {
+            let mut var = vars
+                .get(&p.name)
+                .ok_or_else(|| ExportError::MissingVariable {
+                    name: p.name.clone(),
+                })?
+                .shallow_clone();
+            let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+            if var.size() != shape {
+                return Err(ExportError::BadValue {
+                    name: p.name.clone(),
+                    reason: format!(
+                        "shape {:?} does not match the variable's {:?}",
+                        p.shape,
+                        var.size()
+                    ),
+                });
+            }
+            let value = Tensor::from_slice(&p.data)
+                .view(shape.as_slice())
+                .to_device(var.device());
+            var.f_copy_(&value)?;
+        }
+        Ok(())
+    })
 }
 
 /// Writes `net` (built in `vs` at its root) as an f32 artifact at `path`, batch norm folded.

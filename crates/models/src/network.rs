@@ -1,6 +1,7 @@
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
+use crate::fake_quant::{self, ActivationRange, FakeQuant, FakeQuantConfig};
 use crate::{LayerSpec, NetworkSpec, Policy, Result};
 
 /// The tch implementation of a [`NetworkSpec`], computing under a precision [`Policy`].
@@ -16,6 +17,7 @@ pub struct Network {
     spec: NetworkSpec,
     layers: Vec<Layer>,
     policy: Policy,
+    fake_quant: Option<FakeQuant>,
 }
 
 #[derive(Debug)]
@@ -124,6 +126,7 @@ impl Network {
             spec: spec.clone(),
             layers,
             policy,
+            fake_quant: None,
         })
     }
 
@@ -135,6 +138,51 @@ impl Network {
     /// Changes the precision policy of the forward pass; the variables are untouched.
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
+    }
+
+    /// Turns on fake quantization of every `conv2d` and `linear` layer (weights per channel,
+    /// inputs per tensor), with fresh observers; see [`crate::fake_quant`]. Meant for a
+    /// float32 network in its deployed form (no batch norm).
+    pub fn enable_fake_quant(&mut self, config: FakeQuantConfig) {
+        let layers = self
+            .spec
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l, LayerSpec::Conv2d { .. } | LayerSpec::Linear { .. }))
+            .map(|(i, _)| i);
+        self.fake_quant = Some(FakeQuant::new(config, layers));
+    }
+
+    /// Turns fake quantization off (the observed ranges are dropped).
+    pub fn disable_fake_quant(&mut self) {
+        self.fake_quant = None;
+    }
+
+    /// The input ranges the fake-quantization observers hold, by layer index (empty when
+    /// fake quantization is off or nothing was observed yet).
+    pub fn activation_ranges(&self) -> Vec<ActivationRange> {
+        self.fake_quant
+            .as_ref()
+            .map_or_else(Vec::new, FakeQuant::ranges)
+    }
+
+    /// Whether fake quantization is on and its observers have frozen.
+    pub fn observers_frozen(&self) -> bool {
+        self.fake_quant.as_ref().is_some_and(FakeQuant::frozen)
+    }
+
+    /// Runs `xs` through the network in eval mode, without gradients, and returns the input
+    /// of every `conv2d` and `linear` layer with the layer's index: what activation
+    /// calibration observes.
+    pub fn layer_inputs(&self, xs: &Tensor) -> Vec<(usize, Tensor)> {
+        let mut inputs = Vec::new();
+        let _ = tch::no_grad(|| {
+            self.forward_inner(xs, false, &mut |index, x| {
+                inputs.push((index, x.to_kind(Kind::Float)));
+            })
+        });
+        inputs
     }
 
     /// The description this network was built from.
@@ -174,35 +222,61 @@ fn cast(tensor: &Tensor, kind: Kind) -> Tensor {
     }
 }
 
-impl ModuleT for Network {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+impl Network {
+    fn forward_inner(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        record: &mut dyn FnMut(usize, &Tensor),
+    ) -> Tensor {
         // Under float32 nothing is cast, exactly as before policies existed.
         let compute = self.policy.is_mixed().then(|| self.policy.compute_kind());
+        let fq = self.fake_quant.as_ref();
+        if let Some(fq) = fq {
+            fq.begin_pass(train);
+        }
+        let quantized_input = |index: usize, xs: &Tensor| match fq {
+            None => xs.shallow_clone(),
+            Some(fq) => fq.input(index, xs, train),
+        };
+        let quantized_weight = |w: &Tensor| match fq {
+            None => w.shallow_clone(),
+            Some(_) => fake_quant::weight(w),
+        };
         let mut xs = xs.shallow_clone();
-        for layer in &self.layers {
+        for (index, layer) in self.layers.iter().enumerate() {
+            if matches!(layer, Layer::Conv2d { .. } | Layer::Linear { .. }) {
+                record(index, &xs);
+            }
             xs = match layer {
                 Layer::Conv2d {
                     weight,
                     bias,
                     stride,
                     padding,
-                } => match compute {
-                    None => xs.conv2d(weight, Some(bias), [*stride], [*padding], [1], 1),
-                    Some(kind) => cast(&xs, kind).conv2d(
-                        &cast(weight, kind),
-                        Some(&cast(bias, kind)),
-                        [*stride],
-                        [*padding],
-                        [1],
-                        1,
-                    ),
-                },
-                Layer::Linear { weight, bias } => match compute {
-                    None => xs.linear(weight, Some(bias)),
-                    Some(kind) => {
-                        cast(&xs, kind).linear(&cast(weight, kind), Some(&cast(bias, kind)))
+                } => {
+                    let (x, w) = (quantized_input(index, &xs), quantized_weight(weight));
+                    match compute {
+                        None => x.conv2d(&w, Some(bias), [*stride], [*padding], [1], 1),
+                        Some(kind) => cast(&x, kind).conv2d(
+                            &cast(&w, kind),
+                            Some(&cast(bias, kind)),
+                            [*stride],
+                            [*padding],
+                            [1],
+                            1,
+                        ),
                     }
-                },
+                }
+                Layer::Linear { weight, bias } => {
+                    let (x, w) = (quantized_input(index, &xs), quantized_weight(weight));
+                    match compute {
+                        None => x.linear(&w, Some(bias)),
+                        Some(kind) => {
+                            cast(&x, kind).linear(&cast(&w, kind), Some(&cast(bias, kind)))
+                        }
+                    }
+                }
                 // LibTorch's batch norm takes 16-bit input with float32 parameters and
                 // statistics and keeps its arithmetic in float32 (as autocast does); casting
                 // around it would double the activation traffic.
@@ -219,6 +293,12 @@ impl ModuleT for Network {
             None => xs,
             Some(_) => cast(&xs, self.policy.variable_kind()),
         }
+    }
+}
+
+impl ModuleT for Network {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.forward_inner(xs, train, &mut |_, _| {})
     }
 }
 
