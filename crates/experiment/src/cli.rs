@@ -46,6 +46,70 @@ pub struct Args {
     /// No progress output; errors and the final summary only.
     #[arg(long, short)]
     pub quiet: bool,
+
+    /// The activation calibrator of full-integer quantization that later stages use (the
+    /// quantization stage measures all four and marks this one).
+    #[arg(long, value_enum, default_value_t = Calibrator::Percentile)]
+    pub calibrator: Calibrator,
+
+    /// The percentile calibrator's percentile, in (0, 100].
+    #[arg(long, default_value_t = 99.99, value_parser = parse_percentile)]
+    pub percentile: f64,
+}
+
+impl Args {
+    /// The chosen calibrator as the quantization crate takes it.
+    pub fn calibration_method(&self) -> quantization::Method {
+        self.calibrator.method(self.percentile)
+    }
+}
+
+/// The `--calibrator` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Calibrator {
+    /// The observed minimum and maximum.
+    Minmax,
+    /// The `--percentile` of the values on each side (outliers clipped).
+    Percentile,
+    /// The clipping threshold that minimises the KL divergence of the histograms (TensorRT).
+    Entropy,
+    /// The clipping threshold that minimises the mean squared quantization error.
+    Mse,
+}
+
+impl Calibrator {
+    /// Every calibrator, in report order.
+    pub fn all() -> [Self; 4] {
+        [Self::Minmax, Self::Percentile, Self::Entropy, Self::Mse]
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Minmax => "minmax",
+            Self::Percentile => "percentile",
+            Self::Entropy => "entropy",
+            Self::Mse => "mse",
+        }
+    }
+
+    pub fn method(self, percentile: f64) -> quantization::Method {
+        match self {
+            Self::Minmax => quantization::Method::MinMax,
+            Self::Percentile => quantization::Method::Percentile(percentile),
+            Self::Entropy => quantization::Method::Entropy,
+            Self::Mse => quantization::Method::Mse,
+        }
+    }
+}
+
+fn parse_percentile(value: &str) -> Result<f64, String> {
+    let p: f64 = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number"))?;
+    quantization::Method::Percentile(p)
+        .validate()
+        .map_err(|e| e.to_string())?;
+    Ok(p)
 }
 
 /// The `--device` values.
@@ -76,5 +140,21 @@ mod tests {
         let err = Args::try_parse_from(["experiment", "--stages", "baseline,nope"]).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         assert!(Args::try_parse_from(["experiment", "--device", "tpu"]).is_err());
+    }
+
+    #[test]
+    fn calibrator_and_percentile_are_checked() {
+        let args = Args::try_parse_from(["experiment"]).unwrap();
+        assert_eq!(
+            args.calibration_method(),
+            quantization::Method::Percentile(99.99)
+        );
+        let args = Args::try_parse_from(["experiment", "--calibrator", "mse"]).unwrap();
+        assert_eq!(args.calibration_method(), quantization::Method::Mse);
+        for bad in ["0", "100.5", "-3", "nan", "x"] {
+            let err = Args::try_parse_from(["experiment", "--percentile", bad]).unwrap_err();
+            assert!(err.to_string().contains("percentile"), "{bad}: {err}");
+        }
+        assert!(Args::try_parse_from(["experiment", "--calibrator", "kl"]).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The experiment driver: `cargo xtask experiment --help`.
 
 mod cli;
+mod deploy;
 mod device;
 mod fsutil;
 mod progress;

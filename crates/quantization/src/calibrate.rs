@@ -94,9 +94,18 @@ impl Observer {
                 };
                 (at(100.0 - p), at(p))
             }
+            // A histogram of a discrete input (an 8-bit image, say) is a comb of spikes,
+            // against which Q's even spreading makes the divergence meaningless: with no more
+            // distinct values than the grid has levels, entropy keeps the full range.
+            Method::Entropy if self.distinct_at_most(bits.unsigned_max() as usize + 1) => {
+                (min, max)
+            }
             Method::Entropy | Method::Mse => {
                 let threshold_fraction = self.best_threshold(method, min, max, bits);
-                (min * threshold_fraction, max * threshold_fraction)
+                (
+                    min.min(0.0) * threshold_fraction,
+                    max.max(0.0) * threshold_fraction,
+                )
             }
         })
     }
@@ -109,6 +118,21 @@ impl Observer {
 
     /// The fraction of the observed magnitude range to keep, searched on a histogram of
     /// absolute values.
+    /// Whether the kept values take at most `n` distinct values.
+    fn distinct_at_most(&self, n: usize) -> bool {
+        let mut seen: Vec<u32> = Vec::with_capacity(n + 1);
+        for v in &self.values {
+            let bits = v.to_bits();
+            if let Err(at) = seen.binary_search(&bits) {
+                if seen.len() == n {
+                    return false;
+                }
+                seen.insert(at, bits);
+            }
+        }
+        true
+    }
+
     fn best_threshold(&self, method: Method, min: f32, max: f32, bits: BitWidth) -> f32 {
         let top = min.abs().max(max.abs());
         if top == 0.0 {
@@ -120,7 +144,13 @@ impl Observer {
             let bin = ((v.abs() / width) as usize).min(BINS - 1);
             hist[bin] += 1.0;
         }
-        let levels = 1usize << (bits.get() - 1); // levels on one side of zero
+        // Quantization levels on the side of zero the histogram covers: a non-negative input
+        // (after a ReLU) gets the whole unsigned grid, a signed one about half of it.
+        let levels = if min >= 0.0 {
+            bits.unsigned_max() as usize
+        } else {
+            1usize << (bits.get() - 1)
+        };
         let start = levels.min(BINS);
         let mut best = (f64::INFINITY, BINS);
         for end in start..=BINS {
@@ -139,23 +169,28 @@ impl Observer {
 /// KL(P || Q) of the histogram clipped at `end` bins (outliers folded into the last bin)
 /// against its quantization to `levels` levels.
 fn kl_cost(hist: &[f64], end: usize, levels: usize) -> f64 {
+    // TensorRT's entropy calibration: P is the histogram clipped at `end` with the clipped
+    // mass added to its last bin; Q quantizes the unclipped bins into `levels` levels (each
+    // level's mass spread evenly over its non-empty bins), so clipping costs divergence.
     let mut p: Vec<f64> = hist[..end].to_vec();
     p[end - 1] += hist[end..].iter().sum::<f64>();
     let total: f64 = p.iter().sum();
     if total == 0.0 {
         return 0.0;
     }
-    // Q: merge the `end` bins into `levels` groups, spread each group's mass evenly over
-    // its nonzero bins.
+    let kept = &hist[..end];
     let mut q = vec![0f64; end];
     for level in 0..levels {
         let lo = level * end / levels;
         let hi = ((level + 1) * end / levels).max(lo + 1).min(end);
-        let mass: f64 = p[lo..hi].iter().sum();
-        let nonzero = p[lo..hi].iter().filter(|&&x| x > 0.0).count();
+        if lo >= end {
+            break;
+        }
+        let mass: f64 = kept[lo..hi].iter().sum();
+        let nonzero = kept[lo..hi].iter().filter(|&&x| x > 0.0).count();
         if nonzero > 0 {
             for i in lo..hi {
-                if p[i] > 0.0 {
+                if kept[i] > 0.0 {
                     q[i] = mass / nonzero as f64;
                 }
             }

@@ -79,19 +79,62 @@ proptest! {
 
 #[test]
 fn clipping_calibrators_ignore_a_far_outlier() {
-    // Mostly uniform in [0, 1] with one value at 1000: min-max keeps the outlier, the
-    // others clip it and so resolve the bulk of the values far better.
+    // Mostly uniform in [0, 1] with one value at 100: min-max keeps the outlier, the
+    // clipping calibrators cut it and so resolve the bulk far better (MSE rightly keeps a
+    // single outlier: clipping it costs more squared error than coarse steps). (The histogram
+    // calibrators search thresholds from 256 of their 2048 bins up, as TensorRT's does, so
+    // an outlier beyond 2048 / 256 times the bulk would be out of their reach.)
     let mut values: Vec<f32> = (0..100_000).map(|i| (i % 1000) as f32 / 1000.0).collect();
-    values.push(1000.0);
+    values.push(100.0);
     let mut observer = Observer::new();
     observer.observe(&values).unwrap();
     let (_, minmax) = observer.range(Method::MinMax, BitWidth::INT8).unwrap();
-    assert_eq!(minmax, 1000.0);
+    assert_eq!(minmax, 100.0);
     for method in [Method::Percentile(99.99), Method::Entropy] {
         let (_, hi) = observer.range(method, BitWidth::INT8).unwrap();
-        assert!(hi < 100.0, "{method:?} kept {hi}");
+        assert!(hi < 50.0, "{method:?} kept {hi}");
         assert!(hi >= 0.9, "{method:?} clipped the bulk at {hi}");
     }
+}
+
+#[test]
+fn entropy_and_mse_keep_the_bulk_of_a_relu_like_distribution() {
+    // Exponentially distributed values (as after a ReLU): the 99th percentile is ln 100.
+    let n = 100_000;
+    let values: Vec<f32> = (0..n)
+        .map(|i| -(1.0 - (i as f64 + 0.5) / n as f64).ln() as f32)
+        .collect();
+    let mut observer = Observer::new();
+    observer.observe(&values).unwrap();
+    let p99 = 100f32.ln();
+    for method in [Method::Entropy, Method::Mse] {
+        let (lo, hi) = observer.range(method, BitWidth::INT8).unwrap();
+        assert_eq!(lo, 0.0, "{method:?}");
+        assert!(
+            hi >= p99,
+            "{method:?} clipped at {hi}, below the 99th percentile {p99}"
+        );
+        assert!(hi <= values[n - 1], "{method:?}: {hi}");
+    }
+}
+
+#[test]
+fn entropy_keeps_the_full_range_of_a_discrete_input() {
+    // Normalised 8-bit pixels: mostly background, some ink, a few grey levels.
+    let pixel = |p: u8| (f32::from(p) / 255.0 - 0.1307) / 0.3081;
+    let values: Vec<f32> = (0..50_000u32)
+        .map(|i| match i % 10 {
+            0..=7 => pixel(0),
+            8 => pixel(255),
+            _ => pixel((i % 256) as u8),
+        })
+        .collect();
+    let mut observer = Observer::new();
+    observer.observe(&values).unwrap();
+    assert_eq!(
+        observer.range(Method::Entropy, BitWidth::INT8).unwrap(),
+        observer.range(Method::MinMax, BitWidth::INT8).unwrap()
+    );
 }
 
 #[test]

@@ -22,7 +22,10 @@ const EPOCHS: usize = 5;
 const FULL_SEEDS: u64 = 3;
 /// Temperatures of the sweep.
 const SWEEP: [f64; 4] = [1.0, 2.0, 4.0, 10.0];
-const STUDENT_ARTIFACT: &str = "student_distilled_float32.safetensors";
+/// The distilled student as deployed: the runtime's artifact format, batch norm folded.
+pub const STUDENT_ARTIFACT: &str = "student_distilled_float32.safetensors";
+/// The distilled student's trainable state (tch variables), which later stages load.
+pub const STUDENT_CHECKPOINT: &str = "student_distilled_checkpoint.safetensors";
 
 struct Outcome {
     accuracy: f64,
@@ -113,11 +116,14 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     }
 
     let (student_vs, student) = last_distilled.context("at least one seed ran")?;
-    let artifact = ctx.out.join(STUDENT_ARTIFACT);
-    fsutil::create_atomic(&artifact, |path| {
+    fsutil::create_atomic(&ctx.out.join(STUDENT_CHECKPOINT), |path| {
         student_vs
             .save(path)
-            .context("saving the distilled student")
+            .context("saving the distilled student's variables")
+    })?;
+    let artifact = ctx.out.join(STUDENT_ARTIFACT);
+    fsutil::create_atomic(&artifact, |path| {
+        models::export_f32(&student, &student_vs, path).context("exporting the distilled student")
     })?;
     let (size, gzip) = fsutil::sizes(&artifact)?;
 

@@ -3,6 +3,7 @@
 mod baseline;
 mod distillation;
 mod precision;
+mod quantization;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -26,6 +27,8 @@ pub enum Stage {
     Precision,
     /// Train a small student from scratch and from the teacher's softened logits.
     Distillation,
+    /// Deploy the teacher (and the student) as float16, dynamic, static and QAT int8.
+    Quantization,
 }
 
 impl Stage {
@@ -38,6 +41,7 @@ impl Stage {
             Self::Baseline => "baseline",
             Self::Precision => "precision",
             Self::Distillation => "distillation",
+            Self::Quantization => "quantization",
         }
     }
 
@@ -46,6 +50,7 @@ impl Stage {
             Self::Baseline => baseline::run(ctx),
             Self::Precision => precision::run(ctx),
             Self::Distillation => distillation::run(ctx),
+            Self::Quantization => quantization::run(ctx),
         }
     }
 }

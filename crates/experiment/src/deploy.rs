@@ -1,0 +1,107 @@
+//! Deployed models: write an artifact, measure its size, and score it with the pure-Rust
+//! runtime on the full test set.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use mnist_data::{Normalization, Split};
+use ndarray::{Array4, Axis, s};
+
+use crate::fsutil;
+use crate::train::INFER_BATCH;
+
+/// The test set as the runtime takes it: normalised images (N, 1, H, W) and labels.
+#[derive(Debug)]
+pub struct RuntimeTest {
+    pub images: Array4<f32>,
+    pub labels: Vec<u8>,
+}
+
+impl RuntimeTest {
+    pub fn new(split: &Split, norm: Normalization) -> Self {
+        Self {
+            images: split.normalized(norm),
+            labels: split.labels.to_vec(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// An artifact on disk and how the runtime does with it.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    pub size_bytes: u64,
+    pub gzip_bytes: u64,
+    pub accuracy: f64,
+    pub samples_per_second: f64,
+    /// The runtime's execution mode of each conv2d/linear layer, e.g. `"int8-static"`.
+    pub execution: Vec<String>,
+}
+
+/// Writes `builder` to `path` atomically, loads it back with the runtime and scores it.
+pub fn deploy(
+    builder: &runtime::ArtifactBuilder,
+    path: &Path,
+    test: &RuntimeTest,
+) -> Result<Deployed> {
+    let bytes = builder
+        .to_bytes()
+        .with_context(|| format!("serialising {}", path.display()))?;
+    fsutil::write_atomic(path, &bytes)?;
+    let (size_bytes, gzip_bytes) = fsutil::sizes(path)?;
+    let model = runtime::Model::load(path)?;
+    let (accuracy, samples_per_second) = evaluate(&model, test)?;
+    let execution = model
+        .execution()
+        .iter()
+        .map(|(_, e)| execution_name(e).to_string())
+        .collect();
+    Ok(Deployed {
+        size_bytes,
+        gzip_bytes,
+        accuracy,
+        samples_per_second,
+        execution,
+    })
+}
+
+fn execution_name(e: &runtime::Execution) -> &'static str {
+    match e {
+        runtime::Execution::F32 => "f32",
+        runtime::Execution::Csr { .. } => "csr",
+        runtime::Execution::Int8Dynamic => "int8-dynamic",
+        runtime::Execution::Int8Static { .. } => "int8-static",
+    }
+}
+
+/// Accuracy and throughput (batch [`INFER_BATCH`], after one warm-up batch) of `model`.
+pub fn evaluate(model: &runtime::Model, test: &RuntimeTest) -> Result<(f64, f64)> {
+    let n = test.len();
+    let first = INFER_BATCH.min(n);
+    model.run(test.images.slice(s![..first, .., .., ..]))?;
+    let start = Instant::now();
+    let mut correct = 0usize;
+    for (chunk, labels) in test
+        .images
+        .axis_chunks_iter(Axis(0), INFER_BATCH)
+        .zip(test.labels.chunks(INFER_BATCH))
+    {
+        let logits = model.run(chunk)?;
+        for (row, &label) in logits.outer_iter().zip(labels) {
+            let predicted = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 { (i, v) } else { best }
+                })
+                .0;
+            correct += usize::from(predicted == usize::from(label));
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok((correct as f64 / n.max(1) as f64, n as f64 / seconds))
+}

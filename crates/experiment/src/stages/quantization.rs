@@ -1,0 +1,412 @@
+//! `quantization`: the baseline teacher (and the distilled student, when the distillation
+//! stage left one) deployed as float16, dynamic-range int8, full-integer int8 with each of
+//! the four activation calibrators, and int8 after quantization-aware training; every row is
+//! scored by the pure-Rust runtime on the test set.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result, bail};
+use models::export::{self, DeployedParameter, WeightFormat};
+use models::{FakeQuantConfig, Network, NetworkSpec};
+use quantization::{BitWidth, Observer};
+use tch::nn;
+
+use super::Context;
+use super::baseline::TEACHER_CHECKPOINT;
+use super::distillation::STUDENT_CHECKPOINT;
+use crate::cli::Calibrator;
+use crate::deploy::{self, Deployed, RuntimeTest};
+use crate::report::{Row, SECTION_EXTRA};
+use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
+
+/// Folder of the stage's artifacts, inside the run's output folder.
+const FOLDER: &str = "quantization";
+/// Images of the calibration set: a stratified sample of the training set.
+const CALIBRATION_IMAGES: usize = 1000;
+const QUICK_CALIBRATION_IMAGES: usize = 200;
+/// Test images scored in `--quick` mode (a full run scores all 10 000).
+const QUICK_TEST_IMAGES: usize = 1000;
+/// Quantization-aware fine-tuning: one epoch at a small learning rate, observers frozen
+/// after the first steps.
+const QAT_EPOCHS: usize = 1;
+const QAT_BATCH: usize = 64;
+const QAT_LEARNING_RATE: f64 = 1e-4;
+const QAT_OBSERVER_STEPS: usize = 200;
+const QUICK_QAT_STEPS: usize = 30;
+/// Batch of calibration forward passes.
+const CALIBRATION_BATCH: i64 = 250;
+
+/// One model the stage quantizes.
+struct Subject {
+    spec: NetworkSpec,
+    checkpoint: &'static str,
+    label: &'static str,
+}
+
+pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+    let teacher = ctx.out.join(TEACHER_CHECKPOINT);
+    if !teacher.exists() {
+        bail!(
+            "the quantization stage needs the teacher from the baseline stage ({} is missing): \
+             run --stages baseline,quantization",
+            teacher.display()
+        );
+    }
+    let mut subjects = vec![Subject {
+        spec: NetworkSpec::teacher_cnn(),
+        checkpoint: TEACHER_CHECKPOINT,
+        label: "teacher",
+    }];
+    if ctx.out.join(STUDENT_CHECKPOINT).exists() {
+        subjects.push(Subject {
+            spec: NetworkSpec::student_cnn(),
+            checkpoint: STUDENT_CHECKPOINT,
+            label: "student",
+        });
+    }
+    std::fs::create_dir_all(ctx.out.join(FOLDER))
+        .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
+    // The runtime scores every row; QAT's fake-quantized model is scored by LibTorch on the
+    // same images.
+    let quick_test;
+    let (test, tch_test) = if ctx.args.quick {
+        let indices: Vec<usize> = (0..QUICK_TEST_IMAGES.min(ctx.dataset.test.len())).collect();
+        let split = ctx.dataset.test.select(&indices);
+        quick_test = DeviceSplit::new(&split, ctx.normalization, ctx.device.device)?;
+        (RuntimeTest::new(&split, ctx.normalization), &quick_test)
+    } else {
+        (
+            RuntimeTest::new(&ctx.dataset.test, ctx.normalization),
+            &ctx.test,
+        )
+    };
+    let calibration_images = if ctx.args.quick {
+        QUICK_CALIBRATION_IMAGES
+    } else {
+        CALIBRATION_IMAGES
+    };
+    let fraction = calibration_images as f64 / ctx.dataset.train.len() as f64;
+    let calibration = ctx
+        .dataset
+        .train
+        .stratified_subset(fraction, ctx.args.seed)?;
+    let calibration = DeviceSplit::new(&calibration, ctx.normalization, ctx.device.device)?;
+
+    let mut rows = Vec::new();
+    for subject in &subjects {
+        rows.extend(quantize(ctx, subject, &calibration, &test, tch_test)?);
+    }
+    let markdown = section(&rows);
+    if let Some(first) = rows.first_mut() {
+        first
+            .extra
+            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
+    }
+    Ok(rows)
+}
+
+fn quantize(
+    ctx: &Context,
+    subject: &Subject,
+    calibration: &DeviceSplit,
+    test: &RuntimeTest,
+    tch_test: &DeviceSplit,
+) -> Result<Vec<Row>> {
+    let path = ctx.out.join(subject.checkpoint);
+    let mut vs = nn::VarStore::new(ctx.device.device);
+    let net = Network::new(&vs.root(), &subject.spec)?;
+    vs.load(&path)
+        .with_context(|| format!("loading the {} from {}", subject.label, path.display()))?;
+    let params = export::deployed_parameters(&net, &vs)?;
+    let deployed_spec = subject.spec.without_batch_norm();
+    let model = subject.spec.name.as_str();
+    let file = |variant: &str| {
+        ctx.out
+            .join(FOLDER)
+            .join(format!("{model}_{variant}.safetensors"))
+    };
+
+    ctx.progress.info(&format!(
+        "{}: float32, float16 and dynamic int8",
+        subject.label
+    ));
+    let mut rows = Vec::new();
+    let float32 = deploy::deploy(
+        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F32)?,
+        &file("float32"),
+        test,
+    )?;
+    let reference = float32.clone();
+    let row = |variant: &str, d: &Deployed, extra: serde_json::Value| {
+        quant_row(model, variant, &params, d, &reference, extra)
+    };
+    rows.push(row(
+        "float32",
+        &float32,
+        serde_json::json!({"weights": "f32"}),
+    ));
+    let float16 = deploy::deploy(
+        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F16)?,
+        &file("float16"),
+        test,
+    )?;
+    rows.push(row(
+        "float16",
+        &float16,
+        serde_json::json!({"weights": "f16"}),
+    ));
+    let dynamic = deploy::deploy(
+        &export::artifact_from_parameters(
+            deployed_spec.clone(),
+            &params,
+            WeightFormat::Int8DynamicRange,
+        )?,
+        &file("dynamic_int8"),
+        test,
+    )?;
+    rows.push(row(
+        "dynamic_int8",
+        &dynamic,
+        serde_json::json!({"weights": "int8 per-channel", "activations": "per batch"}),
+    ));
+
+    // Full-integer: calibrate every quantized layer's input on the deployed network.
+    let deployed_vs = nn::VarStore::new(ctx.device.device);
+    let mut deployed = Network::new(&deployed_vs.root(), &deployed_spec)?;
+    export::load_parameters(&deployed_vs, &params)?;
+    ctx.progress.info(&format!(
+        "{}: calibrating on {} training images",
+        subject.label,
+        calibration.len()
+    ));
+    let observers = observe(&deployed, calibration)?;
+    let chosen = ctx.args.calibrator;
+    for calibrator in Calibrator::all() {
+        let method = calibrator.method(ctx.args.percentile);
+        let mut builder = export::artifact_from_parameters(
+            deployed_spec.clone(),
+            &params,
+            WeightFormat::Int8DynamicRange,
+        )?;
+        let mut ranges = serde_json::Map::new();
+        for (layer, observer) in &observers {
+            let p = observer
+                .qparams(method, BitWidth::INT8)
+                .with_context(|| format!("calibrating layer {layer} ({})", calibrator.name()))?;
+            builder.set_input_quantization(
+                *layer,
+                runtime::QParams {
+                    scale: p.scale,
+                    zero_point: p.zero_point,
+                },
+            );
+            let (lo, hi) = p.range();
+            ranges.insert(layer.to_string(), serde_json::json!([lo, hi]));
+        }
+        let variant = format!("static_int8_{}", calibrator.name());
+        let d = deploy::deploy(&builder, &file(&variant), test)?;
+        ctx.progress.info(&format!(
+            "{}: {variant}: {:.2}%",
+            subject.label,
+            d.accuracy * 100.0
+        ));
+        rows.push(row(
+            &variant,
+            &d,
+            serde_json::json!({
+                "weights": "int8 per-channel",
+                "activations": "u8 per-tensor, calibrated",
+                "calibrator": calibrator.name(),
+                "percentile": (calibrator == Calibrator::Percentile).then_some(ctx.args.percentile),
+                "selected": calibrator == chosen,
+                "calibration_images": calibration.len(),
+                "input_ranges": ranges,
+            }),
+        ));
+    }
+
+    // Quantization-aware training from the float model, in its deployed form.
+    let (qat_data, steps) = {
+        let (data, _) = super::baseline::teacher_training(ctx)?;
+        let steps = ctx.args.quick.then_some(QUICK_QAT_STEPS);
+        (data, steps)
+    };
+    deployed.enable_fake_quant(FakeQuantConfig {
+        observer_steps: if ctx.args.quick {
+            10
+        } else {
+            QAT_OBSERVER_STEPS
+        },
+        ..FakeQuantConfig::default()
+    });
+    let config = TrainConfig {
+        epochs: QAT_EPOCHS,
+        batch_size: QAT_BATCH,
+        learning_rate: QAT_LEARNING_RATE,
+        seed: ctx.args.seed,
+    };
+    tch::manual_seed(ctx.args.seed as i64);
+    let stats = train::train_with(
+        &deployed,
+        &deployed_vs,
+        &qat_data,
+        &config,
+        TrainOptions {
+            max_steps: steps,
+            ..TrainOptions::default()
+        },
+        &ctx.progress,
+        &format!("{} qat", subject.label),
+    )?;
+    let fake_quant = train::evaluate(&deployed, tch_test);
+    let qat_params = export::deployed_parameters(&deployed, &deployed_vs)?;
+    let mut builder = export::artifact_from_parameters(
+        deployed_spec.clone(),
+        &qat_params,
+        WeightFormat::Int8DynamicRange,
+    )?;
+    let ranges = deployed.activation_ranges();
+    if ranges.len() != observers.len() {
+        bail!(
+            "quantization-aware training observed {} of {} layers",
+            ranges.len(),
+            observers.len()
+        );
+    }
+    for range in &ranges {
+        let p = range.qparams();
+        builder.set_input_quantization(
+            range.layer,
+            runtime::QParams {
+                scale: p.scale,
+                zero_point: p.zero_point,
+            },
+        );
+    }
+    let qat = deploy::deploy(&builder, &file("qat_int8"), test)?;
+    ctx.progress.info(&format!(
+        "{}: qat_int8: {:.2}% in the runtime, {:.2}% with fake quantization",
+        subject.label,
+        qat.accuracy * 100.0,
+        fake_quant.accuracy * 100.0
+    ));
+    let mut qat_row = row(
+        "qat_int8",
+        &qat,
+        serde_json::json!({
+            "weights": "int8 per-channel",
+            "activations": "u8 per-tensor, observed during training",
+            "fake_quant_accuracy": fake_quant.accuracy,
+            "qat_steps": stats.steps,
+            "observer_steps": QAT_OBSERVER_STEPS,
+            "learning_rate": QAT_LEARNING_RATE,
+        }),
+    );
+    qat_row.train_seconds = Some(stats.seconds);
+    qat_row.train_samples_per_second = Some(stats.samples_per_second);
+    rows.push(qat_row);
+    Ok(rows)
+}
+
+/// Observes the input of every quantized layer of `net` over the calibration set.
+fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> {
+    let mut observers: Vec<(usize, Observer)> = Vec::new();
+    let n = data.len() as i64;
+    let mut offset = 0;
+    while offset < n {
+        let len = CALIBRATION_BATCH.min(n - offset);
+        for (layer, input) in net.layer_inputs(&data.images.narrow(0, offset, len)) {
+            let values = Vec::<f32>::try_from(&input.to_device(tch::Device::Cpu).view([-1]))
+                .context("reading activations")?;
+            let observer = match observers.iter_mut().find(|(l, _)| *l == layer) {
+                Some((_, o)) => o,
+                None => {
+                    observers.push((layer, Observer::new()));
+                    &mut observers.last_mut().expect("just pushed").1
+                }
+            };
+            observer
+                .observe(&values)
+                .with_context(|| format!("observing layer {layer}"))?;
+        }
+        offset += len;
+    }
+    if observers.is_empty() {
+        bail!("the calibration set is empty");
+    }
+    Ok(observers)
+}
+
+fn quant_row(
+    model: &str,
+    variant: &str,
+    params: &[DeployedParameter],
+    d: &Deployed,
+    reference: &Deployed,
+    extra: serde_json::Value,
+) -> Row {
+    let mut map = match extra {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    map.retain(|_, v| !v.is_null());
+    map.insert(
+        "accuracy_drop_pp".into(),
+        serde_json::json!((reference.accuracy - d.accuracy) * 100.0),
+    );
+    map.insert(
+        "size_ratio_vs_float32".into(),
+        serde_json::json!(reference.size_bytes as f64 / d.size_bytes as f64),
+    );
+    map.insert(
+        "gzip_ratio_vs_float32".into(),
+        serde_json::json!(reference.gzip_bytes as f64 / d.gzip_bytes as f64),
+    );
+    map.insert("execution".into(), serde_json::json!(d.execution));
+    Row {
+        stage: "quantization".into(),
+        variant: variant.into(),
+        model: model.into(),
+        params: Some(params.iter().map(|p| p.data.len()).sum()),
+        nonzero_params: None,
+        test_accuracy: Some(d.accuracy),
+        size_bytes: Some(d.size_bytes),
+        gzip_bytes: Some(d.gzip_bytes),
+        train_seconds: None,
+        train_samples_per_second: None,
+        infer_samples_per_second: Some(d.samples_per_second),
+        engine: Some("tch-mot runtime".into()),
+        artifact: Some(format!("{FOLDER}/{model}_{variant}.safetensors")),
+        extra: map,
+    }
+}
+
+/// The stage's markdown: accuracy drop and compression of every row against float32.
+fn section(rows: &[Row]) -> String {
+    let mut md = String::from(
+        "Every row is an artifact executed by the pure-Rust runtime; drops and ratios are \
+         against the same model's float32 artifact.\n\n\
+         | model | variant | accuracy | drop (pp) | size ratio | gzip ratio | samples/s |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let get = |k: &str| row.extra.get(k).and_then(serde_json::Value::as_f64);
+        let _ = writeln!(
+            md,
+            "| {} | {}{} | {:.2}% | {:+.2} | {:.2}x | {:.2}x | {:.0} |",
+            row.model,
+            row.variant,
+            if row.extra.get("selected") == Some(&serde_json::json!(true)) {
+                " (selected)"
+            } else {
+                ""
+            },
+            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
+            -get("accuracy_drop_pp").unwrap_or(f64::NAN),
+            get("size_ratio_vs_float32").unwrap_or(f64::NAN),
+            get("gzip_ratio_vs_float32").unwrap_or(f64::NAN),
+            row.infer_samples_per_second.unwrap_or(f64::NAN),
+        );
+    }
+    md
+}
