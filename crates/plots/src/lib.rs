@@ -1,0 +1,210 @@
+//! The experiment's charts as SVG files: line charts and annotated scatter charts, each axis
+//! linear or logarithmic.
+//!
+//! A [`Chart`] is plain data: a title, axis labels and [`Series`] of `(x, y)` points. It is
+//! validated when drawn and rendered by `plotters`' SVG backend at 800x500 pixels; text is
+//! written as SVG `<text>` elements, so no system font is needed. Axis ranges follow the data
+//! with a small margin; a legend appears when there is more than one series. [`Chart::write_svg`]
+//! replaces its file atomically. No input makes drawing panic: invalid data is a [`PlotError`].
+//!
+//! ```
+//! use plots::{Chart, Kind, Scale, Series};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let chart = Chart {
+//!     title: "Accuracy against size".into(),
+//!     x_label: "artifact size (bytes)".into(),
+//!     y_label: "test accuracy".into(),
+//!     x_scale: Scale::Log10,
+//!     y_scale: Scale::Linear,
+//!     kind: Kind::Scatter,
+//!     series: vec![Series {
+//!         label: "models".into(),
+//!         points: vec![(1.2e6, 0.991), (3.1e5, 0.987), (8.0e4, 0.975)],
+//!         point_labels: vec!["float32".into(), "int8".into(), "pruned int8".into()],
+//!     }],
+//! };
+//! let svg = chart.to_svg_string()?;
+//! assert!(svg.contains("Accuracy against size") && svg.contains("pruned int8"));
+//!
+//! let dir = tempfile::tempdir()?;
+//! chart.write_svg(&dir.path().join("accuracy.svg"))?;
+//!
+//! // Invalid data is an error, never a panic.
+//! let empty = Chart { series: vec![], ..chart };
+//! assert!(empty.to_svg_string().is_err());
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod error;
+mod range;
+mod render;
+
+use std::io::Write as _;
+use std::path::Path;
+
+pub use error::{Axis, PlotError};
+
+/// Width of every chart, in pixels.
+pub const WIDTH: u32 = 800;
+/// Height of every chart, in pixels.
+pub const HEIGHT: u32 = 500;
+
+/// One named set of points, drawn in its own colour.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Series {
+    /// The name shown in the legend.
+    pub label: String,
+    /// The `(x, y)` points, in drawing order (a line chart joins them in this order).
+    pub points: Vec<(f64, f64)>,
+    /// Optional text written next to each point: either empty (no annotations) or one
+    /// label per point.
+    pub point_labels: Vec<String>,
+}
+
+impl Series {
+    /// A series without point annotations.
+    pub fn new(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            label: label.into(),
+            points,
+            point_labels: Vec::new(),
+        }
+    }
+}
+
+/// How values map to positions along an axis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scale {
+    /// Evenly spaced values.
+    #[default]
+    Linear,
+    /// Evenly spaced powers of ten; every value on such an axis must be positive.
+    Log10,
+}
+
+/// What is drawn for each series.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kind {
+    /// Points joined by lines in their order, each with a marker.
+    #[default]
+    Lines,
+    /// Markers only, for points with no order (one model per point, say).
+    Scatter,
+}
+
+/// A chart: what to draw and how to label it.
+///
+/// Point labels, when a series has them, are written next to their markers for either
+/// [`Kind`]; they are what a scatter chart is usually for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Chart {
+    /// The caption above the plot.
+    pub title: String,
+    /// The horizontal axis' description.
+    pub x_label: String,
+    /// The vertical axis' description.
+    pub y_label: String,
+    /// The horizontal axis' scale.
+    pub x_scale: Scale,
+    /// The vertical axis' scale.
+    pub y_scale: Scale,
+    /// The data; at least one series, each with at least one point.
+    pub series: Vec<Series>,
+    /// Lines with markers, or markers only.
+    pub kind: Kind,
+}
+
+impl Chart {
+    /// Renders the chart as a complete SVG document.
+    ///
+    /// # Errors
+    /// [`PlotError::NoSeries`], [`PlotError::NoPoints`], [`PlotError::PointLabelCount`],
+    /// [`PlotError::NonFinite`] and [`PlotError::NonPositive`] for invalid data;
+    /// [`PlotError::Render`] if the backend fails.
+    pub fn to_svg_string(&self) -> Result<String, PlotError> {
+        self.validate()?;
+        render::svg(self)
+    }
+
+    /// Renders the chart and writes it to `path`, through a temporary file in the same folder
+    /// and a rename: the file at `path` is either left as it was or replaced by the complete
+    /// new chart. Nothing is written when the chart is invalid.
+    ///
+    /// # Errors
+    /// Those of [`Chart::to_svg_string`], and [`PlotError::Io`] naming `path` when the file
+    /// cannot be written (a missing folder, say).
+    pub fn write_svg(&self, path: &Path) -> Result<(), PlotError> {
+        let svg = self.to_svg_string()?;
+        let io = |source| PlotError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let folder = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(path.file_name().unwrap_or_default());
+        prefix.push(".");
+        let mut temporary = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .tempfile_in(folder)
+            .map_err(io)?;
+        temporary.write_all(svg.as_bytes()).map_err(io)?;
+        temporary.as_file().sync_all().map_err(io)?;
+        // On failure the temporary file is removed when the error drops it.
+        temporary.persist(path).map_err(|e| io(e.error))?;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), PlotError> {
+        if self.series.is_empty() {
+            return Err(PlotError::NoSeries);
+        }
+        for (s, series) in self.series.iter().enumerate() {
+            let name = || series.label.clone();
+            if series.points.is_empty() {
+                return Err(PlotError::NoPoints {
+                    series: s,
+                    label: name(),
+                });
+            }
+            if !series.point_labels.is_empty() && series.point_labels.len() != series.points.len() {
+                return Err(PlotError::PointLabelCount {
+                    series: s,
+                    label: name(),
+                    points: series.points.len(),
+                    labels: series.point_labels.len(),
+                });
+            }
+            for (index, &(x, y)) in series.points.iter().enumerate() {
+                if !x.is_finite() || !y.is_finite() {
+                    return Err(PlotError::NonFinite {
+                        series: s,
+                        label: name(),
+                        index,
+                        point: (x, y),
+                    });
+                }
+                for (axis, scale, value) in [(Axis::X, self.x_scale, x), (Axis::Y, self.y_scale, y)]
+                {
+                    if scale == Scale::Log10 && value <= 0.0 {
+                        return Err(PlotError::NonPositive {
+                            series: s,
+                            label: name(),
+                            index,
+                            axis,
+                            value,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
