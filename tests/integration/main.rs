@@ -3,4 +3,5 @@
 
 mod data_to_model;
 mod python_round_trip;
+mod quantization_pytorch;
 mod runtime_isolation;

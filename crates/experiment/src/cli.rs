@@ -57,13 +57,6 @@ pub struct Args {
     pub percentile: f64,
 }
 
-impl Args {
-    /// The chosen calibrator as the quantization crate takes it.
-    pub fn calibration_method(&self) -> quantization::Method {
-        self.calibrator.method(self.percentile)
-    }
-}
-
 /// The `--calibrator` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Calibrator {
@@ -146,11 +139,14 @@ mod tests {
     fn calibrator_and_percentile_are_checked() {
         let args = Args::try_parse_from(["experiment"]).unwrap();
         assert_eq!(
-            args.calibration_method(),
+            args.calibrator.method(args.percentile),
             quantization::Method::Percentile(99.99)
         );
         let args = Args::try_parse_from(["experiment", "--calibrator", "mse"]).unwrap();
-        assert_eq!(args.calibration_method(), quantization::Method::Mse);
+        assert_eq!(
+            args.calibrator.method(args.percentile),
+            quantization::Method::Mse
+        );
         for bad in ["0", "100.5", "-3", "nan", "x"] {
             let err = Args::try_parse_from(["experiment", "--percentile", bad]).unwrap_err();
             assert!(err.to_string().contains("percentile"), "{bad}: {err}");

@@ -1,5 +1,6 @@
 //! The experiment driver: `cargo xtask experiment --help`.
 
+mod charts;
 mod cli;
 mod deploy;
 mod device;

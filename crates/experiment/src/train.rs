@@ -73,6 +73,10 @@ pub struct TrainOptions<'a> {
     pub audit: Option<GradientSampling<'a>>,
     /// Trains against a teacher's logits (distillation) instead of the labels alone.
     pub distill: Option<Distill<'a>>,
+    /// Prunes while training: after every optimizer step the pruner recomputes its masks
+    /// when the step is on its schedule and re-applies them otherwise, so pruned weights
+    /// stay exactly zero whatever the optimizer's momentum does.
+    pub pruner: Option<&'a mut pruning::Pruner>,
 }
 
 /// Distillation targets for [`TrainOptions::distill`]: the teacher's logits for every
@@ -197,6 +201,14 @@ pub fn train_with(
                     scaler
                         .step(&mut optimizer)
                         .with_context(|| format!("loss scaling at step {step}"))?;
+                }
+            }
+            if let Some(pruner) = options.pruner.as_deref_mut() {
+                let updated = pruner
+                    .update(step as u64)
+                    .with_context(|| format!("pruning at step {step}"))?;
+                if !updated {
+                    pruner.apply();
                 }
             }
             if let Some(sampling) = options.audit.as_mut()
@@ -353,6 +365,42 @@ mod tests {
     }
 
     #[test]
+    fn pruned_weights_stay_zero_through_adam_momentum() {
+        let data = tiny_split();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = network(&vs, Policy::Float32);
+        // Masks are computed at step 0 only; Adam's momentum would revive them otherwise.
+        let schedule = pruning::Schedule::constant(0.5, 0, Some(0), 1).unwrap();
+        let mut pruner = pruning::Pruner::new(
+            &vs,
+            pruning::PruningConfig {
+                schedule,
+                granularity: pruning::Granularity::Unstructured,
+                scope: pruning::Scope::PerLayer,
+            },
+        )
+        .unwrap();
+        let options = TrainOptions {
+            pruner: Some(&mut pruner),
+            ..TrainOptions::default()
+        };
+        let stats = train_with(
+            &net,
+            &vs,
+            &data,
+            &config(),
+            options,
+            &Progress::new(true),
+            "p",
+        )
+        .unwrap();
+        assert_eq!(stats.steps, 12);
+        for layer in pruner.report() {
+            assert_eq!(layer.zeros, layer.total / 2, "{}", layer.name);
+        }
+    }
+
+    #[test]
     fn max_steps_bounds_the_run_and_the_audit_samples_steps() {
         let data = tiny_split();
         let vs = nn::VarStore::new(Device::Cpu);
@@ -366,6 +414,7 @@ mod tests {
                 every: 2,
             }),
             distill: None,
+            pruner: None,
         };
         let stats = train_with(
             &net,
@@ -401,6 +450,7 @@ mod tests {
             max_steps: Some(8),
             audit: None,
             distill: None,
+            pruner: None,
         };
         let stats = train_with(
             &net,

@@ -10,8 +10,9 @@ use tch::nn;
 
 use super::Context;
 use super::baseline::TEACHER_CHECKPOINT;
+use crate::charts::Figure;
 use crate::fsutil;
-use crate::report::Row;
+use crate::report::{Row, SECTION_EXTRA};
 use crate::train::{self, DeviceSplit, Distill, TrainConfig, TrainOptions};
 
 /// Share of each class the students train on (the seed's "smaller subset of MNIST").
@@ -92,6 +93,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
 
     // The temperature sweep (first seed only).
     let mut sweep = Vec::new();
+    let mut sweep_points = Vec::new();
     if !ctx.args.quick {
         let seed = ctx.args.seed;
         let subset = ctx.dataset.train.stratified_subset(fraction, seed)?;
@@ -112,6 +114,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             let (outcome, _) =
                 train_student(ctx, &spec, &data, &train_config, Some(distill), &label)?;
             sweep.push(serde_json::json!({"temperature": t, "test_accuracy": outcome.accuracy}));
+            sweep_points.push((t, outcome.accuracy * 100.0));
         }
     }
 
@@ -176,6 +179,31 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     extra.insert("alpha".into(), serde_json::json!(config.alpha.get()));
     extra.insert("accuracy_gain_mean".into(), serde_json::json!(gain_mean));
     extra.insert("accuracy_gain_std".into(), serde_json::json!(gain_std));
+    if !sweep_points.is_empty() {
+        // The scratch student of the sweep's seed, for reference across the axis.
+        let scratch_accuracy = scratch[0].accuracy * 100.0;
+        let (lo, hi) = (SWEEP[0], SWEEP[SWEEP.len() - 1]);
+        let figure = Figure::lines(
+            "distillation_temperature.svg",
+            "Distilled student: test accuracy against temperature",
+            "temperature T",
+            "test accuracy (%)",
+            vec![
+                plots::Series::new("distilled", sweep_points),
+                plots::Series::new(
+                    "from scratch",
+                    vec![(lo, scratch_accuracy), (hi, scratch_accuracy)],
+                ),
+            ],
+        );
+        let markdown = format!(
+            "Temperature sweep on seed {} (alpha {}):\n\n{}",
+            ctx.args.seed,
+            config.alpha.get(),
+            figure.write(&ctx.out)?
+        );
+        extra.insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
+    }
     extra.insert("temperature_sweep".into(), serde_json::json!(sweep));
     // The cache runs the teacher once instead of once per epoch.
     extra.insert(

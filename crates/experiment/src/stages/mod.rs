@@ -3,6 +3,7 @@
 mod baseline;
 mod distillation;
 mod precision;
+mod pruning;
 mod quantization;
 
 use std::fmt;
@@ -29,6 +30,8 @@ pub enum Stage {
     Distillation,
     /// Deploy the teacher (and the student) as float16, dynamic, static and QAT int8.
     Quantization,
+    /// Fine-tune the teacher while pruning it to 50, 75, 90% and 2:4 sparsity.
+    Pruning,
 }
 
 impl Stage {
@@ -42,6 +45,7 @@ impl Stage {
             Self::Precision => "precision",
             Self::Distillation => "distillation",
             Self::Quantization => "quantization",
+            Self::Pruning => "pruning",
         }
     }
 
@@ -51,6 +55,7 @@ impl Stage {
             Self::Precision => precision::run(ctx),
             Self::Distillation => distillation::run(ctx),
             Self::Quantization => quantization::run(ctx),
+            Self::Pruning => pruning::run(ctx),
         }
     }
 }

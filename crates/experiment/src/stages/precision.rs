@@ -121,6 +121,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             max_steps: None,
             audit,
             distill: None,
+            pruner: None,
         };
         let label = format!("teacher {policy}");
         let stats = train::train_with(&net, &vs, &data, &config, options, &ctx.progress, &label)
@@ -279,6 +280,7 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row,
             max_steps: Some(steps),
             audit: None,
             distill: None,
+            pruner: None,
         },
         &ctx.progress,
         "mlp mixed_float16 demo",

@@ -14,6 +14,7 @@ use tch::nn;
 use super::Context;
 use super::baseline::TEACHER_CHECKPOINT;
 use super::distillation::STUDENT_CHECKPOINT;
+use crate::charts::Figure;
 use crate::cli::Calibrator;
 use crate::deploy::{self, Deployed, RuntimeTest};
 use crate::report::{Row, SECTION_EXTRA};
@@ -96,7 +97,9 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     for subject in &subjects {
         rows.extend(quantize(ctx, subject, &calibration, &test, tch_test)?);
     }
-    let markdown = section(&rows);
+    let mut markdown = section(&rows);
+    markdown.push('\n');
+    markdown.push_str(&size_figure(&rows).write(&ctx.out)?);
     if let Some(first) = rows.first_mut() {
         first
             .extra
@@ -409,4 +412,38 @@ fn section(rows: &[Row]) -> String {
         );
     }
     md
+}
+
+/// Accuracy against artifact size, one series per model, each point named by its variant.
+fn size_figure(rows: &[Row]) -> Figure {
+    let mut models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
+    models.dedup();
+    let series = models
+        .into_iter()
+        .map(|model| {
+            let mine: Vec<&Row> = rows.iter().filter(|r| r.model == model).collect();
+            let mut s = plots::Series::new(
+                model,
+                mine.iter()
+                    .map(|r| {
+                        (
+                            r.size_bytes.unwrap_or(0) as f64 / 1024.0,
+                            r.test_accuracy.unwrap_or(0.0) * 100.0,
+                        )
+                    })
+                    .collect(),
+            );
+            s.point_labels = mine.iter().map(|r| r.variant.clone()).collect();
+            s
+        })
+        .collect();
+    let mut figure = Figure::scatter(
+        "quantization_accuracy_size.svg",
+        "Quantized models: test accuracy against artifact size",
+        "artifact size (KiB)",
+        "test accuracy (%)",
+        series,
+    );
+    figure.chart.x_scale = plots::Scale::Log10;
+    figure
 }

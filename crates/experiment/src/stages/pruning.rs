@@ -1,0 +1,451 @@
+//! `pruning`: the baseline teacher, batch norm folded, fine-tuned under TF-MOT's
+//! `PolynomialDecay` to 50, 75 and 90% sparsity (per-layer magnitude pruning) and under 2:4
+//! sparsity, then deployed with each pruned layer in CSR form where that is smaller and
+//! faster and dense otherwise, and once more with int8 weights; every row is scored by the
+//! pure-Rust runtime on the test set.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result, bail};
+use models::export::{self, DeployedParameter, WeightFormat};
+use models::{Network, NetworkSpec};
+use plots::Series;
+use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
+use tch::nn;
+
+use super::Context;
+use super::baseline::TEACHER_CHECKPOINT;
+use crate::charts::Figure;
+use crate::deploy::{self, Deployed, RuntimeTest};
+use crate::report::{Row, SECTION_EXTRA};
+use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
+
+/// Folder of the stage's artifacts, inside the run's output folder.
+const FOLDER: &str = "pruning";
+/// Fine-tuning: epochs of a full run, at a tenth of the teacher's learning rate.
+const EPOCHS: usize = 2;
+const QUICK_STEPS: usize = 40;
+const LEARNING_RATE: f64 = 3e-4;
+/// The sparsity ramps up over this share of the fine-tuning steps, then holds.
+const RAMP_SHARE: f64 = 0.6;
+/// Masks are recomputed every this many steps during the ramp (TF-MOT's tutorial uses 100).
+const FREQUENCY: u64 = 25;
+const QUICK_FREQUENCY: u64 = 5;
+/// Test images scored in `--quick` mode (a full run scores all 10 000).
+const QUICK_TEST_IMAGES: usize = 1000;
+
+/// One pruned variant.
+struct Target {
+    variant: &'static str,
+    sparsity: f64,
+    granularity: Granularity,
+}
+
+const TARGETS: [Target; 4] = [
+    Target {
+        variant: "sparsity_50",
+        sparsity: 0.5,
+        granularity: Granularity::Unstructured,
+    },
+    Target {
+        variant: "sparsity_75",
+        sparsity: 0.75,
+        granularity: Granularity::Unstructured,
+    },
+    Target {
+        variant: "sparsity_90",
+        sparsity: 0.9,
+        granularity: Granularity::Unstructured,
+    },
+    Target {
+        variant: "n2m4",
+        sparsity: 0.5,
+        granularity: Granularity::NOutOfM { n: 2, m: 4 },
+    },
+];
+
+pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+    let path = ctx.out.join(TEACHER_CHECKPOINT);
+    if !path.exists() {
+        bail!(
+            "the pruning stage needs the teacher from the baseline stage ({} is missing): \
+             run --stages baseline,pruning",
+            path.display()
+        );
+    }
+    let spec = NetworkSpec::teacher_cnn();
+    let mut vs = nn::VarStore::new(ctx.device.device);
+    let net = Network::new(&vs.root(), &spec)?;
+    vs.load(&path)
+        .with_context(|| format!("loading the teacher from {}", path.display()))?;
+    let params = export::deployed_parameters(&net, &vs)?;
+    let deployed_spec = spec.without_batch_norm();
+    std::fs::create_dir_all(ctx.out.join(FOLDER))
+        .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
+
+    let quick_test;
+    let (test, tch_test) = if ctx.args.quick {
+        let indices: Vec<usize> = (0..QUICK_TEST_IMAGES.min(ctx.dataset.test.len())).collect();
+        let split = ctx.dataset.test.select(&indices);
+        quick_test = DeviceSplit::new(&split, ctx.normalization, ctx.device.device)?;
+        (RuntimeTest::new(&split, ctx.normalization), &quick_test)
+    } else {
+        (
+            RuntimeTest::new(&ctx.dataset.test, ctx.normalization),
+            &ctx.test,
+        )
+    };
+    let model = spec.name.as_str();
+    let file = |variant: &str| {
+        ctx.out
+            .join(FOLDER)
+            .join(format!("{model}_{variant}.safetensors"))
+    };
+    let dense = deploy::deploy(
+        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F32)?,
+        &file("dense_float32"),
+        &test,
+    )?;
+    let prunable_total: usize = params
+        .iter()
+        .filter(|p| p.name.ends_with(".weight"))
+        .map(|p| p.data.len())
+        .sum();
+    let mut rows = vec![pruning_row(
+        model,
+        "dense",
+        &params,
+        &dense,
+        &dense,
+        serde_json::json!({"weight_sparsity": 0.0}),
+    )];
+
+    let (data, teacher_config) = super::baseline::teacher_training(ctx)?;
+    let config = TrainConfig {
+        epochs: if ctx.args.quick { 1 } else { EPOCHS },
+        learning_rate: LEARNING_RATE,
+        ..teacher_config
+    };
+    let batches = data.len().div_ceil(config.batch_size);
+    let steps = if ctx.args.quick {
+        QUICK_STEPS.min(batches)
+    } else {
+        config.epochs * batches
+    };
+    let frequency = if ctx.args.quick {
+        QUICK_FREQUENCY
+    } else {
+        FREQUENCY
+    };
+    // The ramp ends on a pruning step, so the final masks have the final sparsity.
+    let end_step = ((steps as f64 * RAMP_SHARE) as u64 / frequency).max(1) * frequency;
+    let mut schedules = Vec::new();
+    for target in &TARGETS {
+        let schedule = match target.granularity {
+            // N:M masks have their own sparsity; the schedule says when to recompute them.
+            Granularity::NOutOfM { .. } => {
+                Schedule::constant(target.sparsity, 0, Some(end_step), frequency)?
+            }
+            _ => Schedule::polynomial_decay(0.0, target.sparsity, 0, end_step, frequency)?,
+        };
+        schedules.push((target.variant, schedule));
+        let pruned_vs = nn::VarStore::new(ctx.device.device);
+        let pruned = Network::new(&pruned_vs.root(), &deployed_spec)?;
+        export::load_parameters(&pruned_vs, &params)?;
+        let config_for = PruningConfig {
+            schedule,
+            granularity: target.granularity,
+            scope: Scope::PerLayer,
+        };
+        let mut pruner = match target.granularity {
+            Granularity::NOutOfM { m, .. } => {
+                // Only weights whose input dimension the groups tile (the first
+                // convolution's 9 inputs do not split into groups of 4).
+                let names: Vec<String> = params
+                    .iter()
+                    .filter(|p| p.name.ends_with(".weight"))
+                    .filter(|p| (p.data.len() / p.shape[0]).is_multiple_of(m))
+                    .map(|p| p.name.clone())
+                    .collect();
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                Pruner::with_layers(&pruned_vs, &names, config_for)?
+            }
+            _ => Pruner::new(&pruned_vs, config_for)?,
+        };
+        tch::manual_seed(ctx.args.seed as i64);
+        ctx.progress.info(&format!(
+            "{}: fine-tuning for {steps} steps, sparsity reached at step {end_step}",
+            target.variant
+        ));
+        let stats = train::train_with(
+            &pruned,
+            &pruned_vs,
+            &data,
+            &config,
+            TrainOptions {
+                max_steps: Some(steps),
+                pruner: Some(&mut pruner),
+                ..TrainOptions::default()
+            },
+            &ctx.progress,
+            target.variant,
+        )?;
+        let layers = pruner.strip();
+        let tch_eval = train::evaluate(&pruned, tch_test);
+        let pruned_params = export::deployed_parameters(&pruned, &pruned_vs)?;
+        let (builder, storage) = sparse_artifact(&deployed_spec, &pruned_params)?;
+        let deployed = deploy::deploy(&builder, &file(target.variant), &test)?;
+        let int8_variant = format!("{}_int8", target.variant);
+        let int8 = deploy::deploy(
+            &export::artifact_from_parameters(
+                deployed_spec.clone(),
+                &pruned_params,
+                WeightFormat::Int8DynamicRange,
+            )?,
+            &file(&int8_variant),
+            &test,
+        )?;
+        let zeros: usize = pruned_params
+            .iter()
+            .filter(|p| p.name.ends_with(".weight"))
+            .map(|p| p.data.iter().filter(|&&w| w == 0.0).count())
+            .sum();
+        let nonzero: usize = pruned_params
+            .iter()
+            .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
+            .sum();
+        ctx.progress.info(&format!(
+            "{}: {:.2}% of weights zero, {:.2}% test accuracy ({:.2}% with int8 weights)",
+            target.variant,
+            zeros as f64 / prunable_total as f64 * 100.0,
+            deployed.accuracy * 100.0,
+            int8.accuracy * 100.0
+        ));
+        let mut row = pruning_row(
+            model,
+            target.variant,
+            &pruned_params,
+            &deployed,
+            &dense,
+            serde_json::json!({
+                "target_sparsity": target.sparsity,
+                "granularity": format!("{:?}", target.granularity),
+                "weight_sparsity": zeros as f64 / prunable_total as f64,
+                "layers": layers,
+                "storage": storage,
+                "libtorch_accuracy": tch_eval.accuracy,
+                "fine_tune_steps": stats.steps,
+                "schedule": schedule,
+                "int8_accuracy": int8.accuracy,
+                "int8_size_bytes": int8.size_bytes,
+                "int8_gzip_bytes": int8.gzip_bytes,
+                "int8_gzip_ratio_vs_dense_float32": dense.gzip_bytes as f64 / int8.gzip_bytes as f64,
+            }),
+        );
+        row.nonzero_params = Some(nonzero);
+        row.train_seconds = Some(stats.seconds);
+        row.train_samples_per_second = Some(stats.samples_per_second);
+        rows.push(row);
+        let mut int8_row = pruning_row(
+            model,
+            &int8_variant,
+            &pruned_params,
+            &int8,
+            &dense,
+            serde_json::json!({
+                "target_sparsity": target.sparsity,
+                "weight_sparsity": zeros as f64 / prunable_total as f64,
+                "weights": "int8 per-channel (zeros stay zero)",
+            }),
+        );
+        int8_row.nonzero_params = Some(nonzero);
+        rows.push(int8_row);
+    }
+
+    let mut markdown = section(&rows);
+    for figure in figures(&rows, &schedules, steps as u64) {
+        markdown.push('\n');
+        markdown.push_str(&figure.write(&ctx.out)?);
+    }
+    if let Some(first) = rows.first_mut() {
+        first
+            .extra
+            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
+    }
+    Ok(rows)
+}
+
+/// The artifact with every weight in CSR form where the runtime says that pays off, dense
+/// f32 otherwise; and the choice per weight.
+fn sparse_artifact(
+    spec: &NetworkSpec,
+    params: &[DeployedParameter],
+) -> Result<(runtime::ArtifactBuilder, serde_json::Value)> {
+    let mut builder = runtime::ArtifactBuilder::new(spec.clone());
+    let mut storage = serde_json::Map::new();
+    for p in params {
+        let rows = p.shape[0];
+        let cols = p.data.len() / rows.max(1);
+        let nnz = p.data.iter().filter(|&&w| w != 0.0).count();
+        if p.name.ends_with(".weight") && csr_pays_off(rows, cols, nnz) {
+            builder.add_csr_from_dense(&p.name, &p.data, &p.shape)?;
+            storage.insert(p.name.clone(), serde_json::json!("csr"));
+        } else {
+            builder.add_f32(&p.name, &p.data, &p.shape)?;
+            if p.name.ends_with(".weight") {
+                storage.insert(p.name.clone(), serde_json::json!("dense"));
+            }
+        }
+    }
+    Ok((builder, serde_json::Value::Object(storage)))
+}
+
+/// Whether a `rows x cols` weight with `nnz` non-zeros is stored as CSR: smaller (8 bytes
+/// per non-zero and 4 per row against 4 per weight) and past the measured speed crossover.
+fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
+    let dense = 4 * rows * cols;
+    let csr = 8 * nnz + 4 * (rows + 1);
+    csr < dense && (nnz as f64) <= 0.3 * (rows * cols) as f64
+}
+
+fn pruning_row(
+    model: &str,
+    variant: &str,
+    params: &[DeployedParameter],
+    d: &Deployed,
+    dense: &Deployed,
+    extra: serde_json::Value,
+) -> Row {
+    let mut map = match extra {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    map.insert(
+        "accuracy_drop_pp".into(),
+        serde_json::json!((dense.accuracy - d.accuracy) * 100.0),
+    );
+    map.insert(
+        "gzip_ratio_vs_dense_float32".into(),
+        serde_json::json!(dense.gzip_bytes as f64 / d.gzip_bytes as f64),
+    );
+    map.insert(
+        "speedup_vs_dense_float32".into(),
+        serde_json::json!(d.samples_per_second / dense.samples_per_second),
+    );
+    map.insert("execution".into(), serde_json::json!(d.execution));
+    Row {
+        stage: "pruning".into(),
+        variant: variant.into(),
+        model: model.into(),
+        params: Some(params.iter().map(|p| p.data.len()).sum()),
+        nonzero_params: Some(
+            params
+                .iter()
+                .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
+                .sum(),
+        ),
+        test_accuracy: Some(d.accuracy),
+        size_bytes: Some(d.size_bytes),
+        gzip_bytes: Some(d.gzip_bytes),
+        train_seconds: None,
+        train_samples_per_second: None,
+        infer_samples_per_second: Some(d.samples_per_second),
+        engine: Some("tch-mot runtime".into()),
+        artifact: Some(format!("{FOLDER}/{model}_{variant}.safetensors")),
+        extra: map,
+    }
+}
+
+fn section(rows: &[Row]) -> String {
+    let mut md = String::from(
+        "The teacher with batch norm folded, fine-tuned while pruning; every row is an \
+         artifact executed by the pure-Rust runtime. Ratios are against the dense float32 \
+         artifact.\n\n\
+         | variant | weight sparsity | non-zero params | accuracy | drop (pp) | gzip | gzip ratio | speed-up |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in rows {
+        let get = |k: &str| row.extra.get(k).and_then(serde_json::Value::as_f64);
+        let _ = writeln!(
+            md,
+            "| {} | {:.1}% | {} | {:.2}% | {:+.2} | {:.1} KiB | {:.1}x | {:.2}x |",
+            row.variant,
+            get("weight_sparsity").unwrap_or(0.0) * 100.0,
+            row.nonzero_params.unwrap_or(0),
+            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
+            -get("accuracy_drop_pp").unwrap_or(f64::NAN),
+            row.gzip_bytes.unwrap_or(0) as f64 / 1024.0,
+            get("gzip_ratio_vs_dense_float32").unwrap_or(f64::NAN),
+            get("speedup_vs_dense_float32").unwrap_or(f64::NAN),
+        );
+    }
+    md
+}
+
+fn figures(rows: &[Row], schedules: &[(&str, Schedule)], steps: u64) -> Vec<Figure> {
+    let point = |row: &Row| {
+        (
+            row.extra
+                .get("weight_sparsity")
+                .and_then(serde_json::Value::as_f64)
+                .unwrap_or(0.0)
+                * 100.0,
+            row.test_accuracy.unwrap_or(0.0) * 100.0,
+        )
+    };
+    let float: Vec<&Row> = rows
+        .iter()
+        .filter(|r| {
+            r.variant == "dense"
+                || r.variant.starts_with("sparsity_") && !r.variant.ends_with("_int8")
+        })
+        .collect();
+    let int8: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.variant.starts_with("sparsity_") && r.variant.ends_with("_int8"))
+        .collect();
+    let n2m4: Vec<&Row> = rows.iter().filter(|r| r.variant == "n2m4").collect();
+    let mut accuracy = vec![Series::new(
+        "unstructured, f32",
+        float.iter().map(|r| point(r)).collect(),
+    )];
+    if !int8.is_empty() {
+        accuracy.push(Series::new(
+            "unstructured, int8 weights",
+            int8.iter().map(|r| point(r)).collect(),
+        ));
+    }
+    if !n2m4.is_empty() {
+        accuracy.push(Series::new("2:4", n2m4.iter().map(|r| point(r)).collect()));
+    }
+    let schedule_series = schedules
+        .iter()
+        .map(|(name, schedule)| {
+            let mut points = Vec::new();
+            let mut current = 0.0;
+            for step in 0..steps {
+                if schedule.should_prune(step) {
+                    current = schedule.sparsity(step);
+                }
+                points.push((step as f64, current * 100.0));
+            }
+            Series::new(*name, points)
+        })
+        .collect();
+    vec![
+        Figure::lines(
+            "pruning_accuracy.svg",
+            "Pruned teacher: test accuracy against weight sparsity",
+            "weights that are zero (%)",
+            "test accuracy (%)",
+            accuracy,
+        ),
+        Figure::lines(
+            "pruning_schedule.svg",
+            "Sparsity schedule (mask updates every few steps)",
+            "fine-tuning step",
+            "target sparsity (%)",
+            schedule_series,
+        ),
+    ]
+}

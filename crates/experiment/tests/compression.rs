@@ -1,0 +1,211 @@
+//! End-to-end tests of the compression stages: one `--quick` run of the baseline,
+//! distillation, quantization and pruning stages, shared by the tests below.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// Structural size ratios hold in any run: int8 weights take a quarter of f32's bytes (plus
+/// scales, biases and the header), f16 half. For the teacher; the student's 14k parameters
+/// are too few for the header not to count.
+const MIN_INT8_SIZE_RATIO: f64 = 3.9;
+const MIN_FLOAT16_SIZE_RATIO: f64 = 1.95;
+/// The runtime's full-integer model and LibTorch's fake-quantized model classify the same
+/// images; a few may flip where a logit sits within a rounding step of another.
+const QAT_ACCURACY_TOLERANCE: f64 = 0.01;
+
+fn run() -> &'static (PathBuf, Value) {
+    static RUN: OnceLock<(PathBuf, Value)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let out = dir.join("run");
+        let output = Command::new(env!("CARGO_BIN_EXE_experiment"))
+            .args(["--quick", "--quiet", "--device", "cpu", "--stages"])
+            .arg("baseline,distillation,quantization,pruning")
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .expect("the experiment binary starts");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap())
+            .expect("report.json is JSON");
+        (out, report)
+    })
+}
+
+fn rows<'a>(report: &'a Value, stage: &str, model: &str) -> Vec<&'a Value> {
+    report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["stage"] == stage && r["model"] == model)
+        .collect()
+}
+
+fn f(row: &Value, key: &str) -> f64 {
+    row[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {row}"))
+}
+
+#[test]
+fn quick_distillation_compares_two_students() {
+    let (out, report) = run();
+    assert_eq!(report["stages"]["distillation"]["status"], "ok");
+    let rows = report["rows"].as_array().unwrap();
+    let row = |variant: &str| {
+        rows.iter()
+            .find(|r| r["stage"] == "distillation" && r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {variant} row"))
+    };
+    let (scratch, distilled) = (row("student_scratch"), row("student_distilled"));
+    let teacher_params = rows[0]["params"].as_u64().unwrap();
+    for r in [scratch, distilled] {
+        let accuracy = r["test_accuracy"].as_f64().unwrap();
+        assert!(accuracy > 0.1 && accuracy <= 1.0, "{r}");
+        assert!(r["params"].as_u64().unwrap() * 10 <= teacher_params, "{r}");
+        assert_eq!(r["seeds"].as_array().unwrap().len(), 1);
+    }
+    let gain = distilled["accuracy_gain_mean"].as_f64().unwrap();
+    let expected =
+        distilled["test_accuracy"].as_f64().unwrap() - scratch["test_accuracy"].as_f64().unwrap();
+    assert!((gain - expected).abs() < 1e-12, "{gain} vs {expected}");
+    assert!(out.join(distilled["artifact"].as_str().unwrap()).exists());
+}
+
+#[test]
+fn quantization_rows_cover_every_scheme_for_both_models() {
+    let (out, report) = run();
+    assert_eq!(report["stages"]["quantization"]["status"], "ok");
+    for model in ["teacher_cnn", "student_cnn"] {
+        let rows = rows(report, "quantization", model);
+        let variants: Vec<&str> = rows
+            .iter()
+            .map(|r| r["variant"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            variants,
+            [
+                "float32",
+                "float16",
+                "dynamic_int8",
+                "static_int8_minmax",
+                "static_int8_percentile",
+                "static_int8_entropy",
+                "static_int8_mse",
+                "qat_int8"
+            ],
+            "{model}"
+        );
+        for row in &rows {
+            let variant = row["variant"].as_str().unwrap();
+            assert!(
+                out.join(row["artifact"].as_str().unwrap()).exists(),
+                "{row}"
+            );
+            let accuracy = f(row, "test_accuracy");
+            assert!(accuracy > 0.1 && accuracy <= 1.0, "{row}");
+            let expected = match variant {
+                "float32" | "float16" => "f32",
+                "dynamic_int8" => "int8-dynamic",
+                _ => "int8-static",
+            };
+            let execution = row["execution"].as_array().unwrap();
+            assert!(!execution.is_empty());
+            assert!(
+                execution.iter().all(|e| e == expected),
+                "{variant}: {execution:?}"
+            );
+            let ratio = f(row, "size_ratio_vs_float32");
+            let (min_float16, min_int8) = if model == "teacher_cnn" {
+                (MIN_FLOAT16_SIZE_RATIO, MIN_INT8_SIZE_RATIO)
+            } else {
+                (1.5, 3.0)
+            };
+            match variant {
+                "float32" => assert_eq!(ratio, 1.0),
+                "float16" => assert!(ratio >= min_float16, "{row}"),
+                _ => assert!(ratio >= min_int8, "{row}"),
+            }
+        }
+        let selected: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["selected"] == true)
+            .map(|r| r["variant"].as_str().unwrap())
+            .collect();
+        assert_eq!(selected, ["static_int8_percentile"], "{model}");
+        let qat = rows.last().unwrap();
+        let gap = (f(qat, "test_accuracy") - f(qat, "fake_quant_accuracy")).abs();
+        assert!(
+            gap <= QAT_ACCURACY_TOLERANCE,
+            "{model}: runtime vs fake quantization {gap}"
+        );
+    }
+}
+
+#[test]
+fn pruning_rows_reach_their_sparsity_and_shrink() {
+    let (out, report) = run();
+    assert_eq!(report["stages"]["pruning"]["status"], "ok");
+    let rows = rows(report, "pruning", "teacher_cnn");
+    let row = |variant: &str| {
+        *rows
+            .iter()
+            .find(|r| r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {variant} row"))
+    };
+    let dense = row("dense");
+    for (variant, target) in [
+        ("sparsity_50", 0.5),
+        ("sparsity_75", 0.75),
+        ("sparsity_90", 0.9),
+    ] {
+        let r = row(variant);
+        // Each layer is pruned to round(target * size): within one weight per layer.
+        let layers = r["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 4, "{r}");
+        for layer in layers {
+            let (total, zeros) = (f(layer, "total"), f(layer, "zeros"));
+            assert!(
+                (zeros - (target * total).round()).abs() <= 1.0,
+                "{variant}: {layer}"
+            );
+        }
+        assert!((f(r, "weight_sparsity") - target).abs() < 1e-3, "{r}");
+        assert!(r["nonzero_params"].as_u64() < dense["nonzero_params"].as_u64());
+        assert!(
+            r["gzip_bytes"].as_u64() < dense["gzip_bytes"].as_u64(),
+            "{r}"
+        );
+        assert!(out.join(r["artifact"].as_str().unwrap()).exists());
+    }
+    // At 90% the large layers are stored as CSR and executed sparse.
+    let r90 = row("sparsity_90");
+    assert_eq!(r90["storage"]["8.weight"], "csr", "{r90}");
+    assert!(
+        r90["execution"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e == "csr")
+    );
+    // Sparse and int8 together: TF-MOT's tutorial reaches 10x on MNIST.
+    assert!(f(r90, "int8_gzip_ratio_vs_dense_float32") >= 12.0, "{r90}");
+    // 2:4: every pruned layer keeps exactly half its weights.
+    let n2m4 = row("n2m4");
+    for layer in n2m4["layers"].as_array().unwrap() {
+        assert_eq!(f(layer, "zeros") * 2.0, f(layer, "total"), "{layer}");
+    }
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for chart in ["plots/pruning_accuracy.svg", "plots/pruning_schedule.svg"] {
+        assert!(markdown.contains(chart), "{chart} not linked");
+        let svg = std::fs::read_to_string(out.join(chart)).unwrap();
+        assert!(svg.trim_end().ends_with("</svg>"));
+    }
+}
