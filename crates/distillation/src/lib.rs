@@ -148,3 +148,32 @@ pub fn distillation_loss(
         .f_mean(kind)?;
     Ok(hard * alpha + kl * ((1.0 - alpha) * temperature * temperature))
 }
+
+/// The hint (feature) loss of FitNets: the mean squared difference between the student's
+/// intermediate features, mapped to the teacher's width by a trainable adapter, and the
+/// teacher's features at the corresponding layer (`[N, ...]`, the same shape). The teacher
+/// features are constants. Added to [`distillation_loss`] with a weight, it makes the
+/// student imitate how the teacher represents an image, not only what it answers.
+///
+/// ```
+/// use tch::{Device, Kind, Tensor};
+///
+/// let teacher = Tensor::ones([2, 8], (Kind::Float, Device::Cpu));
+/// let adapted = Tensor::zeros([2, 8], (Kind::Float, Device::Cpu));
+/// let loss = distillation::hint_loss(&adapted, &teacher)?;
+/// assert!((loss.double_value(&[]) - 1.0).abs() < 1e-12);
+/// assert!(distillation::hint_loss(&adapted, &teacher.view([4, 4])).is_err());
+/// # Ok::<(), distillation::Error>(())
+/// ```
+pub fn hint_loss(adapted_student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    let (s, t) = (adapted_student.size(), teacher.size());
+    if s != t || s.is_empty() {
+        return Err(Error::ShapeMismatch(format!(
+            "adapted student features {s:?} and teacher features {t:?} must have one shape"
+        )));
+    }
+    Ok(adapted_student.f_to_kind(Kind::Float)?.f_mse_loss(
+        &teacher.f_to_kind(Kind::Float)?.detach(),
+        tch::Reduction::Mean,
+    )?)
+}

@@ -85,6 +85,22 @@ pub struct TrainOptions<'a> {
 pub struct Distill<'a> {
     pub teacher_logits: &'a Tensor,
     pub config: distillation::DistillationConfig,
+    /// Hint (feature) distillation on top, when set.
+    pub hint: Option<Hint<'a>>,
+}
+
+/// FitNets' hint: the input of the student's layer `layer` (a flattened `[C, H, W]`
+/// feature map), mapped by `adapter` (a 1x1 convolution to the teacher's channels, whose
+/// variables live in the student's store so the optimizer trains them) and compared with
+/// the teacher's features at the same depth, weighted by `weight`.
+#[derive(Debug)]
+pub struct Hint<'a> {
+    pub teacher_features: &'a Tensor,
+    pub layer: usize,
+    /// The student's feature map shape `[C, H, W]` at `layer`.
+    pub shape: [i64; 3],
+    pub adapter: &'a nn::Conv2D,
+    pub weight: f64,
 }
 
 /// Which gradients [`TrainOptions::audit`] records: those of step 0 and of every
@@ -183,7 +199,19 @@ pub fn train_with(
             let index = Tensor::from_slice(&index).to(device);
             let xs = data.images.index_select(0, &index);
             let ys = data.labels.index_select(0, &index);
-            let logits = net.forward_t(&xs, true);
+            let hint = options.distill.as_ref().and_then(|d| d.hint.as_ref());
+            let (logits, features) = match hint {
+                None => (net.forward_t(&xs, true), None),
+                Some(h) => {
+                    let (logits, inputs) = net.forward_with_inputs(&xs, true);
+                    let feature = inputs
+                        .into_iter()
+                        .find(|(i, _)| *i == h.layer)
+                        .map(|(_, x)| x)
+                        .with_context(|| format!("layer {} has no input to hint", h.layer))?;
+                    (logits, Some(feature))
+                }
+            };
             let loss = match &options.distill {
                 None => logits.cross_entropy_for_logits(&ys),
                 Some(d) => distillation::distillation_loss(
@@ -192,6 +220,18 @@ pub fn train_with(
                     &ys,
                     &d.config,
                 )?,
+            };
+            let loss = match (hint, features) {
+                (Some(h), Some(feature)) => {
+                    let [c, height, width] = h.shape;
+                    let adapted = feature
+                        .view([-1, c, height, width])
+                        .apply(h.adapter)
+                        .flatten(1, -1);
+                    let target = h.teacher_features.index_select(0, &index);
+                    loss + distillation::hint_loss(&adapted, &target)? * h.weight
+                }
+                _ => loss,
             };
             match options.scaler.as_deref_mut() {
                 None => optimizer.backward_step(&loss),

@@ -65,8 +65,15 @@ fn quick_distillation_compares_two_students() {
             .unwrap_or_else(|| panic!("no {variant} row"))
     };
     let (scratch, distilled) = (row("student_scratch"), row("student_distilled"));
+    let hinted = row("student_distilled_hint");
+    let hint_gain = f(hinted, "gain_over_distilled_mean");
+    let expected = f(hinted, "test_accuracy") - f(distilled, "test_accuracy");
+    assert!(
+        (hint_gain - expected).abs() < 1e-12,
+        "{hint_gain} vs {expected}"
+    );
     let teacher_params = rows[0]["params"].as_u64().unwrap();
-    for r in [scratch, distilled] {
+    for r in [scratch, distilled, hinted] {
         let accuracy = r["test_accuracy"].as_f64().unwrap();
         assert!(accuracy > 0.1 && accuracy <= 1.0, "{r}");
         assert!(r["params"].as_u64().unwrap() * 10 <= teacher_params, "{r}");

@@ -172,6 +172,16 @@ impl Network {
         self.fake_quant.as_ref().is_some_and(FakeQuant::frozen)
     }
 
+    /// The logits of `xs` and the input of every `conv2d` and `linear` layer with the layer's
+    /// index, with gradients: what hint (feature) distillation reads.
+    pub fn forward_with_inputs(&self, xs: &Tensor, train: bool) -> (Tensor, Vec<(usize, Tensor)>) {
+        let mut inputs = Vec::new();
+        let logits = self.forward_inner(xs, train, &mut |index, x| {
+            inputs.push((index, x.shallow_clone()));
+        });
+        (logits, inputs)
+    }
+
     /// Runs `xs` through the network in eval mode, without gradients, and returns the input
     /// of every `conv2d` and `linear` layer with the layer's index: what activation
     /// calibration observes.

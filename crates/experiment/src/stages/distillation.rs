@@ -5,15 +5,15 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use distillation::{DistillationConfig, TeacherCache, Temperature};
-use models::{Network, NetworkSpec};
-use tch::nn;
+use models::{LayerSpec, Network, NetworkSpec};
+use tch::{Tensor, nn};
 
 use super::Context;
 use super::baseline::TEACHER_CHECKPOINT;
 use crate::charts::Figure;
 use crate::fsutil;
 use crate::report::{Row, SECTION_EXTRA};
-use crate::train::{self, DeviceSplit, Distill, TrainConfig, TrainOptions};
+use crate::train::{self, DeviceSplit, Distill, Hint, TrainConfig, TrainOptions};
 
 /// Share of each class the students train on (the seed's "smaller subset of MNIST").
 const SUBSET_FRACTION: f64 = 0.1;
@@ -23,6 +23,8 @@ const EPOCHS: usize = 5;
 const FULL_SEEDS: u64 = 3;
 /// Temperatures of the sweep.
 const SWEEP: [f64; 4] = [1.0, 2.0, 4.0, 10.0];
+/// Weight of the hint loss against the distillation loss (measured, off by default).
+const HINT_WEIGHT: f64 = 0.5;
 /// The distilled student as deployed: the runtime's artifact format, batch norm folded.
 pub const STUDENT_ARTIFACT: &str = "student_distilled_float32.safetensors";
 /// The distilled student's trainable state (tch variables), which later stages load.
@@ -59,6 +61,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let spec = NetworkSpec::student_cnn();
     let mut scratch = Vec::new();
     let mut distilled = Vec::new();
+    let mut hinted = Vec::new();
+    let teacher_hint = hint_point(&NetworkSpec::teacher_cnn())?;
     let mut cache_seconds = 0.0;
     let mut last_distilled: Option<(nn::VarStore, Network)> = None;
     for k in 0..seeds {
@@ -79,16 +83,41 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             "seed {seed}: students on {} images for {epochs} epochs",
             data.len()
         ));
-        let (outcome, _) = train_student(ctx, &spec, &data, &train_config, None, "scratch")?;
+        let (outcome, _) = train_student(ctx, &spec, &data, &train_config, None, None, "scratch")?;
         scratch.push(outcome);
         let distill = Distill {
             teacher_logits: cache.logits(),
             config,
+            hint: None,
         };
-        let (outcome, trained) =
-            train_student(ctx, &spec, &data, &train_config, Some(distill), "distilled")?;
+        let (outcome, trained) = train_student(
+            ctx,
+            &spec,
+            &data,
+            &train_config,
+            Some(distill),
+            None,
+            "distilled",
+        )?;
         distilled.push(outcome);
         last_distilled = Some(trained);
+        // Hint distillation on top (FitNets), measured but off by default.
+        let features = teacher_features(&teacher, &data.images, teacher_hint.0)?;
+        let distill = Distill {
+            teacher_logits: cache.logits(),
+            config,
+            hint: None,
+        };
+        let (outcome, _) = train_student(
+            ctx,
+            &spec,
+            &data,
+            &train_config,
+            Some(distill),
+            Some((&features, teacher_hint.1[0])),
+            "distilled + hint",
+        )?;
+        hinted.push(outcome);
     }
 
     // The temperature sweep (first seed only).
@@ -109,10 +138,18 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             let distill = Distill {
                 teacher_logits: cache.logits(),
                 config: DistillationConfig::new(Temperature::new(t)?, config.alpha),
+                hint: None,
             };
             let label = format!("T={t}");
-            let (outcome, _) =
-                train_student(ctx, &spec, &data, &train_config, Some(distill), &label)?;
+            let (outcome, _) = train_student(
+                ctx,
+                &spec,
+                &data,
+                &train_config,
+                Some(distill),
+                None,
+                &label,
+            )?;
             sweep.push(serde_json::json!({"temperature": t, "test_accuracy": outcome.accuracy}));
             sweep_points.push((t, outcome.accuracy * 100.0));
         }
@@ -170,6 +207,24 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         }
     };
     let scratch_row = row("student_scratch", &scratch, None);
+    let mut hinted_row = row("student_distilled_hint", &hinted, None);
+    let hint_gains: Vec<f64> = hinted
+        .iter()
+        .zip(&distilled)
+        .map(|(h, d)| h.accuracy - d.accuracy)
+        .collect();
+    let (hint_gain_mean, hint_gain_std) = mean_std(&hint_gains);
+    hinted_row.extra.insert(
+        "gain_over_distilled_mean".into(),
+        serde_json::json!(hint_gain_mean),
+    );
+    hinted_row.extra.insert(
+        "gain_over_distilled_std".into(),
+        serde_json::json!(hint_gain_std),
+    );
+    hinted_row
+        .extra
+        .insert("hint_weight".into(), serde_json::json!(HINT_WEIGHT));
     let mut distilled_row = row("student_distilled", &distilled, Some((size, gzip)));
     let extra = &mut distilled_row.extra;
     extra.insert(
@@ -211,7 +266,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         serde_json::json!(cache_seconds * (epochs.saturating_sub(1)) as f64),
     );
     distilled_row.nonzero_params = Some(student.nonzero_param_count());
-    Ok(vec![scratch_row, distilled_row])
+    Ok(vec![scratch_row, distilled_row, hinted_row])
 }
 
 fn train_student(
@@ -220,12 +275,37 @@ fn train_student(
     data: &DeviceSplit,
     config: &TrainConfig,
     distill: Option<Distill<'_>>,
+    hint: Option<(&Tensor, i64)>,
     label: &str,
 ) -> Result<(Outcome, (nn::VarStore, Network))> {
     // The same seed gives both students the same initial weights and data order.
     tch::manual_seed(config.seed as i64);
     let vs = nn::VarStore::new(ctx.device.device);
     let net = Network::new(&vs.root(), spec)?;
+    let student_hint = hint_point(spec)?;
+    // Created after the network, so the network's initial weights do not change.
+    let adapter = hint.map(|(_, teacher_channels)| {
+        nn::conv2d(
+            &(vs.root() / "hint_adapter"),
+            student_hint.1[0],
+            teacher_channels,
+            1,
+            Default::default(),
+        )
+    });
+    let distill = distill.map(|d| Distill {
+        teacher_logits: d.teacher_logits,
+        config: d.config,
+        hint: hint
+            .zip(adapter.as_ref())
+            .map(|((features, _), adapter)| Hint {
+                teacher_features: features,
+                layer: student_hint.0,
+                shape: student_hint.1,
+                adapter,
+                weight: HINT_WEIGHT,
+            }),
+    });
     let options = TrainOptions {
         distill,
         ..TrainOptions::default()
@@ -245,6 +325,47 @@ fn train_student(
         },
         (vs, net),
     ))
+}
+
+/// Where hints attach: the index of the first linear layer (whose input is the flattened
+/// feature map) and the shape `[C, H, W]` of that feature map.
+fn hint_point(spec: &NetworkSpec) -> Result<(usize, [i64; 3])> {
+    let flatten = spec
+        .layers
+        .iter()
+        .position(|l| matches!(l, LayerSpec::Flatten))
+        .context("hint distillation needs a network with a flatten layer")?;
+    let linear = spec.layers[flatten..]
+        .iter()
+        .position(|l| matches!(l, LayerSpec::Linear { .. }))
+        .map(|i| i + flatten)
+        .context("hint distillation needs a linear layer after the flatten")?;
+    let mut prefix = spec.clone();
+    prefix.layers.truncate(flatten);
+    let shape = prefix.validate()?;
+    match shape[..] {
+        [c, h, w] => Ok((linear, [c as i64, h as i64, w as i64])),
+        _ => bail!("the features before the flatten are not [C, H, W]: {shape:?}"),
+    }
+}
+
+/// The teacher's features at its hint point for every image, in order.
+fn teacher_features(teacher: &Network, images: &Tensor, layer: usize) -> Result<Tensor> {
+    let n = images.size()[0];
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = 512.min(n - start);
+        let feature = teacher
+            .layer_inputs(&images.narrow(0, start, len))
+            .into_iter()
+            .find(|(i, _)| *i == layer)
+            .map(|(_, x)| x)
+            .context("the teacher's hint layer has no input")?;
+        parts.push(feature);
+        start += len;
+    }
+    Ok(Tensor::cat(&parts, 0))
 }
 
 /// Mean and sample standard deviation (0 for fewer than two values).
