@@ -140,7 +140,10 @@ impl Observer {
         }
         let mut hist = vec![0f64; BINS];
         let width = top / BINS as f32;
-        for &v in &self.values {
+        // Zero is exact on every grid (the zero point), so exact zeros (half of a tensor
+        // after a ReLU) cost nothing whatever the threshold; left in, their spike in the
+        // first bin would dominate the divergence and drag the threshold to its minimum.
+        for &v in self.values.iter().filter(|&&v| v != 0.0) {
             let bin = ((v.abs() / width) as usize).min(BINS - 1);
             hist[bin] += 1.0;
         }
