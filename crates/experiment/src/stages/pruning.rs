@@ -44,6 +44,7 @@ struct Target {
     variant: &'static str,
     sparsity: f64,
     granularity: Granularity,
+    scope: Scope,
 }
 
 const TARGETS: [Target; 4] = [
@@ -51,21 +52,25 @@ const TARGETS: [Target; 4] = [
         variant: "sparsity_50",
         sparsity: 0.5,
         granularity: Granularity::Unstructured,
+        scope: Scope::Global,
     },
     Target {
         variant: "sparsity_75",
         sparsity: 0.75,
         granularity: Granularity::Unstructured,
+        scope: Scope::Global,
     },
     Target {
         variant: "sparsity_90",
         sparsity: 0.9,
         granularity: Granularity::Unstructured,
+        scope: Scope::Global,
     },
     Target {
         variant: "n2m4",
         sparsity: 0.5,
         granularity: Granularity::NOutOfM { n: 2, m: 4 },
+        scope: Scope::PerLayer,
     },
 ];
 
@@ -172,7 +177,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         let config_for = PruningConfig {
             schedule,
             granularity: target.granularity,
-            scope: Scope::PerLayer,
+            scope: target.scope,
         };
         // N:M groups must tile the input dimension (the first convolution's 9 inputs do
         // not split into groups of 4, and it stays dense anyway).
@@ -245,6 +250,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
                 "target_sparsity": target.sparsity,
                 "granularity": format!("{:?}", target.granularity),
                 "dense_layers": [DENSE_LAYER],
+                "scope": format!("{:?}", target.scope),
                 "weight_sparsity": zeros as f64 / prunable_total as f64,
                 "layers": layers,
                 "storage": storage,
