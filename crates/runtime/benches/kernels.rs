@@ -37,14 +37,6 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-fn isa_name(isa: Isa) -> &'static str {
-    match isa {
-        Isa::Scalar => "scalar",
-        Isa::Avx2 => "avx2",
-        Isa::Avx512Vnni => "avx512vnni",
-    }
-}
-
 fn kernels(c: &mut Criterion) {
     for (name, per_sample, n, k) in SHAPES {
         for batch in BATCHES {
@@ -92,7 +84,7 @@ fn kernels(c: &mut Criterion) {
                     rows: m,
                     zero_point: 7,
                 };
-                group.bench_function(BenchmarkId::new(isa_name(isa), &id), |b| {
+                group.bench_function(BenchmarkId::new(isa.name(), &id), |b| {
                     b.iter(|| {
                         int8_gemm_f32(black_box(&input), &packed, &scales, &bias, true, &mut out)
                     })
