@@ -9,8 +9,8 @@ use ndarray::{Array2, ArrayView, Dimension};
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ConvGeometry, CsrMatrix, PackedI8, U8Matrix, csr_gemm_bias, im2col_nhwc, int8_gemm_f32,
-    int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_bias,
+    ConvGeometry, CsrMatrix, PackedF32, PackedI8, U8Matrix, csr_gemm_bias, im2col_nhwc,
+    int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_packed,
 };
 use crate::quant::QParams;
 
@@ -48,7 +48,7 @@ struct StaticQuant {
 
 #[derive(Clone, Debug)]
 enum Kernel {
-    Dense(Vec<f32>),
+    Dense(PackedF32),
     Csr(CsrMatrix),
     Int8 {
         packed: PackedI8,
@@ -511,10 +511,13 @@ fn compile_layer(
     } = params;
     let perm = permutation(conv.as_ref(), flat_from, k);
     let kernel = match weight {
-        Weight::Dense(w) => Kernel::Dense(match &perm {
-            Some(p) => permute_rows(&w, k, p),
-            None => w,
-        }),
+        Weight::Dense(w) => {
+            let w = match &perm {
+                Some(p) => permute_rows(&w, k, p),
+                None => w,
+            };
+            Kernel::Dense(PackedF32::new(&w, out, k))
+        }
         Weight::Csr(m) => Kernel::Csr(match &perm {
             Some(p) => m.permute_columns(p),
             None => m,
@@ -583,7 +586,7 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             let mut y = pool.f32(rows * n);
             match &c.kernel {
                 Kernel::Dense(w) => {
-                    sgemm_bias(&cols[..rows * k], rows, k, w, &c.bias, c.relu, &mut y)
+                    sgemm_packed(&cols[..rows * k], rows, w, &c.bias, c.relu, &mut y)
                 }
                 Kernel::Csr(m) => {
                     csr_gemm_bias(&cols[..rows * k], rows, m, &c.bias, c.relu, &mut y)

@@ -1,5 +1,5 @@
-//! f32 products: dense (through `matrixmultiply`) and CSR-sparse, each with a bias and ReLU
-//! epilogue.
+//! f32 products: dense (an AVX-512 blocked kernel over weights packed at load time, else
+//! `matrixmultiply`) and CSR-sparse, each with a bias and ReLU epilogue.
 
 use rayon::prelude::*;
 
@@ -36,6 +36,60 @@ fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
     }
 }
 
+/// A dense f32 weight matrix (`n x k`, one row per output, PyTorch's layout) prepared once
+/// for [`sgemm_packed`]: the rows as they are (for the few-row dot-product path) and, where
+/// the CPU has AVX-512, the panels of the blocked kernel.
+#[derive(Clone, Debug)]
+pub struct PackedF32 {
+    n: usize,
+    k: usize,
+    rows: Vec<f32>,
+    /// AVX-512 panels; empty where the portable path (`matrixmultiply`) runs instead.
+    panels: Vec<f32>,
+}
+
+impl PackedF32 {
+    /// Prepares `w` (`n` rows of `k`) for the fastest kernel of this CPU.
+    ///
+    /// # Panics
+    /// If `w.len() != n * k`.
+    pub fn new(w: &[f32], n: usize, k: usize) -> Self {
+        let mut packed = Self::portable(w, n, k);
+        #[cfg(target_arch = "x86_64")]
+        if k > 0 && super::sgemm512::available() {
+            packed.panels = super::sgemm512::pack(w, n, k);
+        }
+        packed
+    }
+
+    /// Like [`PackedF32::new`], for the portable kernel whatever the CPU.
+    ///
+    /// # Panics
+    /// If `w.len() != n * k`.
+    pub fn portable(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be n x k");
+        Self {
+            n,
+            k,
+            rows: w.to_vec(),
+            panels: Vec::new(),
+        }
+    }
+
+    /// Number of outputs.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Reduction length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// Multiply-adds per parallel task of the blocked kernel, at least.
+const TASK_MACS: usize = 1 << 20;
+
 /// `out = a w^T + bias` (then ReLU if asked): `a` is `m x k`, `w` is `n x k` (one row per
 /// output, PyTorch's layout), `out` is `m x n`, all row-major.
 ///
@@ -51,16 +105,72 @@ pub fn sgemm_bias(
     out: &mut [f32],
 ) {
     let n = bias.len();
-    assert_eq!(a.len(), m * k, "a must be m x k");
     assert_eq!(w.len(), n * k, "w must be n x k");
+    let packed = if m < GEMV_MAX_ROWS {
+        PackedF32::portable(w, n, k)
+    } else {
+        PackedF32::new(w, n, k)
+    };
+    sgemm_packed(a, m, &packed, bias, relu, out);
+}
+
+/// [`sgemm_bias`] with weights prepared by [`PackedF32`].
+///
+/// # Panics
+/// If a slice does not have the length its shape gives.
+pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool, out: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(bias.len(), n, "one bias per output");
+    assert_eq!(a.len(), m * k, "a must be m x k");
     assert_eq!(out.len(), m * n, "out must be m x n");
     if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && m >= GEMV_MAX_ROWS && !w.panels.is_empty() {
+        use super::sgemm512::{MR, NR, gemm};
+        let panels = n.div_ceil(NR);
+        // SAFETY (every call): the panels exist only where AVX-512F was detected; the kernel
+        // checks the slice lengths; `out` is valid for `len` writes, and the tasks below
+        // write disjoint rows or disjoint panels of it.
+        let run = |a: &[f32], rows: usize, out: SharedOut, range: std::ops::Range<usize>| unsafe {
+            gemm(
+                a,
+                rows,
+                k,
+                &w.panels,
+                n,
+                bias,
+                relu,
+                out.ptr(),
+                out.1,
+                range,
+            );
+        };
+        let task_rows = TASK_MACS.div_ceil(n * k).next_multiple_of(MR).max(4 * MR);
+        if m * n * k < PARALLEL_MIN_MACS {
+            run(a, m, SharedOut(out.as_mut_ptr(), out.len()), 0..panels);
+        } else if m >= 2 * task_rows {
+            a.par_chunks(task_rows * k)
+                .zip(out.par_chunks_mut(task_rows * n))
+                .for_each(|(a, out)| {
+                    let rows = out.len() / n;
+                    run(a, rows, SharedOut(out.as_mut_ptr(), out.len()), 0..panels);
+                });
+        } else {
+            // Few rows of a wide layer: every task computes all rows for one panel.
+            let shared = SharedOut(out.as_mut_ptr(), out.len());
+            (0..panels)
+                .into_par_iter()
+                .for_each(|p| run(a, m, shared, p..p + 1));
+        }
         return;
     }
     if k == 0 {
         out.fill(0.0);
     } else if m < GEMV_MAX_ROWS {
         let dot = dot_fn();
+        let w = &w.rows;
         for (x, y) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             let columns = |y: &mut [f32], w: &[f32]| {
                 for (y, w) in y.iter_mut().zip(w.chunks_exact(k)) {
@@ -90,7 +200,7 @@ pub fn sgemm_bias(
                 a.as_ptr(),
                 k as isize,
                 1,
-                w.as_ptr(),
+                w.rows.as_ptr(),
                 1,
                 k as isize,
                 0.0,
@@ -101,6 +211,23 @@ pub fn sgemm_bias(
         }
     }
     bias_relu(out, bias, relu);
+}
+
+/// The output of a GEMM whose parallel tasks write disjoint columns.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: only used where the tasks write disjoint elements (see `sgemm_packed`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// A sparse `rows x cols` matrix in compressed sparse row form: row `i` holds the entries
@@ -393,6 +520,19 @@ mod tests {
             sgemm_bias(&x, m, k, &w, &bias, relu, &mut out);
             let (e, mag) = reference(&x, m, k, &w, &bias, relu);
             close(&out, &e, &mag, k)?;
+        }
+
+        #[test]
+        fn packed_and_portable_sgemm_match_the_reference(m in 1usize..60, n in 1usize..80, k in 1usize..70, seed in any::<u64>(), relu in any::<bool>()) {
+            let x = matrix(m * k, 0.0, seed);
+            let w = matrix(n * k, 0.0, !seed);
+            let bias = matrix(n, 0.0, seed ^ 5);
+            let (e, mag) = reference(&x, m, k, &w, &bias, relu);
+            for packed in [PackedF32::new(&w, n, k), PackedF32::portable(&w, n, k)] {
+                let mut out = vec![f32::NAN; m * n];
+                sgemm_packed(&x, m, &packed, &bias, relu, &mut out);
+                close(&out, &e, &mag, k)?;
+            }
         }
 
         #[test]

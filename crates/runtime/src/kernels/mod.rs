@@ -7,8 +7,10 @@
 //! VNNI kernel for the rows that do not fill a tile), chosen at run time. Every fast path is
 //! property-tested to give exactly the scalar path's `i32` accumulators.
 //!
-//! The f32 GEMM is `matrixmultiply::sgemm` (well kept, runtime-dispatched AVX/FMA kernels,
-//! its own threading), followed by a bias and ReLU pass.
+//! The f32 GEMM is an AVX-512 register-blocked kernel (12 x 32 tiles) over weights packed at
+//! load time, with the bias and ReLU fused into its stores; without AVX-512 it is
+//! `matrixmultiply::sgemm` followed by a bias and ReLU pass; one to three rows are dot
+//! products over the weights in place.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -18,9 +20,11 @@ mod avx2;
 mod avx512;
 mod dense;
 mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod sgemm512;
 mod spatial;
 
-pub use dense::{CsrMatrix, csr_gemm_bias, sgemm_bias};
+pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, sgemm_bias, sgemm_packed};
 pub use spatial::{ConvGeometry, im2col, im2col_nhwc, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw};
 
 use rayon::prelude::*;

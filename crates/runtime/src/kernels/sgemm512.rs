@@ -1,0 +1,152 @@
+//! AVX-512 f32 GEMM over weights packed once at load time, with the bias and ReLU epilogue
+//! fused into the stores.
+//!
+//! Packed layout: panels of 32 output columns; inside a panel, for every `k`, the 32 weights
+//! of its columns (`[n / 32][k][32]`, zero padded to whole panels), so the micro-kernel
+//! streams each panel front to back with two 64-byte loads per `k`. The micro-kernel keeps a
+//! `ROWS x 32` block of `C` in 2 * `ROWS` registers (`ROWS` up to 12: 24 accumulators) and
+//! broadcasts one activation per row and `k` from the row-major input.
+
+use std::arch::x86_64::{
+    __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_set1_ps, _mm512_setzero_ps,
+};
+
+/// Columns per panel.
+pub(crate) const NR: usize = 32;
+/// Rows per micro-tile.
+pub(crate) const MR: usize = 12;
+
+/// Whether this CPU runs the kernel.
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+/// Packs `w` (`n` rows of `k`, one row per output) into panels.
+pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0.0f32; panels * k * NR];
+    for (j, row) in w.chunks_exact(k).enumerate().take(n) {
+        let (panel, lane) = (j / NR, j % NR);
+        let base = panel * k * NR + lane;
+        for (kk, &v) in row.iter().enumerate() {
+            out[base + kk * NR] = v;
+        }
+    }
+    out
+}
+
+/// Column masks of the panel that starts at column `start` of `n`.
+fn masks(start: usize, n: usize) -> [__mmask16; 2] {
+    let valid = (n - start).min(NR);
+    let mask = |v: usize| -> __mmask16 { if v >= 16 { u16::MAX } else { (1u16 << v) - 1 } };
+    [mask(valid), mask(valid.saturating_sub(16))]
+}
+
+/// One `ROWS x 32` tile: `c = a b + bias`, then ReLU if asked.
+///
+/// # Safety
+/// AVX-512F; `a` readable for `ROWS` rows of `k` values at stride `k`; `b` for `k * 32`
+/// values; `bias` for the columns in `masks`; `c` writable for `ROWS` rows of those columns
+/// at stride `ldc`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const ROWS: usize>(
+    a: *const f32,
+    k: usize,
+    b: *const f32,
+    bias: *const f32,
+    relu: bool,
+    c: *mut f32,
+    ldc: usize,
+    masks: [__mmask16; 2],
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+    for kk in 0..k {
+        // SAFETY: `kk < k`: inside the panel and inside every row.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_ps(b.add(kk * NR)),
+                _mm512_loadu_ps(b.add(kk * NR + 16)),
+            )
+        };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let x = _mm512_set1_ps(unsafe { *a.add(r * k + kk) });
+            acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+        }
+    }
+    // SAFETY: masked loads and stores touch only the columns the caller vouches for.
+    unsafe {
+        let bias: [__m512; 2] = [
+            _mm512_maskz_loadu_ps(masks[0], bias),
+            _mm512_maskz_loadu_ps(masks[1], bias.add(16)),
+        ];
+        let zero = _mm512_setzero_ps();
+        for (r, acc) in acc.iter().enumerate() {
+            for h in 0..2 {
+                let mut v = _mm512_add_ps(acc[h], bias[h]);
+                if relu {
+                    v = _mm512_max_ps(v, zero);
+                }
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), masks[h], v);
+            }
+        }
+    }
+}
+
+/// `out = a w^T + bias` (ReLU if asked) for `m` rows of `a` (`m x k`, row-major) and the
+/// packed `w`, over the panels `panels` (a range of panel indices): only the columns of
+/// those panels of `out` (`m x n`, row-major) are written.
+///
+/// # Safety
+/// AVX-512F; `out` must be valid for writes of `out_len` values, and no one else may access
+/// the columns of `panels` during the call. Slice lengths are checked here.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    packed: &[f32],
+    n: usize,
+    bias: &[f32],
+    relu: bool,
+    out: *mut f32,
+    out_len: usize,
+    panels: std::ops::Range<usize>,
+) {
+    assert!(k > 0 && a.len() >= m * k && out_len >= m * n && bias.len() >= n);
+    assert!(packed.len() == n.div_ceil(NR) * k * NR && panels.end <= n.div_ceil(NR));
+    let (ap, cp) = (a.as_ptr(), out);
+    let mut r = 0;
+    while r < m {
+        let rows = (m - r).min(MR);
+        for p in panels.clone() {
+            let start = p * NR;
+            let masks = masks(start, n);
+            // SAFETY: rows `r..r + rows` are inside `a` and `out`; panel `p` is inside
+            // `packed`; the masks keep the columns below `n`, inside `bias` and `out`.
+            unsafe {
+                let (a, b) = (ap.add(r * k), packed.as_ptr().add(p * k * NR));
+                let (bias, c) = (bias.as_ptr().add(start), cp.add(r * n + start));
+                match rows {
+                    12 => tile::<12>(a, k, b, bias, relu, c, n, masks),
+                    11 => tile::<11>(a, k, b, bias, relu, c, n, masks),
+                    10 => tile::<10>(a, k, b, bias, relu, c, n, masks),
+                    9 => tile::<9>(a, k, b, bias, relu, c, n, masks),
+                    8 => tile::<8>(a, k, b, bias, relu, c, n, masks),
+                    7 => tile::<7>(a, k, b, bias, relu, c, n, masks),
+                    6 => tile::<6>(a, k, b, bias, relu, c, n, masks),
+                    5 => tile::<5>(a, k, b, bias, relu, c, n, masks),
+                    4 => tile::<4>(a, k, b, bias, relu, c, n, masks),
+                    3 => tile::<3>(a, k, b, bias, relu, c, n, masks),
+                    2 => tile::<2>(a, k, b, bias, relu, c, n, masks),
+                    _ => tile::<1>(a, k, b, bias, relu, c, n, masks),
+                }
+            }
+        }
+        r += rows;
+    }
+}
