@@ -71,3 +71,36 @@ pub use artifact::{
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
 pub use quant::{QParams, quantize_symmetric};
+
+/// Whether a pruned weight matrix of `rows x cols` with `nnz` nonzero entries should be
+/// stored (and run) as CSR rather than dense: true when the CSR product is measurably faster
+/// than the dense f32 GEMM on this runtime *and* the CSR arrays are smaller than the dense
+/// matrix (8 bytes per nonzero, a column index and a value, plus 4 per row pointer, against
+/// 4 per entry).
+///
+/// The speed crossover comes from `cargo xtask bench sparse` on the project's layer shapes
+/// (`docs/results/sparse-2026-11-27.md`): CSR wins once at most
+/// [`CSR_MAX_DENSITY`] of the weights are nonzero.
+/// Layers a convolution lowers to an im2col GEMM use `rows = out_channels` and
+/// `cols = in_channels * kernel^2`.
+///
+/// ```
+/// assert!(runtime::csr_pays_off(512, 784, 512 * 784 / 10)); // 90% sparse
+/// assert!(!runtime::csr_pays_off(512, 784, 512 * 784 / 2)); // 50% sparse
+/// assert!(!runtime::csr_pays_off(0, 10, 0));
+/// ```
+pub fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
+    let dense = rows.saturating_mul(cols);
+    if dense == 0 || nnz > dense {
+        return false;
+    }
+    let csr_bytes = nnz
+        .saturating_mul(8)
+        .saturating_add(rows.saturating_add(1).saturating_mul(4));
+    let smaller = csr_bytes < dense.saturating_mul(4);
+    let faster = (nnz as f64) <= CSR_MAX_DENSITY * dense as f64;
+    smaller && faster
+}
+
+/// The largest fraction of nonzero weights at which [`csr_pays_off`] chooses CSR.
+pub const CSR_MAX_DENSITY: f64 = 0.25;

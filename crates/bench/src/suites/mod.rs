@@ -2,6 +2,7 @@
 
 mod precision;
 mod runtime;
+mod sparse;
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -15,6 +16,8 @@ pub enum Suite {
     Precision,
     /// Inference throughput of the pure-Rust runtime against libtorch and PyTorch.
     Runtime,
+    /// Our CSR-sparse products against our dense f32 GEMM on the project's layer shapes.
+    Sparse,
 }
 
 impl Suite {
@@ -22,6 +25,7 @@ impl Suite {
         match self {
             Self::Precision => precision::run(quick),
             Self::Runtime => runtime::run(quick),
+            Self::Sparse => sparse::run(quick),
         }
     }
 }

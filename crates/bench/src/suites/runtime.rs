@@ -64,7 +64,7 @@ impl Settings {
 }
 
 /// The MLP 784-512-512-10 of the issue.
-fn mlp() -> NetworkSpec {
+pub(crate) fn mlp() -> NetworkSpec {
     NetworkSpec {
         name: "mlp_784_512_512_10".into(),
         input: [1, 28, 28],

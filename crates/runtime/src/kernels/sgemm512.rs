@@ -9,7 +9,8 @@
 
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
-    _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_set1_ps, _mm512_setzero_ps,
+    _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4,
+    _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
 
 /// Columns per panel.
@@ -148,5 +149,64 @@ pub(crate) unsafe fn gemm(
             }
         }
         r += rows;
+    }
+}
+
+/// Transposes a 16 x 16 block: `dst[j * lds + i] = src[i * lda + j]`.
+///
+/// # Safety
+/// AVX-512F; `src` readable for 16 rows of 16 values at stride `lda`, `dst` writable for 16
+/// rows of 16 at stride `lds`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(src: *const f32, lda: usize, dst: *mut f32, lds: usize) {
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, v) in r.iter_mut().enumerate() {
+        // SAFETY: row `i` of the block is readable.
+        *v = unsafe { _mm512_loadu_ps(src.add(i * lda)) };
+    }
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+        r[4 * i + 1] = _mm512_shuffle_ps::<0xee>(a, c);
+        r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        r[4 * i + 3] = _mm512_shuffle_ps::<0xee>(b, d);
+    }
+    for h in 0..2 {
+        for i in 0..4 {
+            t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(r[8 * h + i], r[8 * h + i + 4]);
+            t[8 * h + i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[8 * h + i], r[8 * h + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+        r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+    }
+    for (j, &v) in r.iter().enumerate() {
+        // SAFETY: row `j` of the destination block is writable.
+        unsafe { _mm512_storeu_ps(dst.add(j * lds), v) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose16_transposes() {
+        if !super::available() {
+            return;
+        }
+        let src: Vec<f32> = (0..16 * 20).map(|i| i as f32).collect();
+        let mut dst = vec![0.0f32; 16 * 24];
+        // SAFETY: AVX-512F is available; 16 rows of 20 and of 24 are inside the buffers.
+        unsafe { super::transpose16(src.as_ptr(), 20, dst.as_mut_ptr(), 24) };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(dst[j * 24 + i], src[i * 20 + j], "({i}, {j})");
+            }
+        }
     }
 }
