@@ -479,6 +479,15 @@ fn csr_dots(x: &[f32], w: &CsrMatrix, first: usize, bias: &[f32], relu: bool, y:
     for (j, y) in (first..).zip(y.iter_mut()) {
         let (lo, hi) = (w.row_ptr[j], w.row_ptr[j + 1]);
         let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above; `CsrMatrix` guarantees every
+            // column index is below `cols`, and `x` holds `cols` values (checked by the
+            // caller's shape asserts).
+            let v = unsafe { super::sgemm512::sparse_dot(x, cols, vals) } + bias[j];
+            *y = if relu { v.max(0.0) } else { v };
+            continue;
+        }
         let mut acc = [0.0f32; 4];
         let (cc, vc) = (cols.chunks_exact(4), vals.chunks_exact(4));
         let tail: f32 = cc
@@ -599,12 +608,47 @@ fn csr_block(
         }
         *y = acc;
     }
+    let (done_rows, done_cols) = transpose_back(yt, n, rows, out);
     for (r, row) in out.chunks_exact_mut(n).take(rows).enumerate() {
-        for (j, (o, &b)) in row.iter_mut().zip(bias).enumerate() {
-            let v = yt[j][r] + b;
-            *o = if relu { v.max(0.0) } else { v };
+        let from = if r < done_rows { done_cols } else { 0 };
+        for (j, o) in row.iter_mut().enumerate().skip(from) {
+            *o = yt[j][r];
         }
+        bias_relu(row, bias, relu);
     }
+}
+
+/// Transposes whole 16 x 16 tiles of the `n x 32` block outputs `yt` into the rows of `out`
+/// (`rows x n`) where the CPU has AVX-512; returns how many rows and columns that covered.
+fn transpose_back(
+    yt: &[[f32; CSR_BLOCK]],
+    n: usize,
+    rows: usize,
+    out: &mut [f32],
+) -> (usize, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        let (tr, tc) = (rows / 16 * 16, n / 16 * 16);
+        assert!(yt.len() >= n && out.len() >= rows * n);
+        for r0 in (0..tr).step_by(16) {
+            for c0 in (0..tc).step_by(16) {
+                // SAFETY: AVX-512F was detected; outputs `c0..c0 + 16`, lanes
+                // `r0..r0 + 16` are inside `yt`, rows `r0..r0 + 16` and columns
+                // `c0..c0 + 16` inside `out` (asserted above).
+                unsafe {
+                    super::sgemm512::transpose16(
+                        yt.as_ptr().add(c0).cast::<f32>().add(r0),
+                        CSR_BLOCK,
+                        out.as_mut_ptr().add(r0 * n + c0),
+                        n,
+                    )
+                };
+            }
+        }
+        return (tr, tc);
+    }
+    let _ = (yt, n, rows, out);
+    (0, 0)
 }
 
 #[cfg(test)]

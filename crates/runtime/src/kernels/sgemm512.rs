@@ -8,8 +8,9 @@
 //! broadcasts one activation per row and `k` from the row-major input.
 
 use std::arch::x86_64::{
-    __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
-    _mm512_maskz_loadu_ps, _mm512_max_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4,
+    __m512, __m512i, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_i32gather_ps,
+    _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+    _mm512_max_ps, _mm512_reduce_add_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4,
     _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
 
@@ -150,6 +151,33 @@ pub(crate) unsafe fn gemm(
         }
         r += rows;
     }
+}
+
+/// `sum_e vals[e] * x[cols[e]]`, 16 entries per gather.
+///
+/// # Safety
+/// AVX-512F; every index in `cols` must be below `x.len()`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sparse_dot(x: &[f32], cols: &[u32], vals: &[f32]) -> f32 {
+    let len = cols.len().min(vals.len());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut e = 0;
+    while e + 16 <= len {
+        // SAFETY: `e + 16 <= len`; the indices are inside `x` (the caller vouches).
+        unsafe {
+            let idx = _mm512_loadu_si512(cols.as_ptr().add(e).cast::<__m512i>());
+            let g = _mm512_i32gather_ps::<4>(idx, x.as_ptr());
+            let h = (e / 16) % 2;
+            acc[h] = _mm512_fmadd_ps(g, _mm512_loadu_ps(vals.as_ptr().add(e)), acc[h]);
+        }
+        e += 16;
+    }
+    let tail: f32 = cols[e..len]
+        .iter()
+        .zip(&vals[e..len])
+        .map(|(&c, &v)| v * x[c as usize])
+        .sum();
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail
 }
 
 /// Transposes a 16 x 16 block: `dst[j * lds + i] = src[i * lda + j]`.
