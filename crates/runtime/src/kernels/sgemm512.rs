@@ -45,25 +45,39 @@ fn masks(start: usize, n: usize) -> [__mmask16; 2] {
     [mask(valid), mask(valid.saturating_sub(16))]
 }
 
-/// One `ROWS x 32` tile: `c = a b + bias`, then ReLU if asked.
+/// `k` per cache block: a panel's block of weights (`KC x 32` f32, 32 KiB) stays in L1
+/// while every row tile of the task passes over it.
+const KC: usize = 256;
+
+/// One `ROWS x 32` tile over `k` values of the reduction: `c (+)= a b`; on the last block
+/// of `k` the bias and ReLU are applied.
 ///
 /// # Safety
-/// AVX-512F; `a` readable for `ROWS` rows of `k` values at stride `k`; `b` for `k * 32`
-/// values; `bias` for the columns in `masks`; `c` writable for `ROWS` rows of those columns
-/// at stride `ldc`.
+/// AVX-512F; `a` readable for `ROWS` rows of `k` values at stride `lda`; `b` for `k * 32`
+/// values; `bias` for the columns in `masks`; `c` readable (unless `first`) and writable
+/// for `ROWS` rows of those columns at stride `ldc`.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const ROWS: usize>(
     a: *const f32,
+    lda: usize,
     k: usize,
     b: *const f32,
     bias: *const f32,
-    relu: bool,
+    (first, last, relu): (bool, bool, bool),
     c: *mut f32,
     ldc: usize,
     masks: [__mmask16; 2],
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+    if !first {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller vouches for the masked columns of row `r`.
+                *acc = unsafe { _mm512_maskz_loadu_ps(masks[h], c.add(r * ldc + 16 * h)) };
+            }
+        }
+    }
     for kk in 0..k {
         // SAFETY: `kk < k`: inside the panel and inside every row.
         let (b0, b1) = unsafe {
@@ -74,23 +88,30 @@ unsafe fn tile<const ROWS: usize>(
         };
         for (r, acc) in acc.iter_mut().enumerate() {
             // SAFETY: as above.
-            let x = _mm512_set1_ps(unsafe { *a.add(r * k + kk) });
+            let x = _mm512_set1_ps(unsafe { *a.add(r * lda + kk) });
             acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
             acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
         }
     }
     // SAFETY: masked loads and stores touch only the columns the caller vouches for.
     unsafe {
-        let bias: [__m512; 2] = [
-            _mm512_maskz_loadu_ps(masks[0], bias),
-            _mm512_maskz_loadu_ps(masks[1], bias.add(16)),
-        ];
+        let bias: [__m512; 2] = if last {
+            [
+                _mm512_maskz_loadu_ps(masks[0], bias),
+                _mm512_maskz_loadu_ps(masks[1], bias.add(16)),
+            ]
+        } else {
+            [_mm512_setzero_ps(); 2]
+        };
         let zero = _mm512_setzero_ps();
         for (r, acc) in acc.iter().enumerate() {
             for h in 0..2 {
-                let mut v = _mm512_add_ps(acc[h], bias[h]);
-                if relu {
-                    v = _mm512_max_ps(v, zero);
+                let mut v = acc[h];
+                if last {
+                    v = _mm512_add_ps(v, bias[h]);
+                    if relu {
+                        v = _mm512_max_ps(v, zero);
+                    }
                 }
                 _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), masks[h], v);
             }
@@ -103,8 +124,8 @@ unsafe fn tile<const ROWS: usize>(
 /// those panels of `out` (`m x n`, row-major) are written.
 ///
 /// # Safety
-/// AVX-512F; `out` must be valid for writes of `out_len` values, and no one else may access
-/// the columns of `panels` during the call. Slice lengths are checked here.
+/// AVX-512F; `out` must be valid for reads and writes of `out_len` values, and no one else
+/// may access the columns of `panels` during the call. Slice lengths are checked here.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
@@ -122,34 +143,40 @@ pub(crate) unsafe fn gemm(
     assert!(k > 0 && a.len() >= m * k && out_len >= m * n && bias.len() >= n);
     assert!(packed.len() == n.div_ceil(NR) * k * NR && panels.end <= n.div_ceil(NR));
     let (ap, cp) = (a.as_ptr(), out);
-    let mut r = 0;
-    while r < m {
-        let rows = (m - r).min(MR);
+    for k0 in (0..k).step_by(KC) {
+        let kc = (k - k0).min(KC);
+        let flags = (k0 == 0, k0 + kc == k, relu);
         for p in panels.clone() {
             let start = p * NR;
             let masks = masks(start, n);
-            // SAFETY: rows `r..r + rows` are inside `a` and `out`; panel `p` is inside
-            // `packed`; the masks keep the columns below `n`, inside `bias` and `out`.
-            unsafe {
-                let (a, b) = (ap.add(r * k), packed.as_ptr().add(p * k * NR));
-                let (bias, c) = (bias.as_ptr().add(start), cp.add(r * n + start));
-                match rows {
-                    12 => tile::<12>(a, k, b, bias, relu, c, n, masks),
-                    11 => tile::<11>(a, k, b, bias, relu, c, n, masks),
-                    10 => tile::<10>(a, k, b, bias, relu, c, n, masks),
-                    9 => tile::<9>(a, k, b, bias, relu, c, n, masks),
-                    8 => tile::<8>(a, k, b, bias, relu, c, n, masks),
-                    7 => tile::<7>(a, k, b, bias, relu, c, n, masks),
-                    6 => tile::<6>(a, k, b, bias, relu, c, n, masks),
-                    5 => tile::<5>(a, k, b, bias, relu, c, n, masks),
-                    4 => tile::<4>(a, k, b, bias, relu, c, n, masks),
-                    3 => tile::<3>(a, k, b, bias, relu, c, n, masks),
-                    2 => tile::<2>(a, k, b, bias, relu, c, n, masks),
-                    _ => tile::<1>(a, k, b, bias, relu, c, n, masks),
+            let mut r = 0;
+            while r < m {
+                let rows = (m - r).min(MR);
+                // SAFETY: rows `r..r + rows` are inside `a` and `out`; `k0..k0 + kc` inside
+                // each row; panel `p`'s block `k0..` inside `packed`; the masks keep the
+                // columns below `n`, inside `bias` and `out`.
+                unsafe {
+                    let a = ap.add(r * k + k0);
+                    let b = packed.as_ptr().add(p * k * NR + k0 * NR);
+                    let (bias, c) = (bias.as_ptr().add(start), cp.add(r * n + start));
+                    match rows {
+                        12 => tile::<12>(a, k, kc, b, bias, flags, c, n, masks),
+                        11 => tile::<11>(a, k, kc, b, bias, flags, c, n, masks),
+                        10 => tile::<10>(a, k, kc, b, bias, flags, c, n, masks),
+                        9 => tile::<9>(a, k, kc, b, bias, flags, c, n, masks),
+                        8 => tile::<8>(a, k, kc, b, bias, flags, c, n, masks),
+                        7 => tile::<7>(a, k, kc, b, bias, flags, c, n, masks),
+                        6 => tile::<6>(a, k, kc, b, bias, flags, c, n, masks),
+                        5 => tile::<5>(a, k, kc, b, bias, flags, c, n, masks),
+                        4 => tile::<4>(a, k, kc, b, bias, flags, c, n, masks),
+                        3 => tile::<3>(a, k, kc, b, bias, flags, c, n, masks),
+                        2 => tile::<2>(a, k, kc, b, bias, flags, c, n, masks),
+                        _ => tile::<1>(a, k, kc, b, bias, flags, c, n, masks),
+                    }
                 }
+                r += rows;
             }
         }
-        r += rows;
     }
 }
 
