@@ -143,6 +143,7 @@ struct Pool {
 }
 
 /// The best buffer for `len` elements: the smallest that holds them, else the largest.
+/// With `len == usize::MAX`, the largest, as it is (see [`Pool::f32_empty`]).
 fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
     let fits = buffers
         .iter()
@@ -160,6 +161,9 @@ fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
     let mut v = fits
         .or_else(largest)
         .map_or_else(Vec::new, |i| buffers.swap_remove(i));
+    if len == usize::MAX {
+        return v;
+    }
     if v.len() >= len {
         v.truncate(len);
     } else {
@@ -171,6 +175,25 @@ fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
 impl Pool {
     fn f32(&mut self, len: usize) -> Vec<f32> {
         pick(&mut self.f32s, len, 0.0)
+    }
+
+    /// An empty buffer with room for `capacity` values, for a caller that fills it by
+    /// extending (no clearing first).
+    fn f32_empty(&mut self, capacity: usize) -> Vec<f32> {
+        let fits = self
+            .f32s
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= capacity)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let mut v = match fits {
+            Some(i) => self.f32s.swap_remove(i),
+            None => pick(&mut self.f32s, usize::MAX, 0.0),
+        };
+        v.clear();
+        v.reserve(capacity);
+        v
     }
 
     fn u8(&mut self, len: usize) -> Vec<u8> {
@@ -407,10 +430,11 @@ impl Model {
         }
         let batch = shape[0];
         let mut pool = POOL.with(Cell::take);
-        let mut x = pool.f32(input.len());
+        // An empty buffer of the right capacity: the copy fills it without clearing it first.
+        let mut x = pool.f32_empty(input.len());
         match input.as_slice() {
-            Some(values) => x.copy_from_slice(values),
-            None => x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v),
+            Some(values) => x.extend_from_slice(values),
+            None => x.extend(input.iter().copied()),
         }
         let mut data = Data::F32(x);
         for op in &self.ops {
