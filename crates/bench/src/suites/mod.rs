@@ -21,11 +21,12 @@ pub enum Suite {
 }
 
 impl Suite {
-    pub fn run(self, quick: bool) -> Result<BenchReport> {
+    /// Runs the suite; `threads` (the runtime and sparse suites) limits every engine.
+    pub fn run(self, quick: bool, threads: Option<usize>) -> Result<BenchReport> {
         match self {
             Self::Precision => precision::run(quick),
-            Self::Runtime => runtime::run(quick),
-            Self::Sparse => sparse::run(quick),
+            Self::Runtime => runtime::run(quick, threads),
+            Self::Sparse => sparse::run(quick, threads),
         }
     }
 }

@@ -123,7 +123,7 @@ fn throughput(batch: usize, min_seconds: f64, mut f: impl FnMut()) -> f64 {
     (batch * calls) as f64 / start.elapsed().as_secs_f64()
 }
 
-pub fn run(quick: bool) -> Result<BenchReport> {
+pub fn run(quick: bool, threads: Option<usize>) -> Result<BenchReport> {
     let (repeats, min_seconds) = if quick { (2, 0.05) } else { (5, 0.3) };
     let mlp = super::runtime::mlp();
     let teacher = NetworkSpec::teacher_cnn().without_batch_norm();
@@ -178,7 +178,11 @@ pub fn run(quick: bool) -> Result<BenchReport> {
             }
         }
     }
-    Ok(BenchReport::new("sparse", peer::machine(), results))
+    let machine = match threads {
+        Some(t) => format!("{}, {t} threads", peer::machine()),
+        None => peer::machine(),
+    };
+    Ok(BenchReport::new("sparse", machine, results))
 }
 
 #[cfg(test)]
