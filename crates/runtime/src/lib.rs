@@ -83,19 +83,21 @@ pub use quant::{QParams, quantize_symmetric};
 /// The speed rule comes from `cargo xtask bench sparse` on the project's layer shapes
 /// (`docs/results/sparse-2026-11-27.md`): CSR wins once at most [`CSR_MAX_DENSITY`] of the
 /// weights are nonzero, except for very short rows (`cols` below [`CSR_MIN_COLS`], such as
-/// a first convolution over one channel, 3 x 3), where moving activations costs more than
-/// the multiply-adds CSR saves. A convolution lowered to an im2col GEMM has
+/// a first convolution over one channel, 3 x 3) and very few of them (`rows` below
+/// [`CSR_MIN_ROWS`], such as a 10-class output layer), where moving activations costs more
+/// than the multiply-adds CSR saves. A convolution lowered to an im2col GEMM has
 /// `rows = out_channels` and `cols = in_channels * kernel^2`.
 ///
 /// ```
 /// assert!(runtime::csr_pays_off(512, 784, 512 * 784 / 10)); // 90% sparse
 /// assert!(!runtime::csr_pays_off(512, 784, 512 * 784 / 2)); // 50% sparse
 /// assert!(!runtime::csr_pays_off(32, 9, 29)); // 90% sparse, but rows of 9
+/// assert!(!runtime::csr_pays_off(10, 512, 512)); // 90% sparse, but 10 outputs
 /// assert!(!runtime::csr_pays_off(0, 10, 0));
 /// ```
 pub fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
     let dense = rows.saturating_mul(cols);
-    if dense == 0 || nnz > dense || cols < CSR_MIN_COLS {
+    if dense == 0 || nnz > dense || cols < CSR_MIN_COLS || rows < CSR_MIN_ROWS {
         return false;
     }
     let csr_bytes = nnz
@@ -112,3 +114,6 @@ pub const CSR_MAX_DENSITY: f64 = 0.2;
 
 /// The shortest rows (reduction length) for which [`csr_pays_off`] chooses CSR.
 pub const CSR_MIN_COLS: usize = 16;
+
+/// The fewest rows (outputs) for which [`csr_pays_off`] chooses CSR.
+pub const CSR_MIN_ROWS: usize = 16;

@@ -599,8 +599,16 @@ fn csr_block(
     let yt: &mut [[f32; CSR_BLOCK]] = yt.as_chunks_mut().0;
     for (j, y) in yt.iter_mut().enumerate() {
         let (lo, hi) = (w.row_ptr[j], w.row_ptr[j + 1]);
+        let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above; every column index is below `k`,
+            // the number of transposed columns in `xt`.
+            unsafe { super::sgemm512::sparse_block_row(xt, cols, vals, y) };
+            continue;
+        }
         let mut acc = [0.0f32; CSR_BLOCK];
-        for (&c, &v) in w.col_idx[lo..hi].iter().zip(&w.values[lo..hi]) {
+        for (&c, &v) in cols.iter().zip(vals) {
             let column = &xt[c as usize];
             for i in 0..CSR_BLOCK {
                 acc[i] += v * column[i];
