@@ -143,8 +143,11 @@ pub(crate) unsafe fn gemm(
     assert!(k > 0 && a.len() >= m * k && out_len >= m * n && bias.len() >= n);
     assert!(packed.len() == n.div_ceil(NR) * k * NR && panels.end <= n.div_ceil(NR));
     let (ap, cp) = (a.as_ptr(), out);
-    for k0 in (0..k).step_by(KC) {
-        let kc = (k - k0).min(KC);
+    // Blocks of equal length (at most KC): no short last block that would load and store
+    // the accumulators for a few multiply-adds.
+    let block = k.div_ceil(k.div_ceil(KC));
+    for k0 in (0..k).step_by(block) {
+        let kc = (k - k0).min(block);
         let flags = (k0 == 0, k0 + kc == k, relu);
         for p in panels.clone() {
             let start = p * NR;
