@@ -27,6 +27,11 @@ struct Args {
     /// Fewer repeats and steps: checks that the suite runs, numbers are rough.
     #[arg(long)]
     quick: bool,
+    /// Threads for ours and the peers (runtime and sparse suites; default: all cores). With
+    /// another job on the machine, one thread each compares kernels without the collapse
+    /// that OpenMP's spinning barriers suffer when a core is taken.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Folder for `<suite>.json`.
     #[arg(long, default_value = "results/bench")]
     out: PathBuf,
@@ -44,7 +49,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let report = args.suite.run(args.quick)?;
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("setting the number of threads")?;
+    }
+    let report = args.suite.run(args.quick, args.threads)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args.out.join(format!("{}.json", report.suite));

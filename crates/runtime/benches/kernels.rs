@@ -11,7 +11,8 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use model_spec::NetworkSpec;
 use runtime::kernels::{
-    CsrMatrix, Isa, PackedI8, U8Matrix, csr_gemm_bias, int8_gemm_f32, padded_k, sgemm_bias,
+    CsrMatrix, Isa, PackedF32, PackedI8, U8Matrix, csr_gemm_bias, int8_gemm_f32, padded_k,
+    sgemm_packed,
 };
 use runtime::{ArtifactBuilder, Granularity, Model, QParams};
 
@@ -37,14 +38,6 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-fn isa_name(isa: Isa) -> &'static str {
-    match isa {
-        Isa::Scalar => "scalar",
-        Isa::Avx2 => "avx2",
-        Isa::Avx512Vnni => "avx512vnni",
-    }
-}
-
 fn kernels(c: &mut Criterion) {
     for (name, per_sample, n, k) in SHAPES {
         for batch in BATCHES {
@@ -58,8 +51,10 @@ fn kernels(c: &mut Criterion) {
 
             let mut group = c.benchmark_group("f32");
             group.throughput(Throughput::Elements(flops));
+            // Weights packed once, as the engine does at load time.
+            let packed = PackedF32::new(&w, n, k);
             group.bench_function(BenchmarkId::new("sgemm", &id), |b| {
-                b.iter(|| sgemm_bias(black_box(&x), m, k, &w, &bias, true, &mut out))
+                b.iter(|| sgemm_packed(black_box(&x), m, &packed, &bias, true, &mut out))
             });
             group.finish();
 
@@ -92,7 +87,7 @@ fn kernels(c: &mut Criterion) {
                     rows: m,
                     zero_point: 7,
                 };
-                group.bench_function(BenchmarkId::new(isa_name(isa), &id), |b| {
+                group.bench_function(BenchmarkId::new(isa.name(), &id), |b| {
                     b.iter(|| {
                         int8_gemm_f32(black_box(&input), &packed, &scales, &bias, true, &mut out)
                     })

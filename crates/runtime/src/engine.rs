@@ -9,8 +9,8 @@ use ndarray::{Array2, ArrayView, Dimension};
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ConvGeometry, CsrMatrix, PackedI8, U8Matrix, csr_gemm_bias, im2col_nhwc, int8_gemm_f32,
-    int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_bias,
+    ConvGeometry, CsrMatrix, PackedF32, PackedI8, U8Matrix, csr_gemm_bias, im2col_nhwc,
+    int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_packed,
 };
 use crate::quant::QParams;
 
@@ -48,7 +48,7 @@ struct StaticQuant {
 
 #[derive(Clone, Debug)]
 enum Kernel {
-    Dense(Vec<f32>),
+    Dense(PackedF32),
     Csr(CsrMatrix),
     Int8 {
         packed: PackedI8,
@@ -143,6 +143,7 @@ struct Pool {
 }
 
 /// The best buffer for `len` elements: the smallest that holds them, else the largest.
+/// With `len == usize::MAX`, the largest, as it is (see [`Pool::f32_empty`]).
 fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
     let fits = buffers
         .iter()
@@ -160,6 +161,9 @@ fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
     let mut v = fits
         .or_else(largest)
         .map_or_else(Vec::new, |i| buffers.swap_remove(i));
+    if len == usize::MAX {
+        return v;
+    }
     if v.len() >= len {
         v.truncate(len);
     } else {
@@ -171,6 +175,25 @@ fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
 impl Pool {
     fn f32(&mut self, len: usize) -> Vec<f32> {
         pick(&mut self.f32s, len, 0.0)
+    }
+
+    /// An empty buffer with room for `capacity` values, for a caller that fills it by
+    /// extending (no clearing first).
+    fn f32_empty(&mut self, capacity: usize) -> Vec<f32> {
+        let fits = self
+            .f32s
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= capacity)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        let mut v = match fits {
+            Some(i) => self.f32s.swap_remove(i),
+            None => pick(&mut self.f32s, usize::MAX, 0.0),
+        };
+        v.clear();
+        v.reserve(capacity);
+        v
     }
 
     fn u8(&mut self, len: usize) -> Vec<u8> {
@@ -407,10 +430,11 @@ impl Model {
         }
         let batch = shape[0];
         let mut pool = POOL.with(Cell::take);
-        let mut x = pool.f32(input.len());
+        // An empty buffer of the right capacity: the copy fills it without clearing it first.
+        let mut x = pool.f32_empty(input.len());
         match input.as_slice() {
-            Some(values) => x.copy_from_slice(values),
-            None => x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v),
+            Some(values) => x.extend_from_slice(values),
+            None => x.extend(input.iter().copied()),
         }
         let mut data = Data::F32(x);
         for op in &self.ops {
@@ -511,10 +535,13 @@ fn compile_layer(
     } = params;
     let perm = permutation(conv.as_ref(), flat_from, k);
     let kernel = match weight {
-        Weight::Dense(w) => Kernel::Dense(match &perm {
-            Some(p) => permute_rows(&w, k, p),
-            None => w,
-        }),
+        Weight::Dense(w) => {
+            let w = match &perm {
+                Some(p) => permute_rows(&w, k, p),
+                None => w,
+            };
+            Kernel::Dense(PackedF32::new(&w, out, k))
+        }
         Weight::Csr(m) => Kernel::Csr(match &perm {
             Some(p) => m.permute_columns(p),
             None => m,
@@ -583,7 +610,7 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             let mut y = pool.f32(rows * n);
             match &c.kernel {
                 Kernel::Dense(w) => {
-                    sgemm_bias(&cols[..rows * k], rows, k, w, &c.bias, c.relu, &mut y)
+                    sgemm_packed(&cols[..rows * k], rows, w, &c.bias, c.relu, &mut y)
                 }
                 Kernel::Csr(m) => {
                     csr_gemm_bias(&cols[..rows * k], rows, m, &c.bias, c.relu, &mut y)

@@ -5,12 +5,14 @@
 //! f16, int8 (per-channel or per-tensor scales and zero points) or CSR-sparse. [`Model`]
 //! loads and validates one and runs batches of inputs:
 //!
-//! - f32 and f16 weights run through `matrixmultiply`'s f32 GEMM;
-//! - int8 weights run through an exact `u8 x i8 -> i32` GEMM (AVX-512 VNNI, AVX2 or scalar,
-//!   chosen at run time), with activations quantized per batch (dynamic range) or, when the
+//! - f32 and f16 weights run through an AVX-512 f32 GEMM over weights packed at load time
+//!   (`matrixmultiply` on CPUs without AVX-512);
+//! - int8 weights run through an exact `u8 x i8 -> i32` GEMM (AMX tiles, AVX-512 VNNI, AVX2
+//!   or scalar, chosen at run time), with activations quantized per batch (dynamic range) or, when the
 //!   artifact carries calibrated input scales, in full-integer (static) mode where activations
 //!   stay `u8` between layers;
-//! - CSR weights (pruned layers) run through a sparse-times-dense product.
+//! - CSR weights (pruned layers) run through a sparse-times-dense product; [`csr_pays_off`]
+//!   tells an exporter when a pruned layer is worth storing that way.
 //!
 //! Convolutions are lowered with im2col over NHWC images: activations stay NHWC from the
 //! first convolution to the output (weights are permuted once at load time, and the output
@@ -71,3 +73,47 @@ pub use artifact::{
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
 pub use quant::{QParams, quantize_symmetric};
+
+/// Whether a pruned weight matrix of `rows x cols` with `nnz` nonzero entries should be
+/// stored (and run) as CSR rather than dense: true when the CSR product is faster than the
+/// dense f32 GEMM on this runtime *and* the CSR arrays are smaller than the dense matrix
+/// (8 bytes per nonzero, a column index and a value, plus 4 per row pointer, against 4 per
+/// entry).
+///
+/// The speed rule comes from `cargo xtask bench sparse` on the project's layer shapes
+/// (`docs/results/sparse-2026-11-27.md`): CSR wins once at most [`CSR_MAX_DENSITY`] of the
+/// weights are nonzero, except for very short rows (`cols` below [`CSR_MIN_COLS`], such as
+/// a first convolution over one channel, 3 x 3) and very few of them (`rows` below
+/// [`CSR_MIN_ROWS`], such as a 10-class output layer), where moving activations costs more
+/// than the multiply-adds CSR saves. A convolution lowered to an im2col GEMM has
+/// `rows = out_channels` and `cols = in_channels * kernel^2`.
+///
+/// ```
+/// assert!(runtime::csr_pays_off(512, 784, 512 * 784 / 10)); // 90% sparse
+/// assert!(!runtime::csr_pays_off(512, 784, 512 * 784 / 2)); // 50% sparse
+/// assert!(!runtime::csr_pays_off(32, 9, 29)); // 90% sparse, but rows of 9
+/// assert!(!runtime::csr_pays_off(10, 512, 512)); // 90% sparse, but 10 outputs
+/// assert!(!runtime::csr_pays_off(0, 10, 0));
+/// ```
+pub fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
+    let dense = rows.saturating_mul(cols);
+    if dense == 0 || nnz > dense || cols < CSR_MIN_COLS || rows < CSR_MIN_ROWS {
+        return false;
+    }
+    let csr_bytes = nnz
+        .saturating_mul(8)
+        .saturating_add(rows.saturating_add(1).saturating_mul(4));
+    let smaller = csr_bytes < dense.saturating_mul(4);
+    let faster = (nnz as f64) <= CSR_MAX_DENSITY * dense as f64;
+    smaller && faster
+}
+
+/// The largest fraction of nonzero weights at which [`csr_pays_off`] chooses CSR (80%
+/// sparsity: at 75% the measured speed-ups are 0.7-1.2x, at 90% 1.3-3x).
+pub const CSR_MAX_DENSITY: f64 = 0.2;
+
+/// The shortest rows (reduction length) for which [`csr_pays_off`] chooses CSR.
+pub const CSR_MIN_COLS: usize = 16;
+
+/// The fewest rows (outputs) for which [`csr_pays_off`] chooses CSR.
+pub const CSR_MIN_ROWS: usize = 16;

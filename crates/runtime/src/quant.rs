@@ -37,9 +37,7 @@ impl QParams {
     /// Per-tensor parameters covering `[min(x, 0), max(x, 0)]` (so 0.0 is exact): the
     /// dynamic-range scheme. An all-zero (or empty) input gets scale 1.
     pub fn dynamic(x: &[f32]) -> Self {
-        let (lo, hi) = x
-            .iter()
-            .fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = min_max(x);
         let scale = (hi - lo) / 255.0;
         if !(scale.is_finite() && scale > 0.0) {
             return Self {
@@ -77,18 +75,26 @@ impl QParams {
     pub fn quantize_slice(&self, x: &[f32], out: &mut [u8]) {
         assert_eq!(x.len(), out.len());
         if x.len() < PARALLEL_MIN_ELEMENTS {
-            out.iter_mut()
-                .zip(x)
-                .for_each(|(q, &v)| *q = self.quantize(v));
+            self.quantize_chunk(x, out);
         } else {
             out.par_chunks_mut(PARALLEL_CHUNK)
                 .zip(x.par_chunks(PARALLEL_CHUNK))
-                .for_each(|(q, x)| {
-                    q.iter_mut()
-                        .zip(x)
-                        .for_each(|(q, &v)| *q = self.quantize(v));
-                });
+                .for_each(|(q, x)| self.quantize_chunk(x, q));
         }
+    }
+
+    /// [`QParams::quantize`] of every element, 16 at a time where AVX-512 is available.
+    fn quantize_chunk(&self, x: &[f32], out: &mut [u8]) {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above; the function checks lengths.
+            done = unsafe { simd::quantize(x, self.scale, self.zero_point, out) };
+        }
+        out[done..]
+            .iter_mut()
+            .zip(&x[done..])
+            .for_each(|(q, &v)| *q = self.quantize(v));
     }
 
     /// Dequantizes `q` into `out` (same length).
@@ -100,6 +106,83 @@ impl QParams {
         out.iter_mut()
             .zip(q)
             .for_each(|(x, &v)| *x = self.dequantize(v));
+    }
+}
+
+/// `(min(x, 0), max(x, 0))`, ignoring NaN (like folding with `f32::min` and `f32::max`).
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let scalar =
+        |x: &[f32], start: (f32, f32)| x.iter().fold(start, |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected just above.
+        let (lo, hi, done) = unsafe { simd::min_max(x) };
+        return scalar(&x[done..], (lo, hi));
+    }
+    scalar(x, (0.0, 0.0))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::{
+        _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT, _mm_storeu_si128,
+        _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_cvtps_epi32, _mm512_cvtusepi32_epi8,
+        _mm512_div_ps, _mm512_loadu_ps, _mm512_mask_mov_ps, _mm512_max_ps, _mm512_min_ps,
+        _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_roundscale_ps, _mm512_set1_ps,
+        _mm512_setzero_ps,
+    };
+
+    /// The running `(min, max)` from 0 over the first multiple of 64 elements, and how many
+    /// that was. NaN lanes never win (`vminps` returns its second operand on NaN).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn min_max(x: &[f32]) -> (f32, f32, usize) {
+        let mut lo = [_mm512_setzero_ps(); 4];
+        let mut hi = [_mm512_setzero_ps(); 4];
+        let chunks = x.chunks_exact(64);
+        let done = x.len() - chunks.remainder().len();
+        for chunk in chunks {
+            for j in 0..4 {
+                // SAFETY: `chunk` holds 64 values, lanes `16 j .. 16 j + 16` are inside.
+                let v = unsafe { _mm512_loadu_ps(chunk.as_ptr().add(16 * j)) };
+                lo[j] = _mm512_min_ps(v, lo[j]);
+                hi[j] = _mm512_max_ps(v, hi[j]);
+            }
+        }
+        let lo = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+        let hi = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+        (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), done)
+    }
+
+    /// Quantizes the first multiple of 16 elements exactly like `QParams::quantize` and
+    /// returns how many that was.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize(x: &[f32], scale: f32, zero_point: i32, out: &mut [u8]) -> usize {
+        let len = x.len().min(out.len());
+        let (s, z) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero_point as f32));
+        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let mut i = 0;
+        while i + 16 <= len {
+            // SAFETY: `i + 16 <= len`, inside both slices.
+            let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) };
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_div_ps(v, s),
+            );
+            // NaN converts to code 0 before the zero point is added, as `as i32` does.
+            let r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(r, r), lo);
+            // Integers up to 2^24 add exactly; beyond, the clamp gives the same code.
+            let q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, z), lo), hi);
+            let bytes = _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(q));
+            // SAFETY: 16 bytes at `i` are inside `out`.
+            unsafe { _mm_storeu_si128(out.as_mut_ptr().add(i).cast(), bytes) };
+            i += 16;
+        }
+        i
     }
 }
 
@@ -168,6 +251,22 @@ mod tests {
             // Near the codes, where the ties are.
             let near = (bits % 1024) as f32 * 0.5 - 256.0;
             prop_assert_eq!(q.quantize(near * scale), reference(near * scale));
+        }
+
+        #[test]
+        fn slices_quantize_like_single_values(bits in proptest::collection::vec(any::<u32>(), 0..200), ties in proptest::collection::vec(-600i32..600, 0..100), scale in 1e-4f32..10.0, zero_point in 0i32..=255) {
+            let q = QParams { scale, zero_point };
+            // Arbitrary bit patterns (NaN, infinities) and exact halves of the step.
+            let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b))
+                .chain(ties.iter().map(|&t| t as f32 * 0.5 * scale))
+                .collect();
+            let mut out = vec![0u8; x.len()];
+            q.quantize_slice(&x, &mut out);
+            for (&v, &o) in x.iter().zip(&out) {
+                prop_assert_eq!(o, q.quantize(v), "{}", v);
+            }
+            let folded = x.iter().fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            prop_assert_eq!(min_max(&x), folded);
         }
 
         #[test]

@@ -2,6 +2,7 @@
 
 mod precision;
 mod runtime;
+mod sparse;
 
 use anyhow::Result;
 use clap::ValueEnum;
@@ -15,13 +16,17 @@ pub enum Suite {
     Precision,
     /// Inference throughput of the pure-Rust runtime against libtorch and PyTorch.
     Runtime,
+    /// Our CSR-sparse products against our dense f32 GEMM on the project's layer shapes.
+    Sparse,
 }
 
 impl Suite {
-    pub fn run(self, quick: bool) -> Result<BenchReport> {
+    /// Runs the suite; `threads` (the runtime and sparse suites) limits every engine.
+    pub fn run(self, quick: bool, threads: Option<usize>) -> Result<BenchReport> {
         match self {
             Self::Precision => precision::run(quick),
-            Self::Runtime => runtime::run(quick),
+            Self::Runtime => runtime::run(quick, threads),
+            Self::Sparse => sparse::run(quick, threads),
         }
     }
 }

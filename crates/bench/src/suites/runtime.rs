@@ -64,7 +64,7 @@ impl Settings {
 }
 
 /// The MLP 784-512-512-10 of the issue.
-fn mlp() -> NetworkSpec {
+pub(crate) fn mlp() -> NetworkSpec {
     NetworkSpec {
         name: "mlp_784_512_512_10".into(),
         input: [1, 28, 28],
@@ -273,9 +273,10 @@ fn measure_peer(
     Ok(round)
 }
 
-pub fn run(quick: bool) -> Result<BenchReport> {
+pub fn run(quick: bool, threads: Option<usize>) -> Result<BenchReport> {
     let settings = Settings::new(quick);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = threads.unwrap_or(all);
     tch::set_num_threads(i32::try_from(threads).unwrap_or(1));
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist");
     let data = Dataset::load(&data_dir).context("loading the bundled MNIST")?;
@@ -345,5 +346,10 @@ pub fn run(quick: bool) -> Result<BenchReport> {
             }
         }
     }
-    Ok(BenchReport::new("runtime", peer::machine(), results))
+    let machine = if threads == all {
+        peer::machine()
+    } else {
+        format!("{}, {threads} threads", peer::machine())
+    };
+    Ok(BenchReport::new("runtime", machine, results))
 }

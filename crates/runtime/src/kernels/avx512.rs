@@ -16,7 +16,7 @@ const NR: usize = 16;
 const MR: usize = 4;
 
 /// Packs `w` (`n` rows of `k` weights) into the block layout, zero padded to `kp` (a multiple
-/// of 4) and to a multiple of 16 columns.
+/// of 4: each column block then holds `kp / 4` groups) and to a multiple of 16 columns.
 pub(crate) fn pack(w: &[i8], n: usize, k: usize, kp: usize) -> Vec<i8> {
     let kq = kp / 4;
     let mut out = vec![0i8; n.div_ceil(NR) * kq * NR * 4];
@@ -33,8 +33,8 @@ pub(crate) fn pack(w: &[i8], n: usize, k: usize, kp: usize) -> Vec<i8> {
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VNNI; `a` must be readable for `rows` rows of `4 * kq`
-/// bytes at stride `lda`; `b` for `NB * kq * 64` bytes; `c` writable for `rows` rows of the
-/// columns set in `masks`, at stride `ldc`.
+/// bytes at stride `lda`; `b` for `NB` blocks of `kq * 64` bytes, `bs * 64` bytes apart; `c`
+/// writable for `rows` rows of the columns set in `masks`, at stride `ldc`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const ROWS: usize, const NB: usize>(
@@ -42,6 +42,7 @@ unsafe fn tile<const ROWS: usize, const NB: usize>(
     lda: usize,
     b: *const i8,
     kq: usize,
+    bs: usize,
     c: *mut i32,
     ldc: usize,
     masks: [__mmask16; NB],
@@ -50,8 +51,8 @@ unsafe fn tile<const ROWS: usize, const NB: usize>(
     for q in 0..kq {
         let mut bv = [_mm512_setzero_si512(); NB];
         for (j, v) in bv.iter_mut().enumerate() {
-            // SAFETY: block `j`, group `q` lies inside the `NB * kq * 64` readable bytes.
-            *v = unsafe { _mm512_loadu_si512(b.add((j * kq + q) * 64).cast::<__m512i>()) };
+            // SAFETY: block `j`, group `q` lies inside the readable blocks.
+            *v = unsafe { _mm512_loadu_si512(b.add((j * bs + q) * 64).cast::<__m512i>()) };
         }
         for (r, acc_row) in acc.iter_mut().enumerate() {
             // SAFETY: row `r < rows` has `4 * kq` readable bytes; the read is unaligned.
@@ -92,6 +93,7 @@ unsafe fn panel<const NB: usize>(
     m: usize,
     b: *const i8,
     kq: usize,
+    bs: usize,
     c: *mut i32,
     n: usize,
     start: usize,
@@ -103,26 +105,39 @@ unsafe fn panel<const NB: usize>(
     let mut r = 0;
     while r + MR <= m {
         // SAFETY: rows `r..r + MR` are below `m`; the caller vouches for rows `0..m`.
-        unsafe { tile::<MR, NB>(a.add(r * lda), lda, b, kq, c.add(r * n + start), n, masks) };
+        unsafe {
+            tile::<MR, NB>(
+                a.add(r * lda),
+                lda,
+                b,
+                kq,
+                bs,
+                c.add(r * n + start),
+                n,
+                masks,
+            )
+        };
         r += MR;
     }
     // SAFETY: as above, for the last `m - r < MR` rows.
     unsafe {
         let (a, c) = (a.add(r * lda), c.add(r * n + start));
         match m - r {
-            1 => tile::<1, NB>(a, lda, b, kq, c, n, masks),
-            2 => tile::<2, NB>(a, lda, b, kq, c, n, masks),
-            3 => tile::<3, NB>(a, lda, b, kq, c, n, masks),
+            1 => tile::<1, NB>(a, lda, b, kq, bs, c, n, masks),
+            2 => tile::<2, NB>(a, lda, b, kq, bs, c, n, masks),
+            3 => tile::<3, NB>(a, lda, b, kq, bs, c, n, masks),
             _ => {}
         }
     }
 }
 
-/// `c[r * n + j] = sum_kk a[r * lda + kk] * w[j][kk]` for the packed weights `b`.
+/// `c[r * n + j] = sum_kk a[r * lda + kk] * w[j][kk]` for the packed weights `b`, whose
+/// column blocks hold `block_k >= kp` weights each (zero beyond `kp`).
 ///
 /// # Safety
 /// The CPU must support AVX-512F/BW/VNNI. Slice lengths are checked here.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     a: &[u8],
     lda: usize,
@@ -130,11 +145,13 @@ pub(crate) unsafe fn gemm(
     b: &[i8],
     n: usize,
     kp: usize,
+    block_k: usize,
     c: &mut [i32],
 ) {
-    let kq = kp / 4;
+    let (kq, bs) = (kp / 4, block_k / 4);
     let blocks = n.div_ceil(NR);
-    assert!(kp.is_multiple_of(4) && lda >= kp && b.len() == blocks * kq * NR * 4);
+    assert!(kp.is_multiple_of(4) && block_k.is_multiple_of(4) && block_k >= kp);
+    assert!(lda >= kp && b.len() == blocks * bs * NR * 4);
     assert!(m == 0 || a.len() >= (m - 1) * lda + kp);
     assert!(c.len() >= m * n);
     let (ap, cp) = (a.as_ptr(), c.as_mut_ptr());
@@ -144,11 +161,11 @@ pub(crate) unsafe fn gemm(
         // `block..block + NB` of `b` readable and rows `0..m` of `c` writable for `n` values;
         // the masks only enable columns below `n`.
         unsafe {
-            let bp = b.as_ptr().add(block * kq * NR * 4);
+            let bp = b.as_ptr().add(block * bs * NR * 4);
             if block + 1 < blocks {
-                panel::<2>(ap, lda, m, bp, kq, cp, n, block * NR);
+                panel::<2>(ap, lda, m, bp, kq, bs, cp, n, block * NR);
             } else {
-                panel::<1>(ap, lda, m, bp, kq, cp, n, block * NR);
+                panel::<1>(ap, lda, m, bp, kq, bs, cp, n, block * NR);
             }
         }
         block += 2;

@@ -1,5 +1,5 @@
-//! f32 products: dense (through `matrixmultiply`) and CSR-sparse, each with a bias and ReLU
-//! epilogue.
+//! f32 products: dense (an AVX-512 blocked kernel over weights packed at load time, else
+//! `matrixmultiply`) and CSR-sparse, each with a bias and ReLU epilogue.
 
 use rayon::prelude::*;
 
@@ -36,6 +36,60 @@ fn bias_relu(out: &mut [f32], bias: &[f32], relu: bool) {
     }
 }
 
+/// A dense f32 weight matrix (`n x k`, one row per output, PyTorch's layout) prepared once
+/// for [`sgemm_packed`]: the rows as they are (for the few-row dot-product path) and, where
+/// the CPU has AVX-512, the panels of the blocked kernel.
+#[derive(Clone, Debug)]
+pub struct PackedF32 {
+    n: usize,
+    k: usize,
+    rows: Vec<f32>,
+    /// AVX-512 panels; empty where the portable path (`matrixmultiply`) runs instead.
+    panels: Vec<f32>,
+}
+
+impl PackedF32 {
+    /// Prepares `w` (`n` rows of `k`) for the fastest kernel of this CPU.
+    ///
+    /// # Panics
+    /// If `w.len() != n * k`.
+    pub fn new(w: &[f32], n: usize, k: usize) -> Self {
+        let mut packed = Self::portable(w, n, k);
+        #[cfg(target_arch = "x86_64")]
+        if k > 0 && super::sgemm512::available() {
+            packed.panels = super::sgemm512::pack(w, n, k);
+        }
+        packed
+    }
+
+    /// Like [`PackedF32::new`], for the portable kernel whatever the CPU.
+    ///
+    /// # Panics
+    /// If `w.len() != n * k`.
+    pub fn portable(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "w must be n x k");
+        Self {
+            n,
+            k,
+            rows: w.to_vec(),
+            panels: Vec::new(),
+        }
+    }
+
+    /// Number of outputs.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Reduction length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// Multiply-adds per parallel task of the blocked kernel, at least.
+const TASK_MACS: usize = 1 << 20;
+
 /// `out = a w^T + bias` (then ReLU if asked): `a` is `m x k`, `w` is `n x k` (one row per
 /// output, PyTorch's layout), `out` is `m x n`, all row-major.
 ///
@@ -51,16 +105,72 @@ pub fn sgemm_bias(
     out: &mut [f32],
 ) {
     let n = bias.len();
-    assert_eq!(a.len(), m * k, "a must be m x k");
     assert_eq!(w.len(), n * k, "w must be n x k");
+    let packed = if m < GEMV_MAX_ROWS {
+        PackedF32::portable(w, n, k)
+    } else {
+        PackedF32::new(w, n, k)
+    };
+    sgemm_packed(a, m, &packed, bias, relu, out);
+}
+
+/// [`sgemm_bias`] with weights prepared by [`PackedF32`].
+///
+/// # Panics
+/// If a slice does not have the length its shape gives.
+pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool, out: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(bias.len(), n, "one bias per output");
+    assert_eq!(a.len(), m * k, "a must be m x k");
     assert_eq!(out.len(), m * n, "out must be m x n");
     if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && m >= GEMV_MAX_ROWS && !w.panels.is_empty() {
+        use super::sgemm512::{MR, NR, gemm};
+        let panels = n.div_ceil(NR);
+        // SAFETY (every call): the panels exist only where AVX-512F was detected; the kernel
+        // checks the slice lengths; `out` is valid for `len` writes, and the tasks below
+        // write disjoint rows or disjoint panels of it.
+        let run = |a: &[f32], rows: usize, out: SharedOut, range: std::ops::Range<usize>| unsafe {
+            gemm(
+                a,
+                rows,
+                k,
+                &w.panels,
+                n,
+                bias,
+                relu,
+                out.ptr(),
+                out.1,
+                range,
+            );
+        };
+        let task_rows = TASK_MACS.div_ceil(n * k).next_multiple_of(MR).max(4 * MR);
+        if m * n * k < PARALLEL_MIN_MACS {
+            run(a, m, SharedOut(out.as_mut_ptr(), out.len()), 0..panels);
+        } else if m >= 2 * task_rows {
+            a.par_chunks(task_rows * k)
+                .zip(out.par_chunks_mut(task_rows * n))
+                .for_each(|(a, out)| {
+                    let rows = out.len() / n;
+                    run(a, rows, SharedOut(out.as_mut_ptr(), out.len()), 0..panels);
+                });
+        } else {
+            // Few rows of a wide layer: every task computes all rows for one panel.
+            let shared = SharedOut(out.as_mut_ptr(), out.len());
+            (0..panels)
+                .into_par_iter()
+                .for_each(|p| run(a, m, shared, p..p + 1));
+        }
         return;
     }
     if k == 0 {
         out.fill(0.0);
     } else if m < GEMV_MAX_ROWS {
         let dot = dot_fn();
+        let w = &w.rows;
         for (x, y) in a.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             let columns = |y: &mut [f32], w: &[f32]| {
                 for (y, w) in y.iter_mut().zip(w.chunks_exact(k)) {
@@ -90,7 +200,7 @@ pub fn sgemm_bias(
                 a.as_ptr(),
                 k as isize,
                 1,
-                w.as_ptr(),
+                w.rows.as_ptr(),
                 1,
                 k as isize,
                 0.0,
@@ -101,6 +211,23 @@ pub fn sgemm_bias(
         }
     }
     bias_relu(out, bias, relu);
+}
+
+/// The output of a GEMM whose parallel tasks write disjoint columns.
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: only used where the tasks write disjoint elements (see `sgemm_packed`).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// A sparse `rows x cols` matrix in compressed sparse row form: row `i` holds the entries
@@ -264,11 +391,33 @@ impl CsrMatrix {
     }
 }
 
-/// Rows of `x` handled together, so that each sparse entry is loaded once for all of them.
-const CSR_ROWS: usize = 4;
+/// Rows of `x` per block of the batched sparse product: the block is transposed so that one
+/// sparse weight meets this many activations in one contiguous load.
+const CSR_BLOCK: usize = 32;
+
+/// Below this many rows each row is a series of sparse dot products over `x` in place.
+const CSR_DOT_MAX_ROWS: usize = 4;
+
+/// Stored weights from which a few-row sparse product is split over outputs across cores.
+const CSR_PARALLEL_MIN_NNZ: usize = 1 << 15;
+
+/// Output rows per task of a parallel few-row sparse product.
+const CSR_TASK_OUTPUTS: usize = 32;
+
+thread_local! {
+    /// One block of transposed activations and one of transposed outputs, kept by each
+    /// thread between blocks and calls.
+    static CSR_SCRATCH: std::cell::Cell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
 
 /// `out = x w^T + bias` (then ReLU if asked) for a CSR `w` (`n x k`, one row per output):
 /// `x` is `m x k`, `out` is `m x n`, row-major.
+///
+/// Batches run in blocks of 32 rows: the block of `x` is transposed (`k x 32`), so that each
+/// stored weight is one broadcast and two 16-wide multiply-adds over contiguous activations;
+/// the outputs are gathered transposed and written back row by row with the bias. One to
+/// three rows are sparse dot products (split over outputs across cores for large layers).
 ///
 /// # Panics
 /// If a slice does not have the length its shape gives.
@@ -284,7 +433,7 @@ pub fn csr_gemm_bias(
     assert_eq!(x.len(), m * k, "x must be m x k");
     assert_eq!(bias.len(), n, "one bias per output");
     assert_eq!(out.len(), m * n, "out must be m x n");
-    if n == 0 {
+    if n == 0 || m == 0 {
         return;
     }
     if k == 0 {
@@ -292,30 +441,222 @@ pub fn csr_gemm_bias(
         bias_relu(out, bias, relu);
         return;
     }
-    let block = |x: &[f32], out: &mut [f32]| {
-        let rows = out.len() / n;
-        for j in 0..n {
-            let mut acc = [0.0f32; CSR_ROWS];
-            for e in w.row_ptr[j]..w.row_ptr[j + 1] {
-                let (c, v) = (w.col_idx[e] as usize, w.values[e]);
-                for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                    *a += v * x[r * k + c];
-                }
-            }
-            for (r, &a) in acc.iter().enumerate().take(rows) {
-                let y = a + bias[j];
-                out[r * n + j] = if relu { y.max(0.0) } else { y };
+    if m < CSR_DOT_MAX_ROWS {
+        for (x, y) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+            if w.nnz() < CSR_PARALLEL_MIN_NNZ || n < 2 * CSR_TASK_OUTPUTS {
+                csr_dots(x, w, 0, bias, relu, y);
+            } else {
+                y.par_chunks_mut(CSR_TASK_OUTPUTS)
+                    .enumerate()
+                    .for_each(|(t, y)| csr_dots(x, w, t * CSR_TASK_OUTPUTS, bias, relu, y));
             }
         }
+        return;
+    }
+    let block = |x: &[f32], out: &mut [f32]| {
+        let mut scratch = CSR_SCRATCH.with(std::cell::Cell::take);
+        for (x, out) in x.chunks(CSR_BLOCK * k).zip(out.chunks_mut(CSR_BLOCK * n)) {
+            csr_block_dispatch(x, w, bias, relu, out, &mut scratch);
+        }
+        CSR_SCRATCH.with(|cell| cell.set(scratch));
     };
-    let chunks = x.chunks(CSR_ROWS * k).zip(out.chunks_mut(CSR_ROWS * n));
-    if m * w.nnz() < PARALLEL_MIN_MACS || m <= CSR_ROWS {
-        chunks.for_each(|(x, out)| block(x, out));
+    // Enough blocks per task that a task is worth a wake-up.
+    let per_task = PARALLEL_MIN_MACS
+        .div_ceil(CSR_BLOCK * w.nnz().max(1))
+        .clamp(1, m.div_ceil(CSR_BLOCK));
+    let rows = per_task * CSR_BLOCK;
+    if m * w.nnz() < PARALLEL_MIN_MACS || m <= rows {
+        block(x, out);
     } else {
-        x.par_chunks(CSR_ROWS * k)
-            .zip(out.par_chunks_mut(CSR_ROWS * n))
+        x.par_chunks(rows * k)
+            .zip(out.par_chunks_mut(rows * n))
             .for_each(|(x, out)| block(x, out));
     }
+}
+
+/// Outputs `first..first + y.len()` of one row: sparse dot products over `x`.
+fn csr_dots(x: &[f32], w: &CsrMatrix, first: usize, bias: &[f32], relu: bool, y: &mut [f32]) {
+    for (j, y) in (first..).zip(y.iter_mut()) {
+        let (lo, hi) = (w.row_ptr[j], w.row_ptr[j + 1]);
+        let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above; `CsrMatrix` guarantees every
+            // column index is below `cols`, and `x` holds `cols` values (checked by the
+            // caller's shape asserts).
+            let v = unsafe { super::sgemm512::sparse_dot(x, cols, vals) } + bias[j];
+            *y = if relu { v.max(0.0) } else { v };
+            continue;
+        }
+        let mut acc = [0.0f32; 4];
+        let (cc, vc) = (cols.chunks_exact(4), vals.chunks_exact(4));
+        let tail: f32 = cc
+            .remainder()
+            .iter()
+            .zip(vc.remainder())
+            .map(|(&c, &v)| v * x[c as usize])
+            .sum();
+        for (c, v) in cc.zip(vc) {
+            for i in 0..4 {
+                acc[i] += v[i] * x[c[i] as usize];
+            }
+        }
+        let v = (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail + bias[j];
+        *y = if relu { v.max(0.0) } else { v };
+    }
+}
+
+/// Transposes whole 16 x 16 tiles of the `rows x k` block `x` into `xt` (`k x 32`) where
+/// the CPU has AVX-512; returns how many rows and columns that covered.
+fn transpose_tiles(
+    x: &[f32],
+    k: usize,
+    rows: usize,
+    xt: &mut [[f32; CSR_BLOCK]],
+) -> (usize, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        let (tr, tc) = (rows / 16 * 16, k / 16 * 16);
+        for r0 in (0..tr).step_by(16) {
+            for c0 in (0..tc).step_by(16) {
+                // SAFETY: AVX-512F was detected; rows `r0..r0 + 16` and columns
+                // `c0..c0 + 16` are inside `x` (`rows x k`) and columns `c0..c0 + 16`,
+                // lanes `r0..r0 + 16` inside `xt`.
+                unsafe {
+                    super::sgemm512::transpose16(
+                        x.as_ptr().add(r0 * k + c0),
+                        k,
+                        xt.as_mut_ptr().add(c0).cast::<f32>().add(r0),
+                        CSR_BLOCK,
+                    )
+                };
+            }
+        }
+        return (tr, tc);
+    }
+    let _ = (x, k, rows, xt);
+    (0, 0)
+}
+
+/// [`csr_block`] compiled for AVX-512 where the CPU has it.
+fn csr_block_dispatch(
+    x: &[f32],
+    w: &CsrMatrix,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+    scratch: &mut (Vec<f32>, Vec<f32>),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected just above.
+        unsafe { csr_block_avx512(x, w, bias, relu, out, scratch) };
+        return;
+    }
+    csr_block(x, w, bias, relu, out, scratch);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn csr_block_avx512(
+    x: &[f32],
+    w: &CsrMatrix,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+    scratch: &mut (Vec<f32>, Vec<f32>),
+) {
+    csr_block(x, w, bias, relu, out, scratch);
+}
+
+/// Up to [`CSR_BLOCK`] rows: transposes `x` into `k x 32`, accumulates every output over its
+/// stored weights 32 rows at a time, and writes the rows of `out` with the bias.
+#[inline(always)]
+fn csr_block(
+    x: &[f32],
+    w: &CsrMatrix,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+    (xt, yt): &mut (Vec<f32>, Vec<f32>),
+) {
+    let (n, k) = (w.rows, w.cols);
+    let rows = x.len() / k;
+    // Stale contents are fine: every used entry is written below, and the lanes of missing
+    // rows only reach outputs that are never written back.
+    xt.resize(k * CSR_BLOCK, 0.0);
+    yt.resize(n * CSR_BLOCK, 0.0);
+    let xt: &mut [[f32; CSR_BLOCK]] = &mut xt.as_chunks_mut().0[..k];
+    let (done_rows, done_cols) = transpose_tiles(x, k, rows, xt);
+    // The rest column by column: contiguous writes, each row's cache line serves 16 columns.
+    for (c, column) in xt.iter_mut().enumerate() {
+        let from = if c < done_cols { done_rows } else { 0 };
+        for (r, v) in column.iter_mut().enumerate().take(rows).skip(from) {
+            *v = x[r * k + c];
+        }
+    }
+    let xt: &[[f32; CSR_BLOCK]] = xt;
+    let yt: &mut [[f32; CSR_BLOCK]] = yt.as_chunks_mut().0;
+    for (j, y) in yt.iter_mut().enumerate() {
+        let (lo, hi) = (w.row_ptr[j], w.row_ptr[j + 1]);
+        let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected just above; every column index is below `k`,
+            // the number of transposed columns in `xt`.
+            unsafe { super::sgemm512::sparse_block_row(xt, cols, vals, y) };
+            continue;
+        }
+        let mut acc = [0.0f32; CSR_BLOCK];
+        for (&c, &v) in cols.iter().zip(vals) {
+            let column = &xt[c as usize];
+            for i in 0..CSR_BLOCK {
+                acc[i] += v * column[i];
+            }
+        }
+        *y = acc;
+    }
+    let (done_rows, done_cols) = transpose_back(yt, n, rows, out);
+    for (r, row) in out.chunks_exact_mut(n).take(rows).enumerate() {
+        let from = if r < done_rows { done_cols } else { 0 };
+        for (j, o) in row.iter_mut().enumerate().skip(from) {
+            *o = yt[j][r];
+        }
+        bias_relu(row, bias, relu);
+    }
+}
+
+/// Transposes whole 16 x 16 tiles of the `n x 32` block outputs `yt` into the rows of `out`
+/// (`rows x n`) where the CPU has AVX-512; returns how many rows and columns that covered.
+fn transpose_back(
+    yt: &[[f32; CSR_BLOCK]],
+    n: usize,
+    rows: usize,
+    out: &mut [f32],
+) -> (usize, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        let (tr, tc) = (rows / 16 * 16, n / 16 * 16);
+        assert!(yt.len() >= n && out.len() >= rows * n);
+        for r0 in (0..tr).step_by(16) {
+            for c0 in (0..tc).step_by(16) {
+                // SAFETY: AVX-512F was detected; outputs `c0..c0 + 16`, lanes
+                // `r0..r0 + 16` are inside `yt`, rows `r0..r0 + 16` and columns
+                // `c0..c0 + 16` inside `out` (asserted above).
+                unsafe {
+                    super::sgemm512::transpose16(
+                        yt.as_ptr().add(c0).cast::<f32>().add(r0),
+                        CSR_BLOCK,
+                        out.as_mut_ptr().add(r0 * n + c0),
+                        n,
+                    )
+                };
+            }
+        }
+        return (tr, tc);
+    }
+    let _ = (yt, n, rows, out);
+    (0, 0)
 }
 
 #[cfg(test)]
@@ -396,7 +737,20 @@ mod tests {
         }
 
         #[test]
-        fn csr_matches_the_dense_reference(m in 1usize..20, n in 1usize..40, k in 1usize..130, sparsity in 0.0f64..1.0, seed in any::<u64>(), relu in any::<bool>()) {
+        fn packed_and_portable_sgemm_match_the_reference(m in 1usize..60, n in 1usize..80, k in 1usize..70, seed in any::<u64>(), relu in any::<bool>()) {
+            let x = matrix(m * k, 0.0, seed);
+            let w = matrix(n * k, 0.0, !seed);
+            let bias = matrix(n, 0.0, seed ^ 5);
+            let (e, mag) = reference(&x, m, k, &w, &bias, relu);
+            for packed in [PackedF32::new(&w, n, k), PackedF32::portable(&w, n, k)] {
+                let mut out = vec![f32::NAN; m * n];
+                sgemm_packed(&x, m, &packed, &bias, relu, &mut out);
+                close(&out, &e, &mag, k)?;
+            }
+        }
+
+        #[test]
+        fn csr_matches_the_dense_reference(m in 1usize..80, n in 1usize..40, k in 1usize..130, sparsity in 0.0f64..1.0, seed in any::<u64>(), relu in any::<bool>()) {
             let x = matrix(m * k, 0.0, seed);
             let w = matrix(n * k, sparsity, !seed);
             let bias = matrix(n, 0.0, seed ^ 5);

@@ -1,0 +1,315 @@
+//! AVX-512 f32 GEMM over weights packed once at load time, with the bias and ReLU epilogue
+//! fused into the stores.
+//!
+//! Packed layout: panels of 32 output columns; inside a panel, for every `k`, the 32 weights
+//! of its columns (`[n / 32][k][32]`, zero padded to whole panels), so the micro-kernel
+//! streams each panel front to back with two 64-byte loads per `k`. The micro-kernel keeps a
+//! `ROWS x 32` block of `C` in 2 * `ROWS` registers (`ROWS` up to 12: 24 accumulators) and
+//! broadcasts one activation per row and `k` from the row-major input.
+
+use std::arch::x86_64::{
+    __m512, __m512i, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_i32gather_ps,
+    _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps,
+    _mm512_max_ps, _mm512_reduce_add_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_shuffle_f32x4,
+    _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
+};
+
+/// Columns per panel.
+pub(crate) const NR: usize = 32;
+/// Rows per micro-tile.
+pub(crate) const MR: usize = 12;
+
+/// Whether this CPU runs the kernel.
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+/// Packs `w` (`n` rows of `k`, one row per output) into panels.
+pub(crate) fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let panels = n.div_ceil(NR);
+    let mut out = vec![0.0f32; panels * k * NR];
+    for (j, row) in w.chunks_exact(k).enumerate().take(n) {
+        let (panel, lane) = (j / NR, j % NR);
+        let base = panel * k * NR + lane;
+        for (kk, &v) in row.iter().enumerate() {
+            out[base + kk * NR] = v;
+        }
+    }
+    out
+}
+
+/// Column masks of the panel that starts at column `start` of `n`.
+fn masks(start: usize, n: usize) -> [__mmask16; 2] {
+    let valid = (n - start).min(NR);
+    let mask = |v: usize| -> __mmask16 { if v >= 16 { u16::MAX } else { (1u16 << v) - 1 } };
+    [mask(valid), mask(valid.saturating_sub(16))]
+}
+
+/// `k` per cache block: a panel's block of weights (`KC x 32` f32, 32 KiB) stays in L1
+/// while every row tile of the task passes over it.
+const KC: usize = 256;
+
+/// One `ROWS x 32` tile over `k` values of the reduction: `c (+)= a b`; on the last block
+/// of `k` the bias and ReLU are applied.
+///
+/// # Safety
+/// AVX-512F; `a` readable for `ROWS` rows of `k` values at stride `lda`; `b` for `k * 32`
+/// values; `bias` for the columns in `masks`; `c` readable (unless `first`) and writable
+/// for `ROWS` rows of those columns at stride `ldc`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const ROWS: usize>(
+    a: *const f32,
+    lda: usize,
+    k: usize,
+    b: *const f32,
+    bias: *const f32,
+    (first, last, relu): (bool, bool, bool),
+    c: *mut f32,
+    ldc: usize,
+    masks: [__mmask16; 2],
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+    if !first {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            for (h, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller vouches for the masked columns of row `r`.
+                *acc = unsafe { _mm512_maskz_loadu_ps(masks[h], c.add(r * ldc + 16 * h)) };
+            }
+        }
+    }
+    for kk in 0..k {
+        // SAFETY: `kk < k`: inside the panel and inside every row.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_ps(b.add(kk * NR)),
+                _mm512_loadu_ps(b.add(kk * NR + 16)),
+            )
+        };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let x = _mm512_set1_ps(unsafe { *a.add(r * lda + kk) });
+            acc[0] = _mm512_fmadd_ps(x, b0, acc[0]);
+            acc[1] = _mm512_fmadd_ps(x, b1, acc[1]);
+        }
+    }
+    // SAFETY: masked loads and stores touch only the columns the caller vouches for.
+    unsafe {
+        let bias: [__m512; 2] = if last {
+            [
+                _mm512_maskz_loadu_ps(masks[0], bias),
+                _mm512_maskz_loadu_ps(masks[1], bias.add(16)),
+            ]
+        } else {
+            [_mm512_setzero_ps(); 2]
+        };
+        let zero = _mm512_setzero_ps();
+        for (r, acc) in acc.iter().enumerate() {
+            for h in 0..2 {
+                let mut v = acc[h];
+                if last {
+                    v = _mm512_add_ps(v, bias[h]);
+                    if relu {
+                        v = _mm512_max_ps(v, zero);
+                    }
+                }
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), masks[h], v);
+            }
+        }
+    }
+}
+
+/// `out = a w^T + bias` (ReLU if asked) for `m` rows of `a` (`m x k`, row-major) and the
+/// packed `w`, over the panels `panels` (a range of panel indices): only the columns of
+/// those panels of `out` (`m x n`, row-major) are written.
+///
+/// # Safety
+/// AVX-512F; `out` must be valid for reads and writes of `out_len` values, and no one else
+/// may access the columns of `panels` during the call. Slice lengths are checked here.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    packed: &[f32],
+    n: usize,
+    bias: &[f32],
+    relu: bool,
+    out: *mut f32,
+    out_len: usize,
+    panels: std::ops::Range<usize>,
+) {
+    assert!(k > 0 && a.len() >= m * k && out_len >= m * n && bias.len() >= n);
+    assert!(packed.len() == n.div_ceil(NR) * k * NR && panels.end <= n.div_ceil(NR));
+    let (ap, cp) = (a.as_ptr(), out);
+    // Blocks of equal length (at most KC): no short last block that would load and store
+    // the accumulators for a few multiply-adds.
+    let block = k.div_ceil(k.div_ceil(KC));
+    for k0 in (0..k).step_by(block) {
+        let kc = (k - k0).min(block);
+        let flags = (k0 == 0, k0 + kc == k, relu);
+        for p in panels.clone() {
+            let start = p * NR;
+            let masks = masks(start, n);
+            let mut r = 0;
+            while r < m {
+                let rows = (m - r).min(MR);
+                // SAFETY: rows `r..r + rows` are inside `a` and `out`; `k0..k0 + kc` inside
+                // each row; panel `p`'s block `k0..` inside `packed`; the masks keep the
+                // columns below `n`, inside `bias` and `out`.
+                unsafe {
+                    let a = ap.add(r * k + k0);
+                    let b = packed.as_ptr().add(p * k * NR + k0 * NR);
+                    let (bias, c) = (bias.as_ptr().add(start), cp.add(r * n + start));
+                    match rows {
+                        12 => tile::<12>(a, k, kc, b, bias, flags, c, n, masks),
+                        11 => tile::<11>(a, k, kc, b, bias, flags, c, n, masks),
+                        10 => tile::<10>(a, k, kc, b, bias, flags, c, n, masks),
+                        9 => tile::<9>(a, k, kc, b, bias, flags, c, n, masks),
+                        8 => tile::<8>(a, k, kc, b, bias, flags, c, n, masks),
+                        7 => tile::<7>(a, k, kc, b, bias, flags, c, n, masks),
+                        6 => tile::<6>(a, k, kc, b, bias, flags, c, n, masks),
+                        5 => tile::<5>(a, k, kc, b, bias, flags, c, n, masks),
+                        4 => tile::<4>(a, k, kc, b, bias, flags, c, n, masks),
+                        3 => tile::<3>(a, k, kc, b, bias, flags, c, n, masks),
+                        2 => tile::<2>(a, k, kc, b, bias, flags, c, n, masks),
+                        _ => tile::<1>(a, k, kc, b, bias, flags, c, n, masks),
+                    }
+                }
+                r += rows;
+            }
+        }
+    }
+}
+
+/// `y[i] = sum_e vals[e] * xt[cols[e]][i]` for the 32 lanes of a transposed row block, with
+/// four independent pairs of accumulators.
+///
+/// # Safety
+/// AVX-512F; every index in `cols` must be below `xt.len()`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sparse_block_row(
+    xt: &[[f32; 32]],
+    cols: &[u32],
+    vals: &[f32],
+    y: &mut [f32; 32],
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let (cc, vc) = (cols.as_chunks::<4>(), vals.as_chunks::<4>());
+    let base = xt.as_ptr().cast::<f32>();
+    for (c, v) in cc.0.iter().zip(vc.0) {
+        for u in 0..4 {
+            let vb = _mm512_set1_ps(v[u]);
+            // SAFETY: `c[u]` is a valid row of `xt` (32 values).
+            let p = unsafe { base.add(c[u] as usize * 32) };
+            // SAFETY: as above.
+            let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
+            acc[u][0] = _mm512_fmadd_ps(vb, lo, acc[u][0]);
+            acc[u][1] = _mm512_fmadd_ps(vb, hi, acc[u][1]);
+        }
+    }
+    for (&c, &v) in cc.1.iter().zip(vc.1) {
+        let vb = _mm512_set1_ps(v);
+        // SAFETY: as above.
+        let p = unsafe { base.add(c as usize * 32) };
+        // SAFETY: as above.
+        let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
+        acc[0][0] = _mm512_fmadd_ps(vb, lo, acc[0][0]);
+        acc[0][1] = _mm512_fmadd_ps(vb, hi, acc[0][1]);
+    }
+    for h in 0..2 {
+        let sum = _mm512_add_ps(
+            _mm512_add_ps(acc[0][h], acc[1][h]),
+            _mm512_add_ps(acc[2][h], acc[3][h]),
+        );
+        // SAFETY: `y` holds 32 values.
+        unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(16 * h), sum) };
+    }
+}
+
+/// `sum_e vals[e] * x[cols[e]]`, 16 entries per gather.
+///
+/// # Safety
+/// AVX-512F; every index in `cols` must be below `x.len()`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sparse_dot(x: &[f32], cols: &[u32], vals: &[f32]) -> f32 {
+    let len = cols.len().min(vals.len());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut e = 0;
+    while e + 16 <= len {
+        // SAFETY: `e + 16 <= len`; the indices are inside `x` (the caller vouches).
+        unsafe {
+            let idx = _mm512_loadu_si512(cols.as_ptr().add(e).cast::<__m512i>());
+            let g = _mm512_i32gather_ps::<4>(idx, x.as_ptr());
+            let h = (e / 16) % 2;
+            acc[h] = _mm512_fmadd_ps(g, _mm512_loadu_ps(vals.as_ptr().add(e)), acc[h]);
+        }
+        e += 16;
+    }
+    let tail: f32 = cols[e..len]
+        .iter()
+        .zip(&vals[e..len])
+        .map(|(&c, &v)| v * x[c as usize])
+        .sum();
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail
+}
+
+/// Transposes a 16 x 16 block: `dst[j * lds + i] = src[i * lda + j]`.
+///
+/// # Safety
+/// AVX-512F; `src` readable for 16 rows of 16 values at stride `lda`, `dst` writable for 16
+/// rows of 16 at stride `lds`.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn transpose16(src: *const f32, lda: usize, dst: *mut f32, lds: usize) {
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, v) in r.iter_mut().enumerate() {
+        // SAFETY: row `i` of the block is readable.
+        *v = unsafe { _mm512_loadu_ps(src.add(i * lda)) };
+    }
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        r[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+        r[4 * i + 1] = _mm512_shuffle_ps::<0xee>(a, c);
+        r[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        r[4 * i + 3] = _mm512_shuffle_ps::<0xee>(b, d);
+    }
+    for h in 0..2 {
+        for i in 0..4 {
+            t[8 * h + i] = _mm512_shuffle_f32x4::<0x88>(r[8 * h + i], r[8 * h + i + 4]);
+            t[8 * h + i + 4] = _mm512_shuffle_f32x4::<0xdd>(r[8 * h + i], r[8 * h + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
+        r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
+    }
+    for (j, &v) in r.iter().enumerate() {
+        // SAFETY: row `j` of the destination block is writable.
+        unsafe { _mm512_storeu_ps(dst.add(j * lds), v) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose16_transposes() {
+        if !super::available() {
+            return;
+        }
+        let src: Vec<f32> = (0..16 * 20).map(|i| i as f32).collect();
+        let mut dst = vec![0.0f32; 16 * 24];
+        // SAFETY: AVX-512F is available; 16 rows of 20 and of 24 are inside the buffers.
+        unsafe { super::transpose16(src.as_ptr(), 20, dst.as_mut_ptr(), 24) };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(dst[j * 24 + i], src[i * 20 + j], "({i}, {j})");
+            }
+        }
+    }
+}
