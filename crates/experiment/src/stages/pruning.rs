@@ -308,7 +308,7 @@ fn sparse_artifact(
         let rows = p.shape[0];
         let cols = p.data.len() / rows.max(1);
         let nnz = p.data.iter().filter(|&&w| w != 0.0).count();
-        if p.name.ends_with(".weight") && csr_pays_off(rows, cols, nnz) {
+        if p.name.ends_with(".weight") && runtime::csr_pays_off(rows, cols, nnz) {
             builder.add_csr_from_dense(&p.name, &p.data, &p.shape)?;
             storage.insert(p.name.clone(), serde_json::json!("csr"));
         } else {
@@ -319,14 +319,6 @@ fn sparse_artifact(
         }
     }
     Ok((builder, serde_json::Value::Object(storage)))
-}
-
-/// Whether a `rows x cols` weight with `nnz` non-zeros is stored as CSR: smaller (8 bytes
-/// per non-zero and 4 per row against 4 per weight) and past the measured speed crossover.
-fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
-    let dense = 4 * rows * cols;
-    let csr = 8 * nnz + 4 * (rows + 1);
-    csr < dense && (nnz as f64) <= 0.3 * (rows * cols) as f64
 }
 
 fn pruning_row(
