@@ -125,11 +125,11 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::{
-        _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT, _mm_storeu_si128,
-        _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_cvtps_epi32, _mm512_cvtusepi32_epi8,
-        _mm512_div_ps, _mm512_loadu_ps, _mm512_mask_mov_ps, _mm512_max_ps, _mm512_min_ps,
-        _mm512_reduce_max_ps, _mm512_reduce_min_ps, _mm512_roundscale_ps, _mm512_set1_ps,
-        _mm512_setzero_ps,
+        _CMP_LE_OQ, _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT, _mm_storeu_si128,
+        _mm512_abs_ps, _mm512_add_ps, _mm512_cmp_ps_mask, _mm512_cvtps_epi32,
+        _mm512_cvtusepi32_epi8, _mm512_div_ps, _mm512_loadu_ps, _mm512_mask_mov_ps, _mm512_max_ps,
+        _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_max_ps, _mm512_reduce_min_ps,
+        _mm512_roundscale_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
     };
 
     /// The running `(min, max)` from 0 over the first multiple of 64 elements, and how many
@@ -166,13 +166,35 @@ mod simd {
         let len = x.len().min(out.len());
         let (s, z) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero_point as f32));
         let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        // `x * (1 / scale)` is within 2^-22 |x / scale| of the rounded quotient `x / scale`
+        // (two roundings of 2^-24 each, against one): both round to the same integer unless
+        // a tie point `k + 1/2` lies closer than that. Those vectors (and values beyond 2^20,
+        // which the clamp saturates anyway) take the division, so the codes are exactly the
+        // division's. A reciprocal that is not a normal number always takes the division.
+        let inverse = 1.0 / scale;
+        let fast = inverse.is_normal();
+        let (inv, half) = (_mm512_set1_ps(inverse), _mm512_set1_ps(0.5));
+        let margin = _mm512_set1_ps(1.0 / (1 << 20) as f32);
+        let round =
+            |y| _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
         let mut i = 0;
         while i + 16 <= len {
             // SAFETY: `i + 16 <= len`, inside both slices.
             let v = unsafe { _mm512_loadu_ps(x.as_ptr().add(i)) };
-            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm512_div_ps(v, s),
-            );
+            let r = if fast {
+                let y = _mm512_mul_ps(v, inv);
+                let r = round(y);
+                // 1/2 - |y - r| is the distance to the nearest tie (NaN compares false).
+                let to_tie = _mm512_sub_ps(half, _mm512_abs_ps(_mm512_sub_ps(y, r)));
+                let tolerance = _mm512_mul_ps(_mm512_abs_ps(y), margin);
+                if _mm512_cmp_ps_mask::<_CMP_LE_OQ>(to_tie, tolerance) == 0 {
+                    r
+                } else {
+                    round(_mm512_div_ps(v, s))
+                }
+            } else {
+                round(_mm512_div_ps(v, s))
+            };
             // NaN converts to code 0 before the zero point is added, as `as i32` does.
             let r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(r, r), lo);
             // Integers up to 2^24 add exactly; beyond, the clamp gives the same code.
@@ -254,11 +276,14 @@ mod tests {
         }
 
         #[test]
-        fn slices_quantize_like_single_values(bits in proptest::collection::vec(any::<u32>(), 0..200), ties in proptest::collection::vec(-600i32..600, 0..100), scale in 1e-4f32..10.0, zero_point in 0i32..=255) {
+        fn slices_quantize_like_single_values(bits in proptest::collection::vec(any::<u32>(), 0..200), ties in proptest::collection::vec(-600i32..600, 0..100), scale in prop_oneof![1e-4f32..10.0, 1e-38f32..1e-30, 1e30f32..3e38], zero_point in 0i32..=255) {
             let q = QParams { scale, zero_point };
             // Arbitrary bit patterns (NaN, infinities) and exact halves of the step.
+            // Values just beside the ties too: one ulp either side.
             let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b))
                 .chain(ties.iter().map(|&t| t as f32 * 0.5 * scale))
+                .chain(ties.iter().map(|&t| f32::from_bits((t as f32 * 0.5 * scale).to_bits().wrapping_add(1))))
+                .chain(ties.iter().map(|&t| f32::from_bits((t as f32 * 0.5 * scale).to_bits().wrapping_sub(1))))
                 .collect();
             let mut out = vec![0u8; x.len()];
             q.quantize_slice(&x, &mut out);

@@ -218,13 +218,17 @@ pub(crate) unsafe fn sparse_block_row(
         acc[0][0] = _mm512_fmadd_ps(vb, lo, acc[0][0]);
         acc[0][1] = _mm512_fmadd_ps(vb, hi, acc[0][1]);
     }
-    for h in 0..2 {
-        let sum = _mm512_add_ps(
+    let sum = |h: usize| {
+        _mm512_add_ps(
             _mm512_add_ps(acc[0][h], acc[1][h]),
             _mm512_add_ps(acc[2][h], acc[3][h]),
-        );
-        // SAFETY: `y` holds 32 values.
-        unsafe { _mm512_storeu_ps(y.as_mut_ptr().add(16 * h), sum) };
+        )
+    };
+    let (lo, hi) = (sum(0), sum(1));
+    // SAFETY: `y` holds 32 values.
+    unsafe {
+        _mm512_storeu_ps(y.as_mut_ptr(), lo);
+        _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
     }
 }
 
