@@ -60,7 +60,8 @@ fn parse() -> Result<Options, String> {
     if options.files.is_empty()
         || options.batch == 0
         || options.repeats == 0
-        || !(options.seconds > 0.0)
+        || options.seconds.is_nan()
+        || options.seconds <= 0.0
     {
         return Err("usage: time_artifacts [--batch N] [--seconds S] [--repeats R] FILE...".into());
     }
