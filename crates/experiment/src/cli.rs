@@ -148,7 +148,8 @@ mod tests {
             quantization::Method::Mse
         );
         for bad in ["0", "100.5", "-3", "nan", "x"] {
-            let err = Args::try_parse_from(["experiment", "--percentile", bad]).unwrap_err();
+            let flag = format!("--percentile={bad}");
+            let err = Args::try_parse_from(["experiment", flag.as_str()]).unwrap_err();
             assert!(err.to_string().contains("percentile"), "{bad}: {err}");
         }
         assert!(Args::try_parse_from(["experiment", "--calibrator", "kl"]).is_err());

@@ -5,11 +5,90 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
+
 use mnist_data::{Normalization, Split};
 use ndarray::{Array4, Axis, s};
 
 use crate::fsutil;
-use crate::train::INFER_BATCH;
+use crate::report::Row;
+use crate::stages::Context;
+use crate::train::{DeviceSplit, INFER_BATCH};
+
+/// Test images scored in `--quick` mode (a full run scores all 10 000).
+const QUICK_TEST_IMAGES: usize = 1000;
+
+/// The test set of a stage that deploys models: for the runtime, and on the device for
+/// LibTorch (the same images: all of them, or the first [`QUICK_TEST_IMAGES`] in `--quick`
+/// mode).
+pub struct TestSets<'a> {
+    pub runtime: RuntimeTest,
+    quick: Option<DeviceSplit>,
+    full: &'a DeviceSplit,
+}
+
+impl<'a> TestSets<'a> {
+    pub fn new(ctx: &'a Context) -> anyhow::Result<Self> {
+        Ok(if ctx.args.quick {
+            let n = QUICK_TEST_IMAGES.min(ctx.dataset.test.len());
+            let split = ctx.dataset.test.select(&(0..n).collect::<Vec<_>>());
+            Self {
+                runtime: RuntimeTest::new(&split, ctx.normalization),
+                quick: Some(DeviceSplit::new(
+                    &split,
+                    ctx.normalization,
+                    ctx.device.device,
+                )?),
+                full: &ctx.test,
+            }
+        } else {
+            Self {
+                runtime: RuntimeTest::new(&ctx.dataset.test, ctx.normalization),
+                quick: None,
+                full: &ctx.test,
+            }
+        })
+    }
+
+    /// The same images on the device, for LibTorch.
+    pub fn libtorch(&self) -> &DeviceSplit {
+        self.quick.as_ref().unwrap_or(self.full)
+    }
+}
+
+/// A report row for an artifact scored by the runtime; `extra` (a JSON object) and the
+/// execution modes go into the row's extra fields.
+pub fn runtime_row(
+    stage: &str,
+    model: &str,
+    variant: &str,
+    artifact: String,
+    params: &[models::export::DeployedParameter],
+    d: &Deployed,
+    extra: serde_json::Value,
+) -> Row {
+    let mut map = match extra {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    };
+    map.retain(|_, v| !v.is_null());
+    map.insert("execution".into(), serde_json::json!(d.execution));
+    Row {
+        stage: stage.into(),
+        variant: variant.into(),
+        model: model.into(),
+        params: Some(params.iter().map(|p| p.data.len()).sum()),
+        nonzero_params: None,
+        test_accuracy: Some(d.accuracy),
+        size_bytes: Some(d.size_bytes),
+        gzip_bytes: Some(d.gzip_bytes),
+        train_seconds: None,
+        train_samples_per_second: None,
+        infer_samples_per_second: Some(d.samples_per_second),
+        engine: Some("tch-mot runtime".into()),
+        artifact: Some(artifact),
+        extra: map,
+    }
+}
 
 /// The test set as the runtime takes it: normalised images (N, 1, H, W) and labels.
 #[derive(Debug)]

@@ -35,14 +35,7 @@ fn as_array(xs: &Tensor) -> Array4<f32> {
 fn static_artifact(net: &Network, vs: &nn::VarStore) -> runtime::Model {
     let mut builder = export::artifact(net, vs, WeightFormat::Int8DynamicRange).unwrap();
     for range in net.activation_ranges() {
-        let p = range.qparams();
-        builder.set_input_quantization(
-            range.layer,
-            runtime::QParams {
-                scale: p.scale,
-                zero_point: p.zero_point,
-            },
-        );
+        builder.set_input_quantization(range.layer, export::runtime_qparams(&range.qparams()));
     }
     runtime::Model::from_bytes(&builder.to_bytes().unwrap()).unwrap()
 }

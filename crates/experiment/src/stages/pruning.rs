@@ -19,9 +19,9 @@ use tch::nn;
 use super::Context;
 use super::baseline::TEACHER_CHECKPOINT;
 use crate::charts::Figure;
-use crate::deploy::{self, Deployed, RuntimeTest};
+use crate::deploy::{self, Deployed, TestSets};
 use crate::report::{Row, SECTION_EXTRA};
-use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
+use crate::train::{self, TrainConfig, TrainOptions};
 
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "pruning";
@@ -36,8 +36,6 @@ const RAMP_SHARE: f64 = 0.6;
 /// Masks are recomputed every this many steps during the ramp (TF-MOT's tutorial uses 100).
 const FREQUENCY: u64 = 25;
 const QUICK_FREQUENCY: u64 = 5;
-/// Test images scored in `--quick` mode (a full run scores all 10 000).
-const QUICK_TEST_IMAGES: usize = 1000;
 
 /// One pruned variant.
 struct Target {
@@ -93,18 +91,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     std::fs::create_dir_all(ctx.out.join(FOLDER))
         .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
 
-    let quick_test;
-    let (test, tch_test) = if ctx.args.quick {
-        let indices: Vec<usize> = (0..QUICK_TEST_IMAGES.min(ctx.dataset.test.len())).collect();
-        let split = ctx.dataset.test.select(&indices);
-        quick_test = DeviceSplit::new(&split, ctx.normalization, ctx.device.device)?;
-        (RuntimeTest::new(&split, ctx.normalization), &quick_test)
-    } else {
-        (
-            RuntimeTest::new(&ctx.dataset.test, ctx.normalization),
-            &ctx.test,
-        )
-    };
+    let tests = TestSets::new(ctx)?;
+    let test = &tests.runtime;
     let model = spec.name.as_str();
     let file = |variant: &str| {
         ctx.out
@@ -114,7 +102,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let dense = deploy::deploy(
         &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F32)?,
         &file("dense_float32"),
-        &test,
+        test,
     )?;
     let prunable_total: usize = params
         .iter()
@@ -210,10 +198,10 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             target.variant,
         )?;
         let layers = pruner.strip();
-        let tch_eval = train::evaluate(&pruned, tch_test);
+        let tch_eval = train::evaluate(&pruned, tests.libtorch());
         let pruned_params = export::deployed_parameters(&pruned, &pruned_vs)?;
         let (builder, storage) = sparse_artifact(&deployed_spec, &pruned_params)?;
-        let deployed = deploy::deploy(&builder, &file(target.variant), &test)?;
+        let deployed = deploy::deploy(&builder, &file(target.variant), test)?;
         let int8_variant = format!("{}_int8", target.variant);
         let int8 = deploy::deploy(
             &export::artifact_from_parameters(
@@ -222,7 +210,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
                 WeightFormat::Int8DynamicRange,
             )?,
             &file(&int8_variant),
-            &test,
+            test,
         )?;
         let zeros: usize = pruned_params
             .iter()
@@ -329,44 +317,35 @@ fn pruning_row(
     dense: &Deployed,
     extra: serde_json::Value,
 ) -> Row {
-    let mut map = match extra {
-        serde_json::Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    };
-    map.insert(
+    let mut row = deploy::runtime_row(
+        "pruning",
+        model,
+        variant,
+        format!("{FOLDER}/{model}_{variant}.safetensors"),
+        params,
+        d,
+        extra,
+    );
+    row.nonzero_params = Some(
+        params
+            .iter()
+            .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
+            .sum(),
+    );
+    let extra = &mut row.extra;
+    extra.insert(
         "accuracy_drop_pp".into(),
         serde_json::json!((dense.accuracy - d.accuracy) * 100.0),
     );
-    map.insert(
+    extra.insert(
         "gzip_ratio_vs_dense_float32".into(),
         serde_json::json!(dense.gzip_bytes as f64 / d.gzip_bytes as f64),
     );
-    map.insert(
+    extra.insert(
         "speedup_vs_dense_float32".into(),
         serde_json::json!(d.samples_per_second / dense.samples_per_second),
     );
-    map.insert("execution".into(), serde_json::json!(d.execution));
-    Row {
-        stage: "pruning".into(),
-        variant: variant.into(),
-        model: model.into(),
-        params: Some(params.iter().map(|p| p.data.len()).sum()),
-        nonzero_params: Some(
-            params
-                .iter()
-                .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
-                .sum(),
-        ),
-        test_accuracy: Some(d.accuracy),
-        size_bytes: Some(d.size_bytes),
-        gzip_bytes: Some(d.gzip_bytes),
-        train_seconds: None,
-        train_samples_per_second: None,
-        infer_samples_per_second: Some(d.samples_per_second),
-        engine: Some("tch-mot runtime".into()),
-        artifact: Some(format!("{FOLDER}/{model}_{variant}.safetensors")),
-        extra: map,
-    }
+    row
 }
 
 fn section(rows: &[Row]) -> String {

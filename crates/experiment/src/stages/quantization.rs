@@ -16,7 +16,7 @@ use super::baseline::TEACHER_CHECKPOINT;
 use super::distillation::STUDENT_CHECKPOINT;
 use crate::charts::Figure;
 use crate::cli::Calibrator;
-use crate::deploy::{self, Deployed, RuntimeTest};
+use crate::deploy::{self, Deployed, TestSets};
 use crate::report::{Row, SECTION_EXTRA};
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
 
@@ -25,8 +25,6 @@ const FOLDER: &str = "quantization";
 /// Images of the calibration set: a stratified sample of the training set.
 const CALIBRATION_IMAGES: usize = 1000;
 const QUICK_CALIBRATION_IMAGES: usize = 200;
-/// Test images scored in `--quick` mode (a full run scores all 10 000).
-const QUICK_TEST_IMAGES: usize = 1000;
 /// Quantization-aware fine-tuning: one epoch at a small learning rate, observers frozen
 /// after the first steps.
 const QAT_EPOCHS: usize = 1;
@@ -69,18 +67,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
     // The runtime scores every row; QAT's fake-quantized model is scored by LibTorch on the
     // same images.
-    let quick_test;
-    let (test, tch_test) = if ctx.args.quick {
-        let indices: Vec<usize> = (0..QUICK_TEST_IMAGES.min(ctx.dataset.test.len())).collect();
-        let split = ctx.dataset.test.select(&indices);
-        quick_test = DeviceSplit::new(&split, ctx.normalization, ctx.device.device)?;
-        (RuntimeTest::new(&split, ctx.normalization), &quick_test)
-    } else {
-        (
-            RuntimeTest::new(&ctx.dataset.test, ctx.normalization),
-            &ctx.test,
-        )
-    };
+    let tests = TestSets::new(ctx)?;
     let calibration_images = if ctx.args.quick {
         QUICK_CALIBRATION_IMAGES
     } else {
@@ -95,7 +82,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
 
     let mut rows = Vec::new();
     for subject in &subjects {
-        rows.extend(quantize(ctx, subject, &calibration, &test, tch_test)?);
+        rows.extend(quantize(ctx, subject, &calibration, &tests)?);
     }
     let mut markdown = section(&rows);
     markdown.push('\n');
@@ -112,9 +99,9 @@ fn quantize(
     ctx: &Context,
     subject: &Subject,
     calibration: &DeviceSplit,
-    test: &RuntimeTest,
-    tch_test: &DeviceSplit,
+    tests: &TestSets<'_>,
 ) -> Result<Vec<Row>> {
+    let test = &tests.runtime;
     let path = ctx.out.join(subject.checkpoint);
     let mut vs = nn::VarStore::new(ctx.device.device);
     let net = Network::new(&vs.root(), &subject.spec)?;
@@ -196,13 +183,7 @@ fn quantize(
             let p = observer
                 .qparams(method, BitWidth::INT8)
                 .with_context(|| format!("calibrating layer {layer} ({})", calibrator.name()))?;
-            builder.set_input_quantization(
-                *layer,
-                runtime::QParams {
-                    scale: p.scale,
-                    zero_point: p.zero_point,
-                },
-            );
+            builder.set_input_quantization(*layer, export::runtime_qparams(&p));
             let (lo, hi) = p.range();
             ranges.insert(layer.to_string(), serde_json::json!([lo, hi]));
         }
@@ -261,7 +242,7 @@ fn quantize(
         &ctx.progress,
         &format!("{} qat", subject.label),
     )?;
-    let fake_quant = train::evaluate(&deployed, tch_test);
+    let fake_quant = train::evaluate(&deployed, tests.libtorch());
     let qat_params = export::deployed_parameters(&deployed, &deployed_vs)?;
     let mut builder = export::artifact_from_parameters(
         deployed_spec.clone(),
@@ -278,13 +259,7 @@ fn quantize(
     }
     for range in &ranges {
         let p = range.qparams();
-        builder.set_input_quantization(
-            range.layer,
-            runtime::QParams {
-                scale: p.scale,
-                zero_point: p.zero_point,
-            },
-        );
+        builder.set_input_quantization(range.layer, export::runtime_qparams(&p));
     }
     let qat = deploy::deploy(&builder, &file("qat_int8"), test)?;
     ctx.progress.info(&format!(
@@ -348,40 +323,29 @@ fn quant_row(
     reference: &Deployed,
     extra: serde_json::Value,
 ) -> Row {
-    let mut map = match extra {
-        serde_json::Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    };
-    map.retain(|_, v| !v.is_null());
-    map.insert(
+    let mut row = deploy::runtime_row(
+        "quantization",
+        model,
+        variant,
+        format!("{FOLDER}/{model}_{variant}.safetensors"),
+        params,
+        d,
+        extra,
+    );
+    let extra = &mut row.extra;
+    extra.insert(
         "accuracy_drop_pp".into(),
         serde_json::json!((reference.accuracy - d.accuracy) * 100.0),
     );
-    map.insert(
+    extra.insert(
         "size_ratio_vs_float32".into(),
         serde_json::json!(reference.size_bytes as f64 / d.size_bytes as f64),
     );
-    map.insert(
+    extra.insert(
         "gzip_ratio_vs_float32".into(),
         serde_json::json!(reference.gzip_bytes as f64 / d.gzip_bytes as f64),
     );
-    map.insert("execution".into(), serde_json::json!(d.execution));
-    Row {
-        stage: "quantization".into(),
-        variant: variant.into(),
-        model: model.into(),
-        params: Some(params.iter().map(|p| p.data.len()).sum()),
-        nonzero_params: None,
-        test_accuracy: Some(d.accuracy),
-        size_bytes: Some(d.size_bytes),
-        gzip_bytes: Some(d.gzip_bytes),
-        train_seconds: None,
-        train_samples_per_second: None,
-        infer_samples_per_second: Some(d.samples_per_second),
-        engine: Some("tch-mot runtime".into()),
-        artifact: Some(format!("{FOLDER}/{model}_{variant}.safetensors")),
-        extra: map,
-    }
+    row
 }
 
 /// The stage's markdown: accuracy drop and compression of every row against float32.
