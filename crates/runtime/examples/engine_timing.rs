@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use model_spec::{LayerSpec, NetworkSpec};
 use ndarray::Array4;
-use runtime::{ArtifactBuilder, Granularity, Model};
+use runtime::{ArtifactBuilder, Granularity, Model, QParams};
 
 fn mlp() -> NetworkSpec {
     let linear = |i, o| LayerSpec::Linear {
@@ -36,7 +36,10 @@ fn values(len: usize, seed: u32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn model(spec: &NetworkSpec, int8: bool) -> Model {
+/// `int8`: int8 weights; `stat`: with calibrated input quantization on every layer too
+/// (full-integer execution, u8 activations between layers).
+fn model(spec: &NetworkSpec, int8: bool, stat: bool) -> Model {
+    let mut first = true;
     let mut builder = ArtifactBuilder::new(spec.clone());
     for (i, layer) in spec.layers.iter().enumerate() {
         let shape = match *layer {
@@ -62,6 +65,22 @@ fn model(spec: &NetworkSpec, int8: bool) -> Model {
         } else {
             builder.add_f32(&name, &w, &shape).unwrap();
         }
+        if stat {
+            // The first layer sees the raw input, the others post-ReLU activations.
+            let params = if first {
+                QParams {
+                    scale: 3.25 / 255.0,
+                    zero_point: 33,
+                }
+            } else {
+                QParams {
+                    scale: 0.02,
+                    zero_point: 0,
+                }
+            };
+            builder.set_input_quantization(i, params);
+        }
+        first = false;
         builder
             .add_f32(&format!("{i}.bias"), &values(shape[0], 7, 0.1), &shape[..1])
             .unwrap();
@@ -77,10 +96,9 @@ fn main() {
     // An optional filter, e.g. `cnn-f32-256`, matched against "<model>-<precision>-<batch>".
     let filter = std::env::args().nth(2).unwrap_or_default();
     for spec in [mlp(), NetworkSpec::teacher_cnn().without_batch_norm()] {
-        for int8 in [false, true] {
-            let m = model(&spec, int8);
+        for precision in ["f32", "int8", "static"] {
+            let m = model(&spec, precision != "f32", precision == "static");
             for batch in [1usize, 256] {
-                let precision = if int8 { "int8" } else { "f32" };
                 if !format!("{}-{precision}-{batch}", spec.name).contains(&filter) {
                     continue;
                 }
@@ -95,9 +113,8 @@ fn main() {
                 }
                 let rate = (batch * calls) as f64 / start.elapsed().as_secs_f64();
                 println!(
-                    "{:>12} {:>4} batch {batch:>3}: {rate:>9.0} samples/s",
+                    "{:>12} {precision:>6} batch {batch:>3}: {rate:>9.0} samples/s",
                     spec.name,
-                    if int8 { "int8" } else { "f32" }
                 );
             }
         }

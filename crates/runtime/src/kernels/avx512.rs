@@ -171,3 +171,78 @@ pub(crate) unsafe fn gemm(
         block += 2;
     }
 }
+
+/// Requantizes the first multiple of 16 columns of one row exactly like the scalar
+/// [`requantize`](super::requantize) of `acc[j] + column[j]` (as `i64`) and returns how many
+/// that was:
+/// `clamp(round_half_even((acc[j] + column[j] + bias[j]) * multipliers[j]) + zero_point, lo, 255)`.
+///
+/// # Safety
+/// The CPU must support AVX-512F/BW. Every `acc[j] + column[j] + bias[j]` (for the columns
+/// done) must fit an `i32` (the caller proves it), so that the `i32` sum converts to the same
+/// `f32` as the `i64` one. `lo` must be in `0..=255`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn requantize_row(
+    acc: &[i32],
+    column: &[i32],
+    bias: &[i32],
+    multipliers: &[f32],
+    zero_point: i32,
+    lo: i32,
+    out: &mut [u8],
+) -> usize {
+    use std::arch::x86_64::{
+        _CMP_UNORD_Q, _mm_storeu_si128, _mm512_add_epi32, _mm512_add_ps, _mm512_cmp_ps_mask,
+        _mm512_cvtepi32_ps, _mm512_cvtps_epi32, _mm512_cvtusepi32_epi8, _mm512_loadu_ps,
+        _mm512_mask_mov_ps, _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32, _mm512_min_ps,
+        _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
+    };
+    let len = out
+        .len()
+        .min(acc.len())
+        .min(column.len())
+        .min(bias.len())
+        .min(multipliers.len());
+    // The constants of `round_ties_even_saturating`.
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let (limit, neg_limit) = (_mm512_set1_ps(4_194_304.0), _mm512_set1_ps(-4_194_304.0));
+    let (z, low, high) = (
+        _mm512_set1_epi32(zero_point),
+        _mm512_set1_epi32(lo),
+        _mm512_set1_epi32(255),
+    );
+    let mut i = 0;
+    while i + NR <= len {
+        // SAFETY: `i + 16 <= len`, inside every slice.
+        let (a, c, b, m) = unsafe {
+            (
+                _mm512_loadu_si512(acc.as_ptr().add(i).cast()),
+                _mm512_loadu_si512(column.as_ptr().add(i).cast()),
+                _mm512_loadu_si512(bias.as_ptr().add(i).cast()),
+                _mm512_loadu_ps(multipliers.as_ptr().add(i)),
+            )
+        };
+        // Exact in `i32` (see the safety contract); the conversion rounds to nearest even,
+        // as `i64 as f32` does.
+        let x = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(a, c), b));
+        let y = _mm512_mul_ps(x, m);
+        // `f32::clamp`: `vmaxps` / `vminps` return their second operand when one is NaN, so
+        // NaN passes through as it does in the scalar clamp.
+        let y = _mm512_min_ps(limit, _mm512_max_ps(neg_limit, y));
+        let r = _mm512_sub_ps(_mm512_add_ps(y, magic), magic);
+        // NaN converts to 0, as `as i32` does; other lanes are integers within 2^22.
+        let r = _mm512_mask_mov_ps(
+            r,
+            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(r, r),
+            _mm512_setzero_ps(),
+        );
+        let q = _mm512_add_epi32(_mm512_cvtps_epi32(r), z);
+        let q = _mm512_min_epi32(_mm512_max_epi32(q, low), high);
+        let bytes = _mm512_cvtusepi32_epi8(q);
+        // SAFETY: 16 bytes at `i` are inside `out`.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(i).cast(), bytes) };
+        i += NR;
+    }
+    i
+}

@@ -342,6 +342,8 @@ struct Requantize<'a> {
     multipliers: &'a [f32],
     zero_point: i32,
     lo: i32,
+    /// Whether [`Epilogue::apply_row`] may take the AVX-512 kernel (see [`Requantize::new`]).
+    vector: bool,
 }
 
 impl Epilogue<u8> for Requantize<'_> {
@@ -354,6 +356,56 @@ impl Epilogue<u8> for Requantize<'_> {
             self.zero_point,
             self.lo,
         )
+    }
+
+    /// The same as [`Epilogue::apply`] per column, 16 columns at a time where the sums fit an
+    /// `i32` and the CPU has AVX-512.
+    #[inline(always)]
+    fn apply_row(&self, acc: &[i32], column: &[i32], out: &mut [u8]) {
+        #[allow(unused_mut)]
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if self.vector {
+            // SAFETY: `vector` is set only where the CPU has AVX-512F/BW, every bias is below
+            // 2^30 in magnitude and the zero point is a code; `apply_row` is called only for
+            // `i32`-exact accumulators, below 2^30 in magnitude (see `drive`), so every sum
+            // fits an `i32`.
+            done = unsafe {
+                avx512::requantize_row(
+                    acc,
+                    column,
+                    self.bias,
+                    self.multipliers,
+                    self.zero_point,
+                    self.lo,
+                    out,
+                )
+            };
+        }
+        for (j, ((o, &v), &c)) in out.iter_mut().zip(acc).zip(column).enumerate().skip(done) {
+            *o = self.apply(j, v + c);
+        }
+    }
+}
+
+impl<'a> Requantize<'a> {
+    fn new(bias: &'a [i32], multipliers: &'a [f32], zero_point: i32, lo: i32) -> Self {
+        let bounded = (0..=255).contains(&zero_point)
+            && (0..=255).contains(&lo)
+            && bias.iter().all(|&b| b.unsigned_abs() < 1 << 30);
+        #[cfg(target_arch = "x86_64")]
+        let vector =
+            bounded && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        #[cfg(not(target_arch = "x86_64"))]
+        let vector = false;
+        let _ = bounded;
+        Self {
+            bias,
+            multipliers,
+            zero_point,
+            lo,
+            vector,
+        }
     }
 }
 
@@ -473,12 +525,7 @@ pub fn int8_gemm_u8(
     } else {
         0
     };
-    let epilogue = Requantize {
-        bias,
-        multipliers,
-        zero_point: out_zero_point,
-        lo,
-    };
+    let epilogue = Requantize::new(bias, multipliers, out_zero_point, lo);
     drive(a, w, out, &epilogue);
 }
 
@@ -580,6 +627,75 @@ mod tests {
                     let j = idx % n;
                     prop_assert_eq!(o, requantize(e, bias[j], mult[j], 7, 7));
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The row epilogue (vectorised where it can be) gives exactly the scalar
+        /// `requantize` of every column, over odd lengths, ties, extreme accumulators and
+        /// biases, and multipliers that overflow or are not numbers.
+        #[test]
+        fn requantize_rows_match_the_scalar_epilogue(
+            n in 0usize..100,
+            seed in any::<u64>(),
+            zero_point in 0i32..=255,
+            relu in any::<bool>(),
+            wide_bias in any::<bool>(),
+            odd in 0usize..8,
+        ) {
+            let bytes = fill(seed, 16 * n);
+            let word = |j: usize, at: usize| i32::from_le_bytes(bytes[16 * j + at..16 * j + at + 4].try_into().unwrap());
+            // `drive` passes `i32` accumulators with `|acc + column| < 2^30`.
+            let acc: Vec<i32> = (0..n).map(|j| word(j, 0) >> (2 + (j % 24) as u32)).collect();
+            let column: Vec<i32> = (0..n).map(|j| (word(j, 4) >> 3) >> (j % 31) as u32).collect();
+            let column: Vec<i32> = column.iter().zip(&acc).map(|(&c, &a)| {
+                let limit = (1 << 30) - 1 - a.abs();
+                c.clamp(-limit, limit)
+            }).collect();
+            let bias: Vec<i32> = (0..n).map(|j| {
+                let b = word(j, 8);
+                if wide_bias { b } else { b >> (2 + (j % 30) as u32) }
+            }).collect();
+            let multipliers: Vec<f32> = (0..n).map(|j| match (j + odd) % 11 {
+                0 => 0.5,
+                1 => 1.0,
+                2 => f32::INFINITY,
+                3 => f32::NAN,
+                4 => 1e-9,
+                5 => 3e30,
+                _ => f32::from(bytes[16 * j + 12]) * 1e-4 + f32::from(bytes[16 * j + 13]) * 1e-7,
+            }).collect();
+            let lo = if relu { zero_point } else { 0 };
+            let epilogue = Requantize::new(&bias, &multipliers, zero_point, lo);
+            let mut out = vec![0u8; n];
+            epilogue.apply_row(&acc, &column, &mut out);
+            for j in 0..n {
+                let expected = requantize(i64::from(acc[j]) + i64::from(column[j]), bias[j], multipliers[j], zero_point, lo);
+                prop_assert_eq!(out[j], expected, "column {}", j);
+            }
+        }
+    }
+
+    #[test]
+    fn requantize_rows_round_ties_like_the_scalar_epilogue() {
+        // Exact halves at every column, 16 at a time and in the tail.
+        let n = 37;
+        let acc: Vec<i32> = (0..n as i32).map(|j| 2 * j - 37).collect();
+        let column = vec![0; n];
+        let bias = vec![0; n];
+        let multipliers = vec![0.5f32; n];
+        for (zero_point, lo) in [(0, 0), (7, 7), (128, 0), (255, 255)] {
+            let epilogue = Requantize::new(&bias, &multipliers, zero_point, lo);
+            let mut out = vec![0u8; n];
+            epilogue.apply_row(&acc, &column, &mut out);
+            for j in 0..n {
+                assert_eq!(
+                    out[j],
+                    requantize(i64::from(acc[j]), 0, 0.5, zero_point, lo)
+                );
             }
         }
     }

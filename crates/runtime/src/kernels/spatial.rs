@@ -231,10 +231,10 @@ pub fn max_pool2d_nhwc<T: Copy + PartialOrd + Send + Sync>(
             for ky in 0..kernel {
                 for kx in 0..kernel {
                     let at = ((oy * stride + ky) * width + ox * stride + kx) * channels;
+                    // A select and an unconditional store (not a conditional store): the
+                    // loop vectorises to byte or float maxima.
                     for (b, &v) in best.iter_mut().zip(&x[at..at + channels]) {
-                        if v > *b {
-                            *b = v;
-                        }
+                        *b = if v > *b { v } else { *b };
                     }
                 }
             }
