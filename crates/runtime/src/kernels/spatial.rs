@@ -6,6 +6,32 @@ use rayon::prelude::*;
 /// Elements below which a spatial kernel stays on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
+/// Runs `f` on the first `count` pairs of `ilen`-long chunks of `input` and `olen`-long
+/// chunks of `out` (one pair an image or a plane), spread over the cores when there are at
+/// least [`PARALLEL_MIN_ELEMENTS`] values on the larger side.
+fn for_each_chunk<T: Sync, U: Send>(
+    input: &[T],
+    ilen: usize,
+    out: &mut [U],
+    olen: usize,
+    count: usize,
+    f: impl Fn(&[T], &mut [U]) + Sync + Send,
+) {
+    if count * ilen.max(olen) < PARALLEL_MIN_ELEMENTS {
+        input
+            .chunks(ilen)
+            .zip(out.chunks_mut(olen))
+            .take(count)
+            .for_each(|(x, o)| f(x, o));
+    } else {
+        input
+            .par_chunks(ilen)
+            .zip(out.par_chunks_mut(olen))
+            .take(count)
+            .for_each(|(x, o)| f(x, o));
+    }
+}
+
 /// The shapes of one 2-D convolution over one `channels x height x width` image, square
 /// kernel, equal stride and zero padding on both axes (PyTorch's `Conv2d` with `int` args).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,19 +138,14 @@ pub fn im2col<T: Copy + Send + Sync>(
     if batch == 0 || per_image == 0 {
         return;
     }
-    let images = input
-        .chunks(g.image_len().max(1))
-        .zip(out.chunks_mut(per_image))
-        .take(batch);
-    if batch * per_image < PARALLEL_MIN_ELEMENTS {
-        images.for_each(|(x, o)| im2col_image(x, g, pad, o, ld));
-    } else {
-        input
-            .par_chunks(g.image_len().max(1))
-            .zip(out.par_chunks_mut(per_image))
-            .take(batch)
-            .for_each(|(x, o)| im2col_image(x, g, pad, o, ld));
-    }
+    for_each_chunk(
+        input,
+        g.image_len().max(1),
+        out,
+        per_image,
+        batch,
+        |x, o| im2col_image(x, g, pad, o, ld),
+    );
 }
 
 /// One NHWC image's patches, one row per output pixel, columns ordered `(ky, kx, channel)`.
@@ -182,19 +203,9 @@ pub fn im2col_nhwc<T: Copy + Send + Sync>(
     if batch == 0 || per_image == 0 || g.image_len() == 0 {
         return;
     }
-    if batch * per_image < PARALLEL_MIN_ELEMENTS {
-        input
-            .chunks(g.image_len())
-            .zip(out.chunks_mut(per_image))
-            .take(batch)
-            .for_each(|(x, o)| im2col_nhwc_image(x, g, pad, o, ld));
-    } else {
-        input
-            .par_chunks(g.image_len())
-            .zip(out.par_chunks_mut(per_image))
-            .take(batch)
-            .for_each(|(x, o)| im2col_nhwc_image(x, g, pad, o, ld));
-    }
+    for_each_chunk(input, g.image_len(), out, per_image, batch, |x, o| {
+        im2col_nhwc_image(x, g, pad, o, ld)
+    });
 }
 
 /// Max pooling without padding over a batch of NHWC images (`height x width x channels`
@@ -240,19 +251,7 @@ pub fn max_pool2d_nhwc<T: Copy + PartialOrd + Send + Sync>(
             }
         }
     };
-    if batch * ilen < PARALLEL_MIN_ELEMENTS {
-        input
-            .chunks(ilen)
-            .zip(out.chunks_mut(olen))
-            .take(batch)
-            .for_each(|(x, o)| image(x, o));
-    } else {
-        input
-            .par_chunks(ilen)
-            .zip(out.par_chunks_mut(olen))
-            .take(batch)
-            .for_each(|(x, o)| image(x, o));
-    }
+    for_each_chunk(input, ilen, out, olen, batch, image);
     (oh, ow)
 }
 
@@ -294,19 +293,7 @@ pub fn max_pool2d<T: Copy + PartialOrd + Send + Sync>(
         }
     };
     let (ilen, olen) = (height * width, oh * ow);
-    if planes * ilen < PARALLEL_MIN_ELEMENTS {
-        input
-            .chunks(ilen)
-            .zip(out.chunks_mut(olen))
-            .take(planes)
-            .for_each(|(x, o)| plane(x, o));
-    } else {
-        input
-            .par_chunks(ilen)
-            .zip(out.par_chunks_mut(olen))
-            .take(planes)
-            .for_each(|(x, o)| plane(x, o));
-    }
+    for_each_chunk(input, ilen, out, olen, planes, plane);
     (oh, ow)
 }
 
@@ -334,19 +321,7 @@ pub fn nhwc_to_nchw<T: Copy + Send + Sync>(
             }
         }
     };
-    if batch * len < PARALLEL_MIN_ELEMENTS {
-        input
-            .chunks(len)
-            .zip(out.chunks_mut(len))
-            .take(batch)
-            .for_each(|(x, o)| image(x, o));
-    } else {
-        input
-            .par_chunks(len)
-            .zip(out.par_chunks_mut(len))
-            .take(batch)
-            .for_each(|(x, o)| image(x, o));
-    }
+    for_each_chunk(input, len, out, len, batch, image);
 }
 
 #[cfg(test)]
