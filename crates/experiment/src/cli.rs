@@ -47,8 +47,8 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
 
-    /// The activation calibrator of full-integer quantization that later stages use (the
-    /// quantization stage measures all four and marks this one).
+    /// The activation calibrator of full-integer quantization to select: the quantization
+    /// stage measures all four and marks this one as selected in the report.
     #[arg(long, value_enum, default_value_t = Calibrator::Percentile)]
     pub calibrator: Calibrator,
 

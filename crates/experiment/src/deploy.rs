@@ -121,7 +121,7 @@ pub struct Deployed {
     pub execution: Vec<String>,
 }
 
-/// Writes `builder` to `path` atomically, loads it back with the runtime and scores it.
+/// Writes `builder` to `path` atomically and scores the same bytes with the runtime.
 pub fn deploy(
     builder: &runtime::ArtifactBuilder,
     path: &Path,
@@ -131,8 +131,9 @@ pub fn deploy(
         .to_bytes()
         .with_context(|| format!("serialising {}", path.display()))?;
     fsutil::write_atomic(path, &bytes)?;
-    let (size_bytes, gzip_bytes) = fsutil::sizes(path)?;
-    let model = runtime::Model::load(path)?;
+    let (size_bytes, gzip_bytes) = (bytes.len() as u64, fsutil::gzip_len(&bytes)?);
+    let model = runtime::Model::from_bytes(&bytes)
+        .with_context(|| format!("loading {}", path.display()))?;
     let (accuracy, samples_per_second) = evaluate(&model, test)?;
     let execution = model
         .execution()

@@ -34,10 +34,14 @@ fn temporary_path(path: &Path) -> std::path::PathBuf {
 /// Size of a file and of its gzip (level 9) compression.
 pub fn sizes(path: &Path) -> Result<(u64, u64)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((bytes.len() as u64, gzip_len(&bytes)?))
+}
+
+/// Length of the gzip (level 9) compression of `bytes`.
+pub fn gzip_len(bytes: &[u8]) -> Result<u64> {
     let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
-    encoder.write_all(&bytes)?;
-    let gzipped = encoder.finish()?;
-    Ok((bytes.len() as u64, gzipped.len() as u64))
+    encoder.write_all(bytes)?;
+    Ok(encoder.finish()?.len() as u64)
 }
 
 #[cfg(test)]

@@ -64,6 +64,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let mut hinted = Vec::new();
     let teacher_hint = hint_point(&NetworkSpec::teacher_cnn())?;
     let mut cache_seconds = 0.0;
+    let mut sweep = Vec::new();
+    let mut sweep_points = Vec::new();
     let mut last_distilled: Option<(nn::VarStore, Network)> = None;
     for k in 0..seeds {
         let seed = ctx.args.seed + k;
@@ -118,40 +120,28 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             "distilled + hint",
         )?;
         hinted.push(outcome);
-    }
-
-    // The temperature sweep (first seed only).
-    let mut sweep = Vec::new();
-    let mut sweep_points = Vec::new();
-    if !ctx.args.quick {
-        let seed = ctx.args.seed;
-        let subset = ctx.dataset.train.stratified_subset(fraction, seed)?;
-        let data = DeviceSplit::new(&subset, ctx.normalization, ctx.device.device)?;
-        let cache = TeacherCache::compute(&teacher, &data.images, 512);
-        let train_config = TrainConfig {
-            epochs,
-            batch_size: 64,
-            learning_rate: 3e-3,
-            seed,
-        };
-        for t in SWEEP {
-            let distill = Distill {
-                teacher_logits: cache.logits(),
-                config: DistillationConfig::new(Temperature::new(t)?, config.alpha),
-                hint: None,
-            };
-            let label = format!("T={t}");
-            let (outcome, _) = train_student(
-                ctx,
-                &spec,
-                &data,
-                &train_config,
-                Some(distill),
-                None,
-                &label,
-            )?;
-            sweep.push(serde_json::json!({"temperature": t, "test_accuracy": outcome.accuracy}));
-            sweep_points.push((t, outcome.accuracy * 100.0));
+        // The temperature sweep, on the first seed's data and teacher logits.
+        if k == 0 && !ctx.args.quick {
+            for t in SWEEP {
+                let distill = Distill {
+                    teacher_logits: cache.logits(),
+                    config: DistillationConfig::new(Temperature::new(t)?, config.alpha),
+                    hint: None,
+                };
+                let label = format!("T={t}");
+                let (outcome, _) = train_student(
+                    ctx,
+                    &spec,
+                    &data,
+                    &train_config,
+                    Some(distill),
+                    None,
+                    &label,
+                )?;
+                sweep
+                    .push(serde_json::json!({"temperature": t, "test_accuracy": outcome.accuracy}));
+                sweep_points.push((t, outcome.accuracy * 100.0));
+            }
         }
     }
 

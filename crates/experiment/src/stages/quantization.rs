@@ -80,9 +80,11 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         .stratified_subset(fraction, ctx.args.seed)?;
     let calibration = DeviceSplit::new(&calibration, ctx.normalization, ctx.device.device)?;
 
+    // Quantization-aware training fine-tunes on the teacher's training data.
+    let (qat_data, _) = super::baseline::teacher_training(ctx)?;
     let mut rows = Vec::new();
     for subject in &subjects {
-        rows.extend(quantize(ctx, subject, &calibration, &tests)?);
+        rows.extend(quantize(ctx, subject, &calibration, &qat_data, &tests)?);
     }
     let mut markdown = section(&rows);
     markdown.push('\n');
@@ -99,6 +101,7 @@ fn quantize(
     ctx: &Context,
     subject: &Subject,
     calibration: &DeviceSplit,
+    qat_data: &DeviceSplit,
     tests: &TestSets<'_>,
 ) -> Result<Vec<Row>> {
     let test = &tests.runtime;
@@ -210,11 +213,7 @@ fn quantize(
     }
 
     // Quantization-aware training from the float model, in its deployed form.
-    let (qat_data, steps) = {
-        let (data, _) = super::baseline::teacher_training(ctx)?;
-        let steps = ctx.args.quick.then_some(QUICK_QAT_STEPS);
-        (data, steps)
-    };
+    let steps = ctx.args.quick.then_some(QUICK_QAT_STEPS);
     deployed.enable_fake_quant(FakeQuantConfig {
         observer_steps: if ctx.args.quick {
             10
@@ -233,7 +232,7 @@ fn quantize(
     let stats = train::train_with(
         &deployed,
         &deployed_vs,
-        &qat_data,
+        qat_data,
         &config,
         TrainOptions {
             max_steps: steps,
