@@ -138,15 +138,43 @@ fn python_reader_of_the_format_doc_matches_the_runtime() -> Result<()> {
 
     std::fs::write(dir.join("load.py"), python_reader()?).context("writing load.py")?;
 
+    // The sparse int8 scheme needs pruned weights: keep the largest fifth of each weight.
+    let mut pruned = models::export::deployed_parameters(&net, &vs)?;
+    for p in pruned.iter_mut().filter(|p| p.name.ends_with(".weight")) {
+        let mut cut: Vec<f32> = p.data.iter().map(|w| w.abs()).collect();
+        cut.sort_by(f32::total_cmp);
+        let threshold = cut[cut.len() * 4 / 5];
+        p.data
+            .iter_mut()
+            .filter(|w| w.abs() < threshold)
+            .for_each(|w| *w = 0.0);
+    }
     let cases = [
-        (WeightFormat::F32, F32_LOGIT_TOLERANCE),
-        (WeightFormat::Int8DynamicRange, INT8_LOGIT_TOLERANCE),
+        (WeightFormat::F32, F32_LOGIT_TOLERANCE, None),
+        (WeightFormat::Int8DynamicRange, INT8_LOGIT_TOLERANCE, None),
+        (
+            WeightFormat::Int8Compact,
+            INT8_LOGIT_TOLERANCE,
+            Some(&pruned),
+        ),
     ];
-    // Both readers run at once: importing torch is most of their time.
+    // The readers run at once: importing torch is most of their time.
     let mut runs = Vec::new();
-    for (format, tolerance) in cases {
+    for (format, tolerance, params) in cases {
         let path = dir.join(format!("{format:?}.safetensors"));
-        models::export::artifact(&net, &vs, format)?.write(&path)?;
+        let builder = match params {
+            None => models::export::artifact(&net, &vs, format)?,
+            Some(params) => models::export::artifact_from_parameters(
+                net.spec().without_batch_norm(),
+                params,
+                format,
+            )?,
+        };
+        if params.is_some() {
+            let bytes = builder.to_bytes()?;
+            assert!(String::from_utf8_lossy(&bytes).contains("int8_sparse"));
+        }
+        builder.write(&path)?;
         let ours = runtime::Model::load(&path)?.run(images.view())?;
         let reader = start_reader(&python, &dir, &path, &input)?;
         runs.push((format, tolerance, ours, reader));

@@ -83,6 +83,9 @@ pub enum WeightFormat {
     Int8DynamicRange,
     /// Per-tensor symmetric int8 weights (one scale per weight tensor).
     Int8PerTensor,
+    /// [`WeightFormat::Int8DynamicRange`]'s codes, each weight stored in the `int8` or the
+    /// bitmask-sparse `int8_sparse` scheme, whichever is smaller (pruned weights: sparse).
+    Int8Compact,
     /// Weights and biases stored as IEEE half precision, computed in f32.
     F16,
 }
@@ -215,6 +218,12 @@ pub fn artifact_from_parameters(
             WeightFormat::Int8DynamicRange if is_weight => {
                 builder.add_int8_quantized(&p.name, &p.data, &p.shape, Granularity::PerChannel)?
             }
+            WeightFormat::Int8Compact if is_weight => builder.add_int8_quantized_compact(
+                &p.name,
+                &p.data,
+                &p.shape,
+                Granularity::PerChannel,
+            )?,
             WeightFormat::Int8PerTensor if is_weight => {
                 builder.add_int8_quantized(&p.name, &p.data, &p.shape, Granularity::PerTensor)?
             }

@@ -54,6 +54,15 @@ pub enum Scheme {
         /// Per tensor or per output channel.
         granularity: Granularity,
     },
+    /// Int8 codes stored sparsely: `name.mask` (U8, one bit per element of the parameter,
+    /// row-major, least significant bit first, padding bits zero) marks the elements whose
+    /// code differs from their group's zero point; `name.values` (I8, one per set bit, in
+    /// order) holds those codes; `name.scale` and `name.zero_point` as for `Int8`. The
+    /// unmarked elements decode to the zero point, so to weight 0.
+    Int8Sparse {
+        /// Per tensor or per output channel.
+        granularity: Granularity,
+    },
     /// Compressed sparse rows over `[shape[0], product(shape[1..])]`: `name.row_ptr` (I32),
     /// `name.col_idx` (I32), `name.values` (F32).
     Csr {
@@ -69,6 +78,7 @@ impl Scheme {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Int8 { .. } => "int8",
+            Self::Int8Sparse { .. } => "int8_sparse",
             Self::Csr { .. } => "csr",
         }
     }
@@ -271,6 +281,87 @@ impl ArtifactBuilder {
         let zp = zero_points.iter().map(|&v| v as u8).collect();
         self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)?;
         Ok(self)
+    }
+
+    /// Adds int8 codes like [`ArtifactBuilder::add_int8_per_channel`] (per channel) or
+    /// [`ArtifactBuilder::add_int8_per_tensor`] (one group), stored in the `int8_sparse`
+    /// scheme: a bitmask of the codes that differ from their group's zero point and those
+    /// codes only. Smaller than `int8` when fewer than seven elements in eight are kept.
+    pub fn add_int8_sparse(
+        &mut self,
+        name: &str,
+        values: &[i8],
+        shape: &[usize],
+        scales: &[f32],
+        zero_points: &[i8],
+        granularity: Granularity,
+    ) -> Result<&mut Self> {
+        let len = element_count(name, shape)?;
+        Self::check_len(name, "data", values.len(), len)?;
+        let rows = shape.first().copied().unwrap_or(1).max(1);
+        let groups = match granularity {
+            Granularity::PerTensor => 1,
+            Granularity::PerChannel => rows,
+        };
+        Self::check_len(name, "scales", scales.len(), groups)?;
+        Self::check_len(name, "zero points", zero_points.len(), groups)?;
+        let per_group = len / groups.max(1);
+        let mut mask = vec![0u8; len.div_ceil(8)];
+        let mut kept = Vec::new();
+        for (i, &v) in values.iter().enumerate() {
+            if v != zero_points[i / per_group.max(1)] {
+                mask[i / 8] |= 1 << (i % 8);
+                kept.push(v as u8);
+            }
+        }
+        self.describe(name, Scheme::Int8Sparse { granularity })?;
+        self.put(&format!("{name}.mask"), Dtype::U8, &[mask.len()], mask)?;
+        self.put(&format!("{name}.values"), Dtype::I8, &[kept.len()], kept)?;
+        let aux = [groups];
+        self.put(
+            &format!("{name}.scale"),
+            Dtype::F32,
+            &aux,
+            le_bytes(scales, f32::to_le_bytes),
+        )?;
+        let zp = zero_points.iter().map(|&v| v as u8).collect();
+        self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)?;
+        Ok(self)
+    }
+
+    /// Quantizes f32 weights like [`ArtifactBuilder::add_int8_quantized`] and stores them in
+    /// whichever of the `int8` and `int8_sparse` schemes is smaller: sparse when fewer than
+    /// seven codes in eight are non-zero (pruned weights).
+    pub fn add_int8_quantized_compact(
+        &mut self,
+        name: &str,
+        data: &[f32],
+        shape: &[usize],
+        granularity: Granularity,
+    ) -> Result<&mut Self> {
+        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
+        let rows = shape.first().copied().unwrap_or(1);
+        if rows == 0 {
+            return Err(builder_error(format!("`{name}` has no output channels")));
+        }
+        let per_channel = granularity == Granularity::PerChannel;
+        let (codes, scales) = quantize_symmetric(data, rows, per_channel);
+        let zero_points = vec![0i8; scales.len()];
+        let nonzero = codes.iter().filter(|&&c| c != 0).count();
+        if codes.len().div_ceil(8) + nonzero < codes.len() {
+            self.add_int8_sparse(name, &codes, shape, &scales, &zero_points, granularity)
+        } else {
+            let groups = scales.len();
+            self.add_int8(
+                name,
+                &codes,
+                shape,
+                &scales,
+                &zero_points,
+                granularity,
+                groups,
+            )
+        }
     }
 
     /// Quantizes f32 weights symmetrically (codes in `-127..=127`, zero point 0, scale
@@ -539,6 +630,10 @@ impl<'a> Reader<'a> {
         Ok(bytes.iter().map(|&b| b as i8).collect())
     }
 
+    fn u8s(&mut self, name: &str, shape: &[usize]) -> Result<&'a [u8]> {
+        self.bytes(name, Dtype::U8, "U8", shape)
+    }
+
     fn i32s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<i32>> {
         let bytes = self.bytes(name, Dtype::I32, "I32", shape)?;
         Ok(bytes
@@ -791,42 +886,39 @@ fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -
         Scheme::F16 => Ok(Weight::Dense(r.f16s(name, shape)?)),
         Scheme::Int8 { granularity } => {
             let values = r.i8s(name, shape)?;
-            let groups = match granularity {
-                Granularity::PerTensor => 1,
-                Granularity::PerChannel => out,
-            };
-            let scale_name = format!("{name}.scale");
-            let zp_name = format!("{name}.zero_point");
-            let scales = r.f32s(&scale_name, &[groups])?;
-            if let Some((i, s)) = scales
-                .iter()
-                .enumerate()
-                .find(|(_, s)| !(s.is_finite() && **s > 0.0))
-            {
-                return Err(r.invalid(
-                    &scale_name,
-                    format!("scale {i} is {s}, not positive and finite"),
-                ));
-            }
-            let zero_points = r.i8s(&zp_name, &[groups])?;
-            if k > MAX_INT8_K {
-                return Err(Error::Unsupported {
-                    file: r.file.to_owned(),
-                    reason: format!(
-                        "int8 weight `{name}` has k = {k}, above the kernel limit of {MAX_INT8_K}"
-                    ),
-                });
-            }
-            let expand = |v: Vec<f32>| if v.len() == out { v } else { vec![v[0]; out] };
-            let zero_points: Vec<i32> = zero_points.into_iter().map(i32::from).collect();
-            let zero_points = if zero_points.len() == out {
-                zero_points
-            } else {
-                vec![zero_points[0]; out]
-            };
+            let (scales, zero_points) = int8_groups(r, name, *granularity, out, k)?;
             Ok(Weight::Int8 {
                 values,
-                scales: expand(scales),
+                scales,
+                zero_points,
+            })
+        }
+        Scheme::Int8Sparse { granularity } => {
+            let len = out * k;
+            let mask_name = format!("{name}.mask");
+            let values_name = format!("{name}.values");
+            let mask = r.u8s(&mask_name, &[len.div_ceil(8)])?;
+            let kept: usize = mask.iter().map(|b| b.count_ones() as usize).sum();
+            if len % 8 != 0 && mask.last().is_some_and(|&b| b >> (len % 8) != 0) {
+                return Err(r.invalid(&mask_name, format!("bits past the {len} elements are set")));
+            }
+            let stored = r.i8s(&values_name, &[kept])?;
+            let (scales, zero_points) = int8_groups(r, name, *granularity, out, k)?;
+            let mut values = Vec::with_capacity(len);
+            let mut next = stored.iter();
+            for i in 0..len {
+                let zero = zero_points[i / k.max(1)] as i8;
+                let set = mask[i / 8] >> (i % 8) & 1 == 1;
+                // The mask's popcount is the number of stored codes, checked by `i8s`.
+                values.push(if set {
+                    *next.next().unwrap_or(&zero)
+                } else {
+                    zero
+                });
+            }
+            Ok(Weight::Int8 {
+                values,
+                scales,
                 zero_points,
             })
         }
@@ -869,6 +961,55 @@ fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -
                 .map_err(|reason| r.invalid(name, reason))
         }
     }
+}
+
+/// The scales and zero points of an int8 weight (`name.scale`, `name.zero_point`), checked
+/// and expanded to one per output channel.
+fn int8_groups(
+    r: &mut Reader,
+    name: &str,
+    granularity: Granularity,
+    out: usize,
+    k: usize,
+) -> Result<(Vec<f32>, Vec<i32>)> {
+    let groups = match granularity {
+        Granularity::PerTensor => 1,
+        Granularity::PerChannel => out,
+    };
+    let scale_name = format!("{name}.scale");
+    let zp_name = format!("{name}.zero_point");
+    let scales = r.f32s(&scale_name, &[groups])?;
+    if let Some((i, s)) = scales
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+    {
+        return Err(r.invalid(
+            &scale_name,
+            format!("scale {i} is {s}, not positive and finite"),
+        ));
+    }
+    let zero_points = r.i8s(&zp_name, &[groups])?;
+    if k > MAX_INT8_K {
+        return Err(Error::Unsupported {
+            file: r.file.to_owned(),
+            reason: format!(
+                "int8 weight `{name}` has k = {k}, above the kernel limit of {MAX_INT8_K}"
+            ),
+        });
+    }
+    let scales = if scales.len() == out {
+        scales
+    } else {
+        vec![scales[0]; out]
+    };
+    let zero_points: Vec<i32> = zero_points.into_iter().map(i32::from).collect();
+    let zero_points = if zero_points.len() == out {
+        zero_points
+    } else {
+        vec![zero_points[0]; out]
+    };
+    Ok((scales, zero_points))
 }
 
 /// Parses and validates an artifact. `file` names it in errors.

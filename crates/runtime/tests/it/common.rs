@@ -76,6 +76,8 @@ pub enum Store {
     F32,
     F16,
     Int8(Granularity),
+    /// Int8 codes in whichever of `int8` and `int8_sparse` is smaller.
+    Int8Compact(Granularity),
     Csr,
 }
 
@@ -91,6 +93,7 @@ pub fn artifact(
             Store::F32 => b.add_f32(&name, &p.weight, &p.shape),
             Store::F16 => b.add_f16(&name, &p.weight, &p.shape),
             Store::Int8(g) => b.add_int8_quantized(&name, &p.weight, &p.shape, g),
+            Store::Int8Compact(g) => b.add_int8_quantized_compact(&name, &p.weight, &p.shape, g),
             Store::Csr => b.add_csr_from_dense(&name, &p.weight, &p.shape),
         }
         .unwrap();

@@ -210,6 +210,44 @@ fn csr_equals_dense_with_the_same_zeros() {
     assert!(relative_error(&sparse, &expected) <= MAX_F32_RELATIVE_ERROR);
 }
 
+#[test]
+fn sparse_int8_storage_runs_exactly_like_dense_int8() {
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
+    let mut p = params(&spec, 21);
+    for param in p.values_mut() {
+        for (i, w) in param.weight.iter_mut().enumerate() {
+            if i % 5 != 2 {
+                *w = 0.0;
+            }
+        }
+    }
+    let x = images(4, &spec, 22);
+    for g in [Granularity::PerChannel, Granularity::PerTensor] {
+        let dense = artifact(&spec, &p, |_| Store::Int8(g));
+        let sparse = artifact(&spec, &p, |_| Store::Int8Compact(g));
+        let (dense_bytes, sparse_bytes) = (dense.to_bytes().unwrap(), sparse.to_bytes().unwrap());
+        // A fifth of the codes kept: a bit per weight and a byte per kept code.
+        assert!(
+            (sparse_bytes.len() as f64) < 0.4 * dense_bytes.len() as f64,
+            "{} vs {}",
+            sparse_bytes.len(),
+            dense_bytes.len()
+        );
+        let metadata = String::from_utf8_lossy(&sparse_bytes[..4096]).into_owned();
+        assert!(metadata.contains("int8_sparse"), "{metadata}");
+        let (a, b) = (load(&dense), load(&sparse));
+        assert_eq!(a.execution(), b.execution());
+        assert_eq!(a.run(x.view()).unwrap(), b.run(x.view()).unwrap(), "{g:?}");
+    }
+    // Dense weights stay in the plain int8 scheme, which is smaller for them.
+    let p = params(&spec, 23);
+    let compact = artifact(&spec, &p, |_| Store::Int8Compact(Granularity::PerChannel));
+    let plain = artifact(&spec, &p, |_| Store::Int8(Granularity::PerChannel));
+    let (compact, plain) = (compact.to_bytes().unwrap(), plain.to_bytes().unwrap());
+    assert_eq!(compact.len(), plain.len());
+    assert!(!String::from_utf8_lossy(&compact).contains("int8_sparse"));
+}
+
 /// Calibrates every int8 layer's input on a batch (min/max including 0, like PyTorch's
 /// MinMaxObserver) and marks it for full-integer execution.
 fn calibrated(

@@ -54,6 +54,7 @@ fn a_valid_artifact_loads() {
         Store::F32,
         Store::F16,
         Store::Int8(Granularity::PerTensor),
+        Store::Int8Compact(Granularity::PerChannel),
         Store::Csr,
     ] {
         Model::from_bytes(&small(|_| store)).unwrap();
@@ -336,6 +337,42 @@ fn csr_arrays_are_validated() {
         s.contains("`4.weight` has shape [4, 6], expected [3, 8]"),
         "{s}"
     );
+}
+
+#[test]
+fn sparse_int8_arrays_are_validated() {
+    let spec = small_spec();
+    let mut p = params(&spec, 5);
+    for param in p.values_mut() {
+        for (i, w) in param.weight.iter_mut().enumerate() {
+            if i % 4 != 0 {
+                *w = 0.0;
+            }
+        }
+    }
+    let sparse = artifact(&spec, &p, |_| Store::Int8Compact(Granularity::PerChannel))
+        .to_bytes()
+        .unwrap();
+    Model::from_bytes(&sparse).unwrap();
+    // The linear weight: 3 x 8 = 24 elements, 3 mask bytes, 6 codes kept.
+    let edit = |f: fn(&mut (Dtype, Vec<usize>, Vec<u8>))| {
+        edit_file(&sparse, move |_, t| f(t.get_mut("4.weight.mask").unwrap()))
+    };
+    let (e, s) = err(&edit(|mask| mask.2[0] |= 0b10));
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{s}");
+    assert!(s.contains("`4.weight.values`") && s.contains("[7]"), "{s}");
+    let (e, s) = err(&edit(|mask| {
+        mask.1 = vec![2];
+        mask.2.truncate(2);
+    }));
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{s}");
+    assert!(s.contains("`4.weight.mask`"), "{s}");
+    // The conv weight: 18 elements, so the last of its 3 mask bytes has 6 padding bits.
+    let (e, s) = err(&edit_file(&sparse, |_, t| {
+        t.get_mut("0.weight.mask").unwrap().2[2] |= 0x80
+    }));
+    assert!(matches!(e, Error::InvalidTensor { .. }), "{s}");
+    assert!(s.contains("bits past the 18 elements"), "{s}");
 }
 
 #[test]
