@@ -59,7 +59,8 @@ struct Layer {
 /// optimizer's momentum does.
 #[derive(Debug)]
 pub struct Pruner {
-    config: PruningConfig,
+    /// `None` for a pruner that only keeps the zeros it found ([`Pruner::preserving`]).
+    config: Option<PruningConfig>,
     layers: Vec<Layer>,
 }
 
@@ -102,18 +103,68 @@ impl Pruner {
                 "global scope supports unstructured pruning only".into(),
             ));
         }
-        Ok(Self { config, layers })
+        Ok(Self {
+            config: Some(config),
+            layers,
+        })
+    }
+
+    /// Keeps the named variables' current zeros zero and never prunes further: the masks
+    /// are the weights' non-zero pattern now. This is what pruning-preserving fine-tuning
+    /// (quantization-aware training of a pruned model, say) needs: call [`Pruner::apply`]
+    /// after every optimizer step ([`Pruner::update`] never changes the masks), and the
+    /// sparsity survives the optimizer.
+    ///
+    /// ```
+    /// use pruning::Pruner;
+    /// use tch::{Device, Tensor, nn};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let weights = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 2.0]).view([2, 2]);
+    /// let w = (vs.root() / "fc").var_copy("weight", &weights);
+    /// let mut keeper = Pruner::preserving(&vs, &["fc.weight"])?;
+    /// tch::no_grad(|| { let _ = w.shallow_clone().fill_(3.0); }); // what an optimizer step might do
+    /// assert!(!keeper.update(0)?);
+    /// keeper.apply();
+    /// assert_eq!(Vec::<f32>::try_from(w.flatten(0, -1))?, [0.0, 3.0, 0.0, 3.0]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn preserving(vs: &VarStore, names: &[&str]) -> Result<Self> {
+        let variables = vs.variables();
+        let layers = names
+            .iter()
+            .map(|&name| {
+                let weight = variables.get(name).ok_or_else(|| {
+                    crate::Error::InvalidGranularity(format!("no variable named `{name}`"))
+                })?;
+                let mask = tch::no_grad(|| weight.ne(0.0).to_kind(weight.kind()));
+                Ok(Layer {
+                    name: name.to_owned(),
+                    weight: weight.shallow_clone(),
+                    mask,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: None,
+            layers,
+        })
     }
 
     /// Recomputes the masks if `step` is a pruning step, then applies them; returns whether
     /// the masks changed.
     pub fn update(&mut self, step: u64) -> Result<bool> {
-        if !self.config.schedule.should_prune(step) {
+        let Some(config) = self
+            .config
+            .as_ref()
+            .filter(|c| c.schedule.should_prune(step))
+        else {
             return Ok(false);
-        }
-        let sparsity = self.config.schedule.sparsity(step);
+        };
+        let sparsity = config.schedule.sparsity(step);
+        let (scope, granularity) = (config.scope, config.granularity);
         tch::no_grad(|| -> Result<()> {
-            match self.config.scope {
+            match scope {
                 Scope::Global => {
                     let weights: Vec<&Tensor> = self.layers.iter().map(|l| &l.weight).collect();
                     let masks = global_masks(&weights, sparsity)?;
@@ -123,7 +174,7 @@ impl Pruner {
                 }
                 Scope::PerLayer => {
                     for layer in &mut self.layers {
-                        layer.mask = layer_mask(&layer.weight, sparsity, self.config.granularity)?;
+                        layer.mask = layer_mask(&layer.weight, sparsity, granularity)?;
                     }
                 }
             }

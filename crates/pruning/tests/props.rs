@@ -218,3 +218,31 @@ fn constant_weights_prune_to_the_exact_count() {
     let mask = layer_mask(&w, 0.5, Granularity::Unstructured).unwrap();
     assert_eq!(zeros(&mask), 32);
 }
+
+#[test]
+fn a_preserving_pruner_keeps_exactly_the_zeros_it_found() {
+    tch::manual_seed(6);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = linear_net(&vs);
+    // Zero a scattered third of the first layer's weights by hand.
+    tch::no_grad(|| {
+        let mut w = vs.variables()["0.weight"].shallow_clone();
+        let keep = Tensor::rand([16, 12], (Kind::Float, Device::Cpu)).ge(0.33);
+        w *= keep.to_kind(Kind::Float);
+    });
+    let zeros_before = vs.variables()["0.weight"].eq(0.0);
+    let mut keeper = Pruner::preserving(&vs, &["0.weight", "2.weight"]).unwrap();
+    let mut optimizer = nn::Adam::default().build(&vs, 0.05).unwrap();
+    let xs = Tensor::randn([64, 12], (Kind::Float, Device::Cpu));
+    let ys = Tensor::randn([64, 4], (Kind::Float, Device::Cpu));
+    for step in 0..50 {
+        assert!(!keeper.update(step).unwrap(), "it never recomputes masks");
+        let loss = (net.forward(&xs) - &ys).square().mean(Kind::Float);
+        optimizer.backward_step(&loss);
+        keeper.apply();
+    }
+    let after = vs.variables()["0.weight"].eq(0.0);
+    assert!(after.equal(&zeros_before), "the same zeros, no more, no fewer");
+    assert_eq!(keeper.report()[1].zeros, 0, "a dense layer stays dense");
+    assert!(Pruner::preserving(&vs, &["nope.weight"]).is_err());
+}
