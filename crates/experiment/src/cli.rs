@@ -26,9 +26,15 @@ pub struct Args {
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 
-    /// Output folder [default: results/<timestamp>, with results/latest pointing at it].
+    /// Output folder [default: results/<timestamp>, with results/latest pointing at it;
+    /// with --resume, results/latest].
     #[arg(long)]
     pub out: Option<PathBuf>,
+
+    /// Continue the run in the output folder: stages its report shows as completed with the
+    /// same settings (and inputs) are kept, the others run.
+    #[arg(long)]
+    pub resume: bool,
 
     /// Comma-separated stages to run, in order.
     #[arg(long, value_delimiter = ',', default_values_t = Stage::all())]
@@ -55,6 +61,11 @@ pub struct Args {
     /// The percentile calibrator's percentile, in (0, 100].
     #[arg(long, default_value_t = 99.99, value_parser = parse_percentile)]
     pub percentile: f64,
+
+    /// The pipeline stage's pruning target: the share of the student's weights that are
+    /// zero, in [0, 1).
+    #[arg(long, default_value_t = 0.85, value_parser = parse_sparsity)]
+    pub sparsity: f64,
 }
 
 /// The `--calibrator` values.
@@ -103,6 +114,14 @@ fn parse_percentile(value: &str) -> Result<f64, String> {
         .validate()
         .map_err(|e| e.to_string())?;
     Ok(p)
+}
+
+fn parse_sparsity(value: &str) -> Result<f64, String> {
+    let s: f64 = value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number"))?;
+    pruning::Sparsity::new(s).map_err(|e| e.to_string())?;
+    Ok(s)
 }
 
 /// The `--device` values.

@@ -7,6 +7,7 @@ mod device;
 mod fsutil;
 mod progress;
 mod report;
+mod resume;
 mod stages;
 mod train;
 
@@ -28,6 +29,8 @@ use crate::train::DeviceSplit;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Before LibTorch starts its threads, so that they inherit it.
+    device::flush_subnormals();
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -57,11 +60,23 @@ fn run(args: &Args) -> Result<bool> {
     let started = chrono::Utc::now();
     let out = match &args.out {
         Some(out) => out.clone(),
+        None if args.resume => {
+            let latest = Path::new("results").join("latest");
+            std::fs::canonicalize(&latest).with_context(|| {
+                format!(
+                    "--resume without --out continues {}, which does not exist: name the run \
+                     folder with --out",
+                    latest.display()
+                )
+            })?
+        }
         None => Path::new("results").join(started.format("%Y%m%d-%H%M%S").to_string()),
     };
     std::fs::create_dir_all(&out)
         .with_context(|| format!("creating the output folder {}", out.display()))?;
-    if args.out.is_none() {
+    let mut resume = resume::Resume::new(args, device.kind, &data_dir, &out)?;
+    resume::remove_leftovers(&out)?;
+    if args.out.is_none() && !args.resume {
         point_latest_at(&out)?;
     }
     progress.info(&format!(
@@ -94,7 +109,26 @@ fn run(args: &Args) -> Result<bool> {
         test,
     };
     let mut all_ok = true;
-    for stage in &args.stages {
+    for &stage in &args.stages {
+        if let Some(previous) = resume.reusable(stage, args) {
+            progress.info(&format!(
+                "== stage {stage}: kept from the earlier run (same settings) =="
+            ));
+            let mut outcome = previous.stages[stage.name()].clone();
+            outcome.resumed = true;
+            report.rows.extend(
+                previous
+                    .rows
+                    .iter()
+                    .filter(|r| r.stage == stage.name())
+                    .cloned(),
+            );
+            report.stages.insert(stage.name().into(), outcome);
+            report.write(&out)?;
+            continue;
+        }
+        let config_hash = resume.key(stage, args);
+        resume.ran(stage);
         progress.info(&format!("== stage {stage} =="));
         let start = Instant::now();
         let outcome = stage.run(&ctx);
@@ -116,6 +150,8 @@ fn run(args: &Args) -> Result<bool> {
                 status: if error.is_none() { "ok" } else { "failed" }.into(),
                 seconds,
                 error,
+                config_hash: Some(config_hash),
+                resumed: false,
             },
         );
         // After every stage, so that an interrupted run keeps what it finished.

@@ -38,6 +38,13 @@ pub struct StageOutcome {
     pub status: String,
     pub seconds: f64,
     pub error: Option<String>,
+    /// What the stage's results depend on, hashed (see `resume`): `--resume` keeps a
+    /// completed stage whose key is unchanged.
+    #[serde(default)]
+    pub config_hash: Option<String>,
+    /// Kept from an earlier invocation by `--resume` (`seconds` is that run's).
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 /// One trained or converted model. Fields that do not apply are `null`.
@@ -187,6 +194,8 @@ mod tests {
                     status: "ok".into(),
                     seconds: 1.5,
                     error: None,
+                    config_hash: None,
+                    resumed: false,
                 },
             )]),
             rows: vec![Row {

@@ -123,6 +123,9 @@ pub struct TrainStats {
     pub samples_per_second: f64,
     /// Mean training loss of each epoch.
     pub epoch_losses: Vec<f64>,
+    /// `(step, mean loss of the steps since the previous point)`, every few steps: the
+    /// training curve.
+    pub loss_curve: Vec<(usize, f64)>,
     /// Steps the loss scaler skipped because of non-finite gradients (0 without one).
     pub skipped_steps: u64,
     /// The scale after the last step, `None` without a scaler.
@@ -178,6 +181,7 @@ pub fn train_with(
     let mut step = 0;
     let mut samples = 0;
     let mut epoch_losses = Vec::with_capacity(config.epochs);
+    let mut loss_curve = Vec::new();
     let mut audit_seconds = 0.0;
     let mut audited_steps = 0;
     let start = Instant::now();
@@ -191,6 +195,7 @@ pub fn train_with(
         let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
         let mut correct = Tensor::zeros([], (Kind::Int64, device));
         let mut seen = 0;
+        let (mut curve_sum, mut curve_seen) = (0.0, 0);
         for (i, batch) in batches.iter().enumerate() {
             let progress_fraction = step as f64 / total_steps as f64;
             let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress_fraction).cos());
@@ -274,7 +279,13 @@ pub fn train_with(
             samples += batch.len();
             step += 1;
             if (i + 1) % PROGRESS_EVERY == 0 || i + 1 == batches.len() {
-                let loss = loss_sum.double_value(&[]) / seen as f64;
+                let total = loss_sum.double_value(&[]);
+                loss_curve.push((
+                    step,
+                    (total - curve_sum) / (seen - curve_seen).max(1) as f64,
+                ));
+                (curve_sum, curve_seen) = (total, seen);
+                let loss = total / seen as f64;
                 let accuracy = correct.int64_value(&[]) as f64 / seen as f64;
                 let rate = samples as f64 / (start.elapsed().as_secs_f64() - audit_seconds);
                 bar.update(i + 1, loss, accuracy, rate);
@@ -296,11 +307,19 @@ pub fn train_with(
         seconds,
         samples_per_second: samples as f64 / seconds,
         epoch_losses,
+        loss_curve,
         skipped_steps: scaler.map_or(0, |s| s.skipped_steps() - skipped_before),
         final_loss_scale: scaler.map(LossScaler::current_scale),
         scale_history: scaler.map_or_else(Vec::new, |s| s.history().to_vec()),
         audited_steps,
     })
+}
+
+impl TrainStats {
+    /// The training curve as a row's extra field: `[[step, loss], ...]`.
+    pub fn curve_json(&self) -> serde_json::Value {
+        serde_json::json!(self.loss_curve)
+    }
 }
 
 /// Accuracy on a split and the inference throughput, batch [`INFER_BATCH`], eval mode.

@@ -242,7 +242,10 @@ fn a_preserving_pruner_keeps_exactly_the_zeros_it_found() {
         keeper.apply();
     }
     let after = vs.variables()["0.weight"].eq(0.0);
-    assert!(after.equal(&zeros_before), "the same zeros, no more, no fewer");
+    assert!(
+        after.equal(&zeros_before),
+        "the same zeros, no more, no fewer"
+    );
     assert_eq!(keeper.report()[1].zeros, 0, "a dense layer stays dense");
     assert!(Pruner::preserving(&vs, &["nope.weight"]).is_err());
 }

@@ -83,10 +83,13 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         infer_samples_per_second: Some(eval.samples_per_second),
         engine: Some("libtorch".into()),
         artifact: Some(TEACHER_ARTIFACT.into()),
-        extra: [(
-            "train_loss_per_epoch".to_string(),
-            serde_json::json!(stats.epoch_losses),
-        )]
+        extra: [
+            (
+                "train_loss_per_epoch".to_string(),
+                serde_json::json!(stats.epoch_losses),
+            ),
+            ("loss_curve".to_string(), stats.curve_json()),
+        ]
         .into_iter()
         .collect(),
     }])

@@ -32,6 +32,7 @@ pub const STUDENT_CHECKPOINT: &str = "student_distilled_checkpoint.safetensors";
 
 struct Outcome {
     accuracy: f64,
+    loss_curve: serde_json::Value,
     infer_samples_per_second: f64,
     train_seconds: f64,
     train_samples_per_second: f64,
@@ -179,6 +180,10 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         extra.insert("test_accuracy_std".into(), serde_json::json!(std));
         extra.insert("seeds".into(), serde_json::json!(seeds_used));
         extra.insert("per_seed_accuracy".into(), serde_json::json!(accuracies));
+        // The first seed's training curve.
+        if let Some(first) = outcomes.first() {
+            extra.insert("loss_curve".into(), first.loss_curve.clone());
+        }
         Row {
             stage: "distillation".into(),
             variant: variant.into(),
@@ -309,6 +314,7 @@ fn train_student(
     Ok((
         Outcome {
             accuracy: eval.accuracy,
+            loss_curve: stats.curve_json(),
             infer_samples_per_second: eval.samples_per_second,
             train_seconds: stats.seconds,
             train_samples_per_second: stats.samples_per_second,

@@ -2,6 +2,7 @@
 
 mod baseline;
 mod distillation;
+mod pipeline;
 mod precision;
 mod pruning;
 mod quantization;
@@ -20,7 +21,7 @@ use crate::report::Row;
 use crate::train::DeviceSplit;
 
 /// A stage of the experiment, in the order they run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 pub enum Stage {
     /// Train the float32 teacher on the full training set.
     Baseline,
@@ -32,6 +33,9 @@ pub enum Stage {
     Quantization,
     /// Fine-tune the teacher while pruning it to 50, 75, 90% and 2:4 sparsity.
     Pruning,
+    /// Distil a student, prune it to `--sparsity`, fine-tune it quantization-aware with its
+    /// zeros kept, and ship it as a sparse int8 artifact.
+    Pipeline,
 }
 
 impl Stage {
@@ -46,6 +50,32 @@ impl Stage {
             Self::Distillation => "distillation",
             Self::Quantization => "quantization",
             Self::Pruning => "pruning",
+            Self::Pipeline => "pipeline",
+        }
+    }
+
+    /// The stages whose output files this one loads (when they are there, for optional
+    /// ones: quantization also quantizes the distilled student if there is one).
+    pub fn inputs(self) -> &'static [Stage] {
+        match self {
+            Self::Baseline | Self::Precision => &[],
+            Self::Distillation | Self::Pruning | Self::Pipeline => &[Self::Baseline],
+            Self::Quantization => &[Self::Baseline, Self::Distillation],
+        }
+    }
+
+    /// The options this stage's results depend on, besides the seed, `--quick`, the device,
+    /// the threads and the data (which every stage depends on).
+    pub fn settings(self, args: &Args) -> serde_json::Value {
+        match self {
+            Self::Baseline | Self::Precision | Self::Distillation | Self::Pruning => {
+                serde_json::json!({})
+            }
+            Self::Quantization => serde_json::json!({
+                "calibrator": args.calibrator.name(),
+                "percentile": args.percentile,
+            }),
+            Self::Pipeline => serde_json::json!({"sparsity": args.sparsity}),
         }
     }
 
@@ -56,6 +86,7 @@ impl Stage {
             Self::Distillation => distillation::run(ctx),
             Self::Quantization => quantization::run(ctx),
             Self::Pruning => pruning::run(ctx),
+            Self::Pipeline => pipeline::run(ctx),
         }
     }
 }

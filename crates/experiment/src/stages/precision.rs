@@ -196,6 +196,7 @@ fn row(
         "train_loss_per_epoch".into(),
         serde_json::json!(stats.epoch_losses),
     );
+    row.extra.insert("loss_curve".into(), stats.curve_json());
     row
 }
 

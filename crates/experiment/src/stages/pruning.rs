@@ -252,6 +252,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             }),
         );
         row.nonzero_params = Some(nonzero);
+        row.extra.insert("loss_curve".into(), stats.curve_json());
         row.train_seconds = Some(stats.seconds);
         row.train_samples_per_second = Some(stats.samples_per_second);
         rows.push(row);
@@ -286,7 +287,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
 
 /// The artifact with every weight in CSR form where the runtime says that pays off, dense
 /// f32 otherwise; and the choice per weight.
-fn sparse_artifact(
+pub fn sparse_artifact(
     spec: &NetworkSpec,
     params: &[DeployedParameter],
 ) -> Result<(runtime::ArtifactBuilder, serde_json::Value)> {

@@ -279,6 +279,9 @@ fn quantize(
             "learning_rate": QAT_LEARNING_RATE,
         }),
     );
+    qat_row
+        .extra
+        .insert("loss_curve".into(), stats.curve_json());
     qat_row.train_seconds = Some(stats.seconds);
     qat_row.train_samples_per_second = Some(stats.samples_per_second);
     rows.push(qat_row);
