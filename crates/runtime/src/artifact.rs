@@ -899,7 +899,7 @@ fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -
             let values_name = format!("{name}.values");
             let mask = r.u8s(&mask_name, &[len.div_ceil(8)])?;
             let kept: usize = mask.iter().map(|b| b.count_ones() as usize).sum();
-            if len % 8 != 0 && mask.last().is_some_and(|&b| b >> (len % 8) != 0) {
+            if !len.is_multiple_of(8) && mask.last().is_some_and(|&b| b >> (len % 8) != 0) {
                 return Err(r.invalid(&mask_name, format!("bits past the {len} elements are set")));
             }
             let stored = r.i8s(&values_name, &[kept])?;
