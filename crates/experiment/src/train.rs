@@ -136,29 +136,9 @@ pub struct TrainStats {
     pub audited_steps: usize,
 }
 
-/// Trains `net` (its variables live in `vs`) with Adam and cross-entropy, under the
-/// network's precision policy, without loss scaling.
-pub fn train(
-    net: &Network,
-    vs: &nn::VarStore,
-    data: &DeviceSplit,
-    config: &TrainConfig,
-    progress: &Progress,
-    label: &str,
-) -> Result<TrainStats> {
-    train_with(
-        net,
-        vs,
-        data,
-        config,
-        TrainOptions::default(),
-        progress,
-        label,
-    )
-}
-
-/// [`train`] with loss scaling, a step bound or a gradient audit (see [`TrainOptions`]).
-/// The recipe is the same: seed, data order, schedule and optimizer come from `config`;
+/// Trains `net` (its variables live in `vs`) with Adam and cross-entropy, with loss
+/// scaling, a step bound, a gradient audit, distillation or pruning (see [`TrainOptions`]).
+/// Seed, data order, schedule and optimizer come from `config`;
 /// the precision policy is the network's ([`Network::with_policy`]).
 pub fn train_with(
     net: &Network,
@@ -412,7 +392,17 @@ mod tests {
         let data = tiny_split();
         let vs = nn::VarStore::new(Device::Cpu);
         let net = network(&vs, Policy::Float32);
-        let stats = train(&net, &vs, &data, &config(), &Progress::new(true), "t").unwrap();
+        let options = TrainOptions::default();
+        let stats = train_with(
+            &net,
+            &vs,
+            &data,
+            &config(),
+            options,
+            &Progress::new(true),
+            "t",
+        )
+        .unwrap();
         assert_eq!(stats.policy, Policy::Float32);
         assert_eq!(stats.steps, 3 * 4);
         assert_eq!(stats.epoch_losses.len(), 3);

@@ -1,5 +1,5 @@
 //! End-to-end tests of the compression stages: one `--quick` run of the baseline,
-//! distillation, quantization and pruning stages, shared by the tests below.
+//! distillation, quantization, pruning and pipeline stages, shared by the tests below.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -23,7 +23,7 @@ fn run() -> &'static (PathBuf, Value) {
         let out = dir.join("run");
         let output = Command::new(env!("CARGO_BIN_EXE_experiment"))
             .args(["--quick", "--quiet", "--device", "cpu", "--stages"])
-            .arg("baseline,distillation,quantization,pruning")
+            .arg("baseline,distillation,quantization,pruning,pipeline")
             .arg("--out")
             .arg(&out)
             .output()
@@ -220,4 +220,54 @@ fn pruning_rows_reach_their_sparsity_and_shrink() {
         let svg = std::fs::read_to_string(out.join(chart)).unwrap();
         assert!(svg.trim_end().ends_with("</svg>"));
     }
+}
+
+#[test]
+fn quick_pipeline_keeps_its_zeros_through_qat_and_ships_sparse_int8() {
+    let (out, report) = run();
+    assert_eq!(report["stages"]["pipeline"]["status"], "ok");
+    let rows = rows(report, "pipeline", "compact_cnn");
+    let variants: Vec<&str> = rows
+        .iter()
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        variants,
+        [
+            "distilled_float32",
+            "distilled_pruned_float32",
+            "distilled_pruned_int8"
+        ]
+    );
+    let (pruned, int8) = (rows[1], rows[2]);
+    // The default target, 85% of all weights, is hit exactly by the pruning step...
+    assert!(
+        (f(pruned, "weight_sparsity") - 0.85).abs() < 1e-3,
+        "{pruned}"
+    );
+    // ...and quantization-aware training loses none of the zeros (it may add a few codes
+    // that round to zero, never fewer).
+    assert!(f(int8, "weight_sparsity") >= f(pruned, "weight_sparsity"));
+    assert!(int8["nonzero_params"].as_u64() <= pruned["nonzero_params"].as_u64());
+    // Sparse int8 storage: a bit per weight and a byte per kept code, so more than 100x
+    // smaller than the float32 teacher whatever the accuracy of a quick run.
+    assert!(f(int8, "size_ratio_vs_teacher_float32") >= 100.0, "{int8}");
+    let artifact = std::fs::read(out.join(int8["artifact"].as_str().unwrap())).unwrap();
+    assert_eq!(artifact.len() as u64, int8["size_bytes"].as_u64().unwrap());
+    assert!(String::from_utf8_lossy(&artifact).contains("int8_sparse"));
+    // Full-integer execution, and the runtime agrees with the fake-quantized network.
+    assert!(
+        int8["execution"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e == "int8-static"),
+        "{int8}"
+    );
+    let delta = (f(int8, "test_accuracy") - f(int8, "fake_quant_accuracy")).abs();
+    assert!(delta <= QAT_ACCURACY_TOLERANCE, "{int8}");
+    assert_eq!(
+        int8["target"]["met"], false,
+        "a quick run never claims the target"
+    );
 }

@@ -4,7 +4,7 @@ use std::fmt;
 
 use half::f16;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::stats::tensor_to_f32_vec;
@@ -22,7 +22,7 @@ pub const MAX_UNDERFLOW_SHARE: f64 = 1e-3;
 const BLOCK: usize = 1 << 14;
 
 /// What one loss scale does to the audited gradients.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ScaleAudit {
     /// The loss scale.
     pub scale: f32,
@@ -38,7 +38,7 @@ pub struct ScaleAudit {
 
 /// The result of a gradient-underflow audit: one row per scale of [`AUDIT_SCALES`] and the
 /// smallest scale with under [`MAX_UNDERFLOW_SHARE`] underflow and no overflow.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GradientAudit {
     /// All gradient values seen.
     pub values: u64,

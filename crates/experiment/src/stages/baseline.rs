@@ -2,17 +2,22 @@
 
 use anyhow::{Context as _, Result};
 use models::{Network, NetworkSpec};
+use serde::{Deserialize, Serialize};
 use tch::nn;
+use tensor_precision::{GradientAudit, GradientAuditor};
 
 use super::Context;
 use crate::fsutil;
 use crate::report::Row;
-use crate::train::{self, DeviceSplit, TrainConfig};
+use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions};
 
 /// The teacher as deployed: the runtime's artifact format, batch norm folded.
 pub const TEACHER_ARTIFACT: &str = "teacher_float32.safetensors";
 /// The teacher's trainable state (tch variables, batch norm unfolded), which later stages load.
 pub const TEACHER_CHECKPOINT: &str = "teacher_checkpoint.safetensors";
+/// The float32 run as the precision stage reports it (its row and the gradient-underflow
+/// audit of its steps), so that stage need not train the same teacher again.
+pub const TEACHER_RUN: &str = "teacher_float32_run.json";
 /// Epochs of a full run: enough for 99.2% test accuracy.
 const EPOCHS: usize = 5;
 /// Share of each class trained on in `--quick` mode.
@@ -53,7 +58,16 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let spec = NetworkSpec::teacher_cnn();
     let vs = nn::VarStore::new(ctx.device.device);
     let net = Network::new(&vs.root(), &spec)?;
-    let stats = train::train(&net, &vs, &data, &config, &ctx.progress, "teacher")?;
+    let mut auditor = GradientAuditor::new();
+    let steps = config.epochs * data.len().div_ceil(config.batch_size);
+    let options = TrainOptions {
+        audit: Some(GradientSampling {
+            auditor: &mut auditor,
+            every: (steps / super::precision::AUDIT_SAMPLES).max(1),
+        }),
+        ..TrainOptions::default()
+    };
+    let stats = train::train_with(&net, &vs, &data, &config, options, &ctx.progress, "teacher")?;
     let eval = train::evaluate(&net, &ctx.test);
     ctx.progress.info(&format!(
         "teacher: test accuracy {:.2}% after {:.1} s of training",
@@ -69,6 +83,15 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         models::export_f32(&net, &vs, path).context("exporting the teacher")
     })?;
     let (size, gzip) = fsutil::sizes(&artifact)?;
+    let run = TeacherRun {
+        row: super::precision::row(&spec, &net, &stats, eval, models::Policy::Float32.name()),
+        audit: auditor.finish(),
+        audited_steps: stats.audited_steps,
+    };
+    fsutil::write_atomic(
+        &ctx.out.join(TEACHER_RUN),
+        serde_json::to_string_pretty(&run)?.as_bytes(),
+    )?;
     Ok(vec![Row {
         stage: "baseline".into(),
         variant: "teacher_float32".into(),
@@ -93,4 +116,26 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         .into_iter()
         .collect(),
     }])
+}
+
+/// What [`TEACHER_RUN`] holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TeacherRun {
+    pub row: Row,
+    pub audit: GradientAudit,
+    pub audited_steps: usize,
+}
+
+impl TeacherRun {
+    /// The baseline's float32 run in this output folder, if the baseline wrote one.
+    pub fn read(ctx: &Context) -> Result<Option<Self>> {
+        let path = ctx.out.join(TEACHER_RUN);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is damaged", path.display()))
+    }
 }

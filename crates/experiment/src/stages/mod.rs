@@ -55,11 +55,14 @@ impl Stage {
     }
 
     /// The stages whose output files this one loads (when they are there, for optional
-    /// ones: quantization also quantizes the distilled student if there is one).
+    /// ones: quantization also quantizes the distilled student if there is one, precision
+    /// takes the baseline's float32 run if there is one).
     pub fn inputs(self) -> &'static [Stage] {
         match self {
-            Self::Baseline | Self::Precision => &[],
-            Self::Distillation | Self::Pruning | Self::Pipeline => &[Self::Baseline],
+            Self::Baseline => &[],
+            Self::Precision | Self::Distillation | Self::Pruning | Self::Pipeline => {
+                &[Self::Baseline]
+            }
             Self::Quantization => &[Self::Baseline, Self::Distillation],
         }
     }

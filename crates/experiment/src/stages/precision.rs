@@ -19,7 +19,7 @@ use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOption
 
 /// Training steps whose float32 gradients the underflow audit reads, spread evenly
 /// over the float32 run (the first step included).
-const AUDIT_SAMPLES: usize = 8;
+pub const AUDIT_SAMPLES: usize = 8;
 /// A mixed policy counts as accurate when its test accuracy is at most this many
 /// percentage points below float32's (meaningful for full runs only).
 const ACCURACY_TOLERANCE_PP: f64 = 0.2;
@@ -100,7 +100,25 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let mut auditor = GradientAuditor::new();
     let mut audited_steps = 0;
     let mut traces = Vec::new();
+    // The baseline trained the float32 teacher with this very recipe and seed (and audited
+    // its gradients): its run is this stage's float32 row.
+    let baseline_run = super::baseline::TeacherRun::read(ctx)?;
+    let mut baseline_audit = None;
     for (policy, scaled) in teacher_policies(ctx.device.device) {
+        if policy == Policy::Float32
+            && let Some(run) = &baseline_run
+        {
+            ctx.progress.info(
+                "float32: the baseline stage's run (same recipe and seed), not trained again",
+            );
+            let mut row = run.row.clone();
+            row.extra
+                .insert("trained_by".into(), serde_json::json!("baseline"));
+            rows.push(row);
+            audited_steps += run.audited_steps;
+            baseline_audit = Some(run.audit.clone());
+            continue;
+        }
         ctx.progress.info(&format!(
             "training the teacher under {policy} on {} images for {} epochs{}",
             data.len(),
@@ -140,7 +158,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         }
         rows.push(row);
     }
-    let audit = auditor.finish();
+    let audit = baseline_audit.unwrap_or_else(|| auditor.finish());
     compare_with_float32(&mut rows);
 
     if ctx.device.device == Device::Cpu {
@@ -169,7 +187,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn row(
+/// The row of one teacher run (also the baseline's float32 run, see `baseline::TeacherRun`).
+pub fn row(
     spec: &NetworkSpec,
     net: &Network,
     stats: &TrainStats,
