@@ -170,7 +170,7 @@ pub fn remove_leftovers(out: &Path) -> Result<()> {
 }
 
 fn is_temporary(name: &str) -> bool {
-    name.starts_with(".tmp-") || (name.starts_with('.') && name.ends_with(".tmp"))
+    name.starts_with(".tmp-") || (name.len() > 5 && name.starts_with('.') && name.ends_with(".tmp"))
 }
 
 #[cfg(test)]
