@@ -482,11 +482,12 @@ impl ArtifactBuilder {
                 .collect();
             metadata.insert("activations".to_owned(), to_json(&activations)?);
         }
-        safetensors::serialize(
+        let bytes = safetensors::serialize(
             self.tensors.iter().map(|(k, v)| (k.as_str(), v)),
             Some(metadata),
         )
-        .map_err(|e| builder_error(e.to_string()))
+        .map_err(|e| builder_error(e.to_string()))?;
+        canonical(bytes)
     }
 
     /// Writes the artifact to `path`, atomically: a sibling temporary file renamed into
@@ -507,6 +508,39 @@ impl ArtifactBuilder {
             io(e)
         })
     }
+}
+
+/// `bytes` with the header's keys in sorted order: safetensors writes the metadata from a
+/// `HashMap`, whose order changes from run to run, and the same model must give the same
+/// bytes (and the same gzip size) every time. Offsets are relative to the data, which does
+/// not move; the header keeps its padding to a multiple of 8 bytes.
+fn canonical(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let damaged = || builder_error("safetensors wrote a header it cannot read back");
+    let len = bytes
+        .first_chunk::<8>()
+        .map(|n| u64::from_le_bytes(*n) as usize)
+        .filter(|&n| 8 + n <= bytes.len())
+        .ok_or_else(damaged)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + len]).map_err(|_| damaged())?;
+    let sorted = |value: serde_json::Value| -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => {
+                let map: BTreeMap<String, serde_json::Value> = map.into_iter().collect();
+                serde_json::json!(map)
+            }
+            other => other,
+        }
+    };
+    let header: BTreeMap<String, serde_json::Value> =
+        header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+    let mut text = serde_json::to_vec(&header).map_err(|e| builder_error(e.to_string()))?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
 }
 
 fn to_json<T: Serialize>(value: &T) -> Result<String> {

@@ -211,6 +211,19 @@ fn csr_equals_dense_with_the_same_zeros() {
 }
 
 #[test]
+fn the_same_model_gives_the_same_bytes() {
+    let spec = NetworkSpec::teacher_cnn().without_batch_norm();
+    let p = params(&spec, 24);
+    let first = calibrated(&spec, &p, 25).to_bytes().unwrap();
+    // Builders are independent: a second one starts from fresh hash maps.
+    for _ in 0..4 {
+        let again = calibrated(&spec, &p, 25).to_bytes().unwrap();
+        assert!(again == first, "the bytes differ between two builds");
+    }
+    load(&calibrated(&spec, &p, 25));
+}
+
+#[test]
 fn sparse_int8_storage_runs_exactly_like_dense_int8() {
     let spec = NetworkSpec::teacher_cnn().without_batch_norm();
     let mut p = params(&spec, 21);
@@ -244,7 +257,7 @@ fn sparse_int8_storage_runs_exactly_like_dense_int8() {
     let compact = artifact(&spec, &p, |_| Store::Int8Compact(Granularity::PerChannel));
     let plain = artifact(&spec, &p, |_| Store::Int8(Granularity::PerChannel));
     let (compact, plain) = (compact.to_bytes().unwrap(), plain.to_bytes().unwrap());
-    assert_eq!(compact.len(), plain.len());
+    assert_eq!(compact, plain);
     assert!(!String::from_utf8_lossy(&compact).contains("int8_sparse"));
 }
 
