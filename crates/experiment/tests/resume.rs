@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const STAGES: &str = "baseline,distillation,pipeline";
+const STAGES: &str = "baseline,pipeline";
 /// How long a kill point may take to come (a slow machine, a loaded one).
 const PATIENCE: Duration = Duration::from_secs(600);
 
@@ -119,34 +119,33 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
     let killed = kill_when(command(&out, false), exists(out.join("report.json")));
     assert!(killed, "the quick run ended before its first stage did");
     assert_nothing_half_written(&out);
-    // During the distillation stage, then inside the pipeline, each time resuming.
-    let killed = kill_when(
-        command(&out, true),
-        exists(out.join("student_distilled_checkpoint.safetensors")),
-    );
-    assert!(killed);
-    assert_nothing_half_written(&out);
+    // Twice inside the pipeline, each time resuming.
     let killed = kill_when(
         command(&out, true),
         exists(out.join("pipeline").join("distilled_float32.safetensors")),
     );
     assert!(killed);
     assert_nothing_half_written(&out);
+    let killed = kill_when(
+        command(&out, true),
+        exists(out.join("pipeline").join("distilled_pruned_float32.safetensors")),
+    );
+    assert!(killed);
+    assert_nothing_half_written(&out);
     let resumed = finish(command(&out, true), &out);
     assert_nothing_half_written(&out);
 
-    for stage in ["baseline", "distillation", "pipeline"] {
+    for stage in ["baseline", "pipeline"] {
         assert_eq!(resumed["stages"][stage]["status"], "ok", "{stage}");
     }
-    // The last invocation kept the finished stages and reran the pipeline.
+    // The last invocation kept the baseline and reran the pipeline.
     assert_eq!(resumed["stages"]["baseline"]["resumed"], true);
-    assert_eq!(resumed["stages"]["distillation"]["resumed"], true);
     assert_eq!(resumed["stages"]["pipeline"]["resumed"], false);
     assert_eq!(numbers(&resumed), numbers(&reference));
 
     // Resuming a complete run reruns nothing; other settings rerun what depends on them.
     let again = finish(command(&out, true), &out);
-    for stage in ["baseline", "distillation", "pipeline"] {
+    for stage in ["baseline", "pipeline"] {
         assert_eq!(again["stages"][stage]["resumed"], true, "{stage}");
     }
     let mut other = command(&out, true);
