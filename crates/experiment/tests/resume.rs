@@ -115,9 +115,12 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
     let reference = finish(command(&first, false), &first);
 
     let out = dir.path().join("interrupted");
-    // During the baseline's training: the folder exists, no stage has finished.
-    let killed = kill_when(command(&out, false), exists(out.join("report.json")));
-    assert!(killed, "the quick run ended before its first stage did");
+    // Inside the baseline: its checkpoint is written, its artifact and report are not yet.
+    let killed = kill_when(
+        command(&out, false),
+        exists(out.join("teacher_checkpoint.safetensors")),
+    );
+    assert!(killed, "the run ended before its first stage wrote anything");
     assert_nothing_half_written(&out);
     // Twice inside the pipeline, each time resuming.
     let killed = kill_when(
