@@ -64,7 +64,7 @@ pub struct Args {
 
     /// The pipeline stage's pruning target: the share of the student's weights that are
     /// zero, in [0, 1).
-    #[arg(long, default_value_t = 0.85, value_parser = parse_sparsity)]
+    #[arg(long, default_value_t = 0.82, value_parser = parse_sparsity)]
     pub sparsity: f64,
 }
 

@@ -120,7 +120,10 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
         command(&out, false),
         exists(out.join("teacher_checkpoint.safetensors")),
     );
-    assert!(killed, "the run ended before its first stage wrote anything");
+    assert!(
+        killed,
+        "the run ended before its first stage wrote anything"
+    );
     assert_nothing_half_written(&out);
     // Twice inside the pipeline, each time resuming.
     let killed = kill_when(
@@ -131,7 +134,10 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
     assert_nothing_half_written(&out);
     let killed = kill_when(
         command(&out, true),
-        exists(out.join("pipeline").join("distilled_pruned_float32.safetensors")),
+        exists(
+            out.join("pipeline")
+                .join("distilled_pruned_float32.safetensors"),
+        ),
     );
     assert!(killed);
     assert_nothing_half_written(&out);
