@@ -37,6 +37,7 @@ impl Dataset {
     /// bytes) and every file must match; without a manifest the files load unverified. Both
     /// splits must have the same image size.
     pub fn load(dir: &Path) -> Result<Dataset> {
+        check_folder(dir)?;
         let manifest = read_manifest(&dir.join(MANIFEST))?;
         let [train_images, train_labels, test_images, test_labels] =
             FILES.map(|name| dir.join(name));
@@ -58,6 +59,14 @@ impl Dataset {
         Ok(Dataset { train, test })
     }
 
+    /// Loads only the test split (the `t10k-*` [`FILES`]) of `dir`, verified against the
+    /// folder's [`MANIFEST`] like [`Dataset::load`] does; for callers that only evaluate.
+    pub fn load_test(dir: &Path) -> Result<Split> {
+        check_folder(dir)?;
+        let manifest = read_manifest(&dir.join(MANIFEST))?;
+        load_split(&dir.join(FILES[2]), &dir.join(FILES[3]), manifest.as_ref())
+    }
+
     /// Writes the dataset to `dir` (created if needed) as the four gzip [`FILES`] plus a
     /// [`MANIFEST`], in the layout [`Dataset::load`] reads.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -77,6 +86,24 @@ impl Dataset {
         }
         let path = dir.join(MANIFEST);
         std::fs::write(&path, manifest).map_err(io(&path))
+    }
+}
+
+/// Fails unless `dir` is an existing folder, so that a wrong path is named as such rather
+/// than as a missing file inside it.
+fn check_folder(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Error::NotAFolder {
+            path: dir.to_path_buf(),
+        }),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::MissingFolder {
+            path: dir.to_path_buf(),
+        }),
+        Err(source) => Err(Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 

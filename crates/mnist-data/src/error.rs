@@ -9,6 +9,18 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The dataset folder does not exist.
+    #[error("the dataset folder {} does not exist", path.display())]
+    MissingFolder {
+        /// The folder that was looked for.
+        path: PathBuf,
+    },
+    /// The dataset path exists but is not a folder.
+    #[error("the dataset path {} is not a folder", path.display())]
+    NotAFolder {
+        /// The path given as the dataset folder.
+        path: PathBuf,
+    },
     /// A required file does not exist.
     #[error("missing file {}", path.display())]
     MissingFile {

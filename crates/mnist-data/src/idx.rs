@@ -39,7 +39,13 @@ pub(crate) fn gunzip_capped(name: &str, gz_bytes: &[u8], limit: usize) -> Result
     flate2::read::MultiGzDecoder::new(gz_bytes)
         .take(cap)
         .read_to_end(&mut out)
-        .map_err(|e| bad(e.to_string()))?;
+        .map_err(|e| {
+            bad(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                "the gzip stream is truncated (it ends before its end marker)".into()
+            } else {
+                e.to_string()
+            })
+        })?;
     if out.len() > limit {
         return Err(Error::TooLarge {
             file: name.to_owned(),

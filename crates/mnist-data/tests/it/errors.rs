@@ -240,3 +240,45 @@ fn without_manifest_files_load_unverified() {
     std::fs::remove_file(dir.path().join(MANIFEST)).unwrap();
     assert_eq!(Dataset::load(dir.path()).unwrap(), data);
 }
+
+#[test]
+fn a_missing_or_non_folder_path_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let err = Dataset::load(&missing).unwrap_err();
+    assert!(matches!(err, Error::MissingFolder { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!("the dataset folder {} does not exist", missing.display())
+    );
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let err = Dataset::load_test(&file).unwrap_err();
+    assert!(matches!(err, Error::NotAFolder { .. }), "{err}");
+    assert!(err.to_string().contains("is not a folder"), "{err}");
+}
+
+#[test]
+fn load_test_reads_and_verifies_the_test_split_only() {
+    let (data, dir) = saved();
+    // The training files play no part: without them the test split still loads.
+    std::fs::remove_file(dir.path().join(TRAIN_IMAGES)).unwrap();
+    assert_eq!(Dataset::load_test(dir.path()).unwrap(), data.test);
+    let path = dir.path().join(TEST_LABELS);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.push(0);
+    std::fs::write(&path, bytes).unwrap();
+    let err = Dataset::load_test(dir.path()).unwrap_err();
+    assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+}
+
+#[test]
+fn a_truncated_gzip_stream_says_so() {
+    let (_, dir) = saved();
+    let mut bytes = std::fs::read(dir.path().join(TEST_IMAGES)).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    forge(dir.path(), TEST_IMAGES, &bytes);
+    let err = load_err(dir.path(), TEST_IMAGES);
+    assert!(matches!(err, Error::BadGzip { .. }), "{err}");
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
