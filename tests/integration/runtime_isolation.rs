@@ -1,4 +1,5 @@
-//! Architecture invariant: the runtime never links tch or any other C++ dependency.
+//! Architecture invariant: the runtime, and the `infer` binary built on it, never link tch
+//! or any other C++ dependency.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
@@ -23,8 +24,9 @@ fn host() -> String {
         .to_string()
 }
 
-#[test]
-fn runtime_dependency_tree_has_no_tch() {
+/// The names of every package that `package` links: normal and build dependencies,
+/// transitively (dev-dependencies are not linked into the library or binary).
+fn linked_packages(package: &str) -> BTreeSet<String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The host's dependencies only: offline, cargo cannot load the manifests of packages
     // that only other targets use (plotters' wasm dependencies) and that were never fetched.
@@ -54,11 +56,10 @@ fn runtime_dependency_tree_has_no_tch() {
         .collect();
     let root = names
         .iter()
-        .find(|(_, name)| **name == "runtime")
+        .find(|(_, name)| **name == package)
         .map(|(id, _)| *id)
-        .expect("the runtime package is in the workspace");
+        .unwrap_or_else(|| panic!("the {package} package is in the workspace"));
 
-    // Everything the runtime library links: normal and build dependencies, transitively.
     let mut visited = BTreeSet::new();
     let mut stack = vec![root];
     while let Some(id) = stack.pop() {
@@ -76,15 +77,34 @@ fn runtime_dependency_tree_has_no_tch() {
             }
         }
     }
-    let seen: BTreeSet<&str> = visited.iter().map(|id| names[id]).collect();
+    visited.iter().map(|id| names[id].to_owned()).collect()
+}
+
+fn assert_free_of_cxx(package: &str, seen: &BTreeSet<String>) {
+    for forbidden in FORBIDDEN {
+        assert!(
+            !seen.contains(forbidden),
+            "{package} depends on {forbidden}: {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn runtime_dependency_tree_has_no_tch() {
+    let seen = linked_packages("runtime");
     assert!(
         seen.contains("safetensors") && seen.contains("ndarray"),
         "{seen:?}"
     );
-    for forbidden in FORBIDDEN {
-        assert!(
-            !seen.contains(forbidden),
-            "runtime depends on {forbidden}: {seen:?}"
-        );
-    }
+    assert_free_of_cxx("runtime", &seen);
+}
+
+#[test]
+fn infer_dependency_tree_has_no_tch() {
+    let seen = linked_packages("infer");
+    assert!(
+        seen.contains("runtime") && seen.contains("mnist-data") && seen.contains("clap"),
+        "{seen:?}"
+    );
+    assert_free_of_cxx("infer", &seen);
 }

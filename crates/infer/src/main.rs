@@ -1,0 +1,225 @@
+//! `infer`: scores an exported artifact on the MNIST test split with the pure-Rust runtime,
+//! without LibTorch. `cargo run -p infer -- --help`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use mnist_data::{Dataset, NUM_CLASSES, Normalization, Split};
+use runtime::{Execution, Model};
+use serde_json::json;
+
+/// Runs an exported artifact (`.safetensors`, docs/FORMAT.md) on the MNIST test split with
+/// the pure-Rust runtime, and prints its accuracy, its speed, its size and how each layer
+/// executes.
+#[derive(Debug, Parser)]
+#[command(version, long_about = None)]
+struct Args {
+    /// The artifact to run.
+    artifact: PathBuf,
+
+    /// Folder with the MNIST-layout IDX files (gzip), checked against its SHA256SUMS when
+    /// present; only the test split (`t10k-*`) is read [default: the bundled MNIST].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// Score only the first N test images (at least 1).
+    #[arg(long, value_name = "N", value_parser = parse_at_least_one, allow_negative_numbers = true)]
+    limit: Option<usize>,
+
+    /// Images per call to the runtime (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        value_parser = parse_at_least_one,
+        allow_negative_numbers = true,
+    )]
+    batch: usize,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{value}` is not a whole number of at least 1")),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a run measured.
+struct Score {
+    images: usize,
+    correct: usize,
+    seconds: f64,
+}
+
+fn run(args: &Args) -> Result<()> {
+    let size_bytes = std::fs::metadata(&args.artifact)
+        .with_context(|| format!("cannot access the artifact {}", args.artifact.display()))?
+        .len();
+    let model = Model::load(&args.artifact).context("loading the artifact")?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(bundled_mnist);
+    let mut test = Dataset::load_test(&data_dir)
+        .with_context(|| format!("loading the test split from {}", data_dir.display()))?;
+    if let Some(limit) = args.limit {
+        let n = limit.min(test.len());
+        test = test.select(&(0..n).collect::<Vec<_>>());
+    }
+    check_fit(&model, &test)?;
+    let score = score(&model, &test, args.batch)?;
+
+    let layers: Vec<(usize, String, String)> = model
+        .execution()
+        .iter()
+        .map(|&(index, execution)| {
+            let kind = layer_kind(&model, index);
+            (index, kind, describe(execution))
+        })
+        .collect();
+    let accuracy = score.correct as f64 / score.images.max(1) as f64;
+    let images_per_second = score.images as f64 / score.seconds.max(f64::MIN_POSITIVE);
+    if args.json {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|(index, kind, execution)| {
+                json!({ "index": index, "layer": kind, "execution": execution })
+            })
+            .collect();
+        let report = json!({
+            "artifact": args.artifact.display().to_string(),
+            "network": model.network().name,
+            "size_bytes": size_bytes,
+            "images": score.images,
+            "correct": score.correct,
+            "accuracy": accuracy,
+            "batch": args.batch,
+            "seconds": score.seconds,
+            "images_per_second": images_per_second,
+            "layers": layers,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("artifact: {}", args.artifact.display());
+        println!(
+            "network:  {} ({} bytes, {:.1} KiB)",
+            model.network().name,
+            size_bytes,
+            size_bytes as f64 / 1024.0
+        );
+        println!("layers:");
+        for (index, kind, execution) in &layers {
+            println!("  {index:>3}  {kind:<8} {execution}");
+        }
+        println!(
+            "accuracy: {:.2}% ({} of {} test images)",
+            accuracy * 100.0,
+            score.correct,
+            score.images
+        );
+        println!(
+            "speed:    {images_per_second:.0} images/s (batch {}, {:.3} s)",
+            args.batch, score.seconds
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless the model takes the dataset's images and gives one score per digit class.
+fn check_fit(model: &Model, test: &Split) -> Result<()> {
+    let image = [1, test.rows(), test.cols()];
+    if model.network().input != image {
+        bail!(
+            "{} takes inputs of shape {:?}, but the dataset's images are {:?}",
+            model.file(),
+            model.network().input,
+            image
+        );
+    }
+    if model.output_shape() != [NUM_CLASSES] {
+        bail!(
+            "{} gives outputs of shape {:?}, but scoring needs one score per class ([{}])",
+            model.file(),
+            model.output_shape(),
+            NUM_CLASSES
+        );
+    }
+    if test.is_empty() {
+        bail!("the test split holds no images");
+    }
+    Ok(())
+}
+
+/// Accuracy and the time spent in the runtime, batch by batch (preparing the input is not
+/// timed); one batch runs first, untimed, to warm the buffers up.
+fn score(model: &Model, test: &Split, batch: usize) -> Result<Score> {
+    let norm = Normalization::default();
+    let indices: Vec<usize> = (0..test.len()).collect();
+    let batches: Vec<Split> = indices.chunks(batch).map(|c| test.select(c)).collect();
+    let inputs: Vec<_> = batches.iter().map(|b| b.normalized(norm)).collect();
+    if let Some(first) = inputs.first() {
+        model.run(first.view()).context("running the model")?;
+    }
+    let mut correct = 0;
+    let mut seconds = 0.0;
+    for (input, split) in inputs.iter().zip(&batches) {
+        let start = Instant::now();
+        let logits = model.run(input.view()).context("running the model")?;
+        seconds += start.elapsed().as_secs_f64();
+        for (row, &label) in logits.outer_iter().zip(split.labels.iter()) {
+            let predicted = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
+                    if v > best.1 { (i, v) } else { best }
+                })
+                .0;
+            correct += usize::from(predicted == usize::from(label));
+        }
+    }
+    Ok(Score {
+        images: test.len(),
+        correct,
+        seconds,
+    })
+}
+
+/// The layer's kind as the network description names it (`conv2d`, `linear`).
+fn layer_kind(model: &Model, index: usize) -> String {
+    model
+        .network()
+        .layers
+        .get(index)
+        .map_or("layer", |layer| layer.op())
+        .to_owned()
+}
+
+fn describe(execution: Execution) -> String {
+    match execution {
+        Execution::F32 => "f32 (dense)".into(),
+        Execution::Csr { nnz } => format!("csr ({nnz} stored weights)"),
+        Execution::Int8Dynamic => "int8, dynamic-range activations".into(),
+        Execution::Int8Static { u8_output: true } => "int8, full integer (u8 output)".into(),
+        Execution::Int8Static { u8_output: false } => "int8, full integer (f32 output)".into(),
+    }
+}
+
+/// The MNIST copy that ships with the project.
+fn bundled_mnist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist")
+}

@@ -1,0 +1,126 @@
+//! End-to-end tests of the `infer` binary on a small artifact built here. Bad input (damaged
+//! artifacts and data) is covered by the experiment crate's `bad_input` suite, which runs
+//! this binary too.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use model_spec::{LayerSpec, NetworkSpec};
+use runtime::{ArtifactBuilder, Granularity};
+use serde_json::Value;
+
+/// Flatten, an int8 linear layer, ReLU and an f32 linear layer: two execution modes.
+fn write_artifact(path: &Path) {
+    let network = NetworkSpec {
+        name: "tiny_mlp".into(),
+        input: [1, 28, 28],
+        layers: vec![
+            LayerSpec::Flatten,
+            LayerSpec::Linear {
+                in_features: 784,
+                out_features: 16,
+            },
+            LayerSpec::Relu,
+            LayerSpec::Linear {
+                in_features: 16,
+                out_features: 10,
+            },
+        ],
+    };
+    // Deterministic, varied weights: no seed or generator needed.
+    let weights = |n: usize, k: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * k % 97) as f32 - 48.0) / 480.0)
+            .collect()
+    };
+    let mut builder = ArtifactBuilder::new(network);
+    builder
+        .add_int8_quantized(
+            "1.weight",
+            &weights(16 * 784, 31),
+            &[16, 784],
+            Granularity::PerChannel,
+        )
+        .unwrap()
+        .add_f32("1.bias", &[0.0; 16], &[16])
+        .unwrap()
+        .add_f32("3.weight", &weights(10 * 16, 7), &[10, 16])
+        .unwrap()
+        .add_f32("3.bias", &[0.0; 10], &[10])
+        .unwrap();
+    builder.write(path).unwrap();
+}
+
+fn infer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_infer"))
+        .args(args)
+        .output()
+        .expect("the infer binary starts")
+}
+
+#[test]
+fn scores_an_artifact_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("tiny.safetensors");
+    write_artifact(&artifact);
+    let output = infer(&[
+        artifact.to_str().unwrap(),
+        "--limit",
+        "300",
+        "--batch",
+        "64",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["network"], "tiny_mlp");
+    assert_eq!(report["images"], 300);
+    assert_eq!(report["batch"], 64);
+    assert_eq!(
+        report["size_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&artifact).unwrap().len()
+    );
+    let accuracy = report["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "accuracy {accuracy}");
+    assert!(report["images_per_second"].as_f64().unwrap() > 0.0);
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    assert_eq!(layers[0]["index"], 1);
+    assert_eq!(layers[0]["layer"], "linear");
+    assert_eq!(layers[0]["execution"], "int8, dynamic-range activations");
+    assert_eq!(layers[1]["index"], 3);
+    assert_eq!(layers[1]["execution"], "f32 (dense)");
+}
+
+#[test]
+fn prints_a_text_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("tiny.safetensors");
+    write_artifact(&artifact);
+    let output = infer(&[artifact.to_str().unwrap(), "--limit", "10"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for needle in [
+        "network:  tiny_mlp",
+        "of 10 test images",
+        "images/s",
+        "linear   int8, dynamic-range activations",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+}
+
+#[test]
+fn help_lists_the_options() {
+    let output = infer(&["--help"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for flag in ["<ARTIFACT>", "--data-dir", "--limit", "--batch", "--json"] {
+        assert!(stdout.contains(flag), "{flag}: {stdout}");
+    }
+}
