@@ -22,8 +22,8 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
-    /// Seed for weight initialisation, data order and subsets.
-    #[arg(long, default_value_t = 42)]
+    /// Seed for weight initialisation, data order and subsets, in 0..=2^63-1.
+    #[arg(long, default_value_t = 42, value_parser = parse_seed, allow_negative_numbers = true)]
     pub seed: u64,
 
     /// Output folder [default: results/<timestamp>, with results/latest pointing at it;
@@ -45,8 +45,8 @@ pub struct Args {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 
-    /// LibTorch intra-op threads [default: LibTorch's choice, one per core].
-    #[arg(long)]
+    /// LibTorch intra-op threads, at least 1 [default: LibTorch's choice, one per core].
+    #[arg(long, value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
 
     /// No progress output; errors and the final summary only.
@@ -59,13 +59,52 @@ pub struct Args {
     pub calibrator: Calibrator,
 
     /// The percentile calibrator's percentile, in (0, 100].
-    #[arg(long, default_value_t = 99.99, value_parser = parse_percentile)]
+    #[arg(
+        long,
+        default_value_t = 99.99,
+        value_parser = parse_percentile,
+        allow_negative_numbers = true,
+    )]
     pub percentile: f64,
 
     /// The pipeline stage's pruning target: the share of the student's weights that are
     /// zero, in [0, 1).
     #[arg(long, default_value_t = 0.82, value_parser = parse_sparsity)]
     pub sparsity: f64,
+
+    /// The distillation temperature of the distillation stage's distilled student (the
+    /// temperature sweep tries its own), positive and finite.
+    #[arg(
+        long,
+        value_name = "T",
+        default_value = "10",
+        value_parser = parse_temperature,
+        allow_negative_numbers = true,
+    )]
+    pub temperature: distillation::Temperature,
+
+    /// The weight of the distilled student's hard-label loss, in [0, 1]; the distillation
+    /// loss gets 1 - alpha.
+    #[arg(
+        long,
+        value_name = "A",
+        default_value = "0.1",
+        value_parser = parse_alpha,
+        allow_negative_numbers = true,
+    )]
+    pub alpha: distillation::Alpha,
+
+    /// The starting scale of the dynamic loss scaler of the mixed_float16 run (CUDA only),
+    /// finite and at least 1 (Keras's preset otherwise: doubled after 2000 finite steps,
+    /// halved after an overflow, never below 1).
+    #[arg(
+        long,
+        value_name = "S",
+        default_value = "32768",
+        value_parser = parse_initial_loss_scale,
+        allow_negative_numbers = true,
+    )]
+    pub initial_loss_scale: f32,
 }
 
 /// The `--calibrator` values.
@@ -124,6 +163,48 @@ fn parse_sparsity(value: &str) -> Result<f64, String> {
     Ok(s)
 }
 
+fn parse_seed(value: &str) -> Result<u64, String> {
+    // LibTorch takes an i64 seed: larger values would wrap around.
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|&seed| i64::try_from(seed).is_ok())
+        .ok_or_else(|| format!("`{value}` is not a whole number in 0..={}", i64::MAX))
+}
+
+fn parse_threads(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|&n| n >= 1 && i32::try_from(n).is_ok())
+        .ok_or_else(|| format!("`{value}` is not a whole number in 1..={}", i32::MAX))
+}
+
+fn parse_number<T: std::str::FromStr>(value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number"))
+}
+
+fn parse_temperature(value: &str) -> Result<distillation::Temperature, String> {
+    distillation::Temperature::new(parse_number(value)?).map_err(|e| e.to_string())
+}
+
+fn parse_alpha(value: &str) -> Result<distillation::Alpha, String> {
+    distillation::Alpha::new(parse_number(value)?).map_err(|e| e.to_string())
+}
+
+fn parse_initial_loss_scale(value: &str) -> Result<f32, String> {
+    let initial_scale = parse_number(value)?;
+    loss_scaling::DynamicConfig {
+        initial_scale,
+        ..loss_scaling::DynamicConfig::keras()
+    }
+    .validate()
+    .map_err(|e| e.to_string())?;
+    Ok(initial_scale)
+}
+
 /// The `--device` values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
@@ -172,5 +253,79 @@ mod tests {
             assert!(err.to_string().contains("percentile"), "{bad}: {err}");
         }
         assert!(Args::try_parse_from(["experiment", "--calibrator", "kl"]).is_err());
+    }
+
+    #[test]
+    fn seed_and_threads_are_checked() {
+        let args = Args::try_parse_from(["experiment", "--seed=7", "--threads=3"]).unwrap();
+        assert_eq!((args.seed, args.threads), (7, Some(3)));
+        for (flag, bad, range) in [
+            ("--seed", "-1", "0..=9223372036854775807"),
+            ("--seed", "9223372036854775808", "0..=9223372036854775807"),
+            ("--threads", "0", "1..=2147483647"),
+            ("--threads", "many", "1..=2147483647"),
+            ("--threads", "4294967296", "1..=2147483647"),
+        ] {
+            let arg = format!("{flag}={bad}");
+            let err = Args::try_parse_from(["experiment", arg.as_str()]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(flag) && text.contains(range), "{arg}: {text}");
+        }
+    }
+
+    #[test]
+    fn technique_settings_default_to_the_library_presets() {
+        let args = Args::try_parse_from(["experiment"]).unwrap();
+        let distillation = distillation::DistillationConfig::default();
+        assert_eq!(args.temperature, distillation.temperature);
+        assert_eq!(args.alpha, distillation.alpha);
+        assert_eq!(
+            args.initial_loss_scale,
+            loss_scaling::DynamicConfig::keras().initial_scale
+        );
+        let args = Args::try_parse_from([
+            "experiment",
+            "--temperature=4",
+            "--alpha=0",
+            "--initial-loss-scale=65536",
+        ])
+        .unwrap();
+        assert_eq!(args.temperature.get(), 4.0);
+        assert_eq!(args.alpha.get(), 0.0);
+        assert_eq!(args.initial_loss_scale, 65536.0);
+    }
+
+    #[test]
+    fn technique_settings_are_checked_with_the_library_messages() {
+        for (flag, bad, message) in [
+            (
+                "--temperature",
+                "0",
+                "temperature must be positive and finite",
+            ),
+            (
+                "--temperature",
+                "inf",
+                "temperature must be positive and finite",
+            ),
+            ("--temperature", "warm", "`warm` is not a number"),
+            ("--alpha", "1.5", "alpha must be in [0, 1]"),
+            ("--alpha", "NaN", "alpha must be in [0, 1]"),
+            ("--initial-loss-scale", "0", "must be positive and finite"),
+            ("--initial-loss-scale", "0.5", "lies outside [1, "),
+            (
+                "--initial-loss-scale",
+                "1e40",
+                "must be positive and finite",
+            ),
+        ] {
+            let arg = format!("{flag}={bad}");
+            let err = Args::try_parse_from(["experiment", arg.as_str()]).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(flag) && text.contains(message),
+                "{arg}: {text}"
+            );
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use clap::Parser;
 use indexmap::IndexMap;
 use mnist_data::{Dataset, Normalization};
@@ -45,9 +45,7 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<bool> {
     let progress = Progress::new(args.quiet);
     if let Some(threads) = args.threads {
-        if threads == 0 {
-            bail!("--threads must be at least 1");
-        }
+        // At least 1 and within i32: checked when the options were parsed.
         tch::set_num_threads(i32::try_from(threads).context("--threads is too large")?);
     }
     let device = RunDevice::resolve(args.device)?;

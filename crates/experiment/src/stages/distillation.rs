@@ -53,7 +53,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         .load(&teacher_path)
         .with_context(|| format!("loading the teacher from {}", teacher_path.display()))?;
 
-    let config = DistillationConfig::default();
+    let config = DistillationConfig::new(ctx.args.temperature, ctx.args.alpha);
     let (seeds, epochs, fraction) = if ctx.args.quick {
         (1, 1, 0.02)
     } else {

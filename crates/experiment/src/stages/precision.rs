@@ -77,8 +77,8 @@ pub fn small_mlp() -> NetworkSpec {
     }
 }
 
-/// The teacher runs of a device: policy and whether it trains with Keras's dynamic loss
-/// scaling.
+/// The teacher runs of a device: policy and whether it trains with dynamic loss scaling
+/// (Keras's rules, starting at `--initial-loss-scale`).
 fn teacher_policies(device: Device) -> Vec<(Policy, bool)> {
     match device {
         Device::Cpu => vec![(Policy::Float32, false), (Policy::MixedBfloat16, false)],
@@ -129,7 +129,14 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         let spec = NetworkSpec::teacher_cnn();
         let vs = nn::VarStore::new(ctx.device.device);
         let net = Network::with_policy(&vs.root(), &spec, policy)?;
-        let mut scaler = scaled.then(LossScaler::default);
+        let mut scaler = scaled
+            .then(|| {
+                LossScaler::dynamic(DynamicConfig {
+                    initial_scale: ctx.args.initial_loss_scale,
+                    ..DynamicConfig::keras()
+                })
+            })
+            .transpose()?;
         let audit = (policy == Policy::Float32).then(|| GradientSampling {
             auditor: &mut auditor,
             every: (config.epochs * steps_per_epoch / AUDIT_SAMPLES).max(1),
