@@ -1,6 +1,6 @@
-//! End-to-end tests of the experiment binary: a real `--quick` run, and bad input.
+//! End-to-end tests of the experiment binary: a real `--quick` run, and a stage that fails
+//! for want of an earlier one. Bad input of every other kind is in `bad_input.rs`.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -118,90 +118,4 @@ fn distillation_without_a_teacher_is_a_clear_error() {
     let report: Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["stages"]["distillation"]["status"], "failed");
-}
-
-#[test]
-fn unknown_stage_is_a_clear_error() {
-    let output = experiment(&["--stages", "baseline,frobnicate"]);
-    assert!(!output.status.success());
-    assert!(
-        stderr(&output).contains("frobnicate"),
-        "{}",
-        stderr(&output)
-    );
-}
-
-#[test]
-fn cuda_runs_or_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("run");
-    let output = experiment(&[
-        "--quick",
-        "--quiet",
-        "--stages",
-        "baseline",
-        "--device",
-        "cuda",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let err = stderr(&output);
-    assert!(!err.contains("panicked"), "{err}");
-    if output.status.success() {
-        // A machine with a usable GPU: the run must really have used it.
-        let report: Value =
-            serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-        assert_eq!(report["device"], "cuda");
-    } else {
-        assert_eq!(output.status.code(), Some(1), "{err}");
-        assert!(
-            err.contains("--device cuda: no usable CUDA device"),
-            "{err}"
-        );
-        assert!(
-            !out.exists(),
-            "nothing is written when the device is unusable"
-        );
-    }
-}
-
-#[test]
-fn a_damaged_dataset_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist");
-    for entry in std::fs::read_dir(&bundled).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), data.join(entry.file_name())).unwrap();
-    }
-    let labels = data.join("t10k-labels-idx1-ubyte.gz");
-    let mut bytes = std::fs::read(&labels).unwrap();
-    bytes.truncate(bytes.len() / 2);
-    std::fs::write(&labels, bytes).unwrap();
-
-    let output = experiment(&[
-        "--quick",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--out",
-        dir.path().join("out").to_str().unwrap(),
-    ]);
-    assert_eq!(output.status.code(), Some(1));
-    let err = stderr(&output);
-    assert!(err.contains("t10k-labels-idx1-ubyte.gz"), "{err}");
-    assert!(err.contains("checksum"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
-
-#[test]
-fn an_unwritable_output_folder_is_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let blocker = dir.path().join("file");
-    std::fs::write(&blocker, b"not a folder").unwrap();
-    let output = experiment(&["--quick", "--out", blocker.join("run").to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(1));
-    let err = stderr(&output);
-    assert!(err.contains("creating the output folder"), "{err}");
-    assert_eq!(std::fs::read(&blocker).unwrap(), b"not a folder");
 }
