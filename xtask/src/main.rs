@@ -24,6 +24,10 @@ Commands:
                         writes results/bench/<SUITE>.json (try `cargo xtask bench --help`)
   test [ARGS...]        every check: cargo fmt --check, clippy -D warnings, cargo test
                         --workspace (doc tests included); ARGS go to `cargo test`
+  fuzz <TARGET> [--runs N] [ARGS...]
+                        run a cargo-fuzz target of fuzz/ (idx_parser, artifact_loader) for N
+                        executions (default 1000000) on its corpus; ARGS go to libFuzzer
+                        (needs the nightly toolchain and `cargo install cargo-fuzz`)
   setup                 make sure LibTorch is available (installs it on first use)
   env                   print the shell exports for using plain `cargo build/test/run`
   help                  print this message
@@ -64,6 +68,7 @@ fn run() -> Result<ExitCode> {
         Some("test") => test(&rest),
         Some("experiment") => run_release(&rest, "experiment", "experiment"),
         Some("bench") => run_release(&rest, "bench", "bench"),
+        Some("fuzz") => fuzz(&rest),
         Some(other) => bail!("unknown command `{other}`\n\n{HELP}"),
     }
 }
@@ -101,6 +106,56 @@ fn test(extra: &[OsString]) -> Result<ExitCode> {
     }
     eprintln!("all checks passed");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The targets of `fuzz/Cargo.toml`.
+const FUZZ_TARGETS: [&str; 2] = ["idx_parser", "artifact_loader"];
+
+/// Executions of `cargo xtask fuzz` without `--runs`.
+const DEFAULT_FUZZ_RUNS: u64 = 1_000_000;
+
+/// `fuzz <TARGET> [--runs N] [ARGS...]`: `cargo +nightly fuzz run` with one job, stopping
+/// after N executions; crashes land in `fuzz/artifacts/<TARGET>/`.
+fn fuzz(args: &[OsString]) -> Result<ExitCode> {
+    let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
+    let target = match args.next() {
+        Some(target) if FUZZ_TARGETS.contains(&target.as_str()) => target,
+        Some(other) => bail!(
+            "unknown fuzz target `{other}`: expected one of {}",
+            FUZZ_TARGETS.join(", ")
+        ),
+        None => bail!(
+            "usage: cargo xtask fuzz <TARGET> [--runs N] [ARGS...]; targets: {}",
+            FUZZ_TARGETS.join(", ")
+        ),
+    };
+    let mut runs = DEFAULT_FUZZ_RUNS;
+    let mut libfuzzer = Vec::new();
+    while let Some(arg) = args.next() {
+        let value = match arg.strip_prefix("--runs") {
+            Some("") => args.next(),
+            Some(rest) if rest.starts_with('=') => Some(rest[1..].to_owned()),
+            _ => {
+                libfuzzer.push(arg);
+                continue;
+            }
+        };
+        runs = value
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &u64| n >= 1)
+            .with_context(|| format!("--runs needs a whole number of at least 1, got {value:?}"))?;
+    }
+    // `+nightly` is understood by rustup's `cargo` proxy, not by the toolchain's cargo
+    // binary that `CARGO` names.
+    let status = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["+nightly", "fuzz", "run", &target, "--"])
+        .arg(format!("-runs={runs}"))
+        .args(&libfuzzer)
+        .status()
+        .context("starting `cargo +nightly fuzz` (rustup's cargo, with cargo-fuzz installed)")?;
+    Ok(exit_code(status.code()))
 }
 
 /// Builds a binary of the workspace in release mode and runs it with `args`.
