@@ -686,9 +686,16 @@ fn damaged_artifacts() {
         infer(
             "negative int8 scale",
             &negative_scale,
-            &["`1.weight.scale`", "-0.5"],
+            &[
+                "`1.weight.scale` is invalid",
+                "-0.5, not positive and finite",
+            ],
         ),
-        infer("CSR column index out of range", &csr, &["`1.weight", "784"]),
+        infer(
+            "CSR column index out of range",
+            &csr,
+            &["`1.weight` is invalid", "784"],
+        ),
         infer(
             "artifact for other images",
             &colour,
