@@ -72,8 +72,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0.82, value_parser = parse_sparsity)]
     pub sparsity: f64,
 
-    /// The distillation temperature of the distillation stage's distilled student (the
-    /// temperature sweep tries its own), positive and finite.
+    /// The distillation temperature of the distillation stage's distilled student and of
+    /// the pipeline's (the temperature sweep tries its own), positive and finite.
     #[arg(
         long,
         value_name = "T",
@@ -83,8 +83,8 @@ pub struct Args {
     )]
     pub temperature: distillation::Temperature,
 
-    /// The weight of the distilled student's hard-label loss, in [0, 1]; the distillation
-    /// loss gets 1 - alpha.
+    /// The weight of the distilled students' hard-label loss (distillation and pipeline
+    /// stages), in [0, 1]; the distillation loss gets 1 - alpha.
     #[arg(
         long,
         value_name = "A",

@@ -71,14 +71,21 @@ impl Stage {
     /// the threads and the data (which every stage depends on).
     pub fn settings(self, args: &Args) -> serde_json::Value {
         match self {
-            Self::Baseline | Self::Precision | Self::Distillation | Self::Pruning => {
-                serde_json::json!({})
-            }
+            Self::Baseline | Self::Pruning => serde_json::json!({}),
+            Self::Precision => serde_json::json!({"initial_loss_scale": args.initial_loss_scale}),
+            Self::Distillation => serde_json::json!({
+                "temperature": args.temperature.get(),
+                "alpha": args.alpha.get(),
+            }),
             Self::Quantization => serde_json::json!({
                 "calibrator": args.calibrator.name(),
                 "percentile": args.percentile,
             }),
-            Self::Pipeline => serde_json::json!({"sparsity": args.sparsity}),
+            Self::Pipeline => serde_json::json!({
+                "sparsity": args.sparsity,
+                "temperature": args.temperature.get(),
+                "alpha": args.alpha.get(),
+            }),
         }
     }
 

@@ -91,7 +91,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     drop(teacher_vs);
     let distill = || Distill {
         teacher_logits: cache.logits(),
-        config: DistillationConfig::default(),
+        config: DistillationConfig::new(ctx.args.temperature, ctx.args.alpha),
         hint: None,
     };
     let quick = ctx.args.quick;
