@@ -4,7 +4,9 @@
 //! A [`Chart`] is plain data: a title, axis labels and [`Series`] of `(x, y)` points. It is
 //! validated when drawn and rendered by `plotters`' SVG backend at 800x500 pixels; text is
 //! written as SVG `<text>` elements, so no system font is needed. Axis ranges follow the data
-//! with a small margin; a legend appears when there is more than one series. [`Chart::write_svg`]
+//! with a small margin; a logarithmic axis labels every power of ten in its range (and the 2x
+//! and 5x steps between them when it spans only a few decades); a legend appears when there
+//! is more than one series, and each series may override the chart's [`Kind`]. [`Chart::write_svg`]
 //! replaces its file atomically. No input makes drawing panic: invalid data is a [`PlotError`].
 //!
 //! ```
@@ -22,10 +24,17 @@
 //!         label: "models".into(),
 //!         points: vec![(1.2e6, 0.991), (3.1e5, 0.987), (8.0e4, 0.975)],
 //!         point_labels: vec!["float32".into(), "int8".into(), "pruned int8".into()],
+//!         kind: None,
 //!     }],
 //! };
 //! let svg = chart.to_svg_string()?;
 //! assert!(svg.contains("Accuracy against size") && svg.contains("pruned int8"));
+//!
+//! // One series may be drawn differently from the chart's kind: a line through the best
+//! // points over the scatter, say.
+//! let mut front = chart.clone();
+//! front.series.push(Series::new("best", vec![(8.0e4, 0.975), (1.2e6, 0.991)]).with_kind(Kind::Lines));
+//! assert!(front.to_svg_string()?.contains("best"));
 //!
 //! let dir = tempfile::tempdir()?;
 //! chart.write_svg(&dir.path().join("accuracy.svg"))?;
@@ -63,6 +72,9 @@ pub struct Series {
     /// Optional text written next to each point: either empty (no annotations) or one
     /// label per point.
     pub point_labels: Vec<String>,
+    /// How this series is drawn; `None` follows [`Chart::kind`]. Lets one chart mix markers
+    /// only (a scatter of models) with a line (the front through the best of them).
+    pub kind: Option<Kind>,
 }
 
 impl Series {
@@ -72,7 +84,20 @@ impl Series {
             label: label.into(),
             points,
             point_labels: Vec::new(),
+            kind: None,
         }
+    }
+
+    /// The series drawn as `kind`, whatever the chart's [`Chart::kind`].
+    #[must_use]
+    pub fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = Some(kind);
+        self
+    }
+
+    /// How the series is drawn in a chart of kind `chart`.
+    pub fn kind_in(&self, chart: Kind) -> Kind {
+        self.kind.unwrap_or(chart)
     }
 }
 
@@ -82,7 +107,9 @@ pub enum Scale {
     /// Evenly spaced values.
     #[default]
     Linear,
-    /// Evenly spaced powers of ten; every value on such an axis must be positive.
+    /// Evenly spaced powers of ten; every value on such an axis must be positive. Ticks are
+    /// labelled at every power of ten in range, and at the 2x and 5x steps too when the axis
+    /// spans less than about two and a half decades.
     Log10,
 }
 
@@ -114,7 +141,8 @@ pub struct Chart {
     pub y_scale: Scale,
     /// The data; at least one series, each with at least one point.
     pub series: Vec<Series>,
-    /// Lines with markers, or markers only.
+    /// Lines with markers, or markers only, for every series whose own [`Series::kind`] is
+    /// `None`.
     pub kind: Kind,
 }
 

@@ -112,16 +112,17 @@ where
         let colour = colour(index);
         let line = colour.stroke_width(2);
         let filled = ShapeStyle::from(colour).filled();
+        let kind = series.kind_in(chart.kind);
         // The legend shows what the plot shows: a line with a hollow marker, or a dot.
-        let legend_marker = match chart.kind {
+        let legend_marker = match kind {
             Kind::Lines => line,
             Kind::Scatter => filled,
         };
-        let legend_line = match chart.kind {
+        let legend_line = match kind {
             Kind::Lines => line,
             Kind::Scatter => ShapeStyle::from(TRANSPARENT),
         };
-        let legend = match chart.kind {
+        let legend = match kind {
             Kind::Lines => {
                 let series =
                     LineSeries::new(series.points.iter().copied(), line).point_size(MARKER_SIZE);
@@ -182,7 +183,7 @@ fn legend_position(chart: &Chart, xs: (f64, f64), ys: (f64, f64)) -> SeriesLabel
     let mut samples = Vec::new();
     for series in &chart.series {
         samples.extend(series.points.iter().copied());
-        if chart.kind == Kind::Lines {
+        if series.kind_in(chart.kind) == Kind::Lines {
             let midpoints = series.points.windows(2);
             samples.extend(
                 midpoints.map(|w| (w[0].0 / 2.0 + w[1].0 / 2.0, w[0].1 / 2.0 + w[1].1 / 2.0)),
@@ -232,14 +233,20 @@ fn fraction(scale: Scale, (low, high): (f64, f64), value: f64) -> f64 {
     (value - low) / (high - low)
 }
 
-/// A base-10 logarithmic axis: plotters' own, without the repeated tick it puts at each power
-/// of ten, and with tick labels to three significant digits. (Linear axes keep plotters' tick
-/// labels, which have the digits the tick step needs.)
-struct Log10(LogCoord<f64>);
+/// A base-10 logarithmic axis: plotters' mapping, with ticks at every power of ten in range
+/// (and at 2x and 5x steps on short ranges, see [`log_ticks`]) labelled to three significant
+/// digits. (Linear axes keep plotters' tick labels, which have the digits the tick step needs.)
+struct Log10 {
+    coord: LogCoord<f64>,
+    range: Range<f64>,
+}
 
 impl Log10 {
     fn new(range: Range<f64>) -> Self {
-        Self(range.log_scale().into())
+        Self {
+            coord: range.clone().log_scale().into(),
+            range,
+        }
     }
 }
 
@@ -248,17 +255,15 @@ impl Ranged for Log10 {
     type ValueType = f64;
 
     fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
-        self.0.map(value, limit)
+        self.coord.map(value, limit)
     }
 
     fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
-        let mut points = self.0.key_points(hint);
-        points.dedup_by(|a, b| (*a - *b).abs() <= 1e-9 * a.abs().max(b.abs()));
-        points
+        log_ticks(self.range.start, self.range.end, hint.max_num_points())
     }
 
     fn range(&self) -> Range<f64> {
-        self.0.range()
+        self.range.clone()
     }
 }
 
@@ -266,6 +271,59 @@ impl ValueFormatter<f64> for Log10 {
     fn format_ext(&self, value: &f64) -> String {
         format_significant(*value)
     }
+}
+
+/// Spans (in decades) up to which a logarithmic axis is also labelled at 2x and 5x steps.
+const FINE_LOG_DECADES: f64 = 2.5;
+
+/// The ticks of a logarithmic axis over `[low, high]` (positive, `low < high`), at most
+/// `max_points` of them: every power of ten in range; on a range of at most
+/// [`FINE_LOG_DECADES`] decades, the 2x and 5x steps as well; on one too short for three of
+/// those, every 1x to 9x step. When there are more than `max_points`, the 2x and 5x steps go
+/// first, then every other power of ten (every third, ...), so that ticks stay evenly spaced.
+pub(crate) fn log_ticks(low: f64, high: f64, max_points: usize) -> Vec<f64> {
+    if max_points == 0 || !(low > 0.0 && low < high && high.is_finite()) {
+        return Vec::new();
+    }
+    let decades = high.log10() - low.log10();
+    // Values are parsed from decimal text, so that 2e-5 is the double nearest 2e-5 and its
+    // label reads "2e-5" rather than 1.9999999999999998e-5.
+    let first = low.log10().floor() as i32;
+    let last = high.log10().ceil() as i32;
+    let steps = |multipliers: &[u32]| -> Vec<f64> {
+        (first..=last)
+            .flat_map(|exponent| {
+                multipliers
+                    .iter()
+                    .filter_map(move |m| format!("{m}e{exponent}").parse::<f64>().ok())
+            })
+            .filter(|v| (low..=high).contains(v))
+            .collect()
+    };
+    let powers = steps(&[1]);
+    let mut ticks = powers.clone();
+    if decades <= FINE_LOG_DECADES {
+        ticks = steps(&[1, 2, 5]);
+        if ticks.len() < 3 {
+            ticks = steps(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        }
+    }
+    if ticks.len() <= max_points {
+        return ticks;
+    }
+    if powers.is_empty() {
+        // Only on a range without a power of ten (the axis ranges always hold one).
+        let stride = ticks.len().div_ceil(max_points);
+        return ticks.into_iter().step_by(stride).collect();
+    }
+    // Too many: powers of ten only, every `stride`-th one, counted from a multiple of the
+    // stride so that the labels are round exponents (n consecutive exponents hold at least
+    // one and at most ceil(n / stride) multiples of it).
+    let stride = powers.len().div_ceil(max_points);
+    powers
+        .into_iter()
+        .filter(|v| (v.log10().round() as i64).rem_euclid(stride as i64) == 0)
+        .collect()
 }
 
 /// `v` to three significant digits, in positional notation from 0.001 to below 10000 and in
@@ -288,6 +346,48 @@ mod tests {
         for (i, a) in colours.iter().enumerate() {
             assert!(!colours[..i].contains(a), "colour {i} repeats: {a:?}");
         }
+    }
+
+    fn ticks(low: f64, high: f64, max: usize) -> Vec<String> {
+        log_ticks(low, high, max)
+            .into_iter()
+            .map(format_significant)
+            .collect()
+    }
+
+    #[test]
+    fn log_axes_tick_every_decade() {
+        assert_eq!(
+            ticks(0.5, 2e5, 10),
+            ["1", "10", "100", "1000", "1e4", "1e5"]
+        );
+        assert_eq!(ticks(3e-4, 0.2, 10), ["0.001", "0.01", "0.1"]);
+    }
+
+    #[test]
+    fn short_log_axes_tick_at_two_and_five_too() {
+        assert_eq!(ticks(15.0, 900.0, 10), ["20", "50", "100", "200", "500"]);
+        assert_eq!(
+            ticks(0.03, 2.5, 10),
+            ["0.05", "0.1", "0.2", "0.5", "1", "2"]
+        );
+        // Less than a decade: every step from 1x to 9x.
+        assert_eq!(
+            ticks(250.0, 900.0, 10),
+            ["300", "400", "500", "600", "700", "800", "900"]
+        );
+    }
+
+    #[test]
+    fn crowded_log_axes_keep_every_nth_decade() {
+        // 2.4 decades would be 8 ticks at 1x, 2x and 5x: over the limit, so decades only.
+        assert_eq!(ticks(1.0, 250.0, 5), ["1", "10", "100"]);
+        // 300 decades, at most 10 ticks: every 30th power of ten.
+        let wide = log_ticks(1e-150, 1e150, 10);
+        assert!(wide.len() <= 10 && wide.len() >= 5, "{wide:?}");
+        assert!(wide.contains(&1.0), "{wide:?}");
+        assert!(log_ticks(1.0, 10.0, 0).is_empty());
+        assert_eq!(ticks(2.0, 9.0, 3), ["2", "5", "8"]);
     }
 
     #[test]

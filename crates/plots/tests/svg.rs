@@ -99,6 +99,103 @@ fn single_points_and_equal_values_draw() {
     }
 }
 
+/// The contents of the document's `<text>` elements, in order.
+fn texts(svg: &str) -> Vec<String> {
+    svg.split("</text>")
+        .filter_map(|chunk| {
+            let start = chunk.rfind("<text")?;
+            let body = &chunk[start..];
+            Some(body[body.find('>')? + 1..].trim().to_string())
+        })
+        .collect()
+}
+
+/// Whether some `<polyline>` of the document is stroked in `colour` (`#RRGGBB`).
+fn has_line_in(svg: &str, colour: &str) -> bool {
+    svg.split('<')
+        .any(|element| element.starts_with("polyline") && element.contains(colour))
+}
+
+#[test]
+fn a_series_can_be_drawn_unlike_the_chart() {
+    // Blue points without a line, an orange line through two of them.
+    let scatter = Series::new("models", vec![(1.0, 3.0), (2.0, 1.0), (3.0, 2.0)]);
+    let front = Series::new("front", vec![(1.0, 3.0), (3.0, 2.0)]).with_kind(Kind::Lines);
+    let svg = Chart {
+        kind: Kind::Scatter,
+        ..chart(vec![scatter.clone(), front.clone()])
+    }
+    .to_svg_string()
+    .unwrap();
+    assert!(has_line_in(&svg, "#FF7F0E"), "no line for the front: {svg}");
+    assert!(
+        !has_line_in(&svg, "#1F77B4"),
+        "the scatter got a line: {svg}"
+    );
+    assert!(texts(&svg).iter().any(|t| t == "front"), "{svg}");
+
+    // The other way round: a line chart with one markers-only series.
+    let svg = Chart {
+        kind: Kind::Lines,
+        ..chart(vec![
+            scatter.with_kind(Kind::Scatter),
+            Series {
+                kind: None,
+                ..front
+            },
+        ])
+    }
+    .to_svg_string()
+    .unwrap();
+    assert!(
+        has_line_in(&svg, "#FF7F0E") && !has_line_in(&svg, "#1F77B4"),
+        "{svg}"
+    );
+    assert_eq!(
+        Series::new("s", vec![]).kind_in(Kind::Scatter),
+        Kind::Scatter,
+        "a series without a kind follows the chart"
+    );
+}
+
+#[test]
+fn log_axes_label_every_decade() {
+    // Five decades on x; the axis used to show no label below 100.
+    let svg = Chart {
+        x_scale: Scale::Log10,
+        ..chart(vec![Series::new("s", vec![(1.0, 1.0), (1e5, 2.0)])])
+    }
+    .to_svg_string()
+    .unwrap();
+    let labels = texts(&svg);
+    for tick in ["1", "10", "100", "1000", "1e4", "1e5"] {
+        assert!(
+            labels.iter().any(|t| t == tick),
+            "no tick {tick}: {labels:?}"
+        );
+    }
+}
+
+#[test]
+fn short_log_axes_label_two_and_five_steps() {
+    // Under two decades on y (a training loss, say): 1x, 2x and 5x steps.
+    let svg = Chart {
+        y_scale: Scale::Log10,
+        ..chart(vec![Series::new("s", vec![(100.0, 2.0), (200.0, 0.05)])])
+    }
+    .to_svg_string()
+    .unwrap();
+    let labels = texts(&svg);
+    for tick in ["0.05", "0.1", "0.2", "0.5", "1", "2"] {
+        assert!(
+            labels.iter().any(|t| t == tick),
+            "no tick {tick}: {labels:?}"
+        );
+    }
+    // Not every step: 0.3 would be a 1x-9x tick, for ranges under a decade.
+    assert!(!labels.iter().any(|t| t == "0.3"), "{labels:?}");
+}
+
 #[test]
 fn empty_charts_and_series_are_errors() {
     assert!(matches!(
@@ -278,10 +375,27 @@ fn series_of(values: impl Strategy<Value = (f64, f64)>) -> impl Strategy<Value =
                     label,
                     points,
                     point_labels,
+                    kind: None,
                 }
             }),
         1..4,
     )
+}
+
+/// Series with a random per-series kind, some following the chart's.
+fn series_with_kinds(
+    values: impl Strategy<Value = (f64, f64)>,
+) -> impl Strategy<Value = Vec<Series>> {
+    (
+        series_of(values),
+        prop::collection::vec(prop::option::of(kind()), 4),
+    )
+        .prop_map(|(mut series, kinds)| {
+            for (s, kind) in series.iter_mut().zip(kinds) {
+                s.kind = kind;
+            }
+            series
+        })
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
@@ -292,14 +406,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
-    fn any_finite_points_draw_a_document(series in series_of((finite(), finite())), kind in kind()) {
+    fn any_finite_points_draw_a_document(series in series_with_kinds((finite(), finite())), kind in kind()) {
         let svg = Chart { kind, ..chart(series) }.to_svg_string().unwrap();
         assert_svg_document(&svg);
     }
 
     #[test]
     fn any_positive_points_draw_on_log_axes(
-        series in series_of((positive(), positive())),
+        series in series_with_kinds((positive(), positive())),
         kind in kind(),
         x_log in any::<bool>(),
     ) {
