@@ -1,4 +1,12 @@
-//! `report.json` and `report.md`.
+//! `report.json` and `report.md`, with the report's charts.
+//!
+//! `report.md` holds, in order: the run's header, the results table, every row against the
+//! float32 teacher ([`teacher`]), the charts ([`figures`], drawn into `plots/` whenever the
+//! report is written, so that a partial run has them too), the stages' own sections and the
+//! stages' outcomes.
+
+mod figures;
+mod teacher;
 
 use indexmap::IndexMap;
 use std::fmt::Write as _;
@@ -75,15 +83,18 @@ pub struct Row {
 }
 
 impl Report {
-    /// Writes `report.json` and `report.md` into `dir`, each atomically.
+    /// Writes `report.json`, the report's charts (into `plots/`) and `report.md` into `dir`,
+    /// each file atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self).context("serialising the report")?;
         crate::fsutil::write_atomic(&dir.join("report.json"), json.as_bytes())?;
-        crate::fsutil::write_atomic(&dir.join("report.md"), self.markdown().as_bytes())
+        let plots = figures::section(self, dir);
+        crate::fsutil::write_atomic(&dir.join("report.md"), self.markdown(&plots).as_bytes())
     }
 
-    /// The report as a Markdown document.
-    pub fn markdown(&self) -> String {
+    /// The report as a Markdown document, with `plots` (Markdown showing the charts) as its
+    /// "Plots" section; no such section when it is empty.
+    pub fn markdown(&self, plots: &str) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "# Experiment report\n");
         let _ = writeln!(
@@ -103,6 +114,11 @@ impl Report {
         );
         let _ = writeln!(md, "## Results\n");
         md.push_str(&self.results_table());
+        let _ = writeln!(md, "\n## Against the teacher\n");
+        md.push_str(&teacher::section(&self.rows));
+        if !plots.trim().is_empty() {
+            let _ = writeln!(md, "\n## Plots\n\n{}", plots.trim_end());
+        }
         for row in &self.rows {
             if let Some(section) = row.extra.get(SECTION_EXTRA).and_then(|v| v.as_str()) {
                 let _ = writeln!(md, "\n## Stage {}\n\n{}", row.stage, section.trim_end());
@@ -158,11 +174,11 @@ impl Report {
     }
 }
 
-fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
+pub(crate) fn opt<T>(value: Option<T>, show: impl Fn(T) -> String) -> String {
     value.map_or_else(|| "-".into(), show)
 }
 
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const KIB: f64 = 1024.0;
     let b = bytes as f64;
     if b < KIB {
@@ -227,13 +243,204 @@ mod tests {
 
     #[test]
     fn markdown_shows_rows_and_stages() {
-        let md = sample().markdown();
+        let md = sample().markdown("");
         assert!(
             md.contains("| baseline | teacher_float32 | teacher_cnn | 10 | - | 50.00% | 2.0 KiB |"),
             "{md}"
         );
         assert!(md.contains("| baseline | ok | 1.5 |"), "{md}");
         assert!(md.contains("quick mode"));
+    }
+
+    /// A run with a teacher, runtime rows, a training curve and a loss-scale trace.
+    fn full() -> Report {
+        let measured =
+            |stage: &str, variant: &str, model: &str, engine: &str, acc, size, speed| Row {
+                stage: stage.into(),
+                variant: variant.into(),
+                model: model.into(),
+                test_accuracy: Some(acc),
+                size_bytes: size,
+                infer_samples_per_second: Some(speed),
+                engine: Some(engine.into()),
+                ..Row::default()
+            };
+        let mut teacher = measured(
+            "baseline",
+            "teacher_float32",
+            "teacher_cnn",
+            "libtorch",
+            0.9926,
+            Some(901_672),
+            5000.0,
+        );
+        teacher.extra.insert(
+            "loss_curve".into(),
+            serde_json::json!([[0, 2.3], [100, 0.4], [200, 0.08]]),
+        );
+        let mut mixed = measured(
+            "precision",
+            "mixed_float16",
+            "teacher_cnn",
+            "libtorch",
+            0.9911,
+            None,
+            7500.0,
+        );
+        mixed
+            .extra
+            .insert("train_steps".into(), serde_json::json!(200));
+        mixed
+            .extra
+            .insert("skipped_steps".into(), serde_json::json!(1));
+        mixed.extra.insert(
+            "loss_scale_history".into(),
+            serde_json::json!([{"step": 0, "scale": 65536.0}, {"step": 7, "scale": 32768.0}]),
+        );
+        let mut report = sample();
+        report.rows = vec![
+            teacher,
+            mixed,
+            measured(
+                "quantization",
+                "float32",
+                "teacher_cnn",
+                "tch-mot runtime",
+                0.9926,
+                Some(901_672),
+                6000.0,
+            ),
+            measured(
+                "quantization",
+                "dynamic_int8",
+                "teacher_cnn",
+                "tch-mot runtime",
+                0.9924,
+                Some(229_162),
+                9000.0,
+            ),
+            measured(
+                "quantization",
+                "static_int8_entropy",
+                "teacher_cnn",
+                "tch-mot runtime",
+                0.9878,
+                Some(229_378),
+                5500.0,
+            ),
+            measured(
+                "pipeline",
+                "distilled_pruned_int8",
+                "compact_cnn",
+                "tch-mot runtime",
+                0.9871,
+                Some(18_034),
+                30_000.0,
+            ),
+        ];
+        report
+    }
+
+    #[test]
+    fn the_teacher_table_holds_every_rows_deltas() {
+        let md = full().markdown("");
+        let teacher = md.find("## Against the teacher").expect(&md);
+        assert!(
+            teacher > md.find("## Results").unwrap() && teacher < md.find("## Stages").unwrap()
+        );
+        for line in [
+            // accuracy pp, size, size ratio, speed ratio, reference
+            "| baseline | teacher_float32 | teacher_cnn | 99.26% | +0.00 | 880.5 KiB | 1.0x | 1.00x | baseline/teacher_float32 (libtorch) |",
+            "| precision | mixed_float16 | teacher_cnn | 99.11% | -0.15 | - | - | 1.50x | baseline/teacher_float32 (libtorch) |",
+            "| quantization | dynamic_int8 | teacher_cnn | 99.24% | -0.02 | 223.8 KiB | 3.9x smaller | 1.50x | quantization/float32 (tch-mot runtime) |",
+            // 901672 / 18034 = 50.0; 30000 / 6000 = 5.
+            "| pipeline | distilled_pruned_int8 | compact_cnn | 98.71% | -0.55 | 17.6 KiB | 50.0x smaller | 5.00x | quantization/float32 (tch-mot runtime) |",
+        ] {
+            assert!(md.contains(line), "missing {line}\n{md}");
+        }
+    }
+
+    #[test]
+    fn a_report_without_a_baseline_row_still_renders() {
+        let mut report = full();
+        report.rows.remove(0);
+        let dir = tempfile::tempdir().unwrap();
+        report.write(dir.path()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(md.contains("no `baseline`/`teacher_float32` row"), "{md}");
+        assert!(!md.contains("vs teacher (pp)"), "{md}");
+        assert!(md.contains("| pipeline | distilled_pruned_int8 |"), "{md}");
+        assert!(md.contains("## Plots"), "{md}");
+    }
+
+    #[test]
+    fn charts_are_written_and_linked() {
+        let dir = tempfile::tempdir().unwrap();
+        let plots = dir.path().join("plots");
+        std::fs::create_dir(&plots).unwrap();
+        // A chart a stage drew is linked; one it did not draw is not.
+        std::fs::write(plots.join("pruning_schedule.svg"), "<svg/>").unwrap();
+        full().write(dir.path()).unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        for file in [
+            "accuracy_size.svg",
+            "training_baseline.svg",
+            "precision_loss_scale.svg",
+            "pruning_schedule.svg",
+        ] {
+            assert!(plots.join(file).is_file(), "{file} not written");
+            assert!(
+                md.contains(&format!("](plots/{file})")),
+                "{file} not linked: {md}"
+            );
+        }
+        assert!(!md.contains("distillation_temperature.svg"), "{md}");
+        assert!(
+            !plots.join("training_precision.svg").exists(),
+            "no curve, no chart"
+        );
+        let section = &md[md.find("## Plots").unwrap()..md.find("## Stages").unwrap()];
+        // The Pareto front is listed under its chart: the pipeline's student is the smallest,
+        // the float32 teacher rows the most accurate.
+        assert!(
+            section.contains("pipeline/distilled_pruned_int8 (compact_cnn, 17.6 KiB, 98.71%)"),
+            "{section}"
+        );
+        for on_front in [
+            "baseline/teacher_float32 (",
+            "quantization/float32 (",
+            "quantization/dynamic_int8 (",
+        ] {
+            assert!(section.contains(on_front), "{on_front}: {section}");
+        }
+        assert!(
+            !section.contains("static_int8_entropy ("),
+            "dominated: {section}"
+        );
+        let svg = std::fs::read_to_string(plots.join("accuracy_size.svg")).unwrap();
+        for text in [
+            "Pareto front",
+            "artifact size (KiB, log scale)",
+            "baseline",
+            "pipeline",
+        ] {
+            assert!(svg.contains(text), "{text} missing from the chart");
+        }
+        // Nothing but the charts in plots/: every write was atomic.
+        let mut names: Vec<_> = std::fs::read_dir(&plots)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "accuracy_size.svg",
+                "precision_loss_scale.svg",
+                "pruning_schedule.svg",
+                "training_baseline.svg"
+            ]
+        );
     }
 
     #[test]
@@ -243,11 +450,11 @@ mod tests {
             SECTION_EXTRA.into(),
             serde_json::json!("| step | scale |\n|---:|---:|\n| 0 | 65536 |\n"),
         );
-        let md = report.markdown();
+        let md = report.markdown("");
         let section = md.find("## Stage baseline\n\n| step | scale |").expect(&md);
         assert!(section > md.find("## Results").unwrap(), "{md}");
         assert!(section < md.find("## Stages").unwrap(), "{md}");
         // Rows without one add nothing.
-        assert!(!sample().markdown().contains("## Stage baseline"));
+        assert!(!sample().markdown("").contains("## Stage baseline"));
     }
 }

@@ -1,0 +1,347 @@
+//! The report's "Plots" section: charts drawn from the rows (accuracy against size with the
+//! Pareto front, training curves, the loss-scale trace) and the ones the stages drew.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plots::{Kind, Scale, Series};
+
+use super::teacher::pareto_front;
+use super::{Report, Row, human_bytes};
+use crate::charts::{FOLDER, Figure};
+
+/// File of the accuracy-against-size chart.
+pub const ACCURACY_SIZE: &str = "accuracy_size.svg";
+/// File of the loss-scale chart.
+pub const LOSS_SCALE: &str = "precision_loss_scale.svg";
+/// The row field holding a training curve: `[[step, loss], ...]`.
+pub const LOSS_CURVE: &str = "loss_curve";
+/// The precision rows' loss-scale trace: `[{"step": s, "scale": v}, ...]`, the initial scale
+/// and every change of it.
+pub const LOSS_SCALE_HISTORY: &str = "loss_scale_history";
+
+/// Charts the stages draw themselves, with their captions: linked when their files exist.
+const STAGE_CHARTS: [(&str, &str); 4] = [
+    (
+        "quantization_accuracy_size.svg",
+        "Each quantized variant of the teacher and the student: test accuracy against artifact \
+         size (log scale), one colour per model.",
+    ),
+    (
+        "pruning_accuracy.svg",
+        "The pruned teacher: test accuracy against the share of weights that are zero, with f32 \
+         and with int8 weights, and 2:4 sparsity.",
+    ),
+    (
+        "pruning_schedule.svg",
+        "The pruning schedules: the target sparsity at each fine-tuning step (masks are updated \
+         every few steps).",
+    ),
+    (
+        "distillation_temperature.svg",
+        "The distilled student's test accuracy against the distillation temperature, with the \
+         student trained from scratch for reference.",
+    ),
+];
+
+/// A chart of the section and its one-line caption.
+struct Plot {
+    figure: Figure,
+    caption: String,
+}
+
+/// Draws the report's charts into `out/plots/` and returns the "Plots" section, empty when
+/// there is nothing to show. A chart that cannot be drawn is named in the section with the
+/// reason, so that the rest of the report is still written.
+pub fn section(report: &Report, out: &Path) -> String {
+    let mut md = String::new();
+    for plot in plots(&report.rows) {
+        match plot.figure.write(out) {
+            Ok(image) => {
+                let _ = writeln!(md, "{image}\n{}\n", plot.caption);
+            }
+            Err(err) => {
+                let _ = writeln!(md, "{} could not be drawn: {err:#}\n", plot.figure.file);
+            }
+        }
+    }
+    for (file, caption) in STAGE_CHARTS {
+        if out.join(FOLDER).join(file).is_file() {
+            let _ = writeln!(md, "![{caption}]({FOLDER}/{file})\n{caption}\n");
+        }
+    }
+    md
+}
+
+/// The charts drawn from the rows, each only when some row has its data.
+fn plots(rows: &[Row]) -> Vec<Plot> {
+    let mut plots = Vec::new();
+    plots.extend(accuracy_size(rows));
+    plots.extend(training_curves(rows));
+    plots.extend(loss_scale(rows));
+    plots
+}
+
+/// `(size in KiB, accuracy in %)` of a row that has both.
+fn size_point(row: &Row) -> Option<(f64, f64)> {
+    let size = row.size_bytes.filter(|&b| b > 0)? as f64 / 1024.0;
+    let accuracy = row.test_accuracy.filter(|a| a.is_finite())? * 100.0;
+    Some((size, accuracy))
+}
+
+/// The stages of `rows` that have rows passing `keep`, in report order.
+fn stages<'a>(rows: &'a [Row], keep: impl Fn(&Row) -> bool) -> Vec<&'a str> {
+    let mut stages: Vec<&str> = Vec::new();
+    for row in rows.iter().filter(|r| keep(r)) {
+        if !stages.contains(&row.stage.as_str()) {
+            stages.push(&row.stage);
+        }
+    }
+    stages
+}
+
+/// A row's name in a legend among `rows`: its variant, with the model when another row has
+/// the same variant.
+fn legend_name(row: &Row, rows: &[&Row]) -> String {
+    let shared = rows.iter().filter(|r| r.variant == row.variant).count() > 1;
+    if shared {
+        format!("{} {}", row.model, row.variant)
+    } else {
+        row.variant.clone()
+    }
+}
+
+fn accuracy_size(rows: &[Row]) -> Option<Plot> {
+    let mut series: Vec<Series> = stages(rows, |r| size_point(r).is_some())
+        .into_iter()
+        .map(|stage| {
+            let points = rows
+                .iter()
+                .filter(|r| r.stage == stage)
+                .filter_map(size_point)
+                .collect();
+            Series::new(stage, points)
+        })
+        .collect();
+    if series.is_empty() {
+        return None;
+    }
+    let mut front = pareto_front(rows);
+    front.sort_by(|a, b| {
+        let (a, b) = (size_point(a), size_point(b));
+        a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let mut line = Series::new(
+        "Pareto front",
+        front.iter().filter_map(|r| size_point(r)).collect(),
+    )
+    .with_kind(Kind::Lines);
+    line.point_labels = front.iter().map(|r| legend_name(r, &front)).collect();
+    series.push(line);
+    let mut figure = Figure::scatter(
+        ACCURACY_SIZE,
+        "Every model: test accuracy against artifact size",
+        "artifact size (KiB, log scale)",
+        "test accuracy on the 10k test set (%)",
+        series,
+    );
+    figure.chart.x_scale = Scale::Log10;
+    let mut caption = String::from(
+        "Every row with an artifact, one colour per stage; the line joins the Pareto front, the \
+         rows that no other row matches or beats on both size and accuracy:",
+    );
+    for row in &front {
+        let _ = write!(
+            caption,
+            " {}/{} ({}, {}, {:.2}%);",
+            row.stage,
+            row.variant,
+            row.model,
+            human_bytes(row.size_bytes.unwrap_or(0)),
+            row.test_accuracy.unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    caption.pop();
+    caption.push('.');
+    Some(Plot { figure, caption })
+}
+
+/// A row's training curve: its `[step, loss]` pairs with a positive, finite loss.
+fn loss_curve(row: &Row) -> Vec<(f64, f64)> {
+    let Some(points) = row.extra.get(LOSS_CURVE).and_then(|v| v.as_array()) else {
+        return Vec::new();
+    };
+    points
+        .iter()
+        .filter_map(|p| {
+            let pair = p.as_array()?;
+            let (step, loss) = (pair.first()?.as_f64()?, pair.get(1)?.as_f64()?);
+            (step.is_finite() && loss.is_finite() && loss > 0.0).then_some((step, loss))
+        })
+        .collect()
+}
+
+/// One chart per stage with training curves, one line per row.
+fn training_curves(rows: &[Row]) -> Vec<Plot> {
+    stages(rows, |r| !loss_curve(r).is_empty())
+        .into_iter()
+        .map(|stage| {
+            let trained: Vec<&Row> = rows
+                .iter()
+                .filter(|r| r.stage == stage && !loss_curve(r).is_empty())
+                .collect();
+            let series = trained
+                .iter()
+                .map(|r| Series::new(legend_name(r, &trained), loss_curve(r)))
+                .collect();
+            let mut figure = Figure::lines(
+                &format!("training_{stage}.svg"),
+                &format!("Stage {stage}: training loss"),
+                "optimizer step",
+                "training loss (log scale)",
+                series,
+            );
+            figure.chart.y_scale = Scale::Log10;
+            Plot {
+                figure,
+                caption: format!(
+                    "The training loss of every model the {stage} stage trained, against the \
+                     optimizer step (each the loss it minimises: cross-entropy, or the \
+                     distillation loss for distilled students)."
+                ),
+            }
+        })
+        .collect()
+}
+
+/// A precision row's loss scale as a step function: each value held until the next change,
+/// the last one until the row's final step.
+fn scale_steps(row: &Row) -> Vec<(f64, f64)> {
+    let Some(history) = row.extra.get(LOSS_SCALE_HISTORY).and_then(|v| v.as_array()) else {
+        return Vec::new();
+    };
+    let changes: Vec<(f64, f64)> = history
+        .iter()
+        .filter_map(|p| Some((p.get("step")?.as_f64()?, p.get("scale")?.as_f64()?)))
+        .filter(|&(step, scale)| step.is_finite() && scale.is_finite() && scale > 0.0)
+        .collect();
+    let mut points = Vec::with_capacity(2 * changes.len() + 1);
+    for (i, &(step, scale)) in changes.iter().enumerate() {
+        if i > 0 {
+            points.push((step, changes[i - 1].1));
+        }
+        points.push((step, scale));
+    }
+    let last_step = row.extra.get("train_steps").and_then(|v| v.as_f64());
+    if let (Some(end), Some(&(step, scale))) = (last_step, changes.last())
+        && end > step
+    {
+        points.push((end, scale));
+    }
+    points
+}
+
+fn loss_scale(rows: &[Row]) -> Option<Plot> {
+    let scaled: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.stage == "precision" && !scale_steps(r).is_empty())
+        .collect();
+    if scaled.is_empty() {
+        return None;
+    }
+    let series = scaled
+        .iter()
+        .map(|r| Series::new(legend_name(r, &scaled), scale_steps(r)))
+        .collect();
+    let mut figure = Figure::lines(
+        LOSS_SCALE,
+        "float16 training: dynamic loss scale",
+        "optimizer step",
+        "loss scale (log scale)",
+        series,
+    );
+    figure.chart.y_scale = Scale::Log10;
+    let mut caption = String::from(
+        "The loss scale at each step: halved after a step whose gradients overflowed (the step \
+         is skipped), doubled after a run of finite steps. Skipped steps:",
+    );
+    for row in &scaled {
+        let skipped = row.extra.get("skipped_steps").and_then(|v| v.as_u64());
+        let _ = write!(
+            caption,
+            " {} {};",
+            row.variant,
+            skipped.map_or_else(|| "-".into(), |s| s.to_string())
+        );
+    }
+    caption.pop();
+    caption.push('.');
+    Some(Plot { figure, caption })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(stage: &str, variant: &str, extra: serde_json::Value) -> Row {
+        Row {
+            stage: stage.into(),
+            variant: variant.into(),
+            model: "m".into(),
+            extra: extra.as_object().cloned().unwrap_or_default(),
+            ..Row::default()
+        }
+    }
+
+    #[test]
+    fn loss_curves_skip_points_a_log_axis_cannot_show() {
+        let r = row(
+            "baseline",
+            "t",
+            serde_json::json!({"loss_curve": [[0, 2.3], [10, 0.0], [20, 0.5], ["x", 1], [30]]}),
+        );
+        assert_eq!(loss_curve(&r), [(0.0, 2.3), (20.0, 0.5)]);
+        assert!(loss_curve(&row("s", "v", serde_json::json!({}))).is_empty());
+    }
+
+    #[test]
+    fn the_loss_scale_is_a_step_function_to_the_last_step() {
+        let r = row(
+            "precision",
+            "mixed_float16",
+            serde_json::json!({
+                "train_steps": 100,
+                "loss_scale_history": [
+                    {"step": 0, "scale": 65536.0},
+                    {"step": 3, "scale": 32768.0},
+                    {"step": 50, "scale": 65536.0},
+                ],
+            }),
+        );
+        assert_eq!(
+            scale_steps(&r),
+            [
+                (0.0, 65536.0),
+                (3.0, 65536.0),
+                (3.0, 32768.0),
+                (50.0, 32768.0),
+                (50.0, 65536.0),
+                (100.0, 65536.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn legends_name_the_model_only_when_variants_repeat() {
+        let (a, mut b, c) = (
+            row("q", "qat_int8", serde_json::json!({})),
+            row("q", "qat_int8", serde_json::json!({})),
+            row("q", "float16", serde_json::json!({})),
+        );
+        b.model = "student".into();
+        let all = [&a, &b, &c];
+        assert_eq!(legend_name(&a, &all), "m qat_int8");
+        assert_eq!(legend_name(&b, &all), "student qat_int8");
+        assert_eq!(legend_name(&c, &all), "float16");
+    }
+}
