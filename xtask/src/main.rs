@@ -5,6 +5,7 @@
 //! `cargo` with `LIBTORCH` and the runtime library path set.
 
 mod libtorch;
+mod results;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,9 @@ Commands:
                         (try `cargo xtask experiment --help`)
   bench <SUITE> [ARGS]  benchmarks against PyTorch/libtorch measured in the same run;
                         writes results/bench/<SUITE>.json (try `cargo xtask bench --help`)
+  results <RUN>         rewrite README.md's results section (between its
+                        `<!-- results:start -->` and `<!-- results:end -->` lines) from the
+                        run folder RUN: machine, date, command, tables, plots
   test [ARGS...]        every check: cargo fmt --check, clippy -D warnings, cargo test
                         --workspace (doc tests included); ARGS go to `cargo test`
   fuzz <TARGET> [--runs N] [ARGS...]
@@ -66,6 +70,18 @@ fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some("test") => test(&rest),
+        Some("results") => {
+            let [run] = rest.as_slice() else {
+                bail!("usage: cargo xtask results <RUN FOLDER> (the folder holding report.json)");
+            };
+            let root = workspace_root();
+            results::rewrite_readme(&root.join("README.md"), Path::new(run), &root)?;
+            eprintln!(
+                "README.md: results section written from {}",
+                Path::new(run).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Some("experiment") => run_release(&rest, "experiment", "experiment"),
         Some("bench") => run_release(&rest, "bench", "bench"),
         Some("fuzz") => fuzz(&rest),
