@@ -403,13 +403,13 @@ mod tests {
         // The Pareto front is listed under its chart: the pipeline's student is the smallest,
         // the float32 teacher rows the most accurate.
         assert!(
-            section.contains("pipeline/distilled_pruned_int8 (compact_cnn, 17.6 KiB, 98.71%)"),
+            section.contains("- pipeline/distilled_pruned_int8 (compact_cnn): 17.6 KiB, 98.71%\n"),
             "{section}"
         );
         for on_front in [
-            "baseline/teacher_float32 (",
-            "quantization/float32 (",
-            "quantization/dynamic_int8 (",
+            "- baseline/teacher_float32 (",
+            "- quantization/float32 (",
+            "- quantization/dynamic_int8 (",
         ] {
             assert!(section.contains(on_front), "{on_front}: {section}");
         }

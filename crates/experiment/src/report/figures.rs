@@ -20,34 +20,40 @@ pub const LOSS_CURVE: &str = "loss_curve";
 /// and every change of it.
 pub const LOSS_SCALE_HISTORY: &str = "loss_scale_history";
 
-/// Charts the stages draw themselves, with their captions: linked when their files exist.
-const STAGE_CHARTS: [(&str, &str); 4] = [
+/// Charts the stages draw themselves, with their titles and captions: shown when their files
+/// exist.
+const STAGE_CHARTS: [(&str, &str, &str); 4] = [
     (
         "quantization_accuracy_size.svg",
+        "Quantized models: test accuracy against artifact size",
         "Each quantized variant of the teacher and the student: test accuracy against artifact \
          size (log scale), one colour per model.",
     ),
     (
         "pruning_accuracy.svg",
+        "Pruned teacher: test accuracy against weight sparsity",
         "The pruned teacher: test accuracy against the share of weights that are zero, with f32 \
          and with int8 weights, and 2:4 sparsity.",
     ),
     (
         "pruning_schedule.svg",
+        "Sparsity schedule",
         "The pruning schedules: the target sparsity at each fine-tuning step (masks are updated \
          every few steps).",
     ),
     (
         "distillation_temperature.svg",
+        "Distilled student: test accuracy against temperature",
         "The distilled student's test accuracy against the distillation temperature, with the \
          student trained from scratch for reference.",
     ),
 ];
 
-/// A chart of the section and its one-line caption.
+/// A chart of the section, its one-line caption and what to list under it.
 struct Plot {
     figure: Figure,
     caption: String,
+    notes: String,
 }
 
 /// Draws the report's charts into `out/plots/` and returns the "Plots" section, empty when
@@ -58,16 +64,19 @@ pub fn section(report: &Report, out: &Path) -> String {
     for plot in plots(&report.rows) {
         match plot.figure.write(out) {
             Ok(image) => {
-                let _ = writeln!(md, "{image}\n{}\n", plot.caption);
+                let _ = writeln!(md, "{image}\n*{}*\n", plot.caption);
+                if !plot.notes.is_empty() {
+                    let _ = writeln!(md, "{}", plot.notes);
+                }
             }
             Err(err) => {
                 let _ = writeln!(md, "{} could not be drawn: {err:#}\n", plot.figure.file);
             }
         }
     }
-    for (file, caption) in STAGE_CHARTS {
+    for (file, title, caption) in STAGE_CHARTS {
         if out.join(FOLDER).join(file).is_file() {
-            let _ = writeln!(md, "![{caption}]({FOLDER}/{file})\n{caption}\n");
+            let _ = writeln!(md, "![{title}]({FOLDER}/{file})\n\n*{caption}*\n");
         }
     }
     md
@@ -146,14 +155,15 @@ fn accuracy_size(rows: &[Row]) -> Option<Plot> {
         series,
     );
     figure.chart.x_scale = Scale::Log10;
-    let mut caption = String::from(
-        "Every row with an artifact, one colour per stage; the line joins the Pareto front, the \
-         rows that no other row matches or beats on both size and accuracy:",
-    );
+    let caption = "Every row with an artifact, one colour per stage, artifact size on a log \
+                   axis; the line joins the Pareto front: the rows no other row matches or \
+                   beats on both size and accuracy."
+        .to_string();
+    let mut notes = String::from("The Pareto front, smallest first:\n\n");
     for row in &front {
-        let _ = write!(
-            caption,
-            " {}/{} ({}, {}, {:.2}%);",
+        let _ = writeln!(
+            notes,
+            "- {}/{} ({}): {}, {:.2}%",
             row.stage,
             row.variant,
             row.model,
@@ -161,9 +171,11 @@ fn accuracy_size(rows: &[Row]) -> Option<Plot> {
             row.test_accuracy.unwrap_or(f64::NAN) * 100.0
         );
     }
-    caption.pop();
-    caption.push('.');
-    Some(Plot { figure, caption })
+    Some(Plot {
+        figure,
+        caption,
+        notes,
+    })
 }
 
 /// A row's training curve: its `[step, loss]` pairs with a positive, finite loss.
@@ -194,9 +206,14 @@ fn training_curves(rows: &[Row]) -> Vec<Plot> {
                 .iter()
                 .map(|r| Series::new(legend_name(r, &trained), loss_curve(r)))
                 .collect();
+            // A lone series has no legend: the title names it.
+            let title = match trained.as_slice() {
+                [only] => format!("Stage {stage}: training loss ({})", only.variant),
+                _ => format!("Stage {stage}: training loss"),
+            };
             let mut figure = Figure::lines(
                 &format!("training_{stage}.svg"),
-                &format!("Stage {stage}: training loss"),
+                &title,
                 "optimizer step",
                 "training loss (log scale)",
                 series,
@@ -209,6 +226,7 @@ fn training_curves(rows: &[Row]) -> Vec<Plot> {
                      optimizer step (each the loss it minimises: cross-entropy, or the \
                      distillation loss for distilled students)."
                 ),
+                notes: String::new(),
             }
         })
         .collect()
@@ -253,9 +271,14 @@ fn loss_scale(rows: &[Row]) -> Option<Plot> {
         .iter()
         .map(|r| Series::new(legend_name(r, &scaled), scale_steps(r)))
         .collect();
+    // A lone series has no legend: the title names it.
+    let title = match scaled.as_slice() {
+        [only] => format!("float16 training: dynamic loss scale ({})", only.variant),
+        _ => "float16 training: dynamic loss scale".to_string(),
+    };
     let mut figure = Figure::lines(
         LOSS_SCALE,
-        "float16 training: dynamic loss scale",
+        &title,
         "optimizer step",
         "loss scale (log scale)",
         series,
@@ -276,7 +299,11 @@ fn loss_scale(rows: &[Row]) -> Option<Plot> {
     }
     caption.pop();
     caption.push('.');
-    Some(Plot { figure, caption })
+    Some(Plot {
+        figure,
+        caption,
+        notes: String::new(),
+    })
 }
 
 #[cfg(test)]
