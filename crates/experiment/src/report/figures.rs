@@ -99,7 +99,7 @@ fn size_point(row: &Row) -> Option<(f64, f64)> {
 }
 
 /// The stages of `rows` that have rows passing `keep`, in report order.
-fn stages<'a>(rows: &'a [Row], keep: impl Fn(&Row) -> bool) -> Vec<&'a str> {
+fn stages(rows: &[Row], keep: impl Fn(&Row) -> bool) -> Vec<&str> {
     let mut stages: Vec<&str> = Vec::new();
     for row in rows.iter().filter(|r| keep(r)) {
         if !stages.contains(&row.stage.as_str()) {
