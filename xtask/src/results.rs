@@ -18,7 +18,7 @@ pub const START: &str = "<!-- results:start -->";
 pub const END: &str = "<!-- results:end -->";
 
 /// The experiment's defaults, for writing only the options a run changed. They mirror
-/// `crates/experiment/src/cli.rs`: keep them in step.
+/// `crates/experiment/src/cli.rs` (a test checks that they still do).
 const DEFAULT_STAGES: [&str; 6] = [
     "baseline",
     "precision",
@@ -30,7 +30,10 @@ const DEFAULT_STAGES: [&str; 6] = [
 const DEFAULT_SEED: u64 = 42;
 const DEFAULT_CALIBRATOR: &str = "percentile";
 const DEFAULT_PERCENTILE: f64 = 99.99;
-const DEFAULT_SPARSITY: f64 = 0.85;
+const DEFAULT_SPARSITY: f64 = 0.82;
+const DEFAULT_TEMPERATURE: f64 = 10.0;
+const DEFAULT_ALPHA: f64 = 0.1;
+const DEFAULT_INITIAL_LOSS_SCALE: f64 = 32768.0;
 
 /// Rewrites the results section of `readme` from the run in `run`.
 pub fn rewrite_readme(readme: &Path, run: &Path, root: &Path) -> Result<()> {
@@ -243,11 +246,34 @@ fn command(report: &Report) -> (String, String) {
     {
         command.push_str(&format!(" --percentile {percentile}"));
     }
-    if let Some(sparsity) = field("target_sparsity", &|r| r["stage"] == "pipeline")
-        .and_then(Value::as_f64)
-        .filter(|&s| s != DEFAULT_SPARSITY)
-    {
-        command.push_str(&format!(" --sparsity {sparsity}"));
+    // The settings the distilled students and the pipeline record in their rows.
+    let distilled = |r: &Value| r["stage"] == "distillation" || r["stage"] == "pipeline";
+    let recorded = [
+        (
+            "sparsity",
+            field("target_sparsity", &|r| r["stage"] == "pipeline"),
+            DEFAULT_SPARSITY,
+        ),
+        (
+            "temperature",
+            field("temperature", &distilled),
+            DEFAULT_TEMPERATURE,
+        ),
+        ("alpha", field("alpha", &distilled), DEFAULT_ALPHA),
+        (
+            // The scaler's configuration of the mixed_float16 run (the CPU demonstration row
+            // starts from its own scale).
+            "initial-loss-scale",
+            rows.iter()
+                .filter(|r| r["stage"] == "precision" && r["variant"] == "mixed_float16")
+                .find_map(|r| find_key(&r["loss_scale_config"], "initial_scale")),
+            DEFAULT_INITIAL_LOSS_SCALE,
+        ),
+    ];
+    for (flag, value, default) in recorded {
+        if let Some(value) = value.and_then(Value::as_f64).filter(|&v| v != default) {
+            command.push_str(&format!(" --{flag} {value}"));
+        }
     }
     let resumed: Vec<&str> = report
         .stages
@@ -266,6 +292,17 @@ fn command(report: &Report) -> (String, String) {
         )
     };
     (command, note)
+}
+
+/// The first value under `key` anywhere in `value`, depth first.
+fn find_key<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
+    match value {
+        Value::Object(map) => map
+            .get(key)
+            .or_else(|| map.values().find_map(|v| find_key(v, key))),
+        Value::Array(items) => items.iter().find_map(|v| find_key(v, key)),
+        _ => None,
+    }
 }
 
 fn stage_table(report: &Report) -> String {
@@ -391,7 +428,7 @@ mod tests {
             "rows": [
                 {"stage": "quantization", "variant": "static_int8_mse", "calibrator": "mse", "selected": true},
                 {"stage": "quantization", "variant": "static_int8_percentile", "calibrator": "percentile", "percentile": 99.99, "selected": false},
-                {"stage": "pipeline", "variant": "distilled_pruned_float32", "target_sparsity": 0.85},
+                {"stage": "pipeline", "variant": "distilled_pruned_float32", "target_sparsity": 0.82},
             ],
         })
         .to_string();
@@ -463,6 +500,53 @@ mod tests {
              --resume --out <run folder>"
         );
         assert!(note.contains("Stages pruning were kept"), "{note}");
+    }
+
+    #[test]
+    fn non_default_technique_settings_are_in_the_command() {
+        let mut report = report(&[("precision", false), ("pipeline", false)], 42, false);
+        let rows = report.json["rows"].as_array_mut().unwrap();
+        rows[2]["target_sparsity"] = serde_json::json!(0.85);
+        rows.push(serde_json::json!({
+            "stage": "precision", "variant": "mixed_float16",
+            "loss_scale_config": {"Dynamic": {"initial_scale": 1024.0, "growth_interval": 2000}},
+        }));
+        rows.push(serde_json::json!({"stage": "pipeline", "variant": "distilled_float32", "temperature": 4.0, "alpha": 0.1}));
+        let (line, _) = command(&report);
+        assert_eq!(
+            line,
+            "cargo xtask experiment --stages precision,pipeline --calibrator mse --sparsity 0.85 \
+             --temperature 4 --initial-loss-scale 1024"
+        );
+    }
+
+    /// Fails when the experiment's defaults change and the constants above do not.
+    #[test]
+    fn the_defaults_are_the_experiments() {
+        let cli = include_str!("../../crates/experiment/src/cli.rs");
+        for default in [
+            format!("default_value_t = {DEFAULT_SEED},"),
+            "default_value_t = Calibrator::Percentile)".to_string(),
+            format!("default_value_t = {DEFAULT_PERCENTILE},"),
+            format!("default_value_t = {DEFAULT_SPARSITY},"),
+            format!("default_value = \"{DEFAULT_TEMPERATURE}\","),
+            format!("default_value = \"{DEFAULT_ALPHA}\","),
+            format!("default_value = \"{DEFAULT_INITIAL_LOSS_SCALE}\","),
+            "default_values_t = Stage::all()".to_string(),
+        ] {
+            assert!(cli.contains(&default), "cli.rs no longer has `{default}`");
+        }
+        assert_eq!(DEFAULT_CALIBRATOR, "percentile");
+        // `Stage::all()` is the declaration order, which `Stage::name` follows.
+        let stages = include_str!("../../crates/experiment/src/stages/mod.rs");
+        let names = stages.split("fn name").nth(1).unwrap();
+        let found: Vec<&str> = names
+            .split("=> \"")
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap())
+            .take(DEFAULT_STAGES.len())
+            .collect();
+        assert_eq!(found, DEFAULT_STAGES);
     }
 
     #[test]
