@@ -25,8 +25,10 @@ use crate::train::{self, TrainConfig, TrainOptions};
 
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "pruning";
-/// Fine-tuning: epochs of a full run, at a third of the teacher's learning rate.
-const EPOCHS: usize = 2;
+/// Fine-tuning at a third of the teacher's learning rate: epochs of a full run for 90%
+/// (the hard target), and for the others, which recover within one.
+const EPOCHS_90: usize = 2;
+const EPOCHS: usize = 1;
 const QUICK_STEPS: usize = 40;
 const LEARNING_RATE: f64 = 1e-3;
 /// The layer left dense: the first convolution.
@@ -40,6 +42,7 @@ const QUICK_FREQUENCY: u64 = 5;
 /// One pruned variant.
 struct Target {
     variant: &'static str,
+    epochs: usize,
     sparsity: f64,
     granularity: Granularity,
     scope: Scope,
@@ -48,24 +51,28 @@ struct Target {
 const TARGETS: [Target; 4] = [
     Target {
         variant: "sparsity_50",
+        epochs: EPOCHS,
         sparsity: 0.5,
         granularity: Granularity::Unstructured,
         scope: Scope::Global,
     },
     Target {
         variant: "sparsity_75",
+        epochs: EPOCHS,
         sparsity: 0.75,
         granularity: Granularity::Unstructured,
         scope: Scope::Global,
     },
     Target {
         variant: "sparsity_90",
+        epochs: EPOCHS_90,
         sparsity: 0.9,
         granularity: Granularity::Unstructured,
         scope: Scope::Global,
     },
     Target {
         variant: "n2m4",
+        epochs: EPOCHS,
         sparsity: 0.5,
         granularity: Granularity::NOutOfM { n: 2, m: 4 },
         scope: Scope::PerLayer,
@@ -119,24 +126,11 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     )];
 
     let (data, teacher_config) = super::baseline::teacher_training(ctx)?;
-    let config = TrainConfig {
-        epochs: if ctx.args.quick { 1 } else { EPOCHS },
-        learning_rate: LEARNING_RATE,
-        ..teacher_config
-    };
-    let batches = data.len().div_ceil(config.batch_size);
-    let steps = if ctx.args.quick {
-        QUICK_STEPS.min(batches)
-    } else {
-        config.epochs * batches
-    };
     let frequency = if ctx.args.quick {
         QUICK_FREQUENCY
     } else {
         FREQUENCY
     };
-    // The ramp ends on a pruning step, so the final masks have the final sparsity.
-    let end_step = ((steps as f64 * RAMP_SHARE) as u64 / frequency).max(1) * frequency;
     let weights: Vec<&DeployedParameter> = params
         .iter()
         .filter(|p| p.name.ends_with(".weight"))
@@ -148,6 +142,19 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         .sum();
     let mut schedules = Vec::new();
     for target in &TARGETS {
+        let config = TrainConfig {
+            epochs: if ctx.args.quick { 1 } else { target.epochs },
+            learning_rate: LEARNING_RATE,
+            ..teacher_config
+        };
+        let batches = data.len().div_ceil(config.batch_size);
+        let steps = if ctx.args.quick {
+            QUICK_STEPS.min(batches)
+        } else {
+            config.epochs * batches
+        };
+        // The ramp ends on a pruning step, so the final masks have the final sparsity.
+        let end_step = ((steps as f64 * RAMP_SHARE) as u64 / frequency).max(1) * frequency;
         // Per-layer sparsity that makes the whole network's share of zeros the target.
         let layer_sparsity =
             (target.sparsity * prunable_total as f64 / pruned_total as f64).min(0.99);
@@ -158,7 +165,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             }
             _ => Schedule::polynomial_decay(0.0, layer_sparsity, 0, end_step, frequency)?,
         };
-        schedules.push((target.variant, schedule));
+        schedules.push((target.variant, schedule, steps as u64));
         let pruned_vs = nn::VarStore::new(ctx.device.device);
         let pruned = Network::new(&pruned_vs.root(), &deployed_spec)?;
         export::load_parameters(&pruned_vs, &params)?;
@@ -273,7 +280,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     }
 
     let mut markdown = section(&rows);
-    for figure in figures(&rows, &schedules, steps as u64) {
+    for figure in figures(&rows, &schedules) {
         markdown.push('\n');
         markdown.push_str(&figure.write(&ctx.out)?);
     }
@@ -375,7 +382,7 @@ fn section(rows: &[Row]) -> String {
     md
 }
 
-fn figures(rows: &[Row], schedules: &[(&str, Schedule)], steps: u64) -> Vec<Figure> {
+fn figures(rows: &[Row], schedules: &[(&str, Schedule, u64)]) -> Vec<Figure> {
     let point = |row: &Row| {
         (
             row.extra
@@ -413,7 +420,7 @@ fn figures(rows: &[Row], schedules: &[(&str, Schedule)], steps: u64) -> Vec<Figu
     }
     let schedule_series = schedules
         .iter()
-        .map(|(name, schedule)| {
+        .map(|&(name, schedule, steps)| {
             let mut points = Vec::new();
             let mut current = 0.0;
             for step in 0..steps {
@@ -422,7 +429,7 @@ fn figures(rows: &[Row], schedules: &[(&str, Schedule)], steps: u64) -> Vec<Figu
                 }
                 points.push((step as f64, current * 100.0));
             }
-            Series::new(*name, points)
+            Series::new(name, points)
         })
         .collect();
     vec![
