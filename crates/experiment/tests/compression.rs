@@ -240,9 +240,9 @@ fn quick_pipeline_keeps_its_zeros_through_qat_and_ships_sparse_int8() {
         ]
     );
     let (pruned, int8) = (rows[1], rows[2]);
-    // The default target, 85% of all weights, is hit exactly by the pruning step...
+    // The default target, 82% of all weights, is hit exactly by the pruning step...
     assert!(
-        (f(pruned, "weight_sparsity") - 0.85).abs() < 1e-3,
+        (f(pruned, "weight_sparsity") - 0.82).abs() < 1e-3,
         "{pruned}"
     );
     // ...and quantization-aware training loses none of the zeros (it may add a few codes
