@@ -22,9 +22,11 @@ mod dense;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod sgemm512;
+mod sparse_conv;
 mod spatial;
 
 pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, sgemm_bias, sgemm_packed};
+pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{ConvGeometry, im2col, im2col_nhwc, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw};
 
 use rayon::prelude::*;
