@@ -185,26 +185,37 @@ pub(crate) unsafe fn gemm(
     }
 }
 
-/// `y[i] = sum_e vals[e] * xt[cols[e]][i]` for the 32 lanes of a transposed row block, with
-/// four independent pairs of accumulators.
+/// `y[i] (+)= sum_e vals[e] * xt[cols[e] - base][i]` for the 32 lanes of a transposed row
+/// block (added to `y` if `accumulate`), with four independent pairs of accumulators.
 ///
 /// # Safety
-/// AVX-512F; every index in `cols` must be below `xt.len()`.
+/// AVX-512F; every index in `cols` must be in `base..base + xt.len()`.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn sparse_block_row(
     xt: &[[f32; 32]],
+    base: u32,
     cols: &[u32],
     vals: &[f32],
+    accumulate: bool,
     y: &mut [f32; 32],
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    if accumulate {
+        // SAFETY: `y` holds 32 values.
+        unsafe {
+            acc[0] = [
+                _mm512_loadu_ps(y.as_ptr()),
+                _mm512_loadu_ps(y.as_ptr().add(16)),
+            ];
+        }
+    }
     let (cc, vc) = (cols.as_chunks::<4>(), vals.as_chunks::<4>());
-    let base = xt.as_ptr().cast::<f32>();
+    let base = xt.as_ptr().cast::<f32>().wrapping_sub(base as usize * 32);
     for (c, v) in cc.0.iter().zip(vc.0) {
         for u in 0..4 {
             let vb = _mm512_set1_ps(v[u]);
-            // SAFETY: `c[u]` is a valid row of `xt` (32 values).
-            let p = unsafe { base.add(c[u] as usize * 32) };
+            // `c[u] - base` is a valid row of `xt` (32 values).
+            let p = base.wrapping_add(c[u] as usize * 32);
             // SAFETY: as above.
             let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
             acc[u][0] = _mm512_fmadd_ps(vb, lo, acc[u][0]);
@@ -213,8 +224,7 @@ pub(crate) unsafe fn sparse_block_row(
     }
     for (&c, &v) in cc.1.iter().zip(vc.1) {
         let vb = _mm512_set1_ps(v);
-        // SAFETY: as above.
-        let p = unsafe { base.add(c as usize * 32) };
+        let p = base.wrapping_add(c as usize * 32);
         // SAFETY: as above.
         let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
         acc[0][0] = _mm512_fmadd_ps(vb, lo, acc[0][0]);
