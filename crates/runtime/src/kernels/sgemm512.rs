@@ -186,11 +186,12 @@ pub(crate) unsafe fn gemm(
 }
 
 /// `y[i] (+)= sum_e vals[e] * xt[cols[e] - base][i]` for the 32 lanes of a transposed row
-/// block (added to `y` if `accumulate`), with four independent pairs of accumulators.
+/// block (added to `y` if `accumulate`), with two independent pairs of accumulators.
 ///
 /// # Safety
 /// AVX-512F; every index in `cols` must be in `base..base + xt.len()`.
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub(crate) unsafe fn sparse_block_row(
     xt: &[[f32; 32]],
     base: u32,
@@ -199,7 +200,7 @@ pub(crate) unsafe fn sparse_block_row(
     accumulate: bool,
     y: &mut [f32; 32],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    let mut acc = [[_mm512_setzero_ps(); 2]; 2];
     if accumulate {
         // SAFETY: `y` holds 32 values.
         unsafe {
@@ -209,38 +210,28 @@ pub(crate) unsafe fn sparse_block_row(
             ];
         }
     }
-    let (cc, vc) = (cols.as_chunks::<4>(), vals.as_chunks::<4>());
     let base = xt.as_ptr().cast::<f32>().wrapping_sub(base as usize * 32);
-    for (c, v) in cc.0.iter().zip(vc.0) {
-        for u in 0..4 {
-            let vb = _mm512_set1_ps(v[u]);
-            // `c[u] - base` is a valid row of `xt` (32 values).
-            let p = base.wrapping_add(c[u] as usize * 32);
-            // SAFETY: as above.
-            let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
-            acc[u][0] = _mm512_fmadd_ps(vb, lo, acc[u][0]);
-            acc[u][1] = _mm512_fmadd_ps(vb, hi, acc[u][1]);
-        }
-    }
-    for (&c, &v) in cc.1.iter().zip(vc.1) {
+    let step = |acc: &mut [__m512; 2], c: u32, v: f32| {
         let vb = _mm512_set1_ps(v);
+        // `c - base` is a valid row of `xt` (32 values).
         let p = base.wrapping_add(c as usize * 32);
         // SAFETY: as above.
         let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
-        acc[0][0] = _mm512_fmadd_ps(vb, lo, acc[0][0]);
-        acc[0][1] = _mm512_fmadd_ps(vb, hi, acc[0][1]);
-    }
-    let sum = |h: usize| {
-        _mm512_add_ps(
-            _mm512_add_ps(acc[0][h], acc[1][h]),
-            _mm512_add_ps(acc[2][h], acc[3][h]),
-        )
+        acc[0] = _mm512_fmadd_ps(vb, lo, acc[0]);
+        acc[1] = _mm512_fmadd_ps(vb, hi, acc[1]);
     };
-    let (lo, hi) = (sum(0), sum(1));
+    let (cc, vc) = (cols.as_chunks::<2>(), vals.as_chunks::<2>());
+    for (c, v) in cc.0.iter().zip(vc.0) {
+        step(&mut acc[0], c[0], v[0]);
+        step(&mut acc[1], c[1], v[1]);
+    }
+    for (&c, &v) in cc.1.iter().zip(vc.1) {
+        step(&mut acc[0], c, v);
+    }
     // SAFETY: `y` holds 32 values.
     unsafe {
-        _mm512_storeu_ps(y.as_mut_ptr(), lo);
-        _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
+        _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[1][0]));
+        _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_add_ps(acc[0][1], acc[1][1]));
     }
 }
 
