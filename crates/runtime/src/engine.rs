@@ -9,9 +9,9 @@ use ndarray::{Array2, ArrayView, Dimension};
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias,
-    im2col_nhwc, int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k,
-    sgemm_packed, sparse_conv_nhwc,
+    ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias, im2col_nhwc,
+    int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_packed,
+    sparse_conv_nhwc,
 };
 use crate::quant::QParams;
 

@@ -313,7 +313,12 @@ impl CsrMatrix {
                 continue;
             }
             pairs.clear();
-            pairs.extend(col_idx[lo..hi].iter().copied().zip(values[lo..hi].iter().copied()));
+            pairs.extend(
+                col_idx[lo..hi]
+                    .iter()
+                    .copied()
+                    .zip(values[lo..hi].iter().copied()),
+            );
             pairs.sort_by_key(|&(c, _)| c);
             for (i, &(c, v)) in pairs.iter().enumerate() {
                 (col_idx[lo + i], values[lo + i]) = (c, v);
@@ -963,7 +968,7 @@ mod tests {
         w[4 * k + CSR_PANEL] = 3.0;
         w[4 * k + 1] = -1.0;
         let sorted = CsrMatrix::from_dense(&w, n, k);
-        assert!(sorted.panel < k && sorted.panel % 16 == 0 && sorted.panel <= CSR_PANEL);
+        assert!(sorted.panel < k && sorted.panel.is_multiple_of(16) && sorted.panel <= CSR_PANEL);
         assert_eq!(sorted.panel_ptr.len(), n * (k.div_ceil(sorted.panel) + 1));
         let (lo, hi) = (sorted.row_ptr[4], sorted.row_ptr[5]);
         let mut col_idx = sorted.col_idx.clone();

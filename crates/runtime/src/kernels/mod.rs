@@ -11,6 +11,10 @@
 //! load time, with the bias and ReLU fused into its stores; without AVX-512 it is
 //! `matrixmultiply::sgemm` followed by a bias and ReLU pass; one to three rows are dot
 //! products over the weights in place.
+//!
+//! Sparse (CSR) weights: [`csr_gemm_bias`] transposes blocks of 32 rows (in panels of at
+//! most 256 columns) and spends one broadcast and two 16-wide multiply-adds per stored
+//! weight; [`sparse_conv_nhwc`] runs a stride-1 convolution directly on NHWC images.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;

@@ -341,7 +341,11 @@ pub(crate) unsafe fn sparse_conv_planes(
     // Without padding the image is one run of `h * w` pixels, with it one run per row.
     let (runs, run) = if p == 0 { (1, h * w) } else { (h, w) };
     for r in 0..runs {
-        let (src, dst) = if p == 0 { (0, 0) } else { (r * w, (r + p) * wp + p) };
+        let (src, dst) = if p == 0 {
+            (0, 0)
+        } else {
+            (r * w, (r + p) * wp + p)
+        };
         for x0 in (0..run).step_by(16) {
             let count = (run - x0).min(16);
             for c0 in (0..c).step_by(16) {
@@ -409,9 +413,9 @@ pub(crate) unsafe fn sparse_conv_accumulate<const VB: usize>(
             step(&mut acc[0], o, v);
         }
     }
-    for i in 0..VB {
+    for (i, (&a, &b)) in acc[0].iter().zip(&acc[1]).enumerate() {
         // SAFETY: `y` is writable for `16 * VB` values.
-        unsafe { _mm512_storeu_ps(y.add(16 * i), _mm512_add_ps(acc[0][i], acc[1][i])) };
+        unsafe { _mm512_storeu_ps(y.add(16 * i), _mm512_add_ps(a, b)) };
     }
 }
 
@@ -436,7 +440,7 @@ pub(crate) unsafe fn sparse_conv_write(
 ) {
     let group = bias.len();
     assert!(group <= 16 && j0 + group <= n);
-    assert!(pixels.len() % 16 == 0 && pixels.len() <= ld && yt.len() >= 16 * ld);
+    assert!(pixels.len().is_multiple_of(16) && pixels.len() <= ld && yt.len() >= 16 * ld);
     let mask = lanes(group);
     // SAFETY: `bias` holds the masked lanes.
     let b = unsafe { _mm512_maskz_loadu_ps(mask, bias.as_ptr()) };

@@ -72,9 +72,7 @@ impl SparseConv {
         let vectors = positions.div_ceil(LANES);
         let chunk = vectors.div_ceil(vectors.div_ceil(MAX_VECTORS));
         let max_offset = (c - 1) * plane + (k - 1) * wp + (k - 1);
-        let planar_len = c
-            .checked_mul(plane)?
-            .max(max_offset + vectors * LANES);
+        let planar_len = c.checked_mul(plane)?.max(max_offset + vectors * LANES);
         u32::try_from(planar_len).ok()?;
         let mut offsets = Vec::with_capacity(w.nnz());
         let mut values = Vec::with_capacity(w.nnz());
@@ -82,16 +80,13 @@ impl SparseConv {
         for j in 0..w.rows() {
             let (lo, hi) = (w.row_ptr()[j], w.row_ptr()[j + 1]);
             entries.clear();
-            entries.extend(
-                w.col_idx()[lo..hi]
-                    .iter()
-                    .zip(&w.values()[lo..hi])
-                    .map(|(&col, &v)| {
-                        let col = col as usize;
-                        let (ky, kx, ch) = (col / (k * c), col / c % k, col % c);
-                        ((ch * plane + ky * wp + kx) as u32, v)
-                    }),
-            );
+            entries.extend(w.col_idx()[lo..hi].iter().zip(&w.values()[lo..hi]).map(
+                |(&col, &v)| {
+                    let col = col as usize;
+                    let (ky, kx, ch) = (col / (k * c), col / c % k, col % c);
+                    ((ch * plane + ky * wp + kx) as u32, v)
+                },
+            ));
             // Ascending offsets: the planes are read front to back.
             entries.sort_by_key(|&(o, _)| o);
             offsets.extend(entries.iter().map(|&(o, _)| o));
@@ -168,7 +163,11 @@ pub fn sparse_conv_nhwc(
     let (ilen, olen) = (g.image_len(), g.pixels() * conv.outputs);
     assert_eq!(x.len(), batch * ilen, "x must be batch images");
     assert_eq!(bias.len(), conv.outputs, "one bias per output");
-    assert_eq!(out.len(), batch * olen, "out must be batch x pixels x outputs");
+    assert_eq!(
+        out.len(),
+        batch * olen,
+        "out must be batch x pixels x outputs"
+    );
     if batch == 0 || olen == 0 {
         return;
     }
@@ -306,7 +305,18 @@ unsafe fn image_avx512(
             // SAFETY: `yt` holds 16 rows of `CHUNK_LEN`; every pixel in `pixels` other than
             // `u32::MAX` is below `g.pixels()`, so its row of `out` holds channels
             // `j0..j0 + group`, as `bias` does.
-            unsafe { sparse_conv_write(yt, CHUNK_LEN, pixels, &bias[j0..j0 + group], relu, out, n, j0) };
+            unsafe {
+                sparse_conv_write(
+                    yt,
+                    CHUNK_LEN,
+                    pixels,
+                    &bias[j0..j0 + group],
+                    relu,
+                    out,
+                    n,
+                    j0,
+                )
+            };
         }
     }
 }
@@ -380,8 +390,8 @@ mod tests {
     fn close(got: &[f32], expected: &[f64], mag: &[f64], k: usize) -> Result<(), TestCaseError> {
         prop_assert_eq!(got.len(), expected.len());
         for (i, ((&g, &e), &a)) in got.iter().zip(expected).zip(mag).enumerate() {
-            let tol = 2.0 * f64::from(f32::EPSILON) * (k as f64 + 1.0) * a
-                + f64::from(f32::MIN_POSITIVE);
+            let tol =
+                2.0 * f64::from(f32::EPSILON) * (k as f64 + 1.0) * a + f64::from(f32::MIN_POSITIVE);
             prop_assert!(
                 (f64::from(g) - e).abs() <= tol,
                 "entry {i}: {g} vs {e} (tol {tol})"
@@ -403,11 +413,17 @@ mod tests {
         let mut results = Vec::new();
         let scratch = || {
             // Stale, non-zero scratch: every kernel must write what it reads.
-            (vec![f32::NAN; conv.planar_len + 5], vec![f32::NAN; LANES * CHUNK_LEN])
+            (
+                vec![f32::NAN; conv.planar_len + 5],
+                vec![f32::NAN; LANES * CHUNK_LEN],
+            )
         };
         let mut out = vec![f32::NAN; batch * olen];
         let mut s = scratch();
-        for (x, o) in x.chunks_exact(g.image_len()).zip(out.chunks_exact_mut(olen)) {
+        for (x, o) in x
+            .chunks_exact(g.image_len())
+            .zip(out.chunks_exact_mut(olen))
+        {
             image_portable(x, conv, bias, relu, o, &mut s);
         }
         results.push(out);
@@ -415,7 +431,10 @@ mod tests {
         if is_x86_feature_detected!("avx512f") {
             let mut out = vec![f32::NAN; batch * olen];
             let mut s = scratch();
-            for (x, o) in x.chunks_exact(g.image_len()).zip(out.chunks_exact_mut(olen)) {
+            for (x, o) in x
+                .chunks_exact(g.image_len())
+                .zip(out.chunks_exact_mut(olen))
+            {
                 // SAFETY: the feature was detected just above; the scratch is large enough.
                 unsafe { image_avx512(x, conv, bias, relu, o, &mut s) };
             }
