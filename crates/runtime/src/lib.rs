@@ -114,8 +114,8 @@ pub fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
 }
 
 /// The largest fraction of nonzero weights at which [`csr_pays_off`] chooses CSR (80%
-/// sparsity: at 75% the measured speed-ups of the dense layers are 0.9-1.9x, at 90%
-/// 1.8-3.8x).
+/// sparsity: at 75% the measured speed-ups of the dense layers are 0.9-2.1x, about 1x at
+/// batch 1, at 90% 2.1-3.5x).
 pub const CSR_MAX_DENSITY: f64 = 0.2;
 
 /// The shortest rows (reduction length) for which [`csr_pays_off`] chooses CSR.
