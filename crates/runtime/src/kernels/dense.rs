@@ -239,10 +239,11 @@ pub struct CsrMatrix {
     row_ptr: Vec<usize>,
     col_idx: Vec<u32>,
     values: Vec<f32>,
-    /// Where the reduction is longer than [`CSR_PANEL`]: the panel width (a multiple of 16;
-    /// else `cols`) and, panel by panel, the first entry of each row in the panel:
-    /// `panel_ptr[p * rows + i]` for row `i` and panel `p`, then the row ends (entries are
-    /// sorted by column within a row). Empty for a single panel.
+    /// Where the reduction is longer than [`CSR_PANEL`] (and the index stays small next to
+    /// the entries): the panel width (a multiple of 16; else `cols`) and, panel by panel,
+    /// the first entry of each row in the panel: `panel_ptr[p * rows + i]` for row `i` and
+    /// panel `p`, then the row ends (entries are sorted by column within a row). Empty for a
+    /// single panel.
     panel: usize,
     panel_ptr: Vec<usize>,
 }
@@ -324,10 +325,14 @@ impl CsrMatrix {
                 (col_idx[lo + i], values[lo + i]) = (c, v);
             }
         }
-        let (panel, panel_ptr) = if cols > CSR_PANEL {
-            let panels = cols.div_ceil(CSR_PANEL);
-            let panel = cols.div_ceil(panels).next_multiple_of(16);
-            let panels = cols.div_ceil(panel);
+        let panels = cols.div_ceil(CSR_PANEL);
+        let panel = cols.div_ceil(panels.max(1)).next_multiple_of(16);
+        let panels = cols.div_ceil(panel.max(1));
+        // The index is kept within a small multiple of the arrays it indexes, so that a
+        // matrix declared huge with few entries cannot make it large; without it the
+        // product runs as one panel (slower for long rows, never wrong).
+        let index_len = rows.saturating_mul(panels + 1);
+        let (panel, panel_ptr) = if cols > CSR_PANEL && index_len <= 4 * (values.len() + rows + 1) {
             let mut ptr = Vec::with_capacity(rows * (panels + 1));
             for p in 0..panels {
                 ptr.extend((0..rows).map(|r| {
@@ -996,6 +1001,9 @@ mod tests {
             let n = 7;
             let csr = CsrMatrix::from_dense(&vec![0.0; n * k], n, k);
             assert_eq!(csr.nnz(), 0);
+            // 300 columns: two empty panels per row; 1000: an index larger than the matrix
+            // justifies, so one panel.
+            assert_eq!(csr.panel_ptr.is_empty(), k != 300);
             let x = matrix(m * k, 0.0, 1);
             let bias = matrix(n, 0.0, 2);
             for isa in [None, Avx512::detect()] {
@@ -1008,6 +1016,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_panel_index_stays_small_next_to_the_entries() {
+        // A declared 2^20 x 2^20 matrix with one entry per row: no index.
+        let (rows, cols) = (1 << 20, 1 << 20);
+        let row_ptr: Vec<usize> = (0..=rows).collect();
+        let col_idx: Vec<u32> = (0..rows as u32).collect();
+        let csr = CsrMatrix::new(rows, cols, row_ptr, col_idx, vec![1.0; rows]).expect("valid");
+        assert!(csr.panel_ptr.is_empty() && csr.panel == cols);
+        // The teacher's dense layer at 90% sparsity: indexed.
+        let w = matrix(128 * 1600, 0.9, 4);
+        let csr = CsrMatrix::from_dense(&w, 128, 1600);
+        assert_eq!((csr.panel, csr.panel_ptr.len()), (240, 128 * 8));
     }
 
     #[test]

@@ -420,18 +420,20 @@ pub(crate) unsafe fn sparse_conv_accumulate<const VB: usize>(
 }
 
 /// Writes a chunk of outputs of up to 16 channels into NHWC rows: `yt` holds 16 rows (one
-/// per channel; those past `bias.len()` are read and ignored) of `ld` positions; position `l`
-/// goes to row `pixels[l]` of `out` (`n` channels per row), channels `j0..j0 + bias.len()`,
-/// plus the bias and through ReLU if asked. Positions whose pixel is `u32::MAX` are skipped.
+/// per channel; those past `bias.len()` are read and ignored) of `ld` values, of which the
+/// first `16 * vectors` positions are written; position `l` goes to the row of `out` that
+/// the `l`-th item of `pixels` names (`n` channels per row; `None`: the position is
+/// dropped), channels `j0..j0 + bias.len()`, plus the bias and through ReLU if asked.
 ///
 /// # Safety
-/// AVX-512F (the lengths are asserted here).
+/// AVX-512F (the lengths and every row are checked here).
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn sparse_conv_write(
     yt: &[f32],
     ld: usize,
-    pixels: &[u32],
+    vectors: usize,
+    mut pixels: impl Iterator<Item = Option<usize>>,
     bias: &[f32],
     relu: bool,
     out: &mut [f32],
@@ -440,23 +442,23 @@ pub(crate) unsafe fn sparse_conv_write(
 ) {
     let group = bias.len();
     assert!(group <= 16 && j0 + group <= n);
-    assert!(pixels.len().is_multiple_of(16) && pixels.len() <= ld && yt.len() >= 16 * ld);
+    assert!(16 * vectors <= ld && yt.len() >= 16 * ld);
     let mask = lanes(group);
     // SAFETY: `bias` holds the masked lanes.
     let b = unsafe { _mm512_maskz_loadu_ps(mask, bias.as_ptr()) };
     let zero = _mm512_setzero_ps();
-    for (v, pixels) in pixels.chunks_exact(16).enumerate() {
+    for v in 0..vectors {
         let mut rows = [zero; 16];
         for (jj, r) in rows.iter_mut().enumerate() {
-            // SAFETY: `jj * ld + 16 * v + 16 <= 15 * ld + pixels.len() <= 16 * ld`, inside
+            // SAFETY: `jj * ld + 16 * v + 16 <= 15 * ld + 16 * vectors <= 16 * ld`, inside
             // `yt` (asserted above).
             *r = unsafe { _mm512_loadu_ps(yt.as_ptr().add(jj * ld + 16 * v)) };
         }
-        for (&p, &y) in pixels.iter().zip(&transpose16_regs(rows)) {
-            if p == u32::MAX {
+        for &y in &transpose16_regs(rows) {
+            let Some(pixel) = pixels.next().flatten() else {
                 continue;
-            }
-            let at = p as usize * n + j0;
+            };
+            let at = pixel * n + j0;
             assert!(at + group <= out.len(), "pixel outside the output");
             let mut y = _mm512_add_ps(y, b);
             if relu {

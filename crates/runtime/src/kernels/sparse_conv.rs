@@ -46,9 +46,8 @@ pub struct SparseConv {
     /// Length of the planar image buffer: the planes, and the tail read by the positions
     /// past the last output.
     planar_len: usize,
-    /// The output pixel of each position (`vectors * 16` of them), `u32::MAX` for positions
-    /// that are not an output pixel.
-    pixel: Vec<u32>,
+    /// Positions up to the last output pixel.
+    positions: usize,
 }
 
 impl SparseConv {
@@ -92,16 +91,6 @@ impl SparseConv {
             offsets.extend(entries.iter().map(|&(o, _)| o));
             values.extend(entries.iter().map(|&(_, v)| v));
         }
-        let pixel = (0..vectors * LANES)
-            .map(|q| {
-                let (oy, ox) = (q / wp, q % wp);
-                if q < positions && ox < ow {
-                    (oy * ow + ox) as u32
-                } else {
-                    u32::MAX
-                }
-            })
-            .collect();
         Some(Self {
             geometry: g,
             outputs: w.rows(),
@@ -113,7 +102,7 @@ impl SparseConv {
             vectors,
             chunk,
             planar_len,
-            pixel,
+            positions,
         })
     }
 
@@ -130,6 +119,21 @@ impl SparseConv {
     /// Stored weights.
     pub fn nnz(&self) -> usize {
         self.values.len()
+    }
+
+    /// The output pixel of each position from `q0` on: `None` past the end of an output row
+    /// or past the last output.
+    fn pixels_from(&self, q0: usize) -> impl Iterator<Item = Option<usize>> + use<> {
+        let (wp, ow, positions) = (self.wp, self.geometry.out_width(), self.positions);
+        let (mut oy, mut ox) = (q0 / wp, q0 % wp);
+        (q0..).map(move |q| {
+            let pixel = (q < positions && ox < ow).then_some(oy * ow + ox);
+            ox += 1;
+            if ox == wp {
+                (oy, ox) = (oy + 1, 0);
+            }
+            pixel
+        })
     }
 
     /// The stored weights of output channel `j`: offsets and values.
@@ -236,11 +240,9 @@ fn image_portable(
                     }
                 }
             }
-            for (l, &pix) in conv.pixel[q0..q0 + len].iter().enumerate() {
-                if pix == u32::MAX {
-                    continue;
-                }
-                let row = &mut out[pix as usize * n + j0..][..group];
+            for (l, pixel) in conv.pixels_from(q0).take(len).enumerate() {
+                let Some(pixel) = pixel else { continue };
+                let row = &mut out[pixel * n + j0..][..group];
                 for (jj, (o, &b)) in row.iter_mut().zip(&bias[j0..]).enumerate() {
                     let v = yt[jj * CHUNK_LEN + l] + b;
                     *o = if relu { v.max(0.0) } else { v };
@@ -301,22 +303,21 @@ unsafe fn image_avx512(
                     }
                 }
             }
-            let pixels = &conv.pixel[q0..q0 + vb * LANES];
-            // SAFETY: `yt` holds 16 rows of `CHUNK_LEN`; every pixel in `pixels` other than
-            // `u32::MAX` is below `g.pixels()`, so its row of `out` holds channels
-            // `j0..j0 + group`, as `bias` does.
+            // SAFETY: `yt` holds 16 rows of `CHUNK_LEN >= 16 * vb` values; every pixel the
+            // walk gives is below `g.pixels()`, and the function checks its row of `out`.
             unsafe {
                 sparse_conv_write(
                     yt,
                     CHUNK_LEN,
-                    pixels,
+                    vb,
+                    conv.pixels_from(q0),
                     &bias[j0..j0 + group],
                     relu,
                     out,
                     n,
                     j0,
-                )
-            };
+                );
+            }
         }
     }
 }
