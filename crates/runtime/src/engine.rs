@@ -9,8 +9,9 @@ use ndarray::{Array2, ArrayView, Dimension};
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ConvGeometry, CsrMatrix, PackedF32, PackedI8, U8Matrix, csr_gemm_bias, im2col_nhwc,
+    ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias, im2col_nhwc,
     int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_packed,
+    sparse_conv_nhwc,
 };
 use crate::quant::QParams;
 
@@ -50,6 +51,8 @@ struct StaticQuant {
 enum Kernel {
     Dense(PackedF32),
     Csr(CsrMatrix),
+    /// A CSR convolution of stride 1 (not 1x1), evaluated directly on the NHWC images.
+    CsrConv(SparseConv),
     Int8 {
         packed: PackedI8,
         scales: Vec<f32>,
@@ -395,6 +398,7 @@ impl Model {
                     match &c.kernel {
                         Kernel::Dense(_) => Execution::F32,
                         Kernel::Csr(m) => Execution::Csr { nnz: m.nnz() },
+                        Kernel::CsrConv(m) => Execution::Csr { nnz: m.nnz() },
                         Kernel::Int8 { stat: None, .. } => Execution::Int8Dynamic,
                         Kernel::Int8 { stat: Some(s), .. } => Execution::Int8Static {
                             u8_output: s.output.is_some(),
@@ -542,10 +546,18 @@ fn compile_layer(
             };
             Kernel::Dense(PackedF32::new(&w, out, k))
         }
-        Weight::Csr(m) => Kernel::Csr(match &perm {
-            Some(p) => m.permute_columns(p),
-            None => m,
-        }),
+        Weight::Csr(m) => {
+            let m = match &perm {
+                Some(p) => m.permute_columns(p),
+                None => m,
+            };
+            // Convolutions of stride 1 run directly on the NHWC images, except 1x1 ones
+            // without padding, whose im2col is the image itself.
+            match conv.filter(|g| !pointwise(g)) {
+                Some(g) => SparseConv::new(&m, g).map_or(Kernel::Csr(m), Kernel::CsrConv),
+                None => Kernel::Csr(m),
+            }
+        }
         Weight::Int8 {
             values,
             scales,
@@ -589,13 +601,24 @@ fn compile_layer(
     }
 }
 
+/// Whether a convolution is 1x1 with stride 1 and no padding: its im2col matrix is the NHWC
+/// image as it is.
+fn pointwise(g: &ConvGeometry) -> bool {
+    g.kernel == 1 && g.stride == 1 && g.padding == 0
+}
+
 /// Runs one conv2d or linear layer on a batch (NHWC images in, NHWC images out).
 fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
     let rows = batch * c.conv.map_or(1, |g| g.pixels());
     let (n, k) = (c.out, c.k);
-    // A 1x1 convolution with stride 1 and no padding reads the NHWC image as it is.
-    let pointwise = |g: &ConvGeometry| g.kernel == 1 && g.stride == 1 && g.padding == 0;
     match &c.kernel {
+        Kernel::CsrConv(conv) => {
+            let x = pool.take_f32(data);
+            let mut y = pool.f32(rows * n);
+            sparse_conv_nhwc(&x, batch, conv, &c.bias, c.relu, &mut y);
+            pool.give_f32(x);
+            Data::F32(y)
+        }
         Kernel::Dense(_) | Kernel::Csr(_) => {
             let x = pool.take_f32(data);
             let cols = match c.conv {
@@ -615,7 +638,7 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 Kernel::Csr(m) => {
                     csr_gemm_bias(&cols[..rows * k], rows, m, &c.bias, c.relu, &mut y)
                 }
-                Kernel::Int8 { .. } => unreachable!(),
+                Kernel::Int8 { .. } | Kernel::CsrConv(_) => unreachable!(),
             }
             pool.give_f32(cols);
             Data::F32(y)

@@ -11,7 +11,8 @@
 //!   or scalar, chosen at run time), with activations quantized per batch (dynamic range) or, when the
 //!   artifact carries calibrated input scales, in full-integer (static) mode where activations
 //!   stay `u8` between layers;
-//! - CSR weights (pruned layers) run through a sparse-times-dense product; [`csr_pays_off`]
+//! - CSR weights (pruned layers) run through a sparse-times-dense product, and stride-1
+//!   convolutions through a direct sparse convolution on the NHWC images; [`csr_pays_off`]
 //!   tells an exporter when a pruned layer is worth storing that way.
 //!
 //! Convolutions are lowered with im2col over NHWC images: activations stay NHWC from the
@@ -81,12 +82,16 @@ pub use quant::{QParams, quantize_symmetric};
 /// entry).
 ///
 /// The speed rule comes from `cargo xtask bench sparse` on the project's layer shapes
-/// (`docs/results/sparse-2026-11-27.md`): CSR wins once at most [`CSR_MAX_DENSITY`] of the
+/// (`docs/results/sparse-2026-11-28.md`): CSR wins once at most [`CSR_MAX_DENSITY`] of the
 /// weights are nonzero, except for very short rows (`cols` below [`CSR_MIN_COLS`], such as
 /// a first convolution over one channel, 3 x 3) and very few of them (`rows` below
 /// [`CSR_MIN_ROWS`], such as a 10-class output layer), where moving activations costs more
-/// than the multiply-adds CSR saves. A convolution lowered to an im2col GEMM has
-/// `rows = out_channels` and `cols = in_channels * kernel^2`.
+/// than the multiply-adds CSR saves. A convolution has `rows = out_channels` and
+/// `cols = in_channels * kernel^2`. The density rule is the crossover of the dense layers
+/// (between 75 and 90% sparse); stride-1 convolutions, which run as a direct sparse
+/// convolution, already win from about 75%, so for them the rule is conservative, as it is
+/// for the short rows of a first convolution, which that method also runs faster than
+/// dense: such a layer is kept dense anyway (its few weights are not pruned).
 ///
 /// ```
 /// assert!(runtime::csr_pays_off(512, 784, 512 * 784 / 10)); // 90% sparse
@@ -109,7 +114,8 @@ pub fn csr_pays_off(rows: usize, cols: usize, nnz: usize) -> bool {
 }
 
 /// The largest fraction of nonzero weights at which [`csr_pays_off`] chooses CSR (80%
-/// sparsity: at 75% the measured speed-ups are 0.7-1.2x, at 90% 1.3-3x).
+/// sparsity: at 75% the measured speed-ups of the dense layers are 0.9-2.1x, about 1x at
+/// batch 1, at 90% 2.1-3.5x).
 pub const CSR_MAX_DENSITY: f64 = 0.2;
 
 /// The shortest rows (reduction length) for which [`csr_pays_off`] chooses CSR.

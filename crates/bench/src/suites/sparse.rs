@@ -2,19 +2,26 @@
 //! the project's models (the deployed teacher CNN, its convolutions as im2col GEMMs, and the
 //! MLP 784-512-512-10), at 50, 75, 90 and 95% unstructured sparsity, batch 1 and 256.
 //!
-//! Both sides are the runtime's public kernels (`runtime::kernels::csr_gemm_bias` and
-//! `sgemm_packed`, bias and ReLU fused) on the same seeded activations and weights; the
-//! weights are pruned by magnitude to the sparsity. Each repeat measures the dense product
-//! of a layer and batch, then its sparse products, alternating; the report gives medians.
-//! The "peer" of each case is the dense product, so the ratio is the speed-up CSR brings.
-//! The suite also prints, per case, what `runtime::csr_pays_off` decides.
+//! Both sides are the runtime's public kernels, run the way the engine runs them, bias and
+//! ReLU fused, on the same seeded activations and weights; the weights are pruned by
+//! magnitude to the sparsity. A linear layer is `sgemm_packed` against `csr_gemm_bias`. A
+//! convolution starts on both sides from the NHWC activations the engine holds: the dense
+//! side is `im2col_nhwc` then `sgemm_packed`, the sparse side the direct sparse convolution
+//! `sparse_conv_nhwc` (stride 1; `im2col_nhwc` then `csr_gemm_bias` otherwise), so im2col is
+//! inside the dense side's time. Each repeat measures the dense product of a layer and batch,
+//! then its sparse products, alternating; the report gives medians. The "peer" of each case
+//! is the dense product, so the ratio is the speed-up CSR brings. The suite also prints, per
+//! case, what `runtime::csr_pays_off` decides.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use anyhow::Result;
 use model_spec::{LayerSpec, NetworkSpec};
-use runtime::kernels::{CsrMatrix, PackedF32, csr_gemm_bias, sgemm_packed};
+use runtime::kernels::{
+    ConvGeometry, CsrMatrix, PackedF32, SparseConv, csr_gemm_bias, im2col_nhwc, sgemm_packed,
+    sparse_conv_nhwc,
+};
 
 use crate::peer;
 use crate::report::{BenchReport, CaseResult, Measurement, median};
@@ -25,13 +32,14 @@ const OURS: &str = "tch-mot runtime csr";
 const PEER: &str = "tch-mot runtime dense f32";
 
 /// One GEMM of a network: `pixels` rows per sample (1 for a linear layer), `n` outputs,
-/// reduction length `k`.
+/// reduction length `k`; a convolution's geometry.
 #[derive(Debug, Clone)]
 struct Layer {
     name: String,
     pixels: usize,
     n: usize,
     k: usize,
+    conv: Option<ConvGeometry>,
 }
 
 /// The conv2d and linear layers of `spec` as GEMM shapes.
@@ -47,13 +55,21 @@ fn layers(spec: &NetworkSpec) -> Vec<Layer> {
                 stride,
                 padding,
             } => {
-                h = (h + 2 * padding - kernel) / stride + 1;
-                w = (w + 2 * padding - kernel) / stride + 1;
+                let g = ConvGeometry {
+                    channels: in_channels,
+                    height: h,
+                    width: w,
+                    kernel,
+                    stride,
+                    padding,
+                };
+                (h, w) = (g.out_height(), g.out_width());
                 out.push(Layer {
                     name: format!("{} layer {i} conv", spec.name),
                     pixels: h * w,
                     n: out_channels,
-                    k: in_channels * kernel * kernel,
+                    k: g.patch_len(),
+                    conv: Some(g),
                 });
             }
             LayerSpec::MaxPool2d { kernel, stride } => {
@@ -70,6 +86,7 @@ fn layers(spec: &NetworkSpec) -> Vec<Layer> {
                     pixels: 1,
                     n: out_features,
                     k: in_features,
+                    conv: None,
                 });
             }
             _ => {}
@@ -110,6 +127,28 @@ fn prune(w: &[f32], sparsity: f64) -> Vec<f32> {
         .collect()
 }
 
+/// A pruned layer: its CSR weight, and for a stride-1 convolution the direct form.
+struct Sparse {
+    csr: CsrMatrix,
+    conv: Option<SparseConv>,
+}
+
+/// The GEMM input of a layer: a convolution's im2col rows (written into `cols`), else `x`.
+fn lower<'a>(
+    x: &'a [f32],
+    batch: usize,
+    conv: Option<&ConvGeometry>,
+    cols: &'a mut [f32],
+) -> &'a [f32] {
+    match conv {
+        Some(g) => {
+            im2col_nhwc(x, batch, g, 0.0, cols, g.patch_len());
+            cols
+        }
+        None => x,
+    }
+}
+
 /// Samples per second of `f` (which processes `batch` samples), after a warm-up call, over
 /// at least `min_seconds` and three calls.
 fn throughput(batch: usize, min_seconds: f64, mut f: impl FnMut()) -> f64 {
@@ -133,23 +172,36 @@ pub fn run(quick: bool, threads: Option<usize>) -> Result<BenchReport> {
         let w = values(n * k, 2 * index as u64 + 1);
         let bias = values(n, 7);
         let dense = PackedF32::new(&w, n, k);
-        let sparse: Vec<(f64, CsrMatrix)> = SPARSITIES
+        let sparse: Vec<(f64, Sparse)> = SPARSITIES
             .iter()
-            .map(|&s| (s, CsrMatrix::from_dense(&prune(&w, s), n, k)))
+            .map(|&s| {
+                let csr = CsrMatrix::from_dense(&prune(&w, s), n, k);
+                let conv = layer.conv.and_then(|g| SparseConv::new(&csr, g));
+                (s, Sparse { csr, conv })
+            })
             .collect();
         for batch in BATCHES {
             let m = batch * layer.pixels;
-            let x = values(m * k, 2 * index as u64 + 2);
+            // A convolution's input is the NHWC images; a linear layer's, its rows.
+            let input_len = layer.conv.map_or(m * k, |g| batch * g.image_len());
+            let x = values(input_len, 2 * index as u64 + 2);
+            let mut cols = vec![0.0f32; if layer.conv.is_some() { m * k } else { 0 }];
             let mut out = vec![0.0f32; m * n];
             let mut dense_runs = Vec::new();
             let mut sparse_runs = vec![Vec::new(); sparse.len()];
             for _ in 0..repeats {
                 dense_runs.push(throughput(batch, min_seconds, || {
-                    sgemm_packed(black_box(&x), m, &dense, &bias, true, &mut out);
+                    let a = lower(black_box(&x), batch, layer.conv.as_ref(), &mut cols);
+                    sgemm_packed(a, m, &dense, &bias, true, &mut out);
                 }));
-                for ((_, csr), runs) in sparse.iter().zip(&mut sparse_runs) {
+                for ((_, sparse), runs) in sparse.iter().zip(&mut sparse_runs) {
                     runs.push(throughput(batch, min_seconds, || {
-                        csr_gemm_bias(black_box(&x), m, csr, &bias, true, &mut out);
+                        if let Some(conv) = &sparse.conv {
+                            sparse_conv_nhwc(black_box(&x), batch, conv, &bias, true, &mut out);
+                        } else {
+                            let a = lower(black_box(&x), batch, layer.conv.as_ref(), &mut cols);
+                            csr_gemm_bias(a, m, &sparse.csr, &bias, true, &mut out);
+                        }
                     }));
                 }
             }
@@ -157,7 +209,7 @@ pub fn run(quick: bool, threads: Option<usize>) -> Result<BenchReport> {
                 engine: PEER.into(),
                 samples_per_second: median(&mut dense_runs),
             };
-            for ((sparsity, csr), mut runs) in sparse.iter().zip(sparse_runs) {
+            for ((sparsity, Sparse { csr, .. }), mut runs) in sparse.iter().zip(sparse_runs) {
                 let case = format!(
                     "{} {m}x{n}x{k} batch {batch} sparsity {:.0}%",
                     layer.name,

@@ -239,6 +239,13 @@ pub struct CsrMatrix {
     row_ptr: Vec<usize>,
     col_idx: Vec<u32>,
     values: Vec<f32>,
+    /// Where the reduction is longer than [`CSR_PANEL`] (and the index stays small next to
+    /// the entries): the panel width (a multiple of 16; else `cols`) and, panel by panel,
+    /// the first entry of each row in the panel: `panel_ptr[p * rows + i]` for row `i` and
+    /// panel `p`, then the row ends (entries are sorted by column within a row). Empty for a
+    /// single panel.
+    panel: usize,
+    panel_ptr: Vec<usize>,
 }
 
 impl CsrMatrix {
@@ -289,13 +296,64 @@ impl CsrMatrix {
                 col_idx[i]
             ));
         }
-        Ok(Self {
+        Ok(Self::indexed(rows, cols, row_ptr, col_idx, values))
+    }
+
+    /// Wraps valid CSR arrays, sorting each row by column and indexing its panels.
+    fn indexed(
+        rows: usize,
+        cols: usize,
+        row_ptr: Vec<usize>,
+        mut col_idx: Vec<u32>,
+        mut values: Vec<f32>,
+    ) -> Self {
+        let mut pairs = Vec::new();
+        for r in 0..rows {
+            let (lo, hi) = (row_ptr[r], row_ptr[r + 1]);
+            if col_idx[lo..hi].is_sorted() {
+                continue;
+            }
+            pairs.clear();
+            pairs.extend(
+                col_idx[lo..hi]
+                    .iter()
+                    .copied()
+                    .zip(values[lo..hi].iter().copied()),
+            );
+            pairs.sort_by_key(|&(c, _)| c);
+            for (i, &(c, v)) in pairs.iter().enumerate() {
+                (col_idx[lo + i], values[lo + i]) = (c, v);
+            }
+        }
+        let panels = cols.div_ceil(CSR_PANEL);
+        let panel = cols.div_ceil(panels.max(1)).next_multiple_of(16);
+        let panels = cols.div_ceil(panel.max(1));
+        // The index is kept within a small multiple of the arrays it indexes, so that a
+        // matrix declared huge with few entries cannot make it large; without it the
+        // product runs as one panel (slower for long rows, never wrong).
+        let index_len = rows.saturating_mul(panels + 1);
+        let (panel, panel_ptr) = if cols > CSR_PANEL && index_len <= 4 * (values.len() + rows + 1) {
+            let mut ptr = Vec::with_capacity(rows * (panels + 1));
+            for p in 0..panels {
+                ptr.extend((0..rows).map(|r| {
+                    let (lo, hi) = (row_ptr[r], row_ptr[r + 1]);
+                    lo + col_idx[lo..hi].partition_point(|&c| (c as usize) < p * panel)
+                }));
+            }
+            ptr.extend_from_slice(&row_ptr[1..]);
+            (panel, ptr)
+        } else {
+            (cols, Vec::new())
+        };
+        Self {
             rows,
             cols,
             row_ptr,
             col_idx,
             values,
-        })
+            panel,
+            panel_ptr,
+        }
     }
 
     /// The non-zero entries of a dense row-major `rows x cols` matrix.
@@ -318,13 +376,7 @@ impl CsrMatrix {
             row_ptr.push(values.len());
         }
         row_ptr.resize(rows + 1, 0);
-        Self {
-            rows,
-            cols,
-            row_ptr,
-            col_idx,
-            values,
-        }
+        Self::indexed(rows, cols, row_ptr, col_idx, values)
     }
 
     /// Number of rows.
@@ -368,10 +420,13 @@ impl CsrMatrix {
                 p as u32
             })
             .collect();
-        Self {
+        Self::indexed(
+            self.rows,
+            self.cols,
+            self.row_ptr.clone(),
             col_idx,
-            ..self.clone()
-        }
+            self.values.clone(),
+        )
     }
 
     /// Value of each stored entry.
@@ -395,6 +450,11 @@ impl CsrMatrix {
 /// sparse weight meets this many activations in one contiguous load.
 const CSR_BLOCK: usize = 32;
 
+/// Reduction length per panel of the batched sparse product, at most: a panel of transposed
+/// activations (`CSR_PANEL x 32` f32, 32 KiB) stays in L1 while every output's entries in
+/// it are accumulated; longer reductions are split into equal panels.
+const CSR_PANEL: usize = 256;
+
 /// Below this many rows each row is a series of sparse dot products over `x` in place.
 const CSR_DOT_MAX_ROWS: usize = 4;
 
@@ -403,6 +463,21 @@ const CSR_PARALLEL_MIN_NNZ: usize = 1 << 15;
 
 /// Output rows per task of a parallel few-row sparse product.
 const CSR_TASK_OUTPUTS: usize = 32;
+
+/// Proof that this CPU has AVX-512F: only [`Avx512::detect`] makes one, so a kernel handed
+/// `Some` may run AVX-512 code (the tests hand `None` to run the portable code).
+#[derive(Clone, Copy, Debug)]
+struct Avx512(());
+
+impl Avx512 {
+    fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            return Some(Self(()));
+        }
+        None
+    }
+}
 
 thread_local! {
     /// One block of transposed activations and one of transposed outputs, kept by each
@@ -419,6 +494,9 @@ thread_local! {
 /// the outputs are gathered transposed and written back row by row with the bias. One to
 /// three rows are sparse dot products (split over outputs across cores for large layers).
 ///
+/// Long reductions are split into panels of at most 256 columns, whose transposed block
+/// stays in L1; every output accumulates over the panels.
+///
 /// # Panics
 /// If a slice does not have the length its shape gives.
 pub fn csr_gemm_bias(
@@ -428,6 +506,19 @@ pub fn csr_gemm_bias(
     bias: &[f32],
     relu: bool,
     out: &mut [f32],
+) {
+    csr_gemm(x, m, w, bias, relu, out, Avx512::detect());
+}
+
+/// [`csr_gemm_bias`] with the AVX-512 kernels if `isa` is given, else the portable ones.
+fn csr_gemm(
+    x: &[f32],
+    m: usize,
+    w: &CsrMatrix,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+    isa: Option<Avx512>,
 ) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "x must be m x k");
@@ -444,11 +535,13 @@ pub fn csr_gemm_bias(
     if m < CSR_DOT_MAX_ROWS {
         for (x, y) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
             if w.nnz() < CSR_PARALLEL_MIN_NNZ || n < 2 * CSR_TASK_OUTPUTS {
-                csr_dots(x, w, 0, bias, relu, y);
+                csr_dots(x, w, 0, bias, relu, y, isa);
             } else {
                 y.par_chunks_mut(CSR_TASK_OUTPUTS)
                     .enumerate()
-                    .for_each(|(t, y)| csr_dots(x, w, t * CSR_TASK_OUTPUTS, bias, relu, y));
+                    .for_each(|(t, y)| {
+                        csr_dots(x, w, t * CSR_TASK_OUTPUTS, bias, relu, y, isa);
+                    });
             }
         }
         return;
@@ -456,7 +549,7 @@ pub fn csr_gemm_bias(
     let block = |x: &[f32], out: &mut [f32]| {
         let mut scratch = CSR_SCRATCH.with(std::cell::Cell::take);
         for (x, out) in x.chunks(CSR_BLOCK * k).zip(out.chunks_mut(CSR_BLOCK * n)) {
-            csr_block_dispatch(x, w, bias, relu, out, &mut scratch);
+            csr_block_dispatch(x, w, bias, relu, out, &mut scratch, isa);
         }
         CSR_SCRATCH.with(|cell| cell.set(scratch));
     };
@@ -475,13 +568,22 @@ pub fn csr_gemm_bias(
 }
 
 /// Outputs `first..first + y.len()` of one row: sparse dot products over `x`.
-fn csr_dots(x: &[f32], w: &CsrMatrix, first: usize, bias: &[f32], relu: bool, y: &mut [f32]) {
+fn csr_dots(
+    x: &[f32],
+    w: &CsrMatrix,
+    first: usize,
+    bias: &[f32],
+    relu: bool,
+    y: &mut [f32],
+    isa: Option<Avx512>,
+) {
+    let _ = isa;
     for (j, y) in (first..).zip(y.iter_mut()) {
         let (lo, hi) = (w.row_ptr[j], w.row_ptr[j + 1]);
         let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected just above; `CsrMatrix` guarantees every
+        if isa.is_some() {
+            // SAFETY: the token proves AVX-512F; `CsrMatrix` guarantees every
             // column index is below `cols`, and `x` holds `cols` values (checked by the
             // caller's shape asserts).
             let v = unsafe { super::sgemm512::sparse_dot(x, cols, vals) } + bias[j];
@@ -506,27 +608,31 @@ fn csr_dots(x: &[f32], w: &CsrMatrix, first: usize, bias: &[f32], relu: bool, y:
     }
 }
 
-/// Transposes whole 16 x 16 tiles of the `rows x k` block `x` into `xt` (`k x 32`) where
-/// the CPU has AVX-512; returns how many rows and columns that covered.
+/// Transposes whole 16 x 16 tiles of columns `c0..c0 + xt.len()` of the `rows x k` block `x`
+/// into `xt` (one row of 32 lanes per column) where the CPU has AVX-512; returns how many
+/// rows and columns that covered.
 fn transpose_tiles(
     x: &[f32],
     k: usize,
+    c0: usize,
     rows: usize,
     xt: &mut [[f32; CSR_BLOCK]],
+    isa: Option<Avx512>,
 ) -> (usize, usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        let (tr, tc) = (rows / 16 * 16, k / 16 * 16);
+    if isa.is_some() {
+        let (tr, tc) = (rows / 16 * 16, xt.len() / 16 * 16);
+        assert!(c0 + xt.len() <= k && x.len() >= rows * k && rows <= CSR_BLOCK);
         for r0 in (0..tr).step_by(16) {
-            for c0 in (0..tc).step_by(16) {
-                // SAFETY: AVX-512F was detected; rows `r0..r0 + 16` and columns
-                // `c0..c0 + 16` are inside `x` (`rows x k`) and columns `c0..c0 + 16`,
-                // lanes `r0..r0 + 16` inside `xt`.
+            for c in (0..tc).step_by(16) {
+                // SAFETY: the token proves AVX-512F; rows `r0..r0 + 16` and columns
+                // `c0 + c..c0 + c + 16` are inside `x` (`rows x k`), and columns
+                // `c..c + 16`, lanes `r0..r0 + 16` inside `xt` (asserted above).
                 unsafe {
                     super::sgemm512::transpose16(
-                        x.as_ptr().add(r0 * k + c0),
+                        x.as_ptr().add(r0 * k + c0 + c),
                         k,
-                        xt.as_mut_ptr().add(c0).cast::<f32>().add(r0),
+                        xt.as_mut_ptr().add(c).cast::<f32>().add(r0),
                         CSR_BLOCK,
                     )
                 };
@@ -534,7 +640,7 @@ fn transpose_tiles(
         }
         return (tr, tc);
     }
-    let _ = (x, k, rows, xt);
+    let _ = (x, k, c0, rows, xt, isa);
     (0, 0)
 }
 
@@ -546,14 +652,15 @@ fn csr_block_dispatch(
     relu: bool,
     out: &mut [f32],
     scratch: &mut (Vec<f32>, Vec<f32>),
+    isa: Option<Avx512>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: the feature was detected just above.
-        unsafe { csr_block_avx512(x, w, bias, relu, out, scratch) };
+    if isa.is_some() {
+        // SAFETY: the token proves AVX-512F.
+        unsafe { csr_block_avx512(x, w, bias, relu, out, scratch, isa) };
         return;
     }
-    csr_block(x, w, bias, relu, out, scratch);
+    csr_block(x, w, bias, relu, out, scratch, isa);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -565,12 +672,26 @@ fn csr_block_avx512(
     relu: bool,
     out: &mut [f32],
     scratch: &mut (Vec<f32>, Vec<f32>),
+    isa: Option<Avx512>,
 ) {
-    csr_block(x, w, bias, relu, out, scratch);
+    csr_block(x, w, bias, relu, out, scratch, isa);
 }
 
-/// Up to [`CSR_BLOCK`] rows: transposes `x` into `k x 32`, accumulates every output over its
-/// stored weights 32 rows at a time, and writes the rows of `out` with the bias.
+/// `len` values of `v` starting on a 64-byte boundary (`v` grows as needed; stale contents
+/// are kept): a row of a transposed block is then two whole cache lines, and no load
+/// straddles two.
+fn aligned(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    const LINE: usize = 16;
+    if v.len() < len + LINE {
+        v.resize(len + LINE, 0.0);
+    }
+    let skip = v.as_ptr().align_offset(64).min(LINE - 1);
+    &mut v[skip..skip + len]
+}
+
+/// Up to [`CSR_BLOCK`] rows: for each panel of the reduction, transposes its columns of `x`
+/// into `panel x 32` and accumulates every output over its stored weights in the panel, 32
+/// rows at a time; then writes the rows of `out` with the bias.
 #[inline(always)]
 fn csr_block(
     x: &[f32],
@@ -579,44 +700,56 @@ fn csr_block(
     relu: bool,
     out: &mut [f32],
     (xt, yt): &mut (Vec<f32>, Vec<f32>),
+    isa: Option<Avx512>,
 ) {
     let (n, k) = (w.rows, w.cols);
     let rows = x.len() / k;
+    let panels = k.div_ceil(w.panel);
     // Stale contents are fine: every used entry is written below, and the lanes of missing
     // rows only reach outputs that are never written back.
-    xt.resize(k * CSR_BLOCK, 0.0);
-    yt.resize(n * CSR_BLOCK, 0.0);
-    let xt: &mut [[f32; CSR_BLOCK]] = &mut xt.as_chunks_mut().0[..k];
-    let (done_rows, done_cols) = transpose_tiles(x, k, rows, xt);
-    // The rest column by column: contiguous writes, each row's cache line serves 16 columns.
-    for (c, column) in xt.iter_mut().enumerate() {
-        let from = if c < done_cols { done_rows } else { 0 };
-        for (r, v) in column.iter_mut().enumerate().take(rows).skip(from) {
-            *v = x[r * k + c];
-        }
-    }
-    let xt: &[[f32; CSR_BLOCK]] = xt;
-    let yt: &mut [[f32; CSR_BLOCK]] = yt.as_chunks_mut().0;
-    for (j, y) in yt.iter_mut().enumerate() {
-        let (lo, hi) = (w.row_ptr[j], w.row_ptr[j + 1]);
-        let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected just above; every column index is below `k`,
-            // the number of transposed columns in `xt`.
-            unsafe { super::sgemm512::sparse_block_row(xt, cols, vals, y) };
-            continue;
-        }
-        let mut acc = [0.0f32; CSR_BLOCK];
-        for (&c, &v) in cols.iter().zip(vals) {
-            let column = &xt[c as usize];
-            for i in 0..CSR_BLOCK {
-                acc[i] += v * column[i];
+    let xt = aligned(xt, w.panel * CSR_BLOCK);
+    let yt: &mut [[f32; CSR_BLOCK]] = &mut aligned(yt, n * CSR_BLOCK).as_chunks_mut().0[..n];
+    for p in 0..panels {
+        let c0 = p * w.panel;
+        let xt: &mut [[f32; CSR_BLOCK]] = &mut xt.as_chunks_mut().0[..w.panel.min(k - c0)];
+        let (done_rows, done_cols) = transpose_tiles(x, k, c0, rows, xt, isa);
+        // The rest column by column: contiguous writes, each row's cache line serves 16
+        // columns.
+        for (c, column) in xt.iter_mut().enumerate() {
+            let from = if c < done_cols { done_rows } else { 0 };
+            for (r, v) in column.iter_mut().enumerate().take(rows).skip(from) {
+                *v = x[r * k + c0 + c];
             }
         }
-        *y = acc;
+        let xt: &[[f32; CSR_BLOCK]] = xt;
+        let accumulate = p > 0;
+        for (j, y) in yt.iter_mut().enumerate() {
+            let (lo, hi) = if panels == 1 {
+                (w.row_ptr[j], w.row_ptr[j + 1])
+            } else {
+                (w.panel_ptr[p * n + j], w.panel_ptr[(p + 1) * n + j])
+            };
+            let (cols, vals) = (&w.col_idx[lo..hi], &w.values[lo..hi]);
+            #[cfg(target_arch = "x86_64")]
+            if isa.is_some() {
+                // SAFETY: the token proves AVX-512F; the entries of panel `p` have
+                // columns `c0..c0 + xt.len()`, the columns transposed into `xt`.
+                unsafe {
+                    super::sgemm512::sparse_block_row(xt, c0 as u32, cols, vals, accumulate, y)
+                };
+                continue;
+            }
+            let mut acc = if accumulate { *y } else { [0.0f32; CSR_BLOCK] };
+            for (&c, &v) in cols.iter().zip(vals) {
+                let column = &xt[c as usize - c0];
+                for i in 0..CSR_BLOCK {
+                    acc[i] += v * column[i];
+                }
+            }
+            *y = acc;
+        }
     }
-    let (done_rows, done_cols) = transpose_back(yt, n, rows, out);
+    let (done_rows, done_cols) = transpose_back(yt, n, rows, out, isa);
     for (r, row) in out.chunks_exact_mut(n).take(rows).enumerate() {
         let from = if r < done_rows { done_cols } else { 0 };
         for (j, o) in row.iter_mut().enumerate().skip(from) {
@@ -633,14 +766,15 @@ fn transpose_back(
     n: usize,
     rows: usize,
     out: &mut [f32],
+    isa: Option<Avx512>,
 ) -> (usize, usize) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
+    if isa.is_some() {
         let (tr, tc) = (rows / 16 * 16, n / 16 * 16);
         assert!(yt.len() >= n && out.len() >= rows * n);
         for r0 in (0..tr).step_by(16) {
             for c0 in (0..tc).step_by(16) {
-                // SAFETY: AVX-512F was detected; outputs `c0..c0 + 16`, lanes
+                // SAFETY: the token proves AVX-512F; outputs `c0..c0 + 16`, lanes
                 // `r0..r0 + 16` are inside `yt`, rows `r0..r0 + 16` and columns
                 // `c0..c0 + 16` inside `out` (asserted above).
                 unsafe {
@@ -655,7 +789,7 @@ fn transpose_back(
         }
         return (tr, tc);
     }
-    let _ = (yt, n, rows, out);
+    let _ = (yt, n, rows, out, isa);
     (0, 0)
 }
 
@@ -750,15 +884,22 @@ mod tests {
         }
 
         #[test]
-        fn csr_matches_the_dense_reference(m in 1usize..80, n in 1usize..40, k in 1usize..130, sparsity in 0.0f64..1.0, seed in any::<u64>(), relu in any::<bool>()) {
+        fn csr_matches_the_dense_reference(m in 1usize..80, n in 1usize..40, k in 1usize..700, sparsity in 0.0f64..1.0, seed in any::<u64>(), relu in any::<bool>()) {
             let x = matrix(m * k, 0.0, seed);
             let w = matrix(n * k, sparsity, !seed);
             let bias = matrix(n, 0.0, seed ^ 5);
             let csr = CsrMatrix::from_dense(&w, n, k);
             prop_assert_eq!(csr.to_dense(), w.clone());
-            let mut out = vec![0.0; m * n];
-            csr_gemm_bias(&x, m, &csr, &bias, relu, &mut out);
             let (e, mag) = reference(&x, m, k, &w, &bias, relu);
+            // The portable kernels, the AVX-512 ones where the CPU has them, and the entry
+            // point.
+            for isa in [None, Avx512::detect()] {
+                let mut out = vec![f32::NAN; m * n];
+                csr_gemm(&x, m, &csr, &bias, relu, &mut out, isa);
+                close(&out, &e, &mag, k)?;
+            }
+            let mut out = vec![f32::NAN; m * n];
+            csr_gemm_bias(&x, m, &csr, &bias, relu, &mut out);
             close(&out, &e, &mag, k)?;
         }
     }
@@ -816,6 +957,79 @@ mod tests {
                 assert_eq!(dense[r * 5 + p], w[r * 5 + c]);
             }
         }
+    }
+
+    #[test]
+    fn panels_split_long_rows_and_keep_unsorted_entries_equal() {
+        // Rows that end before the last panel, rows in one panel only, empty rows and a
+        // row whose entries arrive unsorted.
+        let (n, k) = (6, 3 * CSR_PANEL + 37);
+        let mut w = vec![0.0f32; n * k];
+        w[..40].fill(1.5); // row 0: the first panel only
+        w[k + k - 5..2 * k].fill(-2.0); // row 1: the last panel only
+        for c in (0..k).step_by(7) {
+            w[3 * k + c] = c as f32 / 100.0; // row 3: every panel; rows 2 and 5 empty
+        }
+        w[4 * k + CSR_PANEL] = 3.0;
+        w[4 * k + 1] = -1.0;
+        let sorted = CsrMatrix::from_dense(&w, n, k);
+        assert!(sorted.panel < k && sorted.panel.is_multiple_of(16) && sorted.panel <= CSR_PANEL);
+        assert_eq!(sorted.panel_ptr.len(), n * (k.div_ceil(sorted.panel) + 1));
+        let (lo, hi) = (sorted.row_ptr[4], sorted.row_ptr[5]);
+        let mut col_idx = sorted.col_idx.clone();
+        let mut values = sorted.values.clone();
+        col_idx[lo..hi].reverse();
+        values[lo..hi].reverse();
+        let unsorted =
+            CsrMatrix::new(n, k, sorted.row_ptr.clone(), col_idx, values).expect("valid");
+        assert_eq!(unsorted, sorted);
+        let bias = matrix(n, 0.0, 3);
+        for m in [4, 31, 33, 70] {
+            let x = matrix(m * k, 0.0, m as u64);
+            let (e, mag) = reference(&x, m, k, &w, &bias, false);
+            for isa in [None, Avx512::detect()] {
+                let mut out = vec![f32::NAN; m * n];
+                csr_gemm(&x, m, &sorted, &bias, false, &mut out, isa);
+                close(&out, &e, &mag, k).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_weights_give_the_bias() {
+        for (m, k) in [(1, 5), (5, 300), (40, 1000)] {
+            let n = 7;
+            let csr = CsrMatrix::from_dense(&vec![0.0; n * k], n, k);
+            assert_eq!(csr.nnz(), 0);
+            // 300 columns: two empty panels per row; 1000: an index larger than the matrix
+            // justifies, so one panel.
+            assert_eq!(csr.panel_ptr.is_empty(), k != 300);
+            let x = matrix(m * k, 0.0, 1);
+            let bias = matrix(n, 0.0, 2);
+            for isa in [None, Avx512::detect()] {
+                let mut out = vec![f32::NAN; m * n];
+                csr_gemm(&x, m, &csr, &bias, true, &mut out, isa);
+                for row in out.chunks(n) {
+                    for (o, b) in row.iter().zip(&bias) {
+                        assert_eq!(*o, b.max(0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_panel_index_stays_small_next_to_the_entries() {
+        // A declared 2^20 x 2^20 matrix with one entry per row: no index.
+        let (rows, cols) = (1 << 20, 1 << 20);
+        let row_ptr: Vec<usize> = (0..=rows).collect();
+        let col_idx: Vec<u32> = (0..rows as u32).collect();
+        let csr = CsrMatrix::new(rows, cols, row_ptr, col_idx, vec![1.0; rows]).expect("valid");
+        assert!(csr.panel_ptr.is_empty() && csr.panel == cols);
+        // The teacher's dense layer at 90% sparsity: indexed.
+        let w = matrix(128 * 1600, 0.9, 4);
+        let csr = CsrMatrix::from_dense(&w, 128, 1600);
+        assert_eq!((csr.panel, csr.panel_ptr.len()), (240, 128 * 8));
     }
 
     #[test]

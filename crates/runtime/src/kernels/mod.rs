@@ -11,6 +11,10 @@
 //! load time, with the bias and ReLU fused into its stores; without AVX-512 it is
 //! `matrixmultiply::sgemm` followed by a bias and ReLU pass; one to three rows are dot
 //! products over the weights in place.
+//!
+//! Sparse (CSR) weights: [`csr_gemm_bias`] transposes blocks of 32 rows (in panels of at
+//! most 256 columns) and spends one broadcast and two 16-wide multiply-adds per stored
+//! weight; [`sparse_conv_nhwc`] runs a stride-1 convolution directly on NHWC images.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -22,9 +26,11 @@ mod dense;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod sgemm512;
+mod sparse_conv;
 mod spatial;
 
 pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, sgemm_bias, sgemm_packed};
+pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{ConvGeometry, im2col, im2col_nhwc, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw};
 
 use rayon::prelude::*;

@@ -14,6 +14,8 @@ use std::arch::x86_64::{
     _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps,
 };
 
+use super::ConvGeometry;
+
 /// Columns per panel.
 pub(crate) const NR: usize = 32;
 /// Rows per micro-tile.
@@ -183,52 +185,53 @@ pub(crate) unsafe fn gemm(
     }
 }
 
-/// `y[i] = sum_e vals[e] * xt[cols[e]][i]` for the 32 lanes of a transposed row block, with
-/// four independent pairs of accumulators.
+/// `y[i] (+)= sum_e vals[e] * xt[cols[e] - base][i]` for the 32 lanes of a transposed row
+/// block (added to `y` if `accumulate`), with two independent pairs of accumulators.
 ///
 /// # Safety
-/// AVX-512F; every index in `cols` must be below `xt.len()`.
+/// AVX-512F; every index in `cols` must be in `base..base + xt.len()`.
 #[target_feature(enable = "avx512f")]
+#[inline]
 pub(crate) unsafe fn sparse_block_row(
     xt: &[[f32; 32]],
+    base: u32,
     cols: &[u32],
     vals: &[f32],
+    accumulate: bool,
     y: &mut [f32; 32],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-    let (cc, vc) = (cols.as_chunks::<4>(), vals.as_chunks::<4>());
-    let base = xt.as_ptr().cast::<f32>();
-    for (c, v) in cc.0.iter().zip(vc.0) {
-        for u in 0..4 {
-            let vb = _mm512_set1_ps(v[u]);
-            // SAFETY: `c[u]` is a valid row of `xt` (32 values).
-            let p = unsafe { base.add(c[u] as usize * 32) };
-            // SAFETY: as above.
-            let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
-            acc[u][0] = _mm512_fmadd_ps(vb, lo, acc[u][0]);
-            acc[u][1] = _mm512_fmadd_ps(vb, hi, acc[u][1]);
+    let mut acc = [[_mm512_setzero_ps(); 2]; 2];
+    if accumulate {
+        // SAFETY: `y` holds 32 values.
+        unsafe {
+            acc[0] = [
+                _mm512_loadu_ps(y.as_ptr()),
+                _mm512_loadu_ps(y.as_ptr().add(16)),
+            ];
         }
     }
-    for (&c, &v) in cc.1.iter().zip(vc.1) {
+    let base = xt.as_ptr().cast::<f32>().wrapping_sub(base as usize * 32);
+    let step = |acc: &mut [__m512; 2], c: u32, v: f32| {
         let vb = _mm512_set1_ps(v);
-        // SAFETY: as above.
-        let p = unsafe { base.add(c as usize * 32) };
+        // `c - base` is a valid row of `xt` (32 values).
+        let p = base.wrapping_add(c as usize * 32);
         // SAFETY: as above.
         let (lo, hi) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
-        acc[0][0] = _mm512_fmadd_ps(vb, lo, acc[0][0]);
-        acc[0][1] = _mm512_fmadd_ps(vb, hi, acc[0][1]);
-    }
-    let sum = |h: usize| {
-        _mm512_add_ps(
-            _mm512_add_ps(acc[0][h], acc[1][h]),
-            _mm512_add_ps(acc[2][h], acc[3][h]),
-        )
+        acc[0] = _mm512_fmadd_ps(vb, lo, acc[0]);
+        acc[1] = _mm512_fmadd_ps(vb, hi, acc[1]);
     };
-    let (lo, hi) = (sum(0), sum(1));
+    let (cc, vc) = (cols.as_chunks::<2>(), vals.as_chunks::<2>());
+    for (c, v) in cc.0.iter().zip(vc.0) {
+        step(&mut acc[0], c[0], v[0]);
+        step(&mut acc[1], c[1], v[1]);
+    }
+    for (&c, &v) in cc.1.iter().zip(vc.1) {
+        step(&mut acc[0], c, v);
+    }
     // SAFETY: `y` holds 32 values.
     unsafe {
-        _mm512_storeu_ps(y.as_mut_ptr(), lo);
-        _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
+        _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(acc[0][0], acc[1][0]));
+        _mm512_storeu_ps(y.as_mut_ptr().add(16), _mm512_add_ps(acc[0][1], acc[1][1]));
     }
 }
 
@@ -271,6 +274,16 @@ pub(crate) unsafe fn transpose16(src: *const f32, lda: usize, dst: *mut f32, lds
         // SAFETY: row `i` of the block is readable.
         *v = unsafe { _mm512_loadu_ps(src.add(i * lda)) };
     }
+    for (j, &v) in transpose16_regs(r).iter().enumerate() {
+        // SAFETY: row `j` of the destination block is writable.
+        unsafe { _mm512_storeu_ps(dst.add(j * lds), v) };
+    }
+}
+
+/// The transpose of a 16 x 16 block held in registers: lane `i` of result `j` is lane `j`
+/// of input `i`.
+#[target_feature(enable = "avx512f")]
+pub(crate) fn transpose16_regs(mut r: [__m512; 16]) -> [__m512; 16] {
     let mut t = [_mm512_setzero_ps(); 16];
     for i in 0..8 {
         t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -293,9 +306,167 @@ pub(crate) unsafe fn transpose16(src: *const f32, lda: usize, dst: *mut f32, lds
         r[i] = _mm512_shuffle_f32x4::<0x88>(t[i], t[i + 8]);
         r[i + 8] = _mm512_shuffle_f32x4::<0xdd>(t[i], t[i + 8]);
     }
-    for (j, &v) in r.iter().enumerate() {
-        // SAFETY: row `j` of the destination block is writable.
-        unsafe { _mm512_storeu_ps(dst.add(j * lds), v) };
+    r
+}
+
+/// The mask of the first `len` lanes (all 16 from 16 on).
+fn lanes(len: usize) -> __mmask16 {
+    if len >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << len) - 1
+    }
+}
+
+/// Transposes one NHWC image (`height x width x channels`) into zero-padded planes of
+/// `plane` values, rows of `wp`: `planar[c * plane + (y + p) * wp + x + p]` gets channel `c`
+/// of pixel `(y, x)`, the padding gets zeros.
+///
+/// # Safety
+/// AVX-512F (the lengths are asserted here).
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sparse_conv_planes(
+    x: &[f32],
+    g: &ConvGeometry,
+    wp: usize,
+    plane: usize,
+    planar: &mut [f32],
+) {
+    let (c, h, w, p) = (g.channels, g.height, g.width, g.padding);
+    assert!(x.len() >= h * w * c && planar.len() >= c * plane);
+    assert!(wp == w + 2 * p && plane >= (h + 2 * p) * wp);
+    if p > 0 {
+        planar[..c * plane].fill(0.0);
+    }
+    // Without padding the image is one run of `h * w` pixels, with it one run per row.
+    let (runs, run) = if p == 0 { (1, h * w) } else { (h, w) };
+    for r in 0..runs {
+        let (src, dst) = if p == 0 {
+            (0, 0)
+        } else {
+            (r * w, (r + p) * wp + p)
+        };
+        for x0 in (0..run).step_by(16) {
+            let count = (run - x0).min(16);
+            for c0 in (0..c).step_by(16) {
+                let cc = (c - c0).min(16);
+                let mut rows = [_mm512_setzero_ps(); 16];
+                for (i, v) in rows.iter_mut().enumerate().take(count) {
+                    // SAFETY: pixel `src + x0 + i` is below `h * w`, and channels
+                    // `c0..c0 + cc` of it are inside `x` (asserted above).
+                    *v = unsafe {
+                        _mm512_maskz_loadu_ps(lanes(cc), x.as_ptr().add((src + x0 + i) * c + c0))
+                    };
+                }
+                for (jj, &v) in transpose16_regs(rows).iter().enumerate().take(cc) {
+                    // SAFETY: positions `dst + x0..dst + x0 + count` are inside plane
+                    // `c0 + jj` (`dst + run <= plane`), which is inside `planar`.
+                    unsafe {
+                        _mm512_mask_storeu_ps(
+                            planar.as_mut_ptr().add((c0 + jj) * plane + dst + x0),
+                            lanes(count),
+                            v,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y[q] = sum_e values[e] * src[offsets[e] + q]` for the `16 * VB` positions `q`.
+///
+/// # Safety
+/// AVX-512F; `src` readable at `offsets[e] + q` for every entry `e` and position `q`; `y`
+/// writable for `16 * VB` values.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn sparse_conv_accumulate<const VB: usize>(
+    src: *const f32,
+    offsets: &[u32],
+    values: &[f32],
+    y: *mut f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); VB]; 2];
+    let step = |acc: &mut [__m512; VB], o: u32, v: f32| {
+        let w = _mm512_set1_ps(v);
+        // SAFETY: the caller vouches for `o + q` over the chunk's positions.
+        let s = unsafe { src.add(o as usize) };
+        for (i, a) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            *a = _mm512_fmadd_ps(w, unsafe { _mm512_loadu_ps(s.add(16 * i)) }, *a);
+        }
+    };
+    let len = offsets.len().min(values.len());
+    let (offsets, values) = (&offsets[..len], &values[..len]);
+    if VB <= 4 {
+        // Two sets of accumulators: a few chains alone would wait on the multiply-add latency.
+        let (oc, vc) = (offsets.as_chunks::<2>(), values.as_chunks::<2>());
+        for (o, v) in oc.0.iter().zip(vc.0) {
+            step(&mut acc[0], o[0], v[0]);
+            step(&mut acc[1], o[1], v[1]);
+        }
+        for (&o, &v) in oc.1.iter().zip(vc.1) {
+            step(&mut acc[0], o, v);
+        }
+    } else {
+        for (&o, &v) in offsets.iter().zip(values) {
+            step(&mut acc[0], o, v);
+        }
+    }
+    for (i, (&a, &b)) in acc[0].iter().zip(&acc[1]).enumerate() {
+        // SAFETY: `y` is writable for `16 * VB` values.
+        unsafe { _mm512_storeu_ps(y.add(16 * i), _mm512_add_ps(a, b)) };
+    }
+}
+
+/// Writes a chunk of outputs of up to 16 channels into NHWC rows: `yt` holds 16 rows (one
+/// per channel; those past `bias.len()` are read and ignored) of `ld` values, of which the
+/// first `16 * vectors` positions are written; position `l` goes to the row of `out` that
+/// the `l`-th item of `pixels` names (`n` channels per row; `None`: the position is
+/// dropped), channels `j0..j0 + bias.len()`, plus the bias and through ReLU if asked.
+///
+/// # Safety
+/// AVX-512F (the lengths and every row are checked here).
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn sparse_conv_write(
+    yt: &[f32],
+    ld: usize,
+    vectors: usize,
+    mut pixels: impl Iterator<Item = Option<usize>>,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+    n: usize,
+    j0: usize,
+) {
+    let group = bias.len();
+    assert!(group <= 16 && j0 + group <= n);
+    assert!(16 * vectors <= ld && yt.len() >= 16 * ld);
+    let mask = lanes(group);
+    // SAFETY: `bias` holds the masked lanes.
+    let b = unsafe { _mm512_maskz_loadu_ps(mask, bias.as_ptr()) };
+    let zero = _mm512_setzero_ps();
+    for v in 0..vectors {
+        let mut rows = [zero; 16];
+        for (jj, r) in rows.iter_mut().enumerate() {
+            // SAFETY: `jj * ld + 16 * v + 16 <= 15 * ld + 16 * vectors <= 16 * ld`, inside
+            // `yt` (asserted above).
+            *r = unsafe { _mm512_loadu_ps(yt.as_ptr().add(jj * ld + 16 * v)) };
+        }
+        for &y in &transpose16_regs(rows) {
+            let Some(pixel) = pixels.next().flatten() else {
+                continue;
+            };
+            let at = pixel * n + j0;
+            assert!(at + group <= out.len(), "pixel outside the output");
+            let mut y = _mm512_add_ps(y, b);
+            if relu {
+                y = _mm512_max_ps(y, zero);
+            }
+            // SAFETY: the masked lanes `at..at + group` are inside `out` (asserted above).
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), mask, y) };
+        }
     }
 }
 

@@ -92,6 +92,15 @@ fn padded_strided_convolutions_match_the_reference() {
         .run(x.view())
         .unwrap();
     assert!(relative_error(&f32_out, &expected) <= MAX_F32_RELATIVE_ERROR);
+    // CSR: the strided convolution through im2col, the padded one directly.
+    let csr = load(&artifact(&spec, &p, |_| Store::Csr));
+    assert!(
+        csr.execution()
+            .iter()
+            .all(|(_, e)| matches!(e, Execution::Csr { .. }))
+    );
+    let csr_out = csr.run(x.view()).unwrap();
+    assert!(relative_error(&csr_out, &expected) <= MAX_F32_RELATIVE_ERROR);
     for g in [Granularity::PerChannel, Granularity::PerTensor] {
         let int8 = load(&artifact(&spec, &p, |_| Store::Int8(g)))
             .run(x.view())
@@ -443,6 +452,10 @@ fn image_outputs_come_back_in_pytorch_order() {
             .run(x.view())
             .unwrap();
         assert!(relative_error(&got, &expected) <= MAX_F32_RELATIVE_ERROR);
+        let csr = load(&artifact(&spec, &p, |_| Store::Csr))
+            .run(x.view())
+            .unwrap();
+        assert!(relative_error(&csr, &expected) <= MAX_F32_RELATIVE_ERROR);
         let int8 = load(&artifact(&spec, &p, |_| {
             Store::Int8(Granularity::PerChannel)
         }))
