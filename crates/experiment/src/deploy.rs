@@ -90,6 +90,23 @@ pub fn runtime_row(
     }
 }
 
+/// Parameters (weights and biases) that are not exactly zero.
+pub fn nonzero(params: &[models::export::DeployedParameter]) -> usize {
+    params
+        .iter()
+        .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
+        .sum()
+}
+
+/// Weights (not biases) that are exactly zero: what pruning set.
+pub fn weight_zeros(params: &[models::export::DeployedParameter]) -> usize {
+    params
+        .iter()
+        .filter(|p| p.name.ends_with(".weight"))
+        .map(|p| p.data.iter().filter(|&&w| w == 0.0).count())
+        .sum()
+}
+
 /// The test set as the runtime takes it: normalised images (N, 1, H, W) and labels.
 #[derive(Debug)]
 pub struct RuntimeTest {

@@ -271,7 +271,13 @@ impl ArtifactBuilder {
             shape,
             values.iter().map(|&v| v as u8).collect(),
         )?;
-        let aux = [groups];
+        self.put_groups(name, scales, zero_points)?;
+        Ok(self)
+    }
+
+    /// The `name.scale` and `name.zero_point` tensors of an int8 weight.
+    fn put_groups(&mut self, name: &str, scales: &[f32], zero_points: &[i8]) -> Result<()> {
+        let aux = [scales.len()];
         self.put(
             &format!("{name}.scale"),
             Dtype::F32,
@@ -279,8 +285,7 @@ impl ArtifactBuilder {
             le_bytes(scales, f32::to_le_bytes),
         )?;
         let zp = zero_points.iter().map(|&v| v as u8).collect();
-        self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)?;
-        Ok(self)
+        self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)
     }
 
     /// Adds int8 codes like [`ArtifactBuilder::add_int8_per_channel`] (per channel) or
@@ -317,15 +322,7 @@ impl ArtifactBuilder {
         self.describe(name, Scheme::Int8Sparse { granularity })?;
         self.put(&format!("{name}.mask"), Dtype::U8, &[mask.len()], mask)?;
         self.put(&format!("{name}.values"), Dtype::I8, &[kept.len()], kept)?;
-        let aux = [groups];
-        self.put(
-            &format!("{name}.scale"),
-            Dtype::F32,
-            &aux,
-            le_bytes(scales, f32::to_le_bytes),
-        )?;
-        let zp = zero_points.iter().map(|&v| v as u8).collect();
-        self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)?;
+        self.put_groups(name, scales, zero_points)?;
         Ok(self)
     }
 
@@ -339,13 +336,7 @@ impl ArtifactBuilder {
         shape: &[usize],
         granularity: Granularity,
     ) -> Result<&mut Self> {
-        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
-        let rows = shape.first().copied().unwrap_or(1);
-        if rows == 0 {
-            return Err(builder_error(format!("`{name}` has no output channels")));
-        }
-        let per_channel = granularity == Granularity::PerChannel;
-        let (codes, scales) = quantize_symmetric(data, rows, per_channel);
+        let (codes, scales) = Self::quantized(name, data, shape, granularity)?;
         let zero_points = vec![0i8; scales.len()];
         let nonzero = codes.iter().filter(|&&c| c != 0).count();
         if codes.len().div_ceil(8) + nonzero < codes.len() {
@@ -364,6 +355,22 @@ impl ArtifactBuilder {
         }
     }
 
+    /// Symmetric int8 codes and scales of `data` (shape `shape`), per group.
+    fn quantized(
+        name: &str,
+        data: &[f32],
+        shape: &[usize],
+        granularity: Granularity,
+    ) -> Result<(Vec<i8>, Vec<f32>)> {
+        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
+        let rows = shape.first().copied().unwrap_or(1);
+        if rows == 0 {
+            return Err(builder_error(format!("`{name}` has no output channels")));
+        }
+        let per_channel = granularity == Granularity::PerChannel;
+        Ok(quantize_symmetric(data, rows, per_channel))
+    }
+
     /// Quantizes f32 weights symmetrically (codes in `-127..=127`, zero point 0, scale
     /// `max |w| / 127` per group) and adds them as int8.
     pub fn add_int8_quantized(
@@ -373,13 +380,7 @@ impl ArtifactBuilder {
         shape: &[usize],
         granularity: Granularity,
     ) -> Result<&mut Self> {
-        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
-        let rows = shape.first().copied().unwrap_or(1);
-        if rows == 0 {
-            return Err(builder_error(format!("`{name}` has no output channels")));
-        }
-        let per_channel = granularity == Granularity::PerChannel;
-        let (codes, scales) = quantize_symmetric(data, rows, per_channel);
+        let (codes, scales) = Self::quantized(name, data, shape, granularity)?;
         let zero_points = vec![0i8; scales.len()];
         let groups = scales.len();
         self.add_int8(

@@ -220,7 +220,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     )?;
     let layers = pruner.strip();
     let pruned_params = export::deployed_parameters(&pruned, &pruned_vs)?;
-    let zeros = weight_zeros(&pruned_params);
+    let zeros = deploy::weight_zeros(&pruned_params);
     let (builder, storage) = super::pruning::sparse_artifact(&deployed_spec, &pruned_params)?;
     let pruned_f32 = deploy::deploy(&builder, &file("distilled_pruned_float32"), test)?;
     let mut row = pipeline_row(
@@ -280,7 +280,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     )?;
     let fake_quant = train::evaluate(&pruned, tests.libtorch());
     let qat_params = export::deployed_parameters(&pruned, &pruned_vs)?;
-    let qat_zeros = weight_zeros(&qat_params);
+    let qat_zeros = deploy::weight_zeros(&qat_params);
     if qat_zeros < zeros {
         bail!("quantization-aware training lost pruned weights: {qat_zeros} zeros of {zeros}");
     }
@@ -343,14 +343,6 @@ struct Reference {
     samples_per_second: f64,
 }
 
-fn weight_zeros(params: &[DeployedParameter]) -> usize {
-    params
-        .iter()
-        .filter(|p| p.name.ends_with(".weight"))
-        .map(|p| p.data.iter().filter(|&&w| w == 0.0).count())
-        .sum()
-}
-
 fn pipeline_row(
     model: &str,
     variant: &str,
@@ -368,12 +360,7 @@ fn pipeline_row(
         d,
         extra,
     );
-    row.nonzero_params = Some(
-        params
-            .iter()
-            .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
-            .sum(),
-    );
+    row.nonzero_params = Some(deploy::nonzero(params));
     let extra = &mut row.extra;
     extra.insert(
         "accuracy_delta_vs_teacher_pp".into(),

@@ -219,15 +219,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             &file(&int8_variant),
             test,
         )?;
-        let zeros: usize = pruned_params
-            .iter()
-            .filter(|p| p.name.ends_with(".weight"))
-            .map(|p| p.data.iter().filter(|&&w| w == 0.0).count())
-            .sum();
-        let nonzero: usize = pruned_params
-            .iter()
-            .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
-            .sum();
+        let zeros = deploy::weight_zeros(&pruned_params);
+        let nonzero = deploy::nonzero(&pruned_params);
         ctx.progress.info(&format!(
             "{}: {:.2}% of weights zero, {:.2}% test accuracy ({:.2}% with int8 weights)",
             target.variant,
@@ -334,12 +327,7 @@ fn pruning_row(
         d,
         extra,
     );
-    row.nonzero_params = Some(
-        params
-            .iter()
-            .map(|p| p.data.iter().filter(|&&w| w != 0.0).count())
-            .sum(),
-    );
+    row.nonzero_params = Some(deploy::nonzero(params));
     let extra = &mut row.extra;
     extra.insert(
         "accuracy_drop_pp".into(),
