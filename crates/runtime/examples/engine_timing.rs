@@ -95,6 +95,9 @@ fn main() {
         .unwrap_or(1.0);
     // An optional filter, e.g. `cnn-f32-256`, matched against "<model>-<precision>-<batch>".
     let filter = std::env::args().nth(2).unwrap_or_default();
+    // An optional fixed number of calls per case instead of a time: for counting cycles
+    // with `perf stat`, which a busy machine does not distort the way it distorts time.
+    let fixed_calls: Option<usize> = std::env::args().nth(3).and_then(|s| s.parse().ok());
     for spec in [mlp(), NetworkSpec::teacher_cnn().without_batch_norm()] {
         for precision in ["f32", "int8", "static"] {
             let m = model(&spec, precision != "f32", precision == "static");
@@ -107,7 +110,10 @@ fn main() {
                 m.run(x.view()).unwrap();
                 let start = Instant::now();
                 let mut calls = 0;
-                while calls < 3 || start.elapsed().as_secs_f64() < seconds {
+                while match fixed_calls {
+                    Some(n) => calls < n,
+                    None => calls < 3 || start.elapsed().as_secs_f64() < seconds,
+                } {
                     m.run(x.view()).unwrap();
                     calls += 1;
                 }

@@ -213,3 +213,76 @@ pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
     let tail: f32 = a[i..len].iter().zip(&b[i..len]).map(|(x, y)| x * y).sum();
     lanes.iter().sum::<f32>() + tail
 }
+
+/// Requantizes the first multiple of 8 columns of one row exactly like the scalar
+/// [`requantize`](super::requantize) of `acc[j] + column[j]` (as `i64`) and returns how many
+/// that was:
+/// `clamp(round_half_even((acc[j] + column[j] + bias[j]) * multipliers[j]) + zero_point, lo, 255)`.
+///
+/// # Safety
+/// The CPU must support AVX2. Every `acc[j] + column[j] + bias[j]` (for the columns done)
+/// must fit an `i32` (the caller proves it), so that the `i32` sum converts to the same `f32`
+/// as the `i64` one. `lo` must be in `0..=255`.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn requantize_row(
+    acc: &[i32],
+    column: &[i32],
+    bias: &[i32],
+    multipliers: &[f32],
+    zero_point: i32,
+    lo: i32,
+    out: &mut [u8],
+) -> usize {
+    use std::arch::x86_64::{
+        _CMP_UNORD_Q, _mm_packus_epi16, _mm_packus_epi32, _mm_storel_epi64, _mm256_add_epi32,
+        _mm256_blendv_ps, _mm256_castsi256_si128, _mm256_cmp_ps, _mm256_cvtepi32_ps,
+        _mm256_cvtps_epi32, _mm256_extracti128_si256, _mm256_max_epi32, _mm256_max_ps,
+        _mm256_min_epi32, _mm256_min_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_sub_ps,
+    };
+    let len = out
+        .len()
+        .min(acc.len())
+        .min(column.len())
+        .min(bias.len())
+        .min(multipliers.len());
+    // The constants of `round_ties_even_saturating`.
+    let magic = _mm256_set1_ps(12_582_912.0);
+    let (limit, neg_limit) = (_mm256_set1_ps(4_194_304.0), _mm256_set1_ps(-4_194_304.0));
+    let (z, low, high) = (
+        _mm256_set1_epi32(zero_point),
+        _mm256_set1_epi32(lo),
+        _mm256_set1_epi32(255),
+    );
+    let mut i = 0;
+    while i + NR <= len {
+        // SAFETY: `i + 8 <= len`, inside every slice.
+        let (a, c, b, m) = unsafe {
+            (
+                _mm256_loadu_si256(acc.as_ptr().add(i).cast()),
+                _mm256_loadu_si256(column.as_ptr().add(i).cast()),
+                _mm256_loadu_si256(bias.as_ptr().add(i).cast()),
+                _mm256_loadu_ps(multipliers.as_ptr().add(i)),
+            )
+        };
+        // Exact in `i32` (see the safety contract); the conversion rounds to nearest even,
+        // as `i64 as f32` does.
+        let x = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(a, c), b));
+        let y = _mm256_mul_ps(x, m);
+        // `f32::clamp`: `vmaxps` / `vminps` return their second operand when one is NaN, so
+        // NaN passes through as it does in the scalar clamp.
+        let y = _mm256_min_ps(limit, _mm256_max_ps(neg_limit, y));
+        let r = _mm256_sub_ps(_mm256_add_ps(y, magic), magic);
+        // NaN converts to 0, as `as i32` does; other lanes are integers within 2^22.
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(r, r);
+        let r = _mm256_blendv_ps(r, _mm256_setzero_ps(), nan);
+        let q = _mm256_add_epi32(_mm256_cvtps_epi32(r), z);
+        let q = _mm256_min_epi32(_mm256_max_epi32(q, low), high);
+        // Lanes are in 0..=255: the unsigned packs are exact.
+        let words = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+        let bytes = _mm_packus_epi16(words, words);
+        // SAFETY: 8 bytes at `i` are inside `out`.
+        unsafe { _mm_storel_epi64(out.as_mut_ptr().add(i).cast(), bytes) };
+        i += NR;
+    }
+    i
+}

@@ -44,8 +44,23 @@ pub struct PackedF32 {
     n: usize,
     k: usize,
     rows: Vec<f32>,
-    /// AVX-512 panels; empty where the portable path (`matrixmultiply`) runs instead.
+    /// Panels of the blocked kernel of `panel_isa`; empty where the portable path
+    /// (`matrixmultiply`) runs instead.
     panels: Vec<f32>,
+    panel_isa: PanelIsa,
+}
+
+/// The blocked f32 kernel a [`PackedF32`]'s panels are laid out for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PanelIsa {
+    /// No panels: `matrixmultiply`.
+    Portable,
+    /// 32-column panels for the AVX-512 kernel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+    /// 16-column panels for the AVX2 + FMA kernel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
 }
 
 impl PackedF32 {
@@ -58,6 +73,10 @@ impl PackedF32 {
         #[cfg(target_arch = "x86_64")]
         if k > 0 && super::sgemm512::available() {
             packed.panels = super::sgemm512::pack(w, n, k);
+            packed.panel_isa = PanelIsa::Avx512;
+        } else if k > 0 && super::sgemm256::available() {
+            packed.panels = super::sgemm256::pack(w, n, k);
+            packed.panel_isa = PanelIsa::Avx2;
         }
         packed
     }
@@ -73,6 +92,7 @@ impl PackedF32 {
             k,
             rows: w.to_vec(),
             panels: Vec::new(),
+            panel_isa: PanelIsa::Portable,
         }
     }
 
@@ -127,14 +147,21 @@ pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if k > 0 && m >= GEMV_MAX_ROWS && !w.panels.is_empty() {
-        use super::sgemm512::{MR, NR, gemm};
-        let panels = n.div_ceil(NR);
-        // SAFETY (every call): the panels exist only where AVX-512F was detected; the kernel
-        // checks the slice lengths; `out` is valid for `len` writes, and the tasks below
-        // write disjoint rows or disjoint panels of it.
+    if k > 0 && m >= GEMV_MAX_ROWS && w.panel_isa != PanelIsa::Portable {
+        let (mr, nr) = match w.panel_isa {
+            PanelIsa::Avx512 => (super::sgemm512::MR, super::sgemm512::NR),
+            _ => (super::sgemm256::MR, super::sgemm256::NR),
+        };
+        let panels = n.div_ceil(nr);
+        // SAFETY (every call): the panels exist only where their kernel's features were
+        // detected; the kernel checks the slice lengths; `out` is valid for `len` writes,
+        // and the tasks below write disjoint rows or disjoint panels of it.
         let run = |a: &[f32], rows: usize, out: SharedOut, range: std::ops::Range<usize>| unsafe {
-            gemm(
+            let kernel = match w.panel_isa {
+                PanelIsa::Avx512 => super::sgemm512::gemm,
+                _ => super::sgemm256::gemm,
+            };
+            kernel(
                 a,
                 rows,
                 k,
@@ -147,8 +174,8 @@ pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool
                 range,
             );
         };
-        let task_rows = TASK_MACS.div_ceil(n * k).next_multiple_of(MR).max(4 * MR);
-        if m * n * k < PARALLEL_MIN_MACS {
+        let task_rows = TASK_MACS.div_ceil(n * k).next_multiple_of(mr).max(4 * mr);
+        if m * n * k < PARALLEL_MIN_MACS || !super::may_split() {
             run(a, m, SharedOut(out.as_mut_ptr(), out.len()), 0..panels);
         } else if m >= 2 * task_rows {
             a.par_chunks(task_rows * k)
@@ -871,7 +898,7 @@ mod tests {
         }
 
         #[test]
-        fn packed_and_portable_sgemm_match_the_reference(m in 1usize..60, n in 1usize..80, k in 1usize..70, seed in any::<u64>(), relu in any::<bool>()) {
+        fn packed_and_portable_sgemm_match_the_reference(m in 1usize..60, n in 1usize..80, k in 1usize..600, seed in any::<u64>(), relu in any::<bool>()) {
             let x = matrix(m * k, 0.0, seed);
             let w = matrix(n * k, 0.0, !seed);
             let bias = matrix(n, 0.0, seed ^ 5);

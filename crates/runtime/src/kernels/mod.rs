@@ -25,6 +25,8 @@ mod avx512;
 mod dense;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
+mod sgemm256;
+#[cfg(target_arch = "x86_64")]
 mod sgemm512;
 mod sparse_conv;
 mod spatial;
@@ -51,6 +53,14 @@ const ROW_BLOCK: usize = 64;
 /// Below this many multiply-adds a product runs on the calling thread: batch-1 inference of
 /// small layers would spend more time waking rayon workers than computing.
 pub const PARALLEL_MIN_MACS: usize = 1 << 21;
+
+/// Whether a kernel may split its work over rayon's threads: not when it already runs on
+/// one of them (the engine spreads a batch's images over the threads and runs each share's
+/// kernels on its own thread, and a caller that parallelises over its own calls has done the
+/// same), where splitting again would only add hand-offs.
+pub fn may_split() -> bool {
+    rayon::current_thread_index().is_none()
+}
 
 /// `k` rounded up to [`K_ALIGN`]: the smallest valid row stride for integer activations.
 pub fn padded_k(k: usize) -> usize {
@@ -348,8 +358,9 @@ struct Requantize<'a> {
     multipliers: &'a [f32],
     zero_point: i32,
     lo: i32,
-    /// Whether [`Epilogue::apply_row`] may take the AVX-512 kernel (see [`Requantize::new`]).
-    vector: bool,
+    /// The vector kernel [`Epilogue::apply_row`] may take (AVX-512 or AVX2, see
+    /// [`Requantize::new`]), if any.
+    vector: Option<Isa>,
 }
 
 impl Epilogue<u8> for Requantize<'_> {
@@ -371,13 +382,28 @@ impl Epilogue<u8> for Requantize<'_> {
         #[allow(unused_mut)]
         let mut done = 0;
         #[cfg(target_arch = "x86_64")]
-        if self.vector {
-            // SAFETY: `vector` is set only where the CPU has AVX-512F/BW, every bias is below
+        if self.vector == Some(Isa::Avx512Vnni) {
+            // SAFETY: `vector` names a kernel only where the CPU has it, every bias is below
             // 2^30 in magnitude and the zero point is a code; `apply_row` is called only for
             // `i32`-exact accumulators, below 2^30 in magnitude (see `drive`), so every sum
             // fits an `i32`.
             done = unsafe {
                 avx512::requantize_row(
+                    acc,
+                    column,
+                    self.bias,
+                    self.multipliers,
+                    self.zero_point,
+                    self.lo,
+                    out,
+                )
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.vector == Some(Isa::Avx2) {
+            // SAFETY: as above, with AVX2 detected.
+            done = unsafe {
+                avx2::requantize_row(
                     acc,
                     column,
                     self.bias,
@@ -400,10 +426,17 @@ impl<'a> Requantize<'a> {
             && (0..=255).contains(&lo)
             && bias.iter().all(|&b| b.unsigned_abs() < 1 << 30);
         #[cfg(target_arch = "x86_64")]
-        let vector =
-            bounded && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        let vector = if !bounded {
+            None
+        } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            Some(Isa::Avx512Vnni)
+        } else if is_x86_feature_detected!("avx2") {
+            Some(Isa::Avx2)
+        } else {
+            None
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        let vector = false;
+        let vector = None;
         let _ = bounded;
         Self {
             bias,
