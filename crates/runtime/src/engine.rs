@@ -5,13 +5,14 @@ use std::path::Path;
 
 use model_spec::{LayerSpec, NetworkSpec};
 use ndarray::{Array2, ArrayView, Dimension};
+use rayon::prelude::*;
 
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias, im2col_nhwc,
-    int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k, sgemm_packed,
-    sparse_conv_nhwc,
+    self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias,
+    im2col_nhwc, int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k,
+    sgemm_packed, sparse_conv_nhwc,
 };
 use crate::quant::QParams;
 
@@ -137,16 +138,20 @@ enum Data {
 }
 
 /// Buffers reused from one layer and one call to the next (per calling thread), so that a
-/// forward pass does not allocate (and page-fault) its activations afresh every time. Buffers
-/// are handed out with stale contents: every kernel writes all of its output.
+/// forward pass does not allocate (and page-fault, or clear) its activations afresh every
+/// time. Buffers are handed out with stale contents: every kernel writes all of its output.
+///
+/// Invariant: every vector in the pool has its whole capacity initialized (the pool fills
+/// what it allocates, and vectors only enter it from [`pick`]), so a buffer can be handed out
+/// at any length up to its capacity without clearing it first.
 #[derive(Debug, Default)]
 struct Pool {
     f32s: Vec<Vec<f32>>,
     u8s: Vec<Vec<u8>>,
 }
 
-/// The best buffer for `len` elements: the smallest that holds them, else the largest.
-/// With `len == usize::MAX`, the largest, as it is (see [`Pool::f32_empty`]).
+/// A buffer of `len` elements: the smallest pooled one that holds them, else the largest,
+/// grown (and filled with `fill` up to its new capacity).
 fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
     let fits = buffers
         .iter()
@@ -164,39 +169,21 @@ fn pick<T: Copy>(buffers: &mut Vec<Vec<T>>, len: usize, fill: T) -> Vec<T> {
     let mut v = fits
         .or_else(largest)
         .map_or_else(Vec::new, |i| buffers.swap_remove(i));
-    if len == usize::MAX {
-        return v;
+    if v.capacity() < len {
+        v.clear();
+        v.reserve_exact(len);
+        v.resize(v.capacity(), fill);
     }
-    if v.len() >= len {
-        v.truncate(len);
-    } else {
-        v.resize(len, fill);
-    }
+    // SAFETY: `len <= capacity`, and the whole capacity is initialized: a vector grown just
+    // above was filled up to its capacity, and every other one came from the pool (see
+    // `Pool`); `truncate` and `set_len` do not de-initialize `Copy` values.
+    unsafe { v.set_len(len) };
     v
 }
 
 impl Pool {
     fn f32(&mut self, len: usize) -> Vec<f32> {
         pick(&mut self.f32s, len, 0.0)
-    }
-
-    /// An empty buffer with room for `capacity` values, for a caller that fills it by
-    /// extending (no clearing first).
-    fn f32_empty(&mut self, capacity: usize) -> Vec<f32> {
-        let fits = self
-            .f32s
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= capacity)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        let mut v = match fits {
-            Some(i) => self.f32s.swap_remove(i),
-            None => pick(&mut self.f32s, usize::MAX, 0.0),
-        };
-        v.clear();
-        v.reserve(capacity);
-        v
     }
 
     fn u8(&mut self, len: usize) -> Vec<u8> {
@@ -242,6 +229,105 @@ pub struct Model {
     /// Per-sample input shape of every layer, then the output shape.
     shapes: Vec<Vec<usize>>,
     ops: Vec<Op>,
+    /// How the convolutional front of the network runs image by image (see [`Front`]).
+    front: Front,
+}
+
+/// The convolutional front of a network: the operations before its first linear layer
+/// (when there is a convolution among them). A large batch runs through them a few images
+/// at a time, each group through every front operation while its activations are still in
+/// the core's cache, the groups spread over the threads; the linear layers after it then
+/// run on the whole batch, where their weights are shared by every row.
+#[derive(Clone, Copy, Debug)]
+struct Front {
+    /// The number of front operations (0: no front).
+    ops: usize,
+    /// Images per group: as many as keep the largest per-image buffer of the front within
+    /// [`FRONT_BYTES`], at least 1.
+    images: usize,
+    /// Values per image at its input and at its output.
+    in_len: usize,
+    out_len: usize,
+    /// The output's quantization when the front ends in `u8` codes (full-integer layers),
+    /// else `None` (f32).
+    out_quant: Option<QParams>,
+}
+
+/// The per-group working set the front aims at: within the L2 cache of the CPUs the
+/// runtime meets (512 KiB and up per core), with room for the weights.
+const FRONT_BYTES: usize = 256 << 10;
+
+impl Front {
+    fn plan(ops: &[Op], input: &[usize]) -> Self {
+        let in_len: usize = input.iter().product();
+        let none = Self {
+            ops: 0,
+            images: 1,
+            in_len,
+            out_len: in_len,
+            out_quant: None,
+        };
+        let end = ops
+            .iter()
+            .position(|op| matches!(op, Op::Compute(c) if c.conv.is_none()))
+            .unwrap_or(ops.len());
+        let front = &ops[..end];
+        if !front
+            .iter()
+            .any(|op| matches!(op, Op::Compute(c) if c.conv.is_some()))
+        {
+            return none;
+        }
+        let (mut len, mut quant, mut largest) = (in_len, None, in_len);
+        for op in front {
+            match op {
+                Op::Compute(c) => {
+                    let pixels = c.conv.map_or(1, |g| g.pixels());
+                    // The im2col matrix, at its f32 size (an upper bound of the u8 one).
+                    largest = largest.max(pixels * padded_k(c.k));
+                    len = pixels * c.out;
+                    quant = match &c.kernel {
+                        Kernel::Int8 {
+                            stat:
+                                Some(StaticQuant {
+                                    output: Some((q, _)),
+                                    ..
+                                }),
+                            ..
+                        } => Some(*q),
+                        _ => None,
+                    };
+                }
+                &Op::MaxPool {
+                    channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                }
+                | &Op::MaxPoolPlanar {
+                    channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                } => {
+                    len = channels
+                        * ((height - kernel) / stride + 1)
+                        * ((width - kernel) / stride + 1);
+                }
+                Op::Relu | Op::Transpose { .. } => {}
+            }
+            largest = largest.max(len);
+        }
+        Self {
+            ops: end,
+            images: (FRONT_BYTES / (4 * largest).max(1)).max(1),
+            in_len,
+            out_len: len,
+            out_quant: quant,
+        }
+    }
 }
 
 impl Model {
@@ -365,11 +451,13 @@ impl Model {
                 cols: channels,
             });
         }
+        let front = Front::plan(&ops, &network.input);
         Self {
             file: file.to_owned(),
             network,
             shapes,
             ops,
+            front,
         }
     }
 
@@ -434,23 +522,14 @@ impl Model {
         }
         let batch = shape[0];
         let mut pool = POOL.with(Cell::take);
-        // An empty buffer of the right capacity: the copy fills it without clearing it first.
-        let mut x = pool.f32_empty(input.len());
+        let mut x = pool.f32(input.len());
         match input.as_slice() {
-            Some(values) => x.extend_from_slice(values),
-            None => x.extend(input.iter().copied()),
+            Some(values) => x.copy_from_slice(values),
+            None => x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v),
         }
-        let mut data = Data::F32(x);
-        for op in &self.ops {
-            data = match op {
-                Op::Compute(c) => run_compute(c, data, batch, &mut pool),
-                Op::Relu => relu(data),
-                Op::MaxPool { .. } | Op::MaxPoolPlanar { .. } => {
-                    max_pool(data, op, batch, &mut pool)
-                }
-                &Op::Transpose { rows, cols } => transpose(data, batch, rows, cols, &mut pool),
-            };
-        }
+        let (front, rest) = self.ops.split_at(self.front.ops);
+        let data = self.run_front(front, x, batch, &mut pool);
+        let data = run_ops(rest, data, batch, &mut pool);
         let out_len: usize = self.output_shape().iter().product();
         let out = pool.take_f32(data);
         let logits = Array2::from_shape_vec((batch, out_len), out[..batch * out_len].to_vec())
@@ -459,6 +538,119 @@ impl Model {
         POOL.with(|p| p.set(pool));
         Ok(logits)
     }
+}
+
+impl Model {
+    /// Runs the front operations on a batch: group by group (spread over the threads when
+    /// there are enough images for every thread to get two groups), or on the whole batch
+    /// at once when it is no larger than a group, where the kernels split their own work.
+    fn run_front(&self, ops: &[Op], x: Vec<f32>, batch: usize, pool: &mut Pool) -> Data {
+        let front = &self.front;
+        let threads = if kernels::may_split() {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        let parallel = threads > 1 && batch >= 2 * threads;
+        if ops.is_empty() || (!parallel && batch <= front.images) {
+            return run_ops(ops, Data::F32(x), batch, pool);
+        }
+        // Two groups per thread at least, so that a thread slowed by other work is caught up.
+        let images = if parallel {
+            front.images.min(batch.div_ceil(2 * threads))
+        } else {
+            front.images
+        };
+        let (in_len, out_len) = (front.in_len, front.out_len);
+        // One group: its images through the front, the result copied to its place.
+        fn group<T: Copy>(
+            ops: &[Op],
+            xs: &[f32],
+            ys: &mut [T],
+            in_len: usize,
+            pool: &mut Pool,
+            store: impl Fn(Data, &mut [T], &mut Pool),
+        ) {
+            let mut x = pool.f32(xs.len());
+            x.copy_from_slice(xs);
+            let data = run_ops(ops, Data::F32(x), xs.len() / in_len, pool);
+            store(data, ys, pool);
+        }
+        fn spread<T: Copy + Send>(
+            parallel: bool,
+            xs: &[f32],
+            ys: &mut [T],
+            (in_len, out_len, images): (usize, usize, usize),
+            pool: &mut Pool,
+            each: impl Fn(&[f32], &mut [T], &mut Pool) + Sync,
+        ) {
+            let inputs = xs.chunks(images * in_len);
+            let outputs = ys.chunks_mut(images * out_len);
+            if parallel {
+                inputs
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .zip(outputs.collect::<Vec<_>>())
+                    .for_each(|(xs, ys)| {
+                        let mut pool = POOL.with(Cell::take);
+                        each(xs, ys, &mut pool);
+                        POOL.with(|p| p.set(pool));
+                    });
+            } else {
+                for (xs, ys) in inputs.zip(outputs) {
+                    each(xs, ys, pool);
+                }
+            }
+        }
+        let shape = (in_len, out_len, images);
+        let data = match front.out_quant {
+            None => {
+                let mut y = pool.f32(batch * out_len);
+                spread(parallel, &x, &mut y, shape, pool, |xs, ys, pool| {
+                    group(ops, xs, ys, in_len, pool, |data, ys, pool| {
+                        let v = pool.take_f32(data);
+                        ys.copy_from_slice(&v[..ys.len()]);
+                        pool.give_f32(v);
+                    })
+                });
+                Data::F32(y)
+            }
+            Some(q) => {
+                let mut y = pool.u8(batch * out_len);
+                spread(parallel, &x, &mut y, shape, pool, |xs, ys, pool| {
+                    group(ops, xs, ys, in_len, pool, |data, ys, pool| match data {
+                        Data::U8(v, p) if p == q => {
+                            ys.copy_from_slice(&v[..ys.len()]);
+                            pool.give_u8(v);
+                        }
+                        // The plan says the front ends in these codes; were it otherwise,
+                        // quantizing is what the next full-integer layer would do anyway.
+                        other => {
+                            let v = pool.take_f32(other);
+                            q.quantize_slice(&v[..ys.len()], ys);
+                            pool.give_f32(v);
+                        }
+                    })
+                });
+                Data::U8(y, q)
+            }
+        };
+        pool.give_f32(x);
+        data
+    }
+}
+
+/// Runs `ops` in order on a batch.
+fn run_ops(ops: &[Op], mut data: Data, batch: usize, pool: &mut Pool) -> Data {
+    for op in ops {
+        data = match op {
+            Op::Compute(c) => run_compute(c, data, batch, pool),
+            Op::Relu => relu(data),
+            Op::MaxPool { .. } | Op::MaxPoolPlanar { .. } => max_pool(data, op, batch, pool),
+            &Op::Transpose { rows, cols } => transpose(data, batch, rows, cols, pool),
+        };
+    }
+    data
 }
 
 /// Where column `column` of a weight goes in the engine's layout: convolution weights are
