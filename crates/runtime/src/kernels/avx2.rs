@@ -17,8 +17,6 @@ use std::arch::x86_64::{
 
 /// Columns per block.
 const NR: usize = 8;
-/// Rows per micro-tile.
-const MR: usize = 4;
 
 /// Packs `w` (`n` rows of `k` weights) into the block layout, widened to `i16` and zero
 /// padded to `kp` (even) and to a multiple of 8 columns.
@@ -34,18 +32,23 @@ pub(crate) fn pack(w: &[i8], n: usize, k: usize, kp: usize) -> Vec<i16> {
     out
 }
 
-/// One `ROWS x (8 * NB)` tile of `C`, written to `out` (row stride `8 * NB`).
+/// One `ROWS x (8 * NB)` tile of `C`, stored at `c` (row stride `ldc`): all `8 * NB`
+/// columns when `width` is that many, else the first `width`.
 ///
 /// # Safety
-/// The CPU must support AVX2; `a` must be readable for `ROWS` rows of `2 * kh` bytes at
-/// stride `lda`; `b` for `NB * kh * 16` values.
+/// The CPU must support AVX2; `a` must be readable for `ROWS` rows of `kh` pairs of `u16`
+/// activations (each pair one `u32`) at stride `lda` pairs; `b` for `NB * kh * 16` values;
+/// `c` writable for `ROWS` rows of `width` values at stride `ldc`.
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile<const ROWS: usize, const NB: usize>(
-    a: *const u8,
+    a: *const u32,
     lda: usize,
     b: *const i16,
     kh: usize,
-    out: &mut [[[i32; NR]; NB]; ROWS],
+    c: *mut i32,
+    ldc: usize,
+    width: usize,
 ) {
     let mut acc = [[_mm256_setzero_si256(); NB]; ROWS];
     for p in 0..kh {
@@ -55,88 +58,80 @@ unsafe fn tile<const ROWS: usize, const NB: usize>(
             *v = unsafe { _mm256_loadu_si256(b.add((j * kh + p) * 16).cast::<__m256i>()) };
         }
         for (r, acc_row) in acc.iter_mut().enumerate() {
-            // SAFETY: row `r < ROWS` has `2 * kh` readable bytes; the read is unaligned.
-            let pair = unsafe { a.add(r * lda + p * 2).cast::<u16>().read_unaligned() };
-            // Two zero-extended activations as the low and high `i16` of each lane.
-            let pair = i32::from(pair & 0xff) | (i32::from(pair >> 8) << 16);
-            let av = _mm256_set1_epi32(pair);
+            // SAFETY: row `r < ROWS` has `kh` readable pairs. Two zero-extended activations
+            // as the low and high `i16` of each lane: one broadcast load.
+            let av = _mm256_set1_epi32(unsafe { *a.add(r * lda + p) } as i32);
             for (acc, &bv) in acc_row.iter_mut().zip(&bv) {
                 *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(av, bv));
             }
         }
     }
-    for (dst, acc_row) in out.iter_mut().zip(&acc) {
-        for (dst, &v) in dst.iter_mut().zip(acc_row) {
-            // SAFETY: `dst` is an `[i32; 8]`, exactly 32 writable bytes.
-            unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast::<__m256i>(), v) };
+    for (r, acc_row) in acc.iter().enumerate() {
+        if width == NB * NR {
+            for (j, &v) in acc_row.iter().enumerate() {
+                // SAFETY: the caller vouches for `NB * 8` columns of row `r`.
+                unsafe { _mm256_storeu_si256(c.add(r * ldc + j * NR).cast::<__m256i>(), v) };
+            }
+        } else {
+            let mut row = [[0i32; NR]; NB];
+            for (dst, &v) in row.iter_mut().zip(acc_row) {
+                // SAFETY: `dst` is an `[i32; 8]`, exactly 32 writable bytes.
+                unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast::<__m256i>(), v) };
+            }
+            for (i, &v) in row.as_flattened().iter().take(width).enumerate() {
+                // SAFETY: `i < width`, which the caller vouches for.
+                unsafe { *c.add(r * ldc + i) = v };
+            }
         }
     }
 }
 
-/// Computes rows `r..r + ROWS` of one panel and copies the valid columns into `c`.
+/// Rows per micro-tile.
+const MR: usize = 6;
+
+/// Computes rows `r..r + ROWS` of every column (blocks of 16, the last one maybe 8) into `c`.
 ///
 /// # Safety
-/// As for [`tile`], with `a` pointing at row `r`.
+/// As for [`tile`], with `a` pointing at row `r`, `b` holding every block and `c` writable
+/// for rows `r..r + ROWS` of `n` values.
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows<const ROWS: usize, const NB: usize>(
-    a: *const u8,
+unsafe fn rows<const ROWS: usize>(
+    a: *const u32,
     lda: usize,
     b: *const i16,
     kh: usize,
-    c: &mut [i32],
+    c: *mut i32,
     n: usize,
     r: usize,
-    start: usize,
 ) {
-    let mut out = [[[0i32; NR]; NB]; ROWS];
-    // SAFETY: forwarded from the caller.
-    unsafe { tile::<ROWS, NB>(a, lda, b, kh, &mut out) };
-    let width = (n - start).min(NR * NB);
-    for (i, tile_row) in out.iter().enumerate() {
-        let dst = &mut c[(r + i) * n + start..(r + i) * n + start + width];
-        for (d, &v) in dst.iter_mut().zip(tile_row.as_flattened()) {
-            *d = v;
+    let blocks = n.div_ceil(NR);
+    let mut block = 0;
+    while block < blocks {
+        let start = block * NR;
+        let width = (n - start).min(2 * NR);
+        // SAFETY: forwarded from the caller; blocks `block..block + 2` (or the last one)
+        // are inside `b`, columns `start..start + width` inside each row of `c`.
+        unsafe {
+            let (bp, cp) = (b.add(block * kh * NR * 2), c.add(r * n + start));
+            if block + 1 < blocks {
+                tile::<ROWS, 2>(a, lda, bp, kh, cp, n, width);
+            } else {
+                tile::<ROWS, 1>(a, lda, bp, kh, cp, n, width);
+            }
         }
+        block += 2;
     }
 }
 
-/// All rows of one panel of `NB` column blocks starting at column `start`.
-///
-/// # Safety
-/// The CPU must support AVX2; `a` readable for rows `0..m` of `2 * kh` bytes at stride
-/// `lda`; `b` readable for `NB * kh * 16` values.
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel<const NB: usize>(
-    a: *const u8,
-    lda: usize,
-    m: usize,
-    b: *const i16,
-    kh: usize,
-    c: &mut [i32],
-    n: usize,
-    start: usize,
-) {
-    let mut r = 0;
-    while r + MR <= m {
-        // SAFETY: rows `r..r + MR` are below `m`; the caller vouches for rows `0..m`.
-        unsafe { rows::<MR, NB>(a.add(r * lda), lda, b, kh, c, n, r, start) };
-        r += MR;
-    }
-    // SAFETY: as above, for the last `m - r < MR` rows.
-    unsafe {
-        let ar = a.add(r * lda);
-        match m - r {
-            1 => rows::<1, NB>(ar, lda, b, kh, c, n, r, start),
-            2 => rows::<2, NB>(ar, lda, b, kh, c, n, r, start),
-            3 => rows::<3, NB>(ar, lda, b, kh, c, n, r, start),
-            _ => {}
-        }
-    }
+thread_local! {
+    /// A row tile's activations widened to `u16`, kept by each thread between calls.
+    static WIDE: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `c[r * n + j] = sum_kk a[r * lda + kk] * w[j][kk]` for the packed weights `b`.
+///
+/// Row tile by row tile, the activations are first widened to `u16` (a pair of them is then
+/// one broadcast load), and the tile passes over every column block.
 ///
 /// # Safety
 /// The CPU must support AVX2. Slice lengths are checked here.
@@ -155,21 +150,34 @@ pub(crate) unsafe fn gemm(
     assert!(kp.is_multiple_of(2) && lda >= kp && b.len() == blocks * kh * NR * 2);
     assert!(m == 0 || a.len() >= (m - 1) * lda + kp);
     assert!(c.len() >= m * n);
-    let ap = a.as_ptr();
-    let mut block = 0;
-    while block < blocks {
-        // SAFETY: the asserts make rows `0..m` of `a` readable for `kp` bytes and blocks
-        // `block..block + NB` of `b` readable; `c` is written through bounds-checked slices.
-        unsafe {
-            let bp = b.as_ptr().add(block * kh * NR * 2);
-            if block + 1 < blocks {
-                panel::<2>(ap, lda, m, bp, kh, c, n, block * NR);
-            } else {
-                panel::<1>(ap, lda, m, bp, kh, c, n, block * NR);
+    let mut wide = WIDE.with(std::cell::Cell::take);
+    wide.clear();
+    wide.resize(MR * kh, 0);
+    let mut r = 0;
+    while r < m {
+        let count = (m - r).min(MR);
+        for (i, dst) in wide.chunks_exact_mut(kh).take(count).enumerate() {
+            let src = &a[(r + i) * lda..(r + i) * lda + kp];
+            for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *d = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
             }
         }
-        block += 2;
+        let (ap, bp, cp) = (wide.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        // SAFETY: `wide` holds `count` rows of `kh` pairs; `b` holds every block; rows
+        // `r..r + count` of `c` are inside it (asserted above).
+        unsafe {
+            match count {
+                6 => rows::<6>(ap, kh, bp, kh, cp, n, r),
+                5 => rows::<5>(ap, kh, bp, kh, cp, n, r),
+                4 => rows::<4>(ap, kh, bp, kh, cp, n, r),
+                3 => rows::<3>(ap, kh, bp, kh, cp, n, r),
+                2 => rows::<2>(ap, kh, bp, kh, cp, n, r),
+                _ => rows::<1>(ap, kh, bp, kh, cp, n, r),
+            }
+        }
+        r += count;
     }
+    WIDE.with(|cell| cell.set(wide));
 }
 
 /// f32 dot product with four 8-lane FMA accumulators: the batch-1 (GEMV) path of the dense
