@@ -11,8 +11,8 @@ use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
     self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias,
-    im2col_nhwc, int8_gemm_f32, int8_gemm_u8, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw, padded_k,
-    sgemm_packed, sparse_conv_nhwc,
+    im2col_nhwc_pooled, int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d, max_pool2d_nhwc,
+    max_rows, nhwc_to_nchw, padded_k, pooled_rows, sgemm_packed, sparse_conv_nhwc,
 };
 use crate::quant::QParams;
 
@@ -74,6 +74,10 @@ struct Compute {
     bias: Vec<f32>,
     /// A following ReLU, fused into the epilogue.
     relu: bool,
+    /// The side of a following max pooling of equal stride, fused (1: none): the product
+    /// computes only the pixels of whole windows, window by window, and keeps each window's
+    /// maximum.
+    pool: usize,
 }
 
 /// The engine's operations. Images travel NHWC (`height x width x channels` per sample), the
@@ -282,10 +286,10 @@ impl Front {
         for op in front {
             match op {
                 Op::Compute(c) => {
-                    let pixels = c.conv.map_or(1, |g| g.pixels());
+                    let rows = c.conv.map_or(1, |g| pooled_rows(&g, c.pool));
                     // The im2col matrix, at its f32 size (an upper bound of the u8 one).
-                    largest = largest.max(pixels * padded_k(c.k));
-                    len = pixels * c.out;
+                    largest = largest.max(rows * padded_k(c.k));
+                    len = rows / (c.pool * c.pool) * c.out;
                     quant = match &c.kernel {
                         Kernel::Int8 {
                             stat:
@@ -379,6 +383,19 @@ impl Model {
                     let &[channels, height, width] = input.as_slice() else {
                         unreachable!("the decoder checked that max pooling gets (C, H, W)")
                     };
+                    // A pooling of equal stride right after a convolution with a dense or
+                    // int8 product is fused into it.
+                    if let Some(Op::Compute(c)) = ops.last_mut()
+                        && c.conv.is_some()
+                        && c.pool == 1
+                        && kernel == stride
+                        && kernel > 1
+                        && matches!(c.kernel, Kernel::Dense(_) | Kernel::Int8 { .. })
+                    {
+                        c.pool = kernel;
+                        layout = image_layout(&shapes[i + 1]);
+                        continue;
+                    }
                     let planar = layout == Layout::Torch;
                     ops.push(if planar {
                         Op::MaxPoolPlanar {
@@ -790,6 +807,7 @@ fn compile_layer(
         kernel,
         bias,
         relu: false,
+        pool: 1,
     }
 }
 
@@ -799,10 +817,14 @@ fn pointwise(g: &ConvGeometry) -> bool {
     g.kernel == 1 && g.stride == 1 && g.padding == 0
 }
 
-/// Runs one conv2d or linear layer on a batch (NHWC images in, NHWC images out).
+/// Runs one conv2d or linear layer on a batch (NHWC images in, NHWC images out), with its
+/// fused pooling if it has one.
 fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
-    let rows = batch * c.conv.map_or(1, |g| g.pixels());
+    let group = c.pool * c.pool;
+    let rows = batch * c.conv.map_or(1, |g| pooled_rows(&g, c.pool));
     let (n, k) = (c.out, c.k);
+    // The im2col matrix is needed unless the convolution is 1x1 and unpooled.
+    let lowered = |g: &ConvGeometry| !(pointwise(g) && c.pool == 1);
     match &c.kernel {
         Kernel::CsrConv(conv) => {
             let x = pool.take_f32(data);
@@ -814,9 +836,9 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
         Kernel::Dense(_) | Kernel::Csr(_) => {
             let x = pool.take_f32(data);
             let cols = match c.conv {
-                Some(g) if !pointwise(&g) => {
+                Some(g) if lowered(&g) => {
                     let mut cols = pool.f32(rows * k);
-                    im2col_nhwc(&x, batch, &g, 0.0, &mut cols, k);
+                    im2col_nhwc_pooled(&x, batch, &g, c.pool, 0.0, &mut cols, k);
                     pool.give_f32(x);
                     cols
                 }
@@ -833,6 +855,14 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 Kernel::Int8 { .. } | Kernel::CsrConv(_) => unreachable!(),
             }
             pool.give_f32(cols);
+            if group > 1 {
+                // Bias and ReLU are non-decreasing and the same for every row of a column:
+                // pooling after them gives the same maxima.
+                let mut pooled = pool.f32(rows / group * n);
+                max_rows(&y, group, n, &mut pooled);
+                pool.give_f32(y);
+                y = pooled;
+            }
             Data::F32(y)
         }
         Kernel::Int8 {
@@ -855,9 +885,10 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 }
             };
             let a = match c.conv {
-                Some(g) if !(pointwise(&g) && lda == k) => {
+                Some(g) if lowered(&g) || lda != k => {
                     let mut cols = pool.u8(rows * lda);
-                    im2col_nhwc(&q, batch, &g, params.zero_point as u8, &mut cols, lda);
+                    let zero = params.zero_point as u8;
+                    im2col_nhwc_pooled(&q, batch, &g, c.pool, zero, &mut cols, lda);
                     pool.give_u8(q);
                     cols
                 }
@@ -882,22 +913,25 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 .and_then(|s| s.output.as_ref().map(|o| (s, o)))
             {
                 Some((s, (out_q, multipliers))) => {
-                    let mut y = pool.u8(rows * n);
-                    int8_gemm_u8(
+                    let mut y = pool.u8(rows / group * n);
+                    int8_gemm_u8_pooled(
                         &matrix,
                         packed,
                         &s.bias,
                         multipliers,
                         out_q.zero_point,
                         c.relu,
+                        group,
                         &mut y,
                     );
                     Data::U8(y, *out_q)
                 }
                 None => {
                     let acc_scale: Vec<f32> = scales.iter().map(|&s| params.scale * s).collect();
-                    let mut y = pool.f32(rows * n);
-                    int8_gemm_f32(&matrix, packed, &acc_scale, &c.bias, c.relu, &mut y);
+                    let mut y = pool.f32(rows / group * n);
+                    int8_gemm_f32_pooled(
+                        &matrix, packed, &acc_scale, &c.bias, c.relu, group, &mut y,
+                    );
                     Data::F32(y)
                 }
             };

@@ -33,7 +33,10 @@ mod spatial;
 
 pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, sgemm_bias, sgemm_packed};
 pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
-pub use spatial::{ConvGeometry, im2col, im2col_nhwc, max_pool2d, max_pool2d_nhwc, nhwc_to_nchw};
+pub use spatial::{
+    ConvGeometry, im2col, im2col_nhwc, im2col_nhwc_pooled, max_pool2d, max_pool2d_nhwc, max_rows,
+    nhwc_to_nchw, pooled_rows,
+};
 
 use rayon::prelude::*;
 
@@ -455,9 +458,23 @@ thread_local! {
 
 /// Runs the integer GEMM block by block and applies the epilogue to each corrected
 /// accumulator while the block is in cache.
-fn drive<T: Send, E: Epilogue<T>>(a: &U8Matrix, w: &PackedI8, out: &mut [T], finish: &E) {
+///
+/// With `group > 1`, each run of `group` consecutive rows (a pooling window) gives one output
+/// row: the maximum of their corrected accumulators, per column, then the epilogue, which is
+/// the maximum of the epilogues (both epilogues are non-decreasing in the accumulator).
+fn drive<T: Send, E: Epilogue<T>>(
+    a: &U8Matrix,
+    w: &PackedI8,
+    out: &mut [T],
+    finish: &E,
+    group: usize,
+) {
     let (m, n, k, lda) = (a.rows, w.n, w.k, a.lda);
-    assert!(out.len() >= m * n, "output too short");
+    assert!(
+        group > 0 && m.is_multiple_of(group),
+        "rows come in whole groups"
+    );
+    assert!(out.len() >= m / group * n, "output too short");
     assert!(
         m == 0 || a.data.len() >= (m - 1) * lda + w.kp,
         "activations too short"
@@ -476,41 +493,65 @@ fn drive<T: Send, E: Epilogue<T>>(a: &U8Matrix, w: &PackedI8, out: &mut [T], fin
     } else {
         Vec::new()
     };
+    // Rows per block: whole groups.
+    let block_rows = (ROW_BLOCK / group).max(1) * group;
     let block = |r0: usize, out: &mut [T]| {
-        let rows = out.len() / n;
+        let rows = out.len() / n * group;
         let mut acc = ACCUMULATORS.with(std::cell::Cell::take);
         acc.resize(rows * n, 0);
         gemm_u8i8(&a.data[r0 * lda..], lda, rows, w, &mut acc);
-        for (i, (acc_row, out_row)) in acc.chunks_exact(n).zip(out.chunks_exact_mut(n)).enumerate()
-        {
-            if narrow {
-                finish.apply_row(acc_row, &column32, out_row);
-                continue;
-            }
+        let corrected = |i: usize, acc_row: &[i32], j: usize| -> i64 {
             let row_sum: i64 = if w.zero_points.is_empty() {
                 0
             } else {
                 let row = &a.data[(r0 + i) * lda..(r0 + i) * lda + k];
                 row.iter().map(|&x| i64::from(x)).sum()
             };
-            for (j, (o, &v)) in out_row.iter_mut().zip(acc_row).enumerate() {
-                *o = finish.apply(j, i64::from(v) + column[j] - w.zero_point(j) * row_sum);
+            i64::from(acc_row[j]) + column[j] - w.zero_point(j) * row_sum
+        };
+        let mut best = vec![0i32; if group > 1 && narrow { n } else { 0 }];
+        for (g, out_row) in out.chunks_exact_mut(n).enumerate() {
+            let first = g * group;
+            if narrow {
+                // The column term is the same for every row: the maximum of the raw
+                // accumulators is the maximum of the corrected ones.
+                let acc_row = if group == 1 {
+                    &acc[first * n..(first + 1) * n]
+                } else {
+                    best.copy_from_slice(&acc[first * n..(first + 1) * n]);
+                    for row in acc[(first + 1) * n..(first + group) * n].chunks_exact(n) {
+                        for (b, &v) in best.iter_mut().zip(row) {
+                            *b = (*b).max(v);
+                        }
+                    }
+                    &best[..]
+                };
+                finish.apply_row(acc_row, &column32, out_row);
+                continue;
+            }
+            for (j, o) in out_row.iter_mut().enumerate() {
+                let v = (first..first + group)
+                    .map(|i| corrected(i, &acc[i * n..(i + 1) * n], j))
+                    .max()
+                    .unwrap_or(0);
+                *o = finish.apply(j, v);
             }
         }
         ACCUMULATORS.with(|cell| cell.set(acc));
     };
-    let out = &mut out[..m * n];
+    let out = &mut out[..m / group * n];
     if n == 0 || m == 0 {
         return;
     }
-    if m * n * k < PARALLEL_MIN_MACS || m <= ROW_BLOCK {
-        for (b, chunk) in out.chunks_mut(ROW_BLOCK * n).enumerate() {
-            block(b * ROW_BLOCK, chunk);
+    let chunk = block_rows / group * n;
+    if m * n * k < PARALLEL_MIN_MACS || m <= block_rows || !may_split() {
+        for (b, chunk) in out.chunks_mut(chunk).enumerate() {
+            block(b * block_rows, chunk);
         }
     } else {
-        out.par_chunks_mut(ROW_BLOCK * n)
+        out.par_chunks_mut(chunk)
             .enumerate()
-            .for_each(|(b, chunk)| block(b * ROW_BLOCK, chunk));
+            .for_each(|(b, chunk)| block(b * block_rows, chunk));
     }
 }
 
@@ -528,8 +569,27 @@ pub fn int8_gemm_f32(
     relu: bool,
     out: &mut [f32],
 ) {
+    int8_gemm_f32_pooled(a, w, scales, bias, relu, 1, out);
+}
+
+/// [`int8_gemm_f32`] followed by a maximum over each run of `group` consecutive rows (the
+/// pooling windows of [`im2col_nhwc_pooled`]): `a.rows / group` output rows. The maximum is
+/// taken over the exact accumulators before the epilogue, which gives the same values as
+/// pooling the epilogue's outputs (the scales are positive).
+///
+/// # Panics
+/// On slices shorter than the shapes need, or rows that do not come in whole groups.
+pub fn int8_gemm_f32_pooled(
+    a: &U8Matrix,
+    w: &PackedI8,
+    scales: &[f32],
+    bias: &[f32],
+    relu: bool,
+    group: usize,
+    out: &mut [f32],
+) {
     assert!(scales.len() == w.n && bias.len() == w.n);
-    drive(a, w, out, &Dequantize { scales, bias, relu });
+    drive(a, w, out, &Dequantize { scales, bias, relu }, group);
 }
 
 /// Requantization of one corrected accumulator:
@@ -558,6 +618,26 @@ pub fn int8_gemm_u8(
     relu: bool,
     out: &mut [u8],
 ) {
+    int8_gemm_u8_pooled(a, w, bias, multipliers, out_zero_point, relu, 1, out);
+}
+
+/// [`int8_gemm_u8`] followed by a maximum over each run of `group` consecutive rows, taken
+/// over the exact accumulators before requantizing (which is non-decreasing in them, the
+/// multipliers being positive): `a.rows / group` output rows.
+///
+/// # Panics
+/// On slices shorter than the shapes need, or rows that do not come in whole groups.
+#[allow(clippy::too_many_arguments)]
+pub fn int8_gemm_u8_pooled(
+    a: &U8Matrix,
+    w: &PackedI8,
+    bias: &[i32],
+    multipliers: &[f32],
+    out_zero_point: i32,
+    relu: bool,
+    group: usize,
+    out: &mut [u8],
+) {
     assert!(multipliers.len() == w.n && bias.len() == w.n);
     let lo = if relu {
         out_zero_point.clamp(0, 255)
@@ -565,7 +645,7 @@ pub fn int8_gemm_u8(
         0
     };
     let epilogue = Requantize::new(bias, multipliers, out_zero_point, lo);
-    drive(a, w, out, &epilogue);
+    drive(a, w, out, &epilogue, group);
 }
 
 #[cfg(test)]
@@ -714,6 +794,87 @@ mod tests {
             for j in 0..n {
                 let expected = requantize(i64::from(acc[j]) + i64::from(column[j]), bias[j], multipliers[j], zero_point, lo);
                 prop_assert_eq!(out[j], expected, "column {}", j);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Pooling inside the product (the maximum of the exact accumulators of each group of
+        /// rows, then the epilogue) gives exactly the unpooled product's epilogues, pooled.
+        #[test]
+        fn pooled_products_equal_pooling_the_epilogues(
+            windows in 1usize..40,
+            group in 1usize..10,
+            n in 1usize..40,
+            k in 1usize..200,
+            seed in any::<u64>(),
+            za in 0i32..=255,
+            asymmetric in any::<bool>(),
+            relu in any::<bool>(),
+        ) {
+            let m = windows * group;
+            let lda = padded_k(k);
+            let a = fill(seed, m * lda);
+            let w: Vec<i8> = fill(!seed, n * k).into_iter().map(|x| x as i8).collect();
+            let zw: Vec<i32> = if asymmetric { (0..n).map(|j| (j as i32 % 5) - 2).collect() } else { Vec::new() };
+            let input = U8Matrix { data: &a, lda, rows: m, zero_point: za };
+            let scales: Vec<f32> = (0..n).map(|j| 1e-3 + j as f32 * 1e-4).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 3.0).collect();
+            let ibias: Vec<i32> = (0..n as i32).map(|j| j * 91 - 700).collect();
+            for isa in Isa::available() {
+                let packed = PackedI8::new_for(isa, &w, n, k, &zw).unwrap();
+                let mut full = vec![0f32; m * n];
+                int8_gemm_f32(&input, &packed, &scales, &bias, relu, &mut full);
+                let mut expected = vec![0f32; windows * n];
+                max_rows(&full, group, n, &mut expected);
+                let mut pooled = vec![0f32; windows * n];
+                int8_gemm_f32_pooled(&input, &packed, &scales, &bias, relu, group, &mut pooled);
+                prop_assert_eq!(&pooled, &expected, "f32 epilogue, kernel {:?}", isa);
+
+                let mut full = vec![0u8; m * n];
+                int8_gemm_u8(&input, &packed, &ibias, &scales, 9, relu, &mut full);
+                let mut expected = vec![0u8; windows * n];
+                max_rows(&full, group, n, &mut expected);
+                let mut pooled = vec![0u8; windows * n];
+                int8_gemm_u8_pooled(&input, &packed, &ibias, &scales, 9, relu, group, &mut pooled);
+                prop_assert_eq!(&pooled, &expected, "u8 epilogue, kernel {:?}", isa);
+            }
+        }
+
+        /// The pooled im2col order holds the raster rows of every whole window, window by
+        /// window.
+        #[test]
+        fn pooled_im2col_rows_are_the_windows_pixels(
+            channels in 1usize..5,
+            height in 1usize..14,
+            width in 1usize..14,
+            kernel in 1usize..4,
+            stride in 1usize..3,
+            padding in 0usize..2,
+            pool in 1usize..4,
+            batch in 1usize..3,
+        ) {
+            let g = ConvGeometry { channels, height, width, kernel, stride, padding };
+            prop_assume!(height + 2 * padding >= kernel && width + 2 * padding >= kernel);
+            let k = g.patch_len();
+            let x: Vec<u16> = (0..batch * g.image_len()).map(|i| i as u16).collect();
+            let mut raster = vec![0u16; batch * g.pixels() * k];
+            im2col_nhwc(&x, batch, &g, 9999, &mut raster, k);
+            let rows = pooled_rows(&g, pool);
+            let mut pooled = vec![0u16; batch * rows * k];
+            im2col_nhwc_pooled(&x, batch, &g, pool, 9999, &mut pooled, k);
+            let (ow, pw) = (g.out_width(), g.out_width() / pool);
+            for b in 0..batch {
+                for index in 0..rows {
+                    let (window, at) = (index / (pool * pool), index % (pool * pool));
+                    let oy = (window / pw) * pool + at / pool;
+                    let ox = (window % pw) * pool + at % pool;
+                    let got = &pooled[(b * rows + index) * k..(b * rows + index + 1) * k];
+                    let src = (b * g.pixels() + oy * ow + ox) * k;
+                    prop_assert_eq!(got, &raster[src..src + k]);
+                }
             }
         }
     }

@@ -17,7 +17,7 @@ fn for_each_chunk<T: Sync, U: Send>(
     count: usize,
     f: impl Fn(&[T], &mut [U]) + Sync + Send,
 ) {
-    if count * ilen.max(olen) < PARALLEL_MIN_ELEMENTS {
+    if count * ilen.max(olen) < PARALLEL_MIN_ELEMENTS || !super::may_split() {
         input
             .chunks(ilen)
             .zip(out.chunks_mut(olen))
@@ -148,13 +148,32 @@ pub fn im2col<T: Copy + Send + Sync>(
     );
 }
 
-/// One NHWC image's patches, one row per output pixel, columns ordered `(ky, kx, channel)`.
-fn im2col_nhwc_image<T: Copy>(image: &[T], g: &ConvGeometry, pad: T, out: &mut [T], ld: usize) {
+/// One NHWC image's patches, columns ordered `(ky, kx, channel)`: one row per output pixel
+/// in raster order, or, with `pool > 1`, one row per pixel of every whole `pool x pool`
+/// window, window by window (see [`im2col_nhwc_pooled`]).
+fn im2col_nhwc_image<T: Copy>(
+    image: &[T],
+    g: &ConvGeometry,
+    pool: usize,
+    pad: T,
+    out: &mut [T],
+    ld: usize,
+) {
     let (k, s, p, c) = (g.kernel, g.stride, g.padding, g.channels);
     let (ow, patch) = (g.out_width(), g.patch_len());
+    let pw = ow / pool;
     let span = k * c;
-    for (pixel, row) in out.chunks_mut(ld).take(g.pixels()).enumerate() {
-        let (oy, ox) = (pixel / ow, pixel % ow);
+    let rows = pooled_rows(g, pool);
+    for (index, row) in out.chunks_mut(ld).take(rows).enumerate() {
+        let (oy, ox) = if pool == 1 {
+            (index / ow, index % ow)
+        } else {
+            let (window, at) = (index / (pool * pool), index % (pool * pool));
+            (
+                (window / pw) * pool + at / pool,
+                (window % pw) * pool + at % pool,
+            )
+        };
         let row = &mut row[..patch];
         let ix0 = (ox * s).wrapping_sub(p);
         for (ky, dst) in row.chunks_exact_mut(span).enumerate() {
@@ -181,6 +200,16 @@ fn im2col_nhwc_image<T: Copy>(image: &[T], g: &ConvGeometry, pad: T, out: &mut [
     }
 }
 
+/// Rows per image of [`im2col_nhwc_pooled`]: the output pixels of the whole `pool x pool`
+/// windows (all of them when `pool` is 1).
+pub fn pooled_rows(g: &ConvGeometry, pool: usize) -> usize {
+    if pool <= 1 {
+        g.pixels()
+    } else {
+        (g.out_height() / pool) * (g.out_width() / pool) * pool * pool
+    }
+}
+
 /// Patches of a batch of NHWC images (`height x width x channels` each): `batch * pixels`
 /// rows of `patch_len` values at row stride `ld`, columns ordered `(ky, kx, channel)` (a
 /// PyTorch weight needs its columns permuted to match, see [`ConvGeometry::nhwc_column`]).
@@ -196,16 +225,56 @@ pub fn im2col_nhwc<T: Copy + Send + Sync>(
     out: &mut [T],
     ld: usize,
 ) {
+    im2col_nhwc_pooled(input, batch, g, 1, pad, out, ld);
+}
+
+/// [`im2col_nhwc`] for a convolution followed by a `pool x pool` max pooling of stride
+/// `pool`: only the output pixels that some window covers get a row ([`pooled_rows`] per
+/// image), ordered window by window (windows in raster order, and inside each the `pool^2`
+/// pixels in raster order), so that the product's rows pool in consecutive groups.
+///
+/// # Panics
+/// If `pool` is 0, `ld < patch_len` or a slice is too short.
+pub fn im2col_nhwc_pooled<T: Copy + Send + Sync>(
+    input: &[T],
+    batch: usize,
+    g: &ConvGeometry,
+    pool: usize,
+    pad: T,
+    out: &mut [T],
+    ld: usize,
+) {
+    assert!(pool > 0, "pooling windows have at least one pixel");
     assert!(ld >= g.patch_len(), "row stride below the patch length");
     assert!(input.len() >= batch * g.image_len(), "input too short");
-    let per_image = g.pixels() * ld;
+    let per_image = pooled_rows(g, pool) * ld;
     assert!(out.len() >= batch * per_image, "output too short");
     if batch == 0 || per_image == 0 || g.image_len() == 0 {
         return;
     }
     for_each_chunk(input, g.image_len(), out, per_image, batch, |x, o| {
-        im2col_nhwc_image(x, g, pad, o, ld)
+        im2col_nhwc_image(x, g, pool, pad, o, ld)
     });
+}
+
+/// `out[w][j] = max_r y[w * group + r][j]`: the maximum of each run of `group` consecutive
+/// rows of `n` values (the pooling windows of [`im2col_nhwc_pooled`]'s row order).
+///
+/// # Panics
+/// If `group` or `n` is 0 or `out` is shorter than `y.len() / group`.
+pub fn max_rows<T: Copy + PartialOrd>(y: &[T], group: usize, n: usize, out: &mut [T]) {
+    assert!(group > 0 && n > 0, "groups and rows are not empty");
+    let windows = y.len() / (group * n);
+    assert!(out.len() >= windows * n, "output too short");
+    for (rows, best) in y.chunks_exact(group * n).zip(out.chunks_exact_mut(n)) {
+        best.copy_from_slice(&rows[..n]);
+        for row in rows[n..].chunks_exact(n) {
+            // A select and an unconditional store: the loop vectorises.
+            for (b, &v) in best.iter_mut().zip(row) {
+                *b = if v > *b { v } else { *b };
+            }
+        }
+    }
 }
 
 /// Max pooling without padding over a batch of NHWC images (`height x width x channels`
