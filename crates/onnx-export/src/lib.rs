@@ -7,7 +7,8 @@
 //! rust-protobuf and shipped as Rust source, so nothing here needs `protoc`, a build script
 //! or C++ (the lightest of the maintained options: `tract-onnx` would bring a whole inference
 //! engine along for its `pb` module, and prost-based crates generate their types at build
-//! time).
+//! time). Its generated code requires exactly `protobuf` 3.4.0, pinned in the workspace;
+//! it is licensed MPL-2.0 (file-level copyleft, used unmodified as a dependency).
 //!
 //! ```
 //! use model_spec::{LayerSpec, NetworkSpec};

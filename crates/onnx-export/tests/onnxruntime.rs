@@ -34,7 +34,7 @@ const MAX_INT8_RELATIVE_ERROR: f32 = 2e-3;
 /// the QDQ groups into `QLinearConv` and `QGemm`, whose AVX2 kernels (on CPUs without VNNI)
 /// add pairs of `u8 x s8` products in saturating 16-bit arithmetic (`vpmaddubsw`), which
 /// full 8-bit weight codes overflow. Measured: 0.14 of the largest logit on such a CPU,
-/// 0 when the weights use only 7 bits; CPUs with VNNI have no such error. Predicted classes
+/// 0 when the weights use only 7 bits (VNNI kernels accumulate in 32 bits instead). Predicted classes
 /// must still agree.
 const MAX_FUSED_STATIC_INT8_RELATIVE_ERROR: f32 = 0.25;
 
