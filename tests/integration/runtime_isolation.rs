@@ -6,6 +6,17 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// The only packages `infer` may depend on directly (ARCHITECTURE.md); what they bring is
+/// checked for C++ below.
+const INFER_DIRECT_DEPENDENCIES: [&str; 6] = [
+    "runtime",
+    "onnx-export",
+    "mnist-data",
+    "clap",
+    "anyhow",
+    "serde_json",
+];
+
 /// Packages that bring LibTorch or C++ with them.
 const FORBIDDEN: [&str; 3] = ["tch", "torch-sys", "cc"];
 
@@ -24,9 +35,8 @@ fn host() -> String {
         .to_string()
 }
 
-/// The names of every package that `package` links: normal and build dependencies,
-/// transitively (dev-dependencies are not linked into the library or binary).
-fn linked_packages(package: &str) -> BTreeSet<String> {
+/// `cargo metadata` of the workspace, for the host.
+fn metadata() -> Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The host's dependencies only: offline, cargo cannot load the manifests of packages
     // that only other targets use (plotters' wasm dependencies) and that were never fetched.
@@ -41,7 +51,31 @@ fn linked_packages(package: &str) -> BTreeSet<String> {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The names of the packages `package` depends on directly (normal dependencies).
+fn direct_dependencies(package: &str) -> BTreeSet<String> {
+    let metadata = metadata();
+    let manifest = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == package)
+        .unwrap_or_else(|| panic!("the {package} package is in the workspace"));
+    manifest["dependencies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["kind"].is_null())
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The names of every package that `package` links: normal and build dependencies,
+/// transitively (dev-dependencies are not linked into the library or binary).
+fn linked_packages(package: &str) -> BTreeSet<String> {
+    let metadata = metadata();
     let names: HashMap<&str, &str> = metadata["packages"]
         .as_array()
         .unwrap()
@@ -107,4 +141,21 @@ fn infer_dependency_tree_has_no_tch() {
         "{seen:?}"
     );
     assert_free_of_cxx("infer", &seen);
+    let direct = direct_dependencies("infer");
+    let allowed: BTreeSet<String> = INFER_DIRECT_DEPENDENCIES.map(String::from).into();
+    assert!(
+        direct.is_subset(&allowed),
+        "infer depends on {:?} beyond {allowed:?}",
+        direct.difference(&allowed).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn onnx_export_dependency_tree_has_no_tch() {
+    let seen = linked_packages("onnx-export");
+    assert!(
+        seen.contains("runtime") && seen.contains("onnx-protobuf"),
+        "{seen:?}"
+    );
+    assert_free_of_cxx("onnx-export", &seen);
 }

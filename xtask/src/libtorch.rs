@@ -15,6 +15,12 @@ pub const TORCH_VERSION: &str = "2.11.0";
 const PROJECT: &str = "tch-mot";
 /// Written last, after pip succeeded: its absence means "install (again)".
 const MARKER: &str = "install-complete";
+/// The Python packages the tests use next to torch (the ONNX export's cross-check), pinned
+/// exactly. Installed after torch, into the same environment.
+pub const EXTRA_PYTHON_PACKAGES: [&str; 2] = ["onnx==1.23.2", "onnxruntime==1.31.1"];
+/// Holds [`EXTRA_PYTHON_PACKAGES`] (one a line) once pip installed them: an environment
+/// without it, or with another list, gets them installed on the next call.
+const EXTRA_MARKER: &str = "extra-packages-complete";
 
 /// A usable LibTorch, and the Python that came with it when we installed it.
 #[derive(Debug)]
@@ -37,16 +43,22 @@ impl LibTorch {
         let root = cache_dir()?
             .join(PROJECT)
             .join(format!("torch-{TORCH_VERSION}"));
-        if let Some(found) = Self::installed(&root) {
-            return Ok(found);
+        let found = match Self::installed(&root) {
+            Some(found) => found,
+            None => {
+                install(&root)?;
+                Self::installed(&root).with_context(|| {
+                    format!(
+                        "pip reported success but no usable torch/ folder was found under {}",
+                        root.display()
+                    )
+                })?
+            }
+        };
+        if let Some(python) = &found.python {
+            ensure_extra_packages(&root, python)?;
         }
-        install(&root)?;
-        Self::installed(&root).with_context(|| {
-            format!(
-                "pip reported success but no usable torch/ folder was found under {}",
-                root.display()
-            )
-        })
+        Ok(found)
     }
 
     /// The environment a spawned cargo needs to build, test and run against LibTorch.
@@ -215,6 +227,42 @@ fn install(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The contents of [`EXTRA_MARKER`] for the current package list.
+fn extra_marker_contents() -> String {
+    EXTRA_PYTHON_PACKAGES.join("\n") + "\n"
+}
+
+/// Installs [`EXTRA_PYTHON_PACKAGES`] into the private environment unless its marker says
+/// that exactly this list is there; the marker is written only after pip succeeded.
+fn ensure_extra_packages(root: &Path, python: &Path) -> Result<()> {
+    let marker = root.join(EXTRA_MARKER);
+    let wanted = extra_marker_contents();
+    if std::fs::read_to_string(&marker).is_ok_and(|found| found == wanted) {
+        return Ok(());
+    }
+    let list = EXTRA_PYTHON_PACKAGES.join(" ");
+    eprintln!(
+        "installing {list} into the environment of {}",
+        python.display()
+    );
+    let status = Command::new(python)
+        .args(["-m", "pip", "install", "--disable-pip-version-check"])
+        .args(EXTRA_PYTHON_PACKAGES)
+        // As for torch: stdout stays clean for `eval "$(cargo xtask env)"`.
+        .stdout(std::io::stderr())
+        .status()
+        .context("running pip")?;
+    if !status.success() {
+        bail!(
+            "`pip install {list}` failed ({status}); fix the cause above and rerun `cargo xtask setup`"
+        );
+    }
+    let temporary = root.join(format!("{EXTRA_MARKER}.tmp"));
+    std::fs::write(&temporary, wanted.as_bytes())
+        .and_then(|()| std::fs::rename(&temporary, &marker))
+        .with_context(|| format!("writing {}", marker.display()))
+}
+
 /// The `torch/` package folder inside a virtual environment.
 fn find_torch(venv: &Path) -> Result<PathBuf> {
     let lib = venv.join(if cfg!(windows) { "Lib" } else { "lib" });
@@ -255,6 +303,18 @@ mod tests {
         let err = check_layout(&dir).unwrap_err().to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(err.contains("include/"), "{err}");
+    }
+
+    #[test]
+    fn extra_packages_are_pinned_exactly() {
+        for package in EXTRA_PYTHON_PACKAGES {
+            let (name, version) = package.split_once("==").unwrap();
+            assert!(
+                !name.is_empty() && version.split('.').count() == 3,
+                "{package}"
+            );
+        }
+        assert!(extra_marker_contents().lines().eq(EXTRA_PYTHON_PACKAGES));
     }
 
     #[test]

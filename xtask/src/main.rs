@@ -38,7 +38,10 @@ Commands:
 
 LibTorch: if LIBTORCH is set it is used as is. Otherwise `pip install torch==2.11.0`
 runs once into a virtual environment under $XDG_CACHE_HOME/tch-mot (or ~/.cache/tch-mot);
-it needs python3 with the venv module and about 5 GB of disk.
+it needs python3 with the venv module and about 5 GB of disk. The same environment gets
+onnx==1.23.2 and onnxruntime==1.31.1 (the ONNX export's cross-check), installed on the
+first call that finds them missing. With LIBTORCH set, install those into the Python
+that TCH_MOT_PYTHON names yourself.
 ";
 
 fn main() -> ExitCode {

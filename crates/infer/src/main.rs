@@ -42,6 +42,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+
+    /// Write the artifact as an ONNX model (QDQ for int8 layers) to this file, atomically,
+    /// and exit without scoring.
+    #[arg(long, value_name = "OUT.onnx")]
+    export_onnx: Option<PathBuf>,
 }
 
 fn parse_at_least_one(value: &str) -> Result<usize, String> {
@@ -70,6 +75,17 @@ struct Score {
 }
 
 fn run(args: &Args) -> Result<()> {
+    if let Some(out) = &args.export_onnx {
+        onnx_export::export_file(&args.artifact, out).with_context(|| {
+            format!(
+                "exporting {} to ONNX at {}",
+                args.artifact.display(),
+                out.display()
+            )
+        })?;
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
     let size_bytes = std::fs::metadata(&args.artifact)
         .with_context(|| format!("cannot access the artifact {}", args.artifact.display()))?
         .len();

@@ -120,7 +120,56 @@ fn help_lists_the_options() {
     let output = infer(&["--help"]);
     assert!(output.status.success());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    for flag in ["<ARTIFACT>", "--data-dir", "--limit", "--batch", "--json"] {
+    for flag in [
+        "<ARTIFACT>",
+        "--data-dir",
+        "--limit",
+        "--batch",
+        "--json",
+        "--export-onnx",
+    ] {
         assert!(stdout.contains(flag), "{flag}: {stdout}");
     }
+}
+
+#[test]
+fn exports_onnx_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("tiny.safetensors");
+    write_artifact(&artifact);
+    let onnx = dir.path().join("tiny.onnx");
+    let output = infer(&[
+        artifact.to_str().unwrap(),
+        "--export-onnx",
+        onnx.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Nothing is scored.
+    assert!(!stdout.contains("accuracy"), "{stdout}");
+    let expected = onnx_export::export(&std::fs::read(&artifact).unwrap()).unwrap();
+    assert_eq!(std::fs::read(&onnx).unwrap(), expected);
+}
+
+#[test]
+fn a_failed_onnx_export_is_an_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifact = dir.path().join("tiny.safetensors");
+    write_artifact(&artifact);
+    let onnx = dir.path().join("no such folder").join("tiny.onnx");
+    let output = infer(&[
+        artifact.to_str().unwrap(),
+        "--export-onnx",
+        onnx.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("error: exporting") && stderr.contains("no such folder"),
+        "{stderr}"
+    );
 }

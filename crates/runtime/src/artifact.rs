@@ -1049,6 +1049,22 @@ fn int8_groups(
 
 /// Parses and validates an artifact. `file` names it in errors.
 pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
+    decode_with_schemes(bytes, file).map(|(decoded, _)| decoded)
+}
+
+/// The storage schemes of one layer's weight and bias, as the artifact declares them.
+#[derive(Clone, Debug)]
+pub(crate) struct LayerSchemes {
+    pub weight: Scheme,
+    pub bias: Scheme,
+}
+
+/// [`decode`], also giving the storage schemes of every conv2d and linear layer (`None` for
+/// the other layers).
+pub(crate) fn decode_with_schemes(
+    bytes: &[u8],
+    file: &str,
+) -> Result<(Decoded, Vec<Option<LayerSchemes>>)> {
     precheck(bytes, file)?;
     let (header_len, meta): (usize, Metadata) =
         SafeTensors::read_metadata(bytes).map_err(|e| Error::Damaged {
@@ -1099,9 +1115,11 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         used: BTreeSet::new(),
     };
     let mut params = Vec::with_capacity(network.layers.len());
+    let mut layer_schemes = Vec::with_capacity(network.layers.len());
     for (i, layer) in network.layers.iter().enumerate() {
         let Some((weight_shape, out)) = param_shapes(layer) else {
             params.push(None);
+            layer_schemes.push(None);
             continue;
         };
         let (weight_name, bias_name) = (format!("{i}.weight"), format!("{i}.bias"));
@@ -1112,7 +1130,8 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         };
         let weight_scheme = scheme_of(&mut schemes, &weight_name)?;
         let weight = decode_weight(&mut reader, &weight_name, &weight_scheme, &weight_shape)?;
-        let bias = match scheme_of(&mut schemes, &bias_name)? {
+        let bias_scheme = scheme_of(&mut schemes, &bias_name)?;
+        let bias = match &bias_scheme {
             Scheme::F32 => reader.f32s(&bias_name, &[out])?,
             Scheme::F16 => reader.f16s(&bias_name, &[out])?,
             other => {
@@ -1150,6 +1169,10 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
             bias,
             input_quant,
         }));
+        layer_schemes.push(Some(LayerSchemes {
+            weight: weight_scheme,
+            bias: bias_scheme,
+        }));
     }
     if let Some(name) = schemes.keys().next() {
         return Err(malformed(
@@ -1173,9 +1196,12 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
             tensor: unused.clone(),
         });
     }
-    Ok(Decoded {
-        network,
-        shapes,
-        params,
-    })
+    Ok((
+        Decoded {
+            network,
+            shapes,
+            params,
+        },
+        layer_schemes,
+    ))
 }

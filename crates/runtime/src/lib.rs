@@ -3,7 +3,8 @@
 //! An artifact is one safetensors file (specified in `docs/FORMAT.md`) holding the network
 //! description ([`model_spec::NetworkSpec`]) and every parameter in its storage scheme: f32,
 //! f16, int8 (per-channel or per-tensor scales and zero points) or CSR-sparse. [`Model`]
-//! loads and validates one and runs batches of inputs:
+//! loads and validates one and runs batches of inputs ([`Artifact`] gives the same file's
+//! decoded parameters to tools that convert rather than run it):
 //!
 //! - f32 and f16 weights run through an AVX-512 f32 GEMM over weights packed at load time
 //!   (`matrixmultiply` on CPUs without AVX-512);
@@ -65,6 +66,7 @@ mod artifact;
 mod engine;
 mod error;
 pub mod kernels;
+mod parameters;
 mod quant;
 
 pub use artifact::{
@@ -73,6 +75,7 @@ pub use artifact::{
 };
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
+pub use parameters::{Artifact, LayerParameters, WeightValues};
 pub use quant::{QParams, quantize_symmetric};
 
 /// Whether a pruned weight matrix of `rows x cols` with `nnz` nonzero entries should be

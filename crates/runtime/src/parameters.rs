@@ -1,0 +1,190 @@
+//! A typed, read-only view of a decoded artifact, for tools that convert or inspect models
+//! rather than run them (an exporter to another format, a report of what a file holds).
+
+use std::path::Path;
+
+use model_spec::NetworkSpec;
+
+use crate::artifact::{Decoded, Granularity, LayerSchemes, Scheme, Weight, decode_with_schemes};
+use crate::error::{Error, Result};
+use crate::quant::QParams;
+
+/// The values of a conv2d or linear weight, as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WeightValues {
+    /// Real values in PyTorch's layout (`[out, in, k, k]` or `[out, in]`, row-major): the
+    /// `f32` scheme as stored, the `f16` scheme widened (every value is exactly a half), the
+    /// `csr` scheme as its dense equivalent.
+    Float(Vec<f32>),
+    /// Int8 codes (the `int8` scheme, or `int8_sparse` with the codes that are not stored
+    /// filled in with their zero point), dequantized as
+    /// `w[c, ...] = scales[c] * (codes[c, ...] - zero_points[c])`.
+    Int8 {
+        /// One code per element, PyTorch's layout.
+        codes: Vec<i8>,
+        /// One scale per output channel (a per-tensor scale repeated).
+        scales: Vec<f32>,
+        /// One zero point per output channel (a per-tensor zero point repeated).
+        zero_points: Vec<i8>,
+        /// How the artifact stores the scales and zero points: per tensor (all equal) or per
+        /// output channel.
+        granularity: Granularity,
+    },
+}
+
+/// The parameters of one conv2d or linear layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerParameters {
+    /// The weight's logical shape: `[out, in, kernel, kernel]` or `[out_features, in_features]`.
+    pub weight_shape: Vec<usize>,
+    /// How the artifact stores the weight.
+    pub weight_scheme: Scheme,
+    /// The weight's values.
+    pub weight: WeightValues,
+    /// How the artifact stores the bias (`f32` or `f16`).
+    pub bias_scheme: Scheme,
+    /// The bias, one per output channel (widened to f32 when stored as f16).
+    pub bias: Vec<f32>,
+    /// The calibrated quantization of the layer's input when the layer runs in full-integer
+    /// (static) mode; `None` for dynamic-range int8 and for float layers.
+    pub input_quantization: Option<QParams>,
+}
+
+/// A validated artifact, decoded into its network description and every layer's parameters
+/// in their storage scheme. [`Artifact::from_bytes`] accepts exactly what
+/// [`Model::from_bytes`](crate::Model::from_bytes) accepts (the same decoder), so whatever
+/// is read here also runs.
+///
+/// ```
+/// use model_spec::{LayerSpec, NetworkSpec};
+/// use runtime::{Artifact, ArtifactBuilder, Granularity, WeightValues};
+///
+/// let network = NetworkSpec {
+///     name: "tiny".into(),
+///     input: [1, 1, 2],
+///     layers: vec![LayerSpec::Flatten, LayerSpec::Linear { in_features: 2, out_features: 1 }],
+/// };
+/// let mut builder = ArtifactBuilder::new(network);
+/// builder
+///     .add_int8_quantized("1.weight", &[0.5, -1.0], &[1, 2], Granularity::PerChannel)?
+///     .add_f32("1.bias", &[0.25], &[1])?;
+/// let artifact = Artifact::from_bytes(&builder.to_bytes()?)?;
+/// let linear = artifact.layer(1).expect("layer 1 has parameters");
+/// let WeightValues::Int8 { codes, scales, .. } = &linear.weight else { unreachable!() };
+/// assert_eq!(codes, &[64, -127]);
+/// assert!((scales[0] - 1.0 / 127.0).abs() < 1e-9);
+/// assert_eq!(linear.bias, [0.25]);
+/// assert!(artifact.layer(0).is_none()); // flatten has no parameters
+/// # Ok::<(), runtime::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    network: NetworkSpec,
+    shapes: Vec<Vec<usize>>,
+    layers: Vec<Option<LayerParameters>>,
+}
+
+impl Artifact {
+    /// Reads and validates the artifact at `path`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_bytes_named(&bytes, &path.display().to_string())
+    }
+
+    /// Validates an artifact held in memory. Never panics, whatever the bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        Self::from_bytes_named(bytes, "<bytes>")
+    }
+
+    fn from_bytes_named(bytes: &[u8], file: &str) -> Result<Self> {
+        let (
+            Decoded {
+                network,
+                shapes,
+                params,
+            },
+            schemes,
+        ) = decode_with_schemes(bytes, file)?;
+        let layers = params
+            .into_iter()
+            .zip(schemes)
+            .enumerate()
+            .map(|(i, (params, schemes))| {
+                let (params, LayerSchemes { weight, bias }) = params.zip(schemes)?;
+                Some(LayerParameters {
+                    weight_shape: weight_shape_of(&network, i)?,
+                    weight: weight_values(params.weight, &weight),
+                    weight_scheme: weight,
+                    bias_scheme: bias,
+                    bias: params.bias,
+                    input_quantization: params.input_quant,
+                })
+            })
+            .collect();
+        Ok(Self {
+            network,
+            shapes,
+            layers,
+        })
+    }
+
+    /// The network description.
+    pub fn network(&self) -> &NetworkSpec {
+        &self.network
+    }
+
+    /// The per-sample input shape of every layer (without the batch dimension), then the
+    /// network's output shape: `shapes()[i]` is what layer `i` receives.
+    pub fn shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+
+    /// The parameters of layer `index`: `Some` for every conv2d and linear layer, `None` for
+    /// the other layers and past the end.
+    pub fn layer(&self, index: usize) -> Option<&LayerParameters> {
+        self.layers.get(index).and_then(Option::as_ref)
+    }
+}
+
+/// A decoded weight as the public type says it.
+fn weight_values(weight: Weight, scheme: &Scheme) -> WeightValues {
+    match weight {
+        Weight::Dense(values) => WeightValues::Float(values),
+        Weight::Csr(matrix) => WeightValues::Float(matrix.to_dense()),
+        Weight::Int8 {
+            values,
+            scales,
+            zero_points,
+        } => WeightValues::Int8 {
+            codes: values,
+            scales,
+            // The decoder read them as i8 codes and widened them.
+            zero_points: zero_points.iter().map(|&z| z as i8).collect(),
+            granularity: match scheme {
+                Scheme::Int8 { granularity } | Scheme::Int8Sparse { granularity } => *granularity,
+                _ => Granularity::PerChannel,
+            },
+        },
+    }
+}
+
+/// The logical weight shape of layer `index`, when it has parameters.
+fn weight_shape_of(network: &NetworkSpec, index: usize) -> Option<Vec<usize>> {
+    match *network.layers.get(index)? {
+        model_spec::LayerSpec::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            ..
+        } => Some(vec![out_channels, in_channels, kernel, kernel]),
+        model_spec::LayerSpec::Linear {
+            in_features,
+            out_features,
+        } => Some(vec![out_features, in_features]),
+        _ => None,
+    }
+}
