@@ -185,18 +185,31 @@ fn im2col_nhwc_image<T: Copy>(
             let src = &image[iy * g.width * c..(iy + 1) * g.width * c];
             // Interior patches (the common case) are one contiguous copy of `k * c` values.
             if ix0 < g.width && ix0 + k <= g.width {
-                dst.copy_from_slice(&src[ix0 * c..(ix0 + k) * c]);
+                copy_short(dst, &src[ix0 * c..(ix0 + k) * c]);
                 continue;
             }
             for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
                 let ix = (ox * s + kx).wrapping_sub(p);
                 if ix < g.width {
-                    d.copy_from_slice(&src[ix * c..(ix + 1) * c]);
+                    copy_short(d, &src[ix * c..(ix + 1) * c]);
                 } else {
                     d.fill(pad);
                 }
             }
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)`, without a library call for the few values of a first
+/// convolution's patch rows (one channel, a 3-wide kernel: 3 values).
+#[inline(always)]
+fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
+    if dst.len() <= 16 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = v;
+        }
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
