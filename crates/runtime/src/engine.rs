@@ -2,6 +2,7 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::Mutex;
 
 use model_spec::{LayerSpec, NetworkSpec};
 use ndarray::{Array2, ArrayView, Dimension};
@@ -11,10 +12,11 @@ use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
     self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias,
-    im2col_nhwc_pooled, int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d, max_pool2d_nhwc,
-    max_rows, nhwc_to_nchw, padded_k, pooled_rows, sgemm_packed, sparse_conv_nhwc,
+    gemv_columns, im2col_nhwc_pooled, int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d,
+    max_pool2d_nhwc, max_rows, nhwc_to_nchw, padded_k, pooled_rows, sgemm_packed, sparse_conv_nhwc,
 };
 use crate::quant::QParams;
+use crate::team::Team;
 
 /// How one conv2d or linear layer executes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -845,13 +847,17 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 _ => x,
             };
             let mut y = pool.f32(rows * n);
+            let a = &cols[..rows * k];
             match &c.kernel {
-                Kernel::Dense(w) => {
-                    sgemm_packed(&cols[..rows * k], rows, w, &c.bias, c.relu, &mut y)
-                }
-                Kernel::Csr(m) => {
-                    csr_gemm_bias(&cols[..rows * k], rows, m, &c.bias, c.relu, &mut y)
-                }
+                // One row: the outputs are shared out.
+                Kernel::Dense(w) if rows == 1 => share(n, 1, 1, &mut y, n * k, |first, last, y| {
+                    gemv_columns(a, w, &c.bias, c.relu, first, &mut y[..last - first]);
+                }),
+                // Pooled after the product: the rows are shared out one by one.
+                Kernel::Dense(w) => share(rows, 1, n, &mut y, rows * n * k, |r0, r1, y| {
+                    sgemm_packed(&a[r0 * k..r1 * k], r1 - r0, w, &c.bias, c.relu, y)
+                }),
+                Kernel::Csr(m) => csr_gemm_bias(a, rows, m, &c.bias, c.relu, &mut y),
                 Kernel::Int8 { .. } | Kernel::CsrConv(_) => unreachable!(),
             }
             pool.give_f32(cols);
@@ -914,30 +920,87 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             {
                 Some((s, (out_q, multipliers))) => {
                     let mut y = pool.u8(rows / group * n);
-                    int8_gemm_u8_pooled(
-                        &matrix,
-                        packed,
-                        &s.bias,
-                        multipliers,
-                        out_q.zero_point,
-                        c.relu,
-                        group,
-                        &mut y,
-                    );
+                    share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
+                        int8_gemm_u8_pooled(
+                            &matrix.rows_range(r0..r1),
+                            packed,
+                            &s.bias,
+                            multipliers,
+                            out_q.zero_point,
+                            c.relu,
+                            group,
+                            y,
+                        )
+                    });
                     Data::U8(y, *out_q)
                 }
                 None => {
                     let acc_scale: Vec<f32> = scales.iter().map(|&s| params.scale * s).collect();
                     let mut y = pool.f32(rows / group * n);
-                    int8_gemm_f32_pooled(
-                        &matrix, packed, &acc_scale, &c.bias, c.relu, group, &mut y,
-                    );
+                    share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
+                        int8_gemm_f32_pooled(
+                            &matrix.rows_range(r0..r1),
+                            packed,
+                            &acc_scale,
+                            &c.bias,
+                            c.relu,
+                            group,
+                            y,
+                        )
+                    });
                     Data::F32(y)
                 }
             };
             pool.give_u8(a);
             result
         }
+    }
+}
+
+/// Multiply-adds from which a product is shared out between the team's threads when the
+/// kernels may split their work: below it, the hand-off costs more than it saves.
+const TEAM_MIN_MACS: usize = 1 << 16;
+
+/// Calls `f(r0, r1, out_rows)` for row ranges that together cover `0..rows`, in whole groups
+/// of `group` rows, each with its own `(r1 - r0) / group * n` values of `out`: one range on
+/// the calling thread, or one per thread of the small-batch team when the product is large
+/// enough (`macs`) and the kernels may split.
+fn share<T: Send>(
+    rows: usize,
+    group: usize,
+    n: usize,
+    out: &mut [T],
+    macs: usize,
+    f: impl Fn(usize, usize, &mut [T]) + Sync,
+) {
+    let windows = rows / group;
+    let team = (macs >= TEAM_MIN_MACS && kernels::may_split())
+        .then(Team::get)
+        .flatten();
+    let shares = team.map_or(1, |t| {
+        t.size().min(rayon::current_num_threads()).min(windows)
+    });
+    let (Some(team), true) = (team, shares > 1) else {
+        f(0, rows, &mut out[..windows * n]);
+        return;
+    };
+    let bounds: Vec<usize> = (0..=shares).map(|s| windows * s / shares * group).collect();
+    let mut parts = Vec::with_capacity(shares);
+    let mut rest = &mut out[..windows * n];
+    for s in 0..shares {
+        let (part, tail) = rest.split_at_mut((bounds[s + 1] - bounds[s]) / group * n);
+        parts.push(Mutex::new(Some(part)));
+        rest = tail;
+    }
+    let run = |s: usize| {
+        let part = parts[s].lock().ok().and_then(|mut p| p.take());
+        if let Some(part) = part {
+            f(bounds[s], bounds[s + 1], part);
+        }
+    };
+    // A team busy with another caller's work leaves every share to this thread.
+    if !team.run(shares, &run) {
+        (0..shares).for_each(run);
     }
 }
 

@@ -68,6 +68,7 @@ mod error;
 pub mod kernels;
 mod parameters;
 mod quant;
+mod team;
 
 pub use artifact::{
     ArtifactBuilder, FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM,

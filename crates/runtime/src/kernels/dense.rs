@@ -240,6 +240,35 @@ pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool
     bias_relu(out, bias, relu);
 }
 
+/// One row's product for the outputs `first..first + out.len()` only:
+/// `out[i] = x . w[first + i] + bias[first + i]` (then ReLU if asked), so that the outputs of
+/// a one-row product can be shared out between threads.
+///
+/// # Panics
+/// If `x` is not `k` long or the outputs run past `n`.
+pub fn gemv_columns(
+    x: &[f32],
+    w: &PackedF32,
+    bias: &[f32],
+    relu: bool,
+    first: usize,
+    out: &mut [f32],
+) {
+    let k = w.k;
+    assert_eq!(x.len(), k, "one row of k values");
+    assert!(first + out.len() <= w.n && bias.len() == w.n);
+    let dot = dot_fn();
+    let rows = &w.rows[first * k..(first + out.len()) * k];
+    for ((y, row), &b) in out
+        .iter_mut()
+        .zip(rows.chunks_exact(k.max(1)))
+        .zip(&bias[first..])
+    {
+        let v = if k == 0 { 0.0 } else { dot(x, row) } + b;
+        *y = if relu { v.max(0.0) } else { v };
+    }
+}
+
 /// The output of a GEMM whose parallel tasks write disjoint columns.
 #[derive(Clone, Copy)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

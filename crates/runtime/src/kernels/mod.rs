@@ -31,7 +31,7 @@ mod sgemm512;
 mod sparse_conv;
 mod spatial;
 
-pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, sgemm_bias, sgemm_packed};
+pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, gemv_columns, sgemm_bias, sgemm_packed};
 pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{
     ConvGeometry, im2col, im2col_nhwc, im2col_nhwc_pooled, max_pool2d, max_pool2d_nhwc, max_rows,
@@ -57,12 +57,13 @@ const ROW_BLOCK: usize = 64;
 /// small layers would spend more time waking rayon workers than computing.
 pub const PARALLEL_MIN_MACS: usize = 1 << 21;
 
-/// Whether a kernel may split its work over rayon's threads: not when it already runs on
-/// one of them (the engine spreads a batch's images over the threads and runs each share's
+/// Whether a kernel may split its work over threads: not when it already runs on one of
+/// rayon's (the engine spreads a batch's images over the threads and runs each share's
 /// kernels on its own thread, and a caller that parallelises over its own calls has done the
-/// same), where splitting again would only add hand-offs.
+/// same) or as a share of the engine's own small-batch team, where splitting again would only
+/// add hand-offs.
 pub fn may_split() -> bool {
-    rayon::current_thread_index().is_none()
+    rayon::current_thread_index().is_none() && !crate::team::in_team()
 }
 
 /// `k` rounded up to [`K_ALIGN`]: the smallest valid row stride for integer activations.
@@ -285,6 +286,22 @@ pub struct U8Matrix<'a> {
     pub rows: usize,
     /// The activation zero point (0..=255).
     pub zero_point: i32,
+}
+
+impl<'a> U8Matrix<'a> {
+    /// The rows `range` of the matrix.
+    ///
+    /// # Panics
+    /// If the range runs past the rows.
+    pub fn rows_range(&self, range: std::ops::Range<usize>) -> U8Matrix<'a> {
+        assert!(range.start <= range.end && range.end <= self.rows);
+        let start = (range.start * self.lda).min(self.data.len());
+        U8Matrix {
+            data: &self.data[start..],
+            rows: range.end - range.start,
+            ..*self
+        }
+    }
 }
 
 /// An exact corrected accumulator `sum_k (a - za) * (w - zw)`: `i32` where it provably fits
