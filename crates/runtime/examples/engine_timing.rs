@@ -98,7 +98,11 @@ fn main() {
     // An optional fixed number of calls per case instead of a time: for counting cycles
     // with `perf stat`, which a busy machine does not distort the way it distorts time.
     let fixed_calls: Option<usize> = std::env::args().nth(3).and_then(|s| s.parse().ok());
-    for spec in [mlp(), NetworkSpec::teacher_cnn().without_batch_norm()] {
+    for spec in [
+        mlp(),
+        NetworkSpec::teacher_cnn().without_batch_norm(),
+        NetworkSpec::compact_cnn().without_batch_norm(),
+    ] {
         for precision in ["f32", "int8", "static"] {
             let m = model(&spec, precision != "f32", precision == "static");
             for batch in [1usize, 256] {

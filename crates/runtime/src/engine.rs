@@ -11,9 +11,10 @@ use rayon::prelude::*;
 use crate::artifact::{Decoded, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
-    self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, SparseConv, U8Matrix, csr_gemm_bias,
-    gemv_columns, im2col_nhwc_pooled, int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d,
-    max_pool2d_nhwc, max_rows, nhwc_to_nchw, padded_k, pooled_rows, sgemm_packed, sparse_conv_nhwc,
+    self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, Patches, SparseConv, U8Matrix,
+    csr_gemm_bias, gemv_columns, im2col_nhwc_pooled, int8_conv_f32_pooled, int8_conv_u8_pooled,
+    int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d, max_pool2d_nhwc, max_rows, nhwc_to_nchw,
+    padded_k, pooled_rows, sgemm_packed, sparse_conv_nhwc,
 };
 use crate::quant::QParams;
 use crate::team::Team;
@@ -80,6 +81,9 @@ struct Compute {
     /// computes only the pixels of whole windows, window by window, and keeps each window's
     /// maximum.
     pool: usize,
+    /// The output pixel of each im2col row of one image (convolutions; see
+    /// [`kernels::patch_pixels`]).
+    pixels: Vec<u32>,
 }
 
 /// The engine's operations. Images travel NHWC (`height x width x channels` per sample), the
@@ -470,6 +474,13 @@ impl Model {
                 cols: channels,
             });
         }
+        for op in &mut ops {
+            if let Op::Compute(c) = op
+                && let Some(g) = c.conv
+            {
+                c.pixels = kernels::patch_pixels(&g, c.pool);
+            }
+        }
         let front = Front::plan(&ops, &network.input);
         Self {
             file: file.to_owned(),
@@ -810,6 +821,7 @@ fn compile_layer(
         bias,
         relu: false,
         pool: 1,
+        pixels: Vec::new(),
     }
 }
 
@@ -890,8 +902,55 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                     (q, p)
                 }
             };
+            // A convolution's im2col rows are taken from the images as the kernel needs them.
+            if let Some(g) = c.conv.filter(|g| lowered(g)) {
+                let zero = params.zero_point;
+                let patches = Patches::new(&q, g, &c.pixels, zero as u8);
+                let result = match stat
+                    .as_ref()
+                    .and_then(|s| s.output.as_ref().map(|o| (s, o)))
+                {
+                    Some((s, (out_q, multipliers))) => {
+                        let mut y = pool.u8(rows / group * n);
+                        share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
+                            int8_conv_u8_pooled(
+                                &patches.rows_range(r0..r1),
+                                zero,
+                                packed,
+                                &s.bias,
+                                multipliers,
+                                out_q.zero_point,
+                                c.relu,
+                                group,
+                                y,
+                            )
+                        });
+                        Data::U8(y, *out_q)
+                    }
+                    None => {
+                        let acc_scale: Vec<f32> =
+                            scales.iter().map(|&s| params.scale * s).collect();
+                        let mut y = pool.f32(rows / group * n);
+                        share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
+                            int8_conv_f32_pooled(
+                                &patches.rows_range(r0..r1),
+                                zero,
+                                packed,
+                                &acc_scale,
+                                &c.bias,
+                                c.relu,
+                                group,
+                                y,
+                            )
+                        });
+                        Data::F32(y)
+                    }
+                };
+                pool.give_u8(q);
+                return result;
+            }
             let a = match c.conv {
-                Some(g) if lowered(&g) || lda != k => {
+                Some(g) if lda != k => {
                     let mut cols = pool.u8(rows * lda);
                     let zero = params.zero_point as u8;
                     im2col_nhwc_pooled(&q, batch, &g, c.pool, zero, &mut cols, lda);

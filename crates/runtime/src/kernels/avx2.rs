@@ -145,10 +145,38 @@ pub(crate) unsafe fn gemm(
     kp: usize,
     c: &mut [i32],
 ) {
+    assert!(lda >= kp);
+    assert!(m == 0 || a.len() >= (m - 1) * lda + kp);
+    let fill = |first: usize, count: usize, dst: &mut [u16]| {
+        for (i, dst) in dst.chunks_exact_mut(kp).take(count).enumerate() {
+            let src = &a[(first + i) * lda..(first + i) * lda + kp];
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = u16::from(v);
+            }
+        }
+    };
+    // SAFETY: forwarded; `fill` writes every row it is asked for.
+    unsafe { gemm_rows(m, b, n, kp, c, &fill) };
+}
+
+/// [`gemm`] with the activations produced row tile by row tile by `fill(first, count, dst)`,
+/// which writes rows `first..first + count`, zero-extended to `u16`, `kp` values each, one
+/// after the other into `dst` (an im2col that never leaves the L1 cache).
+///
+/// # Safety
+/// The CPU must support AVX2. Slice lengths are checked here.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn gemm_rows(
+    m: usize,
+    b: &[i16],
+    n: usize,
+    kp: usize,
+    c: &mut [i32],
+    fill: &dyn Fn(usize, usize, &mut [u16]),
+) {
     let kh = kp / 2;
     let blocks = n.div_ceil(NR);
-    assert!(kp.is_multiple_of(2) && lda >= kp && b.len() == blocks * kh * NR * 2);
-    assert!(m == 0 || a.len() >= (m - 1) * lda + kp);
+    assert!(kp.is_multiple_of(2) && b.len() == blocks * kh * NR * 2);
     assert!(c.len() >= m * n);
     let mut wide = WIDE.with(std::cell::Cell::take);
     wide.clear();
@@ -156,12 +184,11 @@ pub(crate) unsafe fn gemm(
     let mut r = 0;
     while r < m {
         let count = (m - r).min(MR);
-        for (i, dst) in wide.chunks_exact_mut(kh).take(count).enumerate() {
-            let src = &a[(r + i) * lda..(r + i) * lda + kp];
-            for (d, pair) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
-            }
-        }
+        // SAFETY: `u32` storage is aligned for `u16`, twice as many of them, any bits valid.
+        let halves = unsafe {
+            std::slice::from_raw_parts_mut(wide.as_mut_ptr().cast::<u16>(), wide.len() * 2)
+        };
+        fill(r, count, &mut halves[..count * kp]);
         let (ap, bp, cp) = (wide.as_ptr(), b.as_ptr(), c.as_mut_ptr());
         // SAFETY: `wide` holds `count` rows of `kh` pairs; `b` holds every block; rows
         // `r..r + count` of `c` are inside it (asserted above).

@@ -34,8 +34,8 @@ mod spatial;
 pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, gemv_columns, sgemm_bias, sgemm_packed};
 pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{
-    ConvGeometry, im2col, im2col_nhwc, im2col_nhwc_pooled, max_pool2d, max_pool2d_nhwc, max_rows,
-    nhwc_to_nchw, pooled_rows,
+    ConvGeometry, Patches, im2col, im2col_nhwc, im2col_nhwc_pooled, max_pool2d, max_pool2d_nhwc,
+    max_rows, nhwc_to_nchw, patch_pixels, pooled_rows,
 };
 
 use rayon::prelude::*;
@@ -471,6 +471,16 @@ impl<'a> Requantize<'a> {
 thread_local! {
     /// One block's `i32` accumulators, kept by each thread between blocks and calls.
     static ACCUMULATORS: std::cell::Cell<Vec<i32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// One block's im2col rows, where a kernel cannot take them row tile by row tile.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where the integer GEMM's activation rows come from.
+#[derive(Clone, Copy, Debug)]
+enum Source<'a> {
+    Matrix(&'a U8Matrix<'a>),
+    /// The im2col rows of images, and their zero point.
+    Patches(&'a Patches<'a, u8>, i32),
 }
 
 /// Runs the integer GEMM block by block and applies the epilogue to each corrected
@@ -480,23 +490,33 @@ thread_local! {
 /// row: the maximum of their corrected accumulators, per column, then the epilogue, which is
 /// the maximum of the epilogues (both epilogues are non-decreasing in the accumulator).
 fn drive<T: Send, E: Epilogue<T>>(
-    a: &U8Matrix,
+    source: Source,
     w: &PackedI8,
     out: &mut [T],
     finish: &E,
     group: usize,
 ) {
-    let (m, n, k, lda) = (a.rows, w.n, w.k, a.lda);
+    let (m, zero_point) = match source {
+        Source::Matrix(a) => {
+            assert!(
+                a.rows == 0 || a.data.len() >= (a.rows - 1) * a.lda + w.kp,
+                "activations too short"
+            );
+            assert!(a.lda >= w.kp, "row stride below padded k");
+            (a.rows, a.zero_point)
+        }
+        Source::Patches(p, zero_point) => {
+            assert_eq!(p.geometry.patch_len(), w.k, "patches of k values");
+            (p.rows(), zero_point)
+        }
+    };
+    let (n, k) = (w.n, w.k);
     assert!(
         group > 0 && m.is_multiple_of(group),
         "rows come in whole groups"
     );
     assert!(out.len() >= m / group * n, "output too short");
-    assert!(
-        m == 0 || a.data.len() >= (m - 1) * lda + w.kp,
-        "activations too short"
-    );
-    let za = i64::from(a.zero_point);
+    let za = i64::from(zero_point);
     // sum_k (a - za)(w - zw) = sum a w - za sum w - zw sum a + k za zw
     let column: Vec<i64> = (0..n)
         .map(|j| k as i64 * za * w.zero_point(j) - za * i64::from(w.row_sums[j]))
@@ -516,12 +536,35 @@ fn drive<T: Send, E: Epilogue<T>>(
         let rows = out.len() / n * group;
         let mut acc = ACCUMULATORS.with(std::cell::Cell::take);
         acc.resize(rows * n, 0);
-        gemm_u8i8(&a.data[r0 * lda..], lda, rows, w, &mut acc);
+        let mut scratch = SCRATCH.with(std::cell::Cell::take);
+        // The block's rows as a matrix, where the product (or the row sums) needs one.
+        let (data, lda, first): (&[u8], usize, usize) = match source {
+            Source::Matrix(a) => (a.data, a.lda, r0),
+            Source::Patches(p, _) if narrow && w.isa == Isa::Avx2 => {
+                #[cfg(target_arch = "x86_64")]
+                if let PackedData::I16(b) = &w.data {
+                    let fill = |first: usize, count: usize, dst: &mut [u16]| {
+                        p.fill(r0 + first, count, dst, w.kp);
+                    };
+                    // SAFETY: a `PackedI8` for AVX2 exists only where the CPU has it.
+                    unsafe { avx2::gemm_rows(rows, b, n, w.kp, &mut acc, &fill) };
+                }
+                (&[], w.kp, 0)
+            }
+            Source::Patches(p, _) => {
+                scratch.resize(rows * w.kp, 0);
+                p.fill(r0, rows, &mut scratch, w.kp);
+                (&scratch[..], w.kp, 0)
+            }
+        };
+        if !data.is_empty() {
+            gemm_u8i8(&data[first * lda..], lda, rows, w, &mut acc);
+        }
         let corrected = |i: usize, acc_row: &[i32], j: usize| -> i64 {
             let row_sum: i64 = if w.zero_points.is_empty() {
                 0
             } else {
-                let row = &a.data[(r0 + i) * lda..(r0 + i) * lda + k];
+                let row = &data[(first + i) * lda..(first + i) * lda + k];
                 row.iter().map(|&x| i64::from(x)).sum()
             };
             i64::from(acc_row[j]) + column[j] - w.zero_point(j) * row_sum
@@ -555,6 +598,7 @@ fn drive<T: Send, E: Epilogue<T>>(
             }
         }
         ACCUMULATORS.with(|cell| cell.set(acc));
+        SCRATCH.with(|cell| cell.set(scratch));
     };
     let out = &mut out[..m / group * n];
     if n == 0 || m == 0 {
@@ -606,7 +650,13 @@ pub fn int8_gemm_f32_pooled(
     out: &mut [f32],
 ) {
     assert!(scales.len() == w.n && bias.len() == w.n);
-    drive(a, w, out, &Dequantize { scales, bias, relu }, group);
+    drive(
+        Source::Matrix(a),
+        w,
+        out,
+        &Dequantize { scales, bias, relu },
+        group,
+    );
 }
 
 /// Requantization of one corrected accumulator:
@@ -662,7 +712,62 @@ pub fn int8_gemm_u8_pooled(
         0
     };
     let epilogue = Requantize::new(bias, multipliers, out_zero_point, lo);
-    drive(a, w, out, &epilogue, group);
+    drive(Source::Matrix(a), w, out, &epilogue, group);
+}
+
+/// [`int8_gemm_f32_pooled`] of a convolution, with its im2col rows taken from the images as
+/// the kernel needs them (`zero_point` is the images' zero point, also their padding): no
+/// im2col matrix is written out.
+///
+/// # Panics
+/// On slices shorter than the shapes need, or rows that do not come in whole groups.
+#[allow(clippy::too_many_arguments)]
+pub fn int8_conv_f32_pooled(
+    patches: &Patches<u8>,
+    zero_point: i32,
+    w: &PackedI8,
+    scales: &[f32],
+    bias: &[f32],
+    relu: bool,
+    group: usize,
+    out: &mut [f32],
+) {
+    assert!(scales.len() == w.n && bias.len() == w.n);
+    let source = Source::Patches(patches, zero_point);
+    drive(source, w, out, &Dequantize { scales, bias, relu }, group);
+}
+
+/// [`int8_gemm_u8_pooled`] of a convolution, with its im2col rows taken from the images as
+/// the kernel needs them (see [`int8_conv_f32_pooled`]).
+///
+/// # Panics
+/// On slices shorter than the shapes need, or rows that do not come in whole groups.
+#[allow(clippy::too_many_arguments)]
+pub fn int8_conv_u8_pooled(
+    patches: &Patches<u8>,
+    zero_point: i32,
+    w: &PackedI8,
+    bias: &[i32],
+    multipliers: &[f32],
+    out_zero_point: i32,
+    relu: bool,
+    group: usize,
+    out: &mut [u8],
+) {
+    assert!(multipliers.len() == w.n && bias.len() == w.n);
+    let lo = if relu {
+        out_zero_point.clamp(0, 255)
+    } else {
+        0
+    };
+    let epilogue = Requantize::new(bias, multipliers, out_zero_point, lo);
+    drive(
+        Source::Patches(patches, zero_point),
+        w,
+        out,
+        &epilogue,
+        group,
+    );
 }
 
 #[cfg(test)]

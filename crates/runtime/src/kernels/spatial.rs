@@ -160,22 +160,13 @@ fn im2col_nhwc_image<T: Copy>(
     ld: usize,
 ) {
     let (k, s, p, c) = (g.kernel, g.stride, g.padding, g.channels);
-    let (ow, patch) = (g.out_width(), g.patch_len());
-    let pw = ow / pool;
+    let patch = g.patch_len();
     let span = k * c;
-    let rows = pooled_rows(g, pool);
-    for (index, row) in out.chunks_mut(ld).take(rows).enumerate() {
-        let (oy, ox) = if pool == 1 {
-            (index / ow, index % ow)
-        } else {
-            let (window, at) = (index / (pool * pool), index % (pool * pool));
-            (
-                (window / pw) * pool + at / pool,
-                (window % pw) * pool + at % pool,
-            )
-        };
+    // One output pixel's row.
+    let patch_row = |oy: usize, ox: usize, row: &mut [T]| {
         let row = &mut row[..patch];
         let ix0 = (ox * s).wrapping_sub(p);
+        let interior = ix0 < g.width && ix0 + k <= g.width;
         for (ky, dst) in row.chunks_exact_mut(span).enumerate() {
             let iy = (oy * s + ky).wrapping_sub(p);
             if iy >= g.height {
@@ -184,7 +175,7 @@ fn im2col_nhwc_image<T: Copy>(
             }
             let src = &image[iy * g.width * c..(iy + 1) * g.width * c];
             // Interior patches (the common case) are one contiguous copy of `k * c` values.
-            if ix0 < g.width && ix0 + k <= g.width {
+            if interior {
                 copy_short(dst, &src[ix0 * c..(ix0 + k) * c]);
                 continue;
             }
@@ -197,19 +188,218 @@ fn im2col_nhwc_image<T: Copy>(
                 }
             }
         }
+    };
+    let mut rows = out.chunks_mut(ld);
+    let (oh, ow) = (g.out_height(), g.out_width());
+    if pool <= 1 {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                if let Some(row) = rows.next() {
+                    patch_row(oy, ox, row);
+                }
+            }
+        }
+        return;
+    }
+    // Window by window, and inside each window in raster order.
+    for wy in (0..oh / pool).map(|y| y * pool) {
+        for wx in (0..ow / pool).map(|x| x * pool) {
+            for oy in wy..wy + pool {
+                for ox in wx..wx + pool {
+                    if let Some(row) = rows.next() {
+                        patch_row(oy, ox, row);
+                    }
+                }
+            }
+        }
     }
 }
 
-/// `dst.copy_from_slice(src)`, without a library call for the few values of a first
-/// convolution's patch rows (one channel, a 3-wide kernel: 3 values).
+/// `dst.copy_from_slice(src)` for the short runs of im2col (a kernel row of a few channels:
+/// 3 values for a first convolution, 48 bytes for 16 `u8` channels), in fixed-size pieces
+/// that compile to a few moves instead of a library call.
 #[inline(always)]
 fn copy_short<T: Copy>(dst: &mut [T], src: &[T]) {
-    if dst.len() <= 16 {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = v;
-        }
-    } else {
+    if std::mem::size_of_val(dst) > 512 {
         dst.copy_from_slice(src);
+        return;
+    }
+    let mut pieces = dst.chunks_exact_mut(16);
+    let mut sources = src.chunks_exact(16);
+    for (d, s) in (&mut pieces).zip(&mut sources) {
+        let s: &[T; 16] = s.try_into().expect("pieces of 16");
+        let d: &mut [T; 16] = d.try_into().expect("pieces of 16");
+        *d = *s;
+    }
+    for (d, &v) in pieces.into_remainder().iter_mut().zip(sources.remainder()) {
+        *d = v;
+    }
+}
+
+/// The im2col rows of a batch of NHWC images, described rather than written out: a kernel
+/// produces the rows it needs a few at a time (see [`Patches::fill`]). Rows are ordered as by
+/// [`im2col_nhwc_pooled`], image by image.
+#[derive(Clone, Copy, Debug)]
+pub struct Patches<'a, T> {
+    images: &'a [T],
+    /// The convolution.
+    pub geometry: ConvGeometry,
+    pixels: &'a [u32],
+    pad: T,
+    /// The rows described: `start..end` of all the images' rows.
+    start: usize,
+    end: usize,
+}
+
+/// The output pixels of one image's rows for [`Patches`], `oy << 16 | ox`, in the order of
+/// [`im2col_nhwc_pooled`] with the same `pool`.
+///
+/// # Panics
+/// If an output side is 2^16 or more.
+pub fn patch_pixels(g: &ConvGeometry, pool: usize) -> Vec<u32> {
+    let (oh, ow) = (g.out_height(), g.out_width());
+    assert!(oh < 1 << 16 && ow < 1 << 16, "output sides below 2^16");
+    let at = |oy: usize, ox: usize| ((oy as u32) << 16) | ox as u32;
+    if pool <= 1 {
+        return (0..oh)
+            .flat_map(|oy| (0..ow).map(move |ox| at(oy, ox)))
+            .collect();
+    }
+    let mut pixels = Vec::with_capacity(pooled_rows(g, pool));
+    for wy in (0..oh / pool).map(|y| y * pool) {
+        for wx in (0..ow / pool).map(|x| x * pool) {
+            for oy in wy..wy + pool {
+                for ox in wx..wx + pool {
+                    pixels.push(at(oy, ox));
+                }
+            }
+        }
+    }
+    pixels
+}
+
+impl<'a, T: Copy> Patches<'a, T> {
+    /// The rows of `images` (`image_len` values each, NHWC) under the convolution `geometry`,
+    /// one per entry of `pixels` (the output pixel of each of an image's rows, see
+    /// [`patch_pixels`]) and image, out-of-image positions `pad`.
+    ///
+    /// # Panics
+    /// If a pixel is outside the convolution's output.
+    pub fn new(images: &'a [T], geometry: ConvGeometry, pixels: &'a [u32], pad: T) -> Self {
+        let (oh, ow) = (geometry.out_height(), geometry.out_width());
+        assert!(
+            pixels
+                .iter()
+                .all(|&p| ((p >> 16) as usize) < oh && ((p & 0xffff) as usize) < ow),
+            "pixels inside the output"
+        );
+        let len = geometry.image_len();
+        let end = if len == 0 {
+            0
+        } else {
+            images.len() / len * pixels.len()
+        };
+        Self {
+            images,
+            geometry,
+            pixels,
+            pad,
+            start: 0,
+            end,
+        }
+    }
+
+    /// The rows `range` of these rows.
+    ///
+    /// # Panics
+    /// If the range runs past [`Patches::rows`].
+    pub fn rows_range(&self, range: std::ops::Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= self.rows());
+        Self {
+            start: self.start + range.start,
+            end: self.start + range.end,
+            ..*self
+        }
+    }
+
+    /// The number of rows.
+    pub fn rows(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Writes rows `first..first + count` into `dst`, `ld` values apart (at least
+    /// `patch_len`; the values past it are left as they are), converted to `U`.
+    ///
+    /// # Panics
+    /// If the rows run past [`Patches::rows`] or `dst` is too short.
+    pub fn fill<U: Copy + From<T>>(&self, first: usize, count: usize, dst: &mut [U], ld: usize) {
+        assert!(first + count <= self.rows(), "rows inside the patches");
+        let first = first + self.start;
+        let g = &self.geometry;
+        let (k, s, p, c) = (g.kernel, g.stride, g.padding, g.channels);
+        let span = k * c;
+        let per_image = self.pixels.len();
+        assert!(ld >= g.patch_len());
+        assert!(count == 0 || dst.len() >= (count - 1) * ld + g.patch_len());
+        let pad = U::from(self.pad);
+        let (mut image, mut index) = (first / per_image, first % per_image);
+        for row in dst.chunks_mut(ld).take(count) {
+            let pixel = self.pixels[index];
+            let (oy, ox) = ((pixel >> 16) as usize, (pixel & 0xffff) as usize);
+            let base = &self.images[image * g.image_len()..(image + 1) * g.image_len()];
+            let ix0 = (ox * s).wrapping_sub(p);
+            let iy0 = (oy * s).wrapping_sub(p);
+            let interior = ix0 < g.width && ix0 + k <= g.width;
+            index += 1;
+            if index == per_image {
+                (image, index) = (image + 1, 0);
+            }
+            // The common case: the whole window inside the image, `k` runs of `span`
+            // contiguous values.
+            if interior && iy0 < g.height && iy0 + k <= g.height {
+                let row_stride = g.width * c;
+                let origin = iy0 * row_stride + ix0 * c;
+                // Checked once for the whole window: its last value is inside the image.
+                assert!(origin + (k - 1) * row_stride + span <= base.len());
+                let row = &mut row[..k * span];
+                for ky in 0..k {
+                    // SAFETY: `origin + ky * row_stride + span <= base.len()` (asserted for
+                    // the last `ky`), and `row` holds `k * span` values.
+                    unsafe {
+                        let src = base.as_ptr().add(origin + ky * row_stride);
+                        let dst = row.as_mut_ptr().add(ky * span);
+                        for e in 0..span {
+                            *dst.add(e) = U::from(*src.add(e));
+                        }
+                    }
+                }
+                continue;
+            }
+            for (ky, dst) in row[..g.patch_len()].chunks_exact_mut(span).enumerate() {
+                let iy = (oy * s + ky).wrapping_sub(p);
+                if iy >= g.height {
+                    dst.fill(pad);
+                    continue;
+                }
+                let src = &base[iy * g.width * c..(iy + 1) * g.width * c];
+                if interior {
+                    for (d, &v) in dst.iter_mut().zip(&src[ix0 * c..(ix0 + k) * c]) {
+                        *d = U::from(v);
+                    }
+                    continue;
+                }
+                for (kx, d) in dst.chunks_exact_mut(c).enumerate() {
+                    let ix = (ox * s + kx).wrapping_sub(p);
+                    if ix < g.width {
+                        for (d, &v) in d.iter_mut().zip(&src[ix * c..(ix + 1) * c]) {
+                            *d = U::from(v);
+                        }
+                    } else {
+                        d.fill(pad);
+                    }
+                }
+            }
+        }
     }
 }
 
