@@ -294,11 +294,7 @@ impl<'a, T: Copy> Patches<'a, T> {
             "pixels inside the output"
         );
         let len = geometry.image_len();
-        let end = if len == 0 {
-            0
-        } else {
-            images.len() / len * pixels.len()
-        };
+        let end = images.len().checked_div(len).unwrap_or(0) * pixels.len();
         Self {
             images,
             geometry,
