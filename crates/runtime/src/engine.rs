@@ -14,7 +14,7 @@ use crate::kernels::{
     self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, Patches, SparseConv, U8Matrix,
     csr_gemm_bias, gemv_columns, im2col_nhwc_pooled, int8_conv_f32_pooled, int8_conv_u8_pooled,
     int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d, max_pool2d_nhwc, max_rows, nhwc_to_nchw,
-    padded_k, pooled_rows, sgemm_packed, sparse_conv_nhwc,
+    padded_k, pooled_rows, sgemm_packed, sgemm_patches, sparse_conv_nhwc,
 };
 use crate::quant::QParams;
 use crate::team::Team;
@@ -845,6 +845,24 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             let mut y = pool.f32(rows * n);
             sparse_conv_nhwc(&x, batch, conv, &c.bias, c.relu, &mut y);
             pool.give_f32(x);
+            Data::F32(y)
+        }
+        Kernel::Dense(w) if c.conv.is_some_and(|g| lowered(&g)) => {
+            // The im2col rows are taken from the images as the kernel needs them.
+            let x = pool.take_f32(data);
+            let g = c.conv.unwrap_or_else(|| unreachable!("checked just above"));
+            let patches = Patches::new(&x, g, &c.pixels, 0.0);
+            let mut y = pool.f32(rows * n);
+            share(rows, 1, n, &mut y, rows * n * k, |r0, r1, y| {
+                sgemm_patches(&patches.rows_range(r0..r1), w, &c.bias, c.relu, y)
+            });
+            pool.give_f32(x);
+            if group > 1 {
+                let mut pooled = pool.f32(rows / group * n);
+                max_rows(&y, group, n, &mut pooled);
+                pool.give_f32(y);
+                y = pooled;
+            }
             Data::F32(y)
         }
         Kernel::Dense(_) | Kernel::Csr(_) => {

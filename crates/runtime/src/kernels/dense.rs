@@ -240,6 +240,53 @@ pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool
     bias_relu(out, bias, relu);
 }
 
+/// [`sgemm_packed`] of a convolution: `out = patches w^T + bias` (ReLU if asked), the im2col
+/// rows taken from the images as the kernel needs them where it can (AVX2), else written out
+/// first.
+///
+/// # Panics
+/// If the patches' rows are not `w.k()` long or `out` is not rows x n.
+pub fn sgemm_patches(
+    patches: &super::Patches<f32>,
+    w: &PackedF32,
+    bias: &[f32],
+    relu: bool,
+    out: &mut [f32],
+) {
+    let (m, n, k) = (patches.rows(), w.n, w.k);
+    assert_eq!(patches.geometry.patch_len(), k, "patches of k values");
+    assert_eq!(bias.len(), n, "one bias per output");
+    assert_eq!(out.len(), m * n, "out must be m x n");
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if k > 0 && m >= GEMV_MAX_ROWS && w.panel_isa == PanelIsa::Avx2 {
+        let fill = |first: usize, count: usize, dst: &mut [f32]| {
+            patches.fill(first, count, dst, k);
+        };
+        // SAFETY: AVX2 panels exist only where AVX2 and FMA were detected; `out` is valid
+        // for its length; the kernel checks the rest.
+        unsafe {
+            super::sgemm256::gemm_rows(
+                m,
+                k,
+                &w.panels,
+                n,
+                bias,
+                relu,
+                out.as_mut_ptr(),
+                out.len(),
+                &fill,
+            )
+        };
+        return;
+    }
+    let mut cols = vec![0.0f32; m * k];
+    patches.fill(0, m, &mut cols, k.max(1));
+    sgemm_packed(&cols, m, w, bias, relu, out);
+}
+
 /// One row's product for the outputs `first..first + out.len()` only:
 /// `out[i] = x . w[first + i] + bias[first + i]` (then ReLU if asked), so that the outputs of
 /// a one-row product can be shared out between threads.

@@ -31,7 +31,9 @@ mod sgemm512;
 mod sparse_conv;
 mod spatial;
 
-pub use dense::{CsrMatrix, PackedF32, csr_gemm_bias, gemv_columns, sgemm_bias, sgemm_packed};
+pub use dense::{
+    CsrMatrix, PackedF32, csr_gemm_bias, gemv_columns, sgemm_bias, sgemm_packed, sgemm_patches,
+};
 pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{
     ConvGeometry, Patches, im2col, im2col_nhwc, im2col_nhwc_pooled, max_pool2d, max_pool2d_nhwc,
@@ -997,6 +999,78 @@ mod tests {
                     let src = (b * g.pixels() + oy * ow + ox) * k;
                     prop_assert_eq!(got, &raster[src..src + k]);
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Patches give exactly the rows of the written-out im2col, in any range of rows, and
+        /// the products over them equal the products over the written-out matrix.
+        #[test]
+        fn patches_equal_the_written_out_im2col(
+            channels in 1usize..6,
+            height in 1usize..12,
+            width in 1usize..12,
+            kernel in 1usize..4,
+            stride in 1usize..3,
+            padding in 0usize..2,
+            pool in 1usize..3,
+            batch in 1usize..4,
+            n in 1usize..40,
+            seed in any::<u64>(),
+            cut in 0.0f64..1.0,
+        ) {
+            let g = ConvGeometry { channels, height, width, kernel, stride, padding };
+            prop_assume!(height + 2 * padding >= kernel && width + 2 * padding >= kernel);
+            let k = g.patch_len();
+            let x = fill(seed, batch * g.image_len());
+            let rows = batch * pooled_rows(&g, pool);
+            let mut cols = vec![0u8; rows * k];
+            im2col_nhwc_pooled(&x, batch, &g, pool, 7, &mut cols, k);
+            let pixels = patch_pixels(&g, pool);
+            let patches = Patches::new(&x, g, &pixels, 7u8);
+            prop_assert_eq!(patches.rows(), rows);
+            let split = (rows as f64 * cut) as usize;
+            let mut got = vec![0u8; rows * k];
+            let (head, tail) = got.split_at_mut(split * k);
+            patches.rows_range(0..split).fill(0, split, head, k);
+            patches.rows_range(split..rows).fill(0, rows - split, tail, k);
+            prop_assert_eq!(&got, &cols);
+
+            // int8 products: exact.
+            let w: Vec<i8> = fill(!seed, n * k).into_iter().map(|v| v as i8).collect();
+            let lda = padded_k(k);
+            let mut padded = vec![0u8; rows * lda];
+            im2col_nhwc_pooled(&x, batch, &g, pool, 7, &mut padded, lda);
+            let matrix = U8Matrix { data: &padded, lda, rows, zero_point: 7 };
+            let scales: Vec<f32> = (0..n).map(|j| 1e-3 * (j + 1) as f32).collect();
+            let bias = vec![0.5f32; n];
+            let group = pool * pool;
+            for isa in Isa::available() {
+                let packed = PackedI8::new_for(isa, &w, n, k, &[]).unwrap();
+                let mut expected = vec![0f32; rows / group * n];
+                int8_gemm_f32_pooled(&matrix, &packed, &scales, &bias, true, group, &mut expected);
+                let mut out = vec![0f32; rows / group * n];
+                int8_conv_f32_pooled(&patches, 7, &packed, &scales, &bias, true, group, &mut out);
+                prop_assert_eq!(&out, &expected, "kernel {:?}", isa);
+            }
+
+            // f32 products: the same as over the written-out matrix.
+            let xf: Vec<f32> = x.iter().map(|&v| f32::from(v) / 16.0 - 3.0).collect();
+            let mut colsf = vec![0f32; rows * k];
+            im2col_nhwc_pooled(&xf, batch, &g, pool, 0.0, &mut colsf, k);
+            let wf: Vec<f32> = w.iter().map(|&v| f32::from(v) / 64.0).collect();
+            let packed = PackedF32::new(&wf, n, k);
+            let mut expected = vec![0f32; rows * n];
+            sgemm_packed(&colsf, rows, &packed, &bias, false, &mut expected);
+            let pixels = patch_pixels(&g, pool);
+            let patches = Patches::new(&xf, g, &pixels, 0.0);
+            let mut out = vec![0f32; rows * n];
+            sgemm_patches(&patches, &packed, &bias, false, &mut out);
+            for (o, e) in out.iter().zip(&expected) {
+                prop_assert!((o - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} vs {}", o, e);
             }
         }
     }

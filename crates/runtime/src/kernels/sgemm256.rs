@@ -193,3 +193,68 @@ pub(crate) unsafe fn gemm(
         }
     }
 }
+
+thread_local! {
+    /// A row tile's activations, kept by each thread between calls.
+    static ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// [`gemm`] with the activations produced row tile by row tile by `fill(first, count, dst)`,
+/// which writes rows `first..first + count`, `k` values each, one after the other into `dst`
+/// (an im2col that never leaves the L1 cache). All panels are written.
+///
+/// # Safety
+/// AVX2 and FMA; `out` must be valid for reads and writes of `out_len` values. Slice lengths
+/// are checked here.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows(
+    m: usize,
+    k: usize,
+    packed: &[f32],
+    n: usize,
+    bias: &[f32],
+    relu: bool,
+    out: *mut f32,
+    out_len: usize,
+    fill: &dyn Fn(usize, usize, &mut [f32]),
+) {
+    assert!(k > 0 && out_len >= m * n && bias.len() >= n);
+    let panels = n.div_ceil(NR);
+    assert!(packed.len() == panels * k * NR);
+    let block = k.div_ceil(k.div_ceil(KC));
+    let mut rows = ROWS.with(std::cell::Cell::take);
+    rows.clear();
+    rows.resize(MR * k, 0.0);
+    let mut r = 0;
+    while r < m {
+        let count = (m - r).min(MR);
+        fill(r, count, &mut rows[..count * k]);
+        for k0 in (0..k).step_by(block) {
+            let kc = (k - k0).min(block);
+            let flags = (k0 == 0, k0 + kc == k, relu);
+            for p in 0..panels {
+                let start = p * NR;
+                let columns = (start + NR <= n, masks(start, n));
+                // SAFETY: the tile's rows are in `rows` (`count` rows of `k`); panel `p`'s
+                // block `k0..` is inside `packed`; rows `r..r + count` of `out` are inside
+                // `out_len`; the masks keep the columns below `n`.
+                unsafe {
+                    let a = rows.as_ptr().add(k0);
+                    let b = packed.as_ptr().add(p * k * NR + k0 * NR);
+                    let (bias, c) = (bias.as_ptr().add(start), out.add(r * n + start));
+                    match count {
+                        6 => tile::<6>(a, k, kc, b, bias, flags, c, n, columns),
+                        5 => tile::<5>(a, k, kc, b, bias, flags, c, n, columns),
+                        4 => tile::<4>(a, k, kc, b, bias, flags, c, n, columns),
+                        3 => tile::<3>(a, k, kc, b, bias, flags, c, n, columns),
+                        2 => tile::<2>(a, k, kc, b, bias, flags, c, n, columns),
+                        _ => tile::<1>(a, k, kc, b, bias, flags, c, n, columns),
+                    }
+                }
+            }
+        }
+        r += count;
+    }
+    ROWS.with(|cell| cell.set(rows));
+}

@@ -330,6 +330,9 @@ impl<'a, T: Copy> Patches<'a, T> {
     /// If the rows run past [`Patches::rows`] or `dst` is too short.
     pub fn fill<U: Copy + From<T>>(&self, first: usize, count: usize, dst: &mut [U], ld: usize) {
         assert!(first + count <= self.rows(), "rows inside the patches");
+        if count == 0 {
+            return;
+        }
         let first = first + self.start;
         let g = &self.geometry;
         let (k, s, p, c) = (g.kernel, g.stride, g.padding, g.channels);
