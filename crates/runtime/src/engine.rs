@@ -282,9 +282,13 @@ impl Front {
             .position(|op| matches!(op, Op::Compute(c) if c.conv.is_none()))
             .unwrap_or(ops.len());
         let front = &ops[..end];
+        // Dynamic-range layers quantize their input over the whole batch: run group by group
+        // they would see other ranges (and the results would depend on the grouping).
+        let dynamic = |op: &Op| matches!(op, Op::Compute(c) if matches!(c.kernel, Kernel::Int8 { stat: None, .. }));
         if !front
             .iter()
             .any(|op| matches!(op, Op::Compute(c) if c.conv.is_some()))
+            || front.iter().any(dynamic)
         {
             return none;
         }
