@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 /// The PyTorch release that tch 0.24.0 is built against.
 pub const TORCH_VERSION: &str = "2.11.0";
-const PROJECT: &str = "tch-mot";
+pub(crate) const PROJECT: &str = "tch-mot";
 /// Written last, after pip succeeded: its absence means "install (again)".
 const MARKER: &str = "install-complete";
 /// The Python packages the tests use next to torch (the ONNX export's cross-check), pinned
@@ -133,7 +133,7 @@ fn python_beside(torch: &Path) -> Option<PathBuf> {
     python.is_file().then_some(python)
 }
 
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return Ok(PathBuf::from(dir));
     }
@@ -143,7 +143,7 @@ fn cache_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache"))
 }
 
-fn venv_python(venv: &Path) -> PathBuf {
+pub(crate) fn venv_python(venv: &Path) -> PathBuf {
     if cfg!(windows) {
         venv.join("Scripts").join("python.exe")
     } else {
@@ -159,46 +159,7 @@ fn install(root: &Path) -> Result<()> {
     );
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let venv = root.join("venv");
-    let python = venv_python(&venv);
-    if !python.exists() {
-        let system_python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
-        let status = Command::new(&system_python)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success());
-        if !matches!(status, Ok(true)) {
-            bail!(
-                "{} was not found or does not run: install Python 3 (with its venv module), or set PYTHON, or set LIBTORCH",
-                system_python.to_string_lossy()
-            );
-        }
-        let out = Command::new(&system_python)
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .output()
-            .context("running python3 -m venv")?;
-        if !out.status.success() {
-            // A half-made venv would be mistaken for a good one next time.
-            let _ = std::fs::remove_dir_all(&venv);
-            bail!(
-                "creating a virtual environment failed; is Python's venv module installed \
-                 (Debian/Ubuntu: apt install python3-venv)?\n{}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    let pip_ok = Command::new(&python)
-        .args(["-m", "pip", "--version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !pip_ok {
-        bail!(
-            "the virtual environment at {} has no working pip \
-             (Debian/Ubuntu: apt install python3-venv python3-pip), then rerun `cargo xtask setup`",
-            venv.display()
-        );
-    }
+    let python = create_venv(&venv, "`cargo xtask setup`")?;
     let status = Command::new(&python)
         .args([
             "-m",
@@ -218,11 +179,7 @@ fn install(root: &Path) -> Result<()> {
         );
     }
     let torch = find_torch(&venv)?;
-    let marker = root.join(MARKER);
-    let temporary = root.join(format!("{MARKER}.tmp"));
-    std::fs::write(&temporary, torch.to_string_lossy().as_bytes())
-        .and_then(|()| std::fs::rename(&temporary, &marker))
-        .with_context(|| format!("writing {}", marker.display()))?;
+    write_marker(&root.join(MARKER), &torch.to_string_lossy())?;
     eprintln!("LibTorch installed: {}", torch.display());
     Ok(())
 }
@@ -257,9 +214,60 @@ fn ensure_extra_packages(root: &Path, python: &Path) -> Result<()> {
             "`pip install {list}` failed ({status}); fix the cause above and rerun `cargo xtask setup`"
         );
     }
-    let temporary = root.join(format!("{EXTRA_MARKER}.tmp"));
-    std::fs::write(&temporary, wanted.as_bytes())
-        .and_then(|()| std::fs::rename(&temporary, &marker))
+    write_marker(&marker, &wanted)
+}
+
+/// Creates the virtual environment `venv` unless it exists and checks that it has pip;
+/// returns its Python. `rerun` names the command that resumes after a fix.
+pub(crate) fn create_venv(venv: &Path, rerun: &str) -> Result<PathBuf> {
+    let python = venv_python(venv);
+    if !python.exists() {
+        let system_python = std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into());
+        let status = Command::new(&system_python)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success());
+        if !matches!(status, Ok(true)) {
+            bail!(
+                "{} was not found or does not run: install Python 3 (with its venv module), or set PYTHON, or set LIBTORCH",
+                system_python.to_string_lossy()
+            );
+        }
+        let out = Command::new(&system_python)
+            .args(["-m", "venv"])
+            .arg(venv)
+            .output()
+            .context("running python3 -m venv")?;
+        if !out.status.success() {
+            // A half-made venv would be mistaken for a good one next time.
+            let _ = std::fs::remove_dir_all(venv);
+            bail!(
+                "creating a virtual environment failed; is Python's venv module installed \
+                 (Debian/Ubuntu: apt install python3-venv)?\n{}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    let pip_ok = Command::new(&python)
+        .args(["-m", "pip", "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !pip_ok {
+        bail!(
+            "the virtual environment at {} has no working pip \
+             (Debian/Ubuntu: apt install python3-venv python3-pip), then rerun {rerun}",
+            venv.display()
+        );
+    }
+    Ok(python)
+}
+
+/// Writes `marker` (with `content`) through a temporary file and a rename.
+pub(crate) fn write_marker(marker: &Path, content: &str) -> Result<()> {
+    let temporary = marker.with_extension("tmp");
+    std::fs::write(&temporary, content.as_bytes())
+        .and_then(|()| std::fs::rename(&temporary, marker))
         .with_context(|| format!("writing {}", marker.display()))
 }
 

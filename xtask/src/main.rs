@@ -5,6 +5,7 @@
 //! `cargo` with `LIBTORCH` and the runtime library path set.
 
 mod libtorch;
+mod peers;
 mod results;
 
 use std::ffi::OsString;
@@ -21,8 +22,10 @@ cargo xtask <COMMAND> [ARGS...]
 Commands:
   experiment [ARGS...]  build the experiment driver (release) and run it; ARGS go to it
                         (try `cargo xtask experiment --help`)
-  bench <SUITE> [ARGS]  benchmarks against PyTorch/libtorch measured in the same run;
-                        writes results/bench/<SUITE>.json (try `cargo xtask bench --help`)
+  bench <SUITE> [ARGS]  benchmarks against peers measured in the same run; writes
+                        results/bench/<SUITE>.json (try `cargo xtask bench --help`); the
+                        runtime suite installs its peers (TensorFlow Lite, ONNX Runtime,
+                        pinned) into their own environment under ~/.cache/tch-mot on first use
   results <RUN>         rewrite README.md's results section (between its
                         `<!-- results:start -->` and `<!-- results:end -->` lines) from the
                         run folder RUN: machine, date, command, tables, plots
@@ -85,8 +88,8 @@ fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Some("experiment") => run_release(&rest, "experiment", "experiment"),
-        Some("bench") => run_release(&rest, "bench", "bench"),
+        Some("experiment") => run_release(&rest, "experiment", "experiment", &[]),
+        Some("bench") => bench(&rest),
         Some("fuzz") => fuzz(&rest),
         Some(other) => bail!("unknown command `{other}`\n\n{HELP}"),
     }
@@ -177,16 +180,33 @@ fn fuzz(args: &[OsString]) -> Result<ExitCode> {
     Ok(exit_code(status.code()))
 }
 
-/// Builds a binary of the workspace in release mode and runs it with `args`.
-fn run_release(args: &[OsString], package: &str, bin: &str) -> Result<ExitCode> {
+/// Builds a binary of the workspace in release mode and runs it with `args`,
+/// with `env` added to its environment.
+fn run_release(
+    args: &[OsString],
+    package: &str,
+    bin: &str,
+    env: &[(&str, OsString)],
+) -> Result<ExitCode> {
     let root = workspace_root();
     let torch = LibTorch::ensure()?;
     let status = cargo(&root, Some(&torch))
+        .envs(env.iter().map(|(key, value)| (key, value)))
         .args(["run", "--release", "--package", package, "--bin", bin, "--"])
         .args(args)
         .status()
         .context("starting cargo")?;
     Ok(exit_code(status.code()))
+}
+
+/// `bench <SUITE> [ARGS]`: the runtime suite's peers run in their own Python environment,
+/// installed on first use and handed over in `TCH_MOT_PEER_PYTHON`.
+fn bench(args: &[OsString]) -> Result<ExitCode> {
+    let mut env = Vec::new();
+    if args.first().is_some_and(|suite| suite == "runtime") {
+        env.push((peers::PYTHON_VAR, peers::ensure()?.into_os_string()));
+    }
+    run_release(args, "bench", "bench", &env)
 }
 
 /// Reports a step's outcome; `Ok(false)` when it ran and failed.

@@ -5,6 +5,7 @@
 //! "ours": {"engine": ..., "samples_per_second": ...}, "peer": {...}, "ratio": ours/peer}]}`
 //! and prints the same as a table. Speed goals live here, never in timed tests.
 
+mod onnx;
 mod peer;
 mod report;
 mod suites;
@@ -17,7 +18,7 @@ use clap::Parser;
 
 use crate::suites::Suite;
 
-/// Benchmarks of the toolkit against PyTorch and libtorch, measured in the same run.
+/// Benchmarks of the toolkit against its peers, measured in the same run.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -32,6 +33,9 @@ struct Args {
     /// that OpenMP's spinning barriers suffer when a core is taken.
     #[arg(long)]
     threads: Option<usize>,
+    /// The experiment run whose artifacts the runtime suite measures.
+    #[arg(long, default_value = "results/latest")]
+    run: PathBuf,
     /// Folder for `<suite>.json`.
     #[arg(long, default_value = "results/bench")]
     out: PathBuf,
@@ -55,12 +59,15 @@ fn run(args: &Args) -> Result<()> {
             .build_global()
             .context("setting the number of threads")?;
     }
-    let report = args.suite.run(args.quick, args.threads)?;
+    let report = args.suite.run(args.quick, args.threads, &args.run)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args.out.join(format!("{}.json", report.suite));
     report.write(&path)?;
-    print!("{}", report.table());
+    print!(
+        "{}",
+        report.summary.clone().unwrap_or_else(|| report.table())
+    );
     println!("written to {}", path.display());
     Ok(())
 }

@@ -18,6 +18,10 @@ pub struct BenchReport {
     pub machine: String,
     pub date: String,
     pub results: Vec<CaseResult>,
+    /// A suite's own tables, printed after the run in place of [`BenchReport::table`]; the
+    /// JSON holds the same numbers.
+    #[serde(skip)]
+    pub summary: Option<String>,
 }
 
 /// One case: our engine against the peer on the same work.
@@ -28,6 +32,26 @@ pub struct CaseResult {
     pub peer: Measurement,
     /// `ours.samples_per_second / peer.samples_per_second`: above 1 means we are faster.
     pub ratio: f64,
+    /// Accuracies and spreads, for suites that measure them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<CaseDetail>,
+}
+
+/// What a case measured besides the medians: accuracy of each side on the same test set
+/// and the range of each side's throughput over the repeats.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaseDetail {
+    /// Test accuracy of ours, as a fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ours_accuracy: Option<f64>,
+    /// Test accuracy of the peer, as a fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_accuracy: Option<f64>,
+    /// Lowest and highest samples per second of ours over the repeats.
+    pub ours_range: [f64; 2],
+    /// Lowest and highest samples per second of the peer over the repeats.
+    pub peer_range: [f64; 2],
+    pub repeats: usize,
 }
 
 /// A throughput measurement (the median over repeats).
@@ -45,7 +69,13 @@ impl CaseResult {
             ours,
             peer,
             ratio,
+            detail: None,
         }
+    }
+
+    pub fn with_detail(mut self, detail: CaseDetail) -> Self {
+        self.detail = Some(detail);
+        self
     }
 }
 
@@ -57,6 +87,7 @@ impl BenchReport {
             machine,
             date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             results,
+            summary: None,
         }
     }
 

@@ -27,6 +27,32 @@ use crate::peer;
 use crate::report::{BenchReport, CaseResult, Measurement, median};
 
 const BATCHES: [usize; 2] = [1, 256];
+
+/// The MLP 784-512-512-10 whose layers the suite measures next to the teacher's.
+fn mlp() -> NetworkSpec {
+    NetworkSpec {
+        name: "mlp_784_512_512_10".into(),
+        input: [1, 28, 28],
+        layers: vec![
+            LayerSpec::Flatten,
+            LayerSpec::Linear {
+                in_features: 784,
+                out_features: 512,
+            },
+            LayerSpec::Relu,
+            LayerSpec::Linear {
+                in_features: 512,
+                out_features: 512,
+            },
+            LayerSpec::Relu,
+            LayerSpec::Linear {
+                in_features: 512,
+                out_features: 10,
+            },
+        ],
+    }
+}
+
 const SPARSITIES: [f64; 4] = [0.5, 0.75, 0.9, 0.95];
 const OURS: &str = "tch-mot runtime csr";
 const PEER: &str = "tch-mot runtime dense f32";
@@ -164,7 +190,7 @@ fn throughput(batch: usize, min_seconds: f64, mut f: impl FnMut()) -> f64 {
 
 pub fn run(quick: bool, threads: Option<usize>) -> Result<BenchReport> {
     let (repeats, min_seconds) = if quick { (2, 0.05) } else { (5, 0.3) };
-    let mlp = super::runtime::mlp();
+    let mlp = mlp();
     let teacher = NetworkSpec::teacher_cnn().without_batch_norm();
     let mut results = Vec::new();
     for (index, layer) in layers(&teacher).into_iter().chain(layers(&mlp)).enumerate() {
@@ -252,10 +278,7 @@ mod tests {
             shapes,
             [(676, 32, 9), (121, 64, 288), (1, 128, 1600), (1, 10, 128)]
         );
-        let mlp: Vec<(usize, usize)> = layers(&super::super::runtime::mlp())
-            .iter()
-            .map(|l| (l.n, l.k))
-            .collect();
+        let mlp: Vec<(usize, usize)> = layers(&super::mlp()).iter().map(|l| (l.n, l.k)).collect();
         assert_eq!(mlp, [(512, 784), (512, 512), (10, 512)]);
     }
 
