@@ -6,8 +6,8 @@
 //! loads and validates one and runs batches of inputs ([`Artifact`] gives the same file's
 //! decoded parameters to tools that convert rather than run it):
 //!
-//! - f32 and f16 weights run through an AVX-512 f32 GEMM over weights packed at load time
-//!   (`matrixmultiply` on CPUs without AVX-512);
+//! - f32 and f16 weights run through a register-blocked f32 GEMM over weights packed at
+//!   load time (AVX-512, or AVX2 + FMA; `matrixmultiply` on other CPUs);
 //! - int8 weights run through an exact `u8 x i8 -> i32` GEMM (AMX tiles, AVX-512 VNNI, AVX2
 //!   or scalar, chosen at run time), with activations quantized per batch (dynamic range) or, when the
 //!   artifact carries calibrated input scales, in full-integer (static) mode where activations
@@ -16,11 +16,15 @@
 //!   convolutions through a direct sparse convolution on the NHWC images; [`csr_pays_off`]
 //!   tells an exporter when a pruned layer is worth storing that way.
 //!
-//! Convolutions are lowered with im2col over NHWC images: activations stay NHWC from the
-//! first convolution to the output (weights are permuted once at load time, and the output
-//! comes back in PyTorch's order), and every thread reuses its activation buffers from one
-//! call to the next. Large batches are spread over all cores with rayon; single rows of wide
-//! f32 layers are split over output columns.
+//! Activations stay NHWC from the first convolution to the output (weights are permuted once
+//! at load time, and the output comes back in PyTorch's order). Convolutions are im2col
+//! products whose rows the AVX2 kernels take from the images a tile at a time (no im2col
+//! matrix is written); a max pooling of equal stride after a convolution is fused into it.
+//! A large batch runs its convolutional front a few images at a time (each group through
+//! every convolution while its activations are in cache), the groups spread over the cores
+//! with rayon; a small batch shares each large product out between a team of spinning helper
+//! threads, whose hand-off costs well under a microsecond. Every thread reuses its
+//! activation buffers from one call to the next.
 //!
 //! ```
 //! use model_spec::{LayerSpec, NetworkSpec};

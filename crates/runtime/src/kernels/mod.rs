@@ -5,12 +5,21 @@
 //! [`scalar`](Isa::Scalar) (the reference), [`avx2`](Isa::Avx2),
 //! [`avx512`](Isa::Avx512Vnni) (VNNI) and [`amx`](Isa::Amx) (tile instructions, with the
 //! VNNI kernel for the rows that do not fill a tile), chosen at run time. Every fast path is
-//! property-tested to give exactly the scalar path's `i32` accumulators.
+//! property-tested to give exactly the scalar path's `i32` accumulators. The AVX2 kernel
+//! widens a tile of 6 activation rows to `u16` once (a pair is then one broadcast load) and
+//! passes it over every column block; a convolution's rows ([`Patches`]) are produced that
+//! way straight from the images, so no im2col matrix is written.
 //!
-//! The f32 GEMM is an AVX-512 register-blocked kernel (12 x 32 tiles) over weights packed at
-//! load time, with the bias and ReLU fused into its stores; without AVX-512 it is
+//! The f32 GEMM is a register-blocked kernel over weights packed at load time, with the bias
+//! and ReLU fused into its stores: 12 x 32 tiles with AVX-512, 6 x 16 with AVX2 + FMA (which
+//! also takes a convolution's rows from the images a tile at a time); elsewhere it is
 //! `matrixmultiply::sgemm` followed by a bias and ReLU pass; one to three rows are dot
 //! products over the weights in place.
+//!
+//! A max pooling of equal stride after a convolution is fused into it: the rows are ordered
+//! window by window ([`im2col_nhwc_pooled`], [`patch_pixels`]) and each window's maximum is
+//! taken before the integer epilogue (both epilogues are non-decreasing) or after the f32
+//! one.
 //!
 //! Sparse (CSR) weights: [`csr_gemm_bias`] transposes blocks of 32 rows (in panels of at
 //! most 256 columns) and spends one broadcast and two 16-wide multiply-adds per stored
