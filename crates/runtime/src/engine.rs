@@ -924,76 +924,29 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                     (q, p)
                 }
             };
-            // A convolution's im2col rows are taken from the images as the kernel needs them.
-            if let Some(g) = c.conv.filter(|g| lowered(g)) {
-                let zero = params.zero_point;
-                let patches = Patches::new(&q, g, &c.pixels, zero as u8);
-                let result = match stat
-                    .as_ref()
-                    .and_then(|s| s.output.as_ref().map(|o| (s, o)))
-                {
-                    Some((s, (out_q, multipliers))) => {
-                        let mut y = pool.u8(rows / group * n);
-                        share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
-                            int8_conv_u8_pooled(
-                                &patches.rows_range(r0..r1),
-                                zero,
-                                packed,
-                                &s.bias,
-                                multipliers,
-                                out_q.zero_point,
-                                c.relu,
-                                group,
-                                y,
-                            )
-                        });
-                        Data::U8(y, *out_q)
-                    }
-                    None => {
-                        let acc_scale: Vec<f32> =
-                            scales.iter().map(|&s| params.scale * s).collect();
-                        let mut y = pool.f32(rows / group * n);
-                        share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
-                            int8_conv_f32_pooled(
-                                &patches.rows_range(r0..r1),
-                                zero,
-                                packed,
-                                &acc_scale,
-                                &c.bias,
-                                c.relu,
-                                group,
-                                y,
-                            )
-                        });
-                        Data::F32(y)
-                    }
-                };
-                pool.give_u8(q);
-                return result;
-            }
-            let a = match c.conv {
-                Some(g) if lda != k => {
-                    let mut cols = pool.u8(rows * lda);
-                    let zero = params.zero_point as u8;
-                    im2col_nhwc_pooled(&q, batch, &g, c.pool, zero, &mut cols, lda);
-                    pool.give_u8(q);
-                    cols
-                }
-                _ if lda == k => q,
+            // A convolution's im2col rows are taken from the images as the kernel needs them;
+            // a linear layer's rows are the activations, padded to the row stride if need be.
+            let zero = params.zero_point;
+            let (a, source) = match c.conv {
+                Some(g) if lowered(&g) || lda != k => (q, Some(g)),
+                _ if lda == k => (q, None),
                 _ => {
                     let mut padded = pool.u8(rows * lda);
                     for (dst, src) in padded.chunks_exact_mut(lda).zip(q.chunks_exact(k)) {
                         dst[..k].copy_from_slice(src);
                     }
                     pool.give_u8(q);
-                    padded
+                    (padded, None)
                 }
             };
-            let matrix = U8Matrix {
-                data: &a,
-                lda,
-                rows,
-                zero_point: params.zero_point,
+            let source = match source {
+                Some(g) => Int8Rows::Patches(Patches::new(&a, g, &c.pixels, zero as u8), zero),
+                None => Int8Rows::Matrix(U8Matrix {
+                    data: &a,
+                    lda,
+                    rows,
+                    zero_point: zero,
+                }),
             };
             let result = match stat
                 .as_ref()
@@ -1002,16 +955,8 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 Some((s, (out_q, multipliers))) => {
                     let mut y = pool.u8(rows / group * n);
                     share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
-                        int8_gemm_u8_pooled(
-                            &matrix.rows_range(r0..r1),
-                            packed,
-                            &s.bias,
-                            multipliers,
-                            out_q.zero_point,
-                            c.relu,
-                            group,
-                            y,
-                        )
+                        let requantize = (packed, &s.bias[..], &multipliers[..], out_q.zero_point);
+                        source.requantized(r0..r1, requantize, c.relu, group, y)
                     });
                     Data::U8(y, *out_q)
                 }
@@ -1019,21 +964,85 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                     let acc_scale: Vec<f32> = scales.iter().map(|&s| params.scale * s).collect();
                     let mut y = pool.f32(rows / group * n);
                     share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
-                        int8_gemm_f32_pooled(
-                            &matrix.rows_range(r0..r1),
-                            packed,
-                            &acc_scale,
-                            &c.bias,
-                            c.relu,
-                            group,
-                            y,
-                        )
+                        let dequantize = (packed, &acc_scale[..], &c.bias[..]);
+                        source.dequantized(r0..r1, dequantize, c.relu, group, y)
                     });
                     Data::F32(y)
                 }
             };
             pool.give_u8(a);
             result
+        }
+    }
+}
+
+/// The activation rows of an int8 product: a convolution's patches (and their zero point),
+/// or a matrix.
+enum Int8Rows<'a> {
+    Patches(Patches<'a, u8>, i32),
+    Matrix(U8Matrix<'a>),
+}
+
+impl Int8Rows<'_> {
+    /// Rows `range` through the product, requantized (`packed` weights, `i32` bias,
+    /// multipliers, output zero point) and pooled over groups of `group` rows.
+    fn requantized(
+        &self,
+        range: std::ops::Range<usize>,
+        (packed, bias, multipliers, out_zero): (&PackedI8, &[i32], &[f32], i32),
+        relu: bool,
+        group: usize,
+        y: &mut [u8],
+    ) {
+        match self {
+            Self::Patches(p, zero) => int8_conv_u8_pooled(
+                &p.rows_range(range),
+                *zero,
+                packed,
+                bias,
+                multipliers,
+                out_zero,
+                relu,
+                group,
+                y,
+            ),
+            Self::Matrix(m) => int8_gemm_u8_pooled(
+                &m.rows_range(range),
+                packed,
+                bias,
+                multipliers,
+                out_zero,
+                relu,
+                group,
+                y,
+            ),
+        }
+    }
+
+    /// Rows `range` through the product, dequantized (`packed` weights, accumulator scales,
+    /// f32 bias) and pooled over groups of `group` rows.
+    fn dequantized(
+        &self,
+        range: std::ops::Range<usize>,
+        (packed, scales, bias): (&PackedI8, &[f32], &[f32]),
+        relu: bool,
+        group: usize,
+        y: &mut [f32],
+    ) {
+        match self {
+            Self::Patches(p, zero) => int8_conv_f32_pooled(
+                &p.rows_range(range),
+                *zero,
+                packed,
+                scales,
+                bias,
+                relu,
+                group,
+                y,
+            ),
+            Self::Matrix(m) => {
+                int8_gemm_f32_pooled(&m.rows_range(range), packed, scales, bias, relu, group, y)
+            }
         }
     }
 }

@@ -452,6 +452,13 @@ impl Epilogue<u8> for Requantize<'_> {
 }
 
 impl<'a> Requantize<'a> {
+    /// The epilogue of a layer, with a following ReLU folded into the clamp (its lower end is
+    /// then the output zero point).
+    fn with_relu(bias: &'a [i32], multipliers: &'a [f32], zero_point: i32, relu: bool) -> Self {
+        let lo = if relu { zero_point.clamp(0, 255) } else { 0 };
+        Self::new(bias, multipliers, zero_point, lo)
+    }
+
     fn new(bias: &'a [i32], multipliers: &'a [f32], zero_point: i32, lo: i32) -> Self {
         let bounded = (0..=255).contains(&zero_point)
             && (0..=255).contains(&lo)
@@ -717,12 +724,7 @@ pub fn int8_gemm_u8_pooled(
     out: &mut [u8],
 ) {
     assert!(multipliers.len() == w.n && bias.len() == w.n);
-    let lo = if relu {
-        out_zero_point.clamp(0, 255)
-    } else {
-        0
-    };
-    let epilogue = Requantize::new(bias, multipliers, out_zero_point, lo);
+    let epilogue = Requantize::with_relu(bias, multipliers, out_zero_point, relu);
     drive(Source::Matrix(a), w, out, &epilogue, group);
 }
 
@@ -766,12 +768,7 @@ pub fn int8_conv_u8_pooled(
     out: &mut [u8],
 ) {
     assert!(multipliers.len() == w.n && bias.len() == w.n);
-    let lo = if relu {
-        out_zero_point.clamp(0, 255)
-    } else {
-        0
-    };
-    let epilogue = Requantize::new(bias, multipliers, out_zero_point, lo);
+    let epilogue = Requantize::with_relu(bias, multipliers, out_zero_point, relu);
     drive(
         Source::Patches(patches, zero_point),
         w,

@@ -136,6 +136,37 @@ unsafe fn tile<const ROWS: usize>(
     }
 }
 
+/// [`tile`] for `rows` rows (1 to [`MR`]).
+///
+/// # Safety
+/// As for [`tile`] with `ROWS = rows`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_of(
+    rows: usize,
+    a: *const f32,
+    lda: usize,
+    k: usize,
+    b: *const f32,
+    bias: *const f32,
+    flags: (bool, bool, bool),
+    c: *mut f32,
+    ldc: usize,
+    columns: (bool, [__m256i; 2]),
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match rows {
+            6 => tile::<6>(a, lda, k, b, bias, flags, c, ldc, columns),
+            5 => tile::<5>(a, lda, k, b, bias, flags, c, ldc, columns),
+            4 => tile::<4>(a, lda, k, b, bias, flags, c, ldc, columns),
+            3 => tile::<3>(a, lda, k, b, bias, flags, c, ldc, columns),
+            2 => tile::<2>(a, lda, k, b, bias, flags, c, ldc, columns),
+            _ => tile::<1>(a, lda, k, b, bias, flags, c, ldc, columns),
+        }
+    }
+}
+
 /// `out = a w^T + bias` (ReLU if asked) for `m` rows of `a` (`m x k`, row-major) and the
 /// packed `w`, over the panels `panels` (a range of panel indices): only the columns of
 /// those panels of `out` (`m x n`, row-major) are written.
@@ -179,14 +210,7 @@ pub(crate) unsafe fn gemm(
                     let a = ap.add(r * k + k0);
                     let b = packed.as_ptr().add(p * k * NR + k0 * NR);
                     let (bias, c) = (bias.as_ptr().add(start), cp.add(r * n + start));
-                    match rows {
-                        6 => tile::<6>(a, k, kc, b, bias, flags, c, n, columns),
-                        5 => tile::<5>(a, k, kc, b, bias, flags, c, n, columns),
-                        4 => tile::<4>(a, k, kc, b, bias, flags, c, n, columns),
-                        3 => tile::<3>(a, k, kc, b, bias, flags, c, n, columns),
-                        2 => tile::<2>(a, k, kc, b, bias, flags, c, n, columns),
-                        _ => tile::<1>(a, k, kc, b, bias, flags, c, n, columns),
-                    }
+                    tile_of(rows, a, k, kc, b, bias, flags, c, n, columns)
                 }
                 r += rows;
             }
@@ -243,14 +267,7 @@ pub(crate) unsafe fn gemm_rows(
                     let a = rows.as_ptr().add(k0);
                     let b = packed.as_ptr().add(p * k * NR + k0 * NR);
                     let (bias, c) = (bias.as_ptr().add(start), out.add(r * n + start));
-                    match count {
-                        6 => tile::<6>(a, k, kc, b, bias, flags, c, n, columns),
-                        5 => tile::<5>(a, k, kc, b, bias, flags, c, n, columns),
-                        4 => tile::<4>(a, k, kc, b, bias, flags, c, n, columns),
-                        3 => tile::<3>(a, k, kc, b, bias, flags, c, n, columns),
-                        2 => tile::<2>(a, k, kc, b, bias, flags, c, n, columns),
-                        _ => tile::<1>(a, k, kc, b, bias, flags, c, n, columns),
-                    }
+                    tile_of(count, a, k, kc, b, bias, flags, c, n, columns)
                 }
             }
         }
