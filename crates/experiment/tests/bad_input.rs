@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use mnist_data::{Dataset, FILES, MANIFEST, Split};
 use model_spec::{LayerSpec, NetworkSpec};
-use runtime::{ArtifactBuilder, Granularity};
+use runtime::{ArtifactBuilder, Encoded, Granularity, Storage};
 use serde_json::Value;
 
 const TRAIN_IMAGES: &str = FILES[0];
@@ -264,14 +264,14 @@ fn tiny_weights() -> Vec<f32> {
 fn tiny_artifact() -> ArtifactBuilder {
     let mut builder = ArtifactBuilder::new(tiny_network());
     builder
-        .add_int8_quantized(
+        .add(
             "1.weight",
             &tiny_weights(),
             &[10, 784],
-            Granularity::PerChannel,
+            Storage::Int8(Granularity::PerChannel),
         )
         .unwrap()
-        .add_f32("1.bias", &[0.0; 10], &[10])
+        .add("1.bias", &[0.0; 10], &[10], Storage::F32)
         .unwrap();
     builder
 }
@@ -607,15 +607,17 @@ fn damaged_artifacts() {
         &set_first_f32(&valid, "1.weight.scale", -0.5),
     );
     let mut csr = ArtifactBuilder::new(tiny_network());
-    csr.add_csr(
+    csr.add_encoded(
         "1.weight",
         &[10, 784],
-        &[0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
-        &[784],
-        &[0.5],
+        Encoded::Csr {
+            row_ptr: &[0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            col_idx: &[784],
+            values: &[0.5],
+        },
     )
     .unwrap()
-    .add_f32("1.bias", &[0.0; 10], &[10])
+    .add("1.bias", &[0.0; 10], &[10], Storage::F32)
     .unwrap();
     let csr = write("csr-index.safetensors", &csr.to_bytes().unwrap());
     let mut colour = ArtifactBuilder::new(NetworkSpec {
@@ -630,9 +632,14 @@ fn damaged_artifacts() {
         ..tiny_network()
     });
     colour
-        .add_f32("1.weight", &vec![0.0; 10 * 3 * 784], &[10, 3 * 784])
+        .add(
+            "1.weight",
+            &vec![0.0; 10 * 3 * 784],
+            &[10, 3 * 784],
+            Storage::F32,
+        )
         .unwrap()
-        .add_f32("1.bias", &[0.0; 10], &[10])
+        .add("1.bias", &[0.0; 10], &[10], Storage::F32)
         .unwrap();
     let colour = write("colour.safetensors", &colour.to_bytes().unwrap());
     let missing = text(&root.join("missing.safetensors"));

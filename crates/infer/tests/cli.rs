@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use model_spec::{LayerSpec, NetworkSpec};
-use runtime::{ArtifactBuilder, Granularity};
+use runtime::{ArtifactBuilder, Granularity, Storage};
 use serde_json::Value;
 
 /// Flatten, an int8 linear layer, ReLU and an f32 linear layer: two execution modes.
@@ -35,18 +35,18 @@ fn write_artifact(path: &Path) {
     };
     let mut builder = ArtifactBuilder::new(network);
     builder
-        .add_int8_quantized(
+        .add(
             "1.weight",
             &weights(16 * 784, 31),
             &[16, 784],
-            Granularity::PerChannel,
+            Storage::Int8(Granularity::PerChannel),
         )
         .unwrap()
-        .add_f32("1.bias", &[0.0; 16], &[16])
+        .add("1.bias", &[0.0; 16], &[16], Storage::F32)
         .unwrap()
-        .add_f32("3.weight", &weights(10 * 16, 7), &[10, 16])
+        .add("3.weight", &weights(10 * 16, 7), &[10, 16], Storage::F32)
         .unwrap()
-        .add_f32("3.bias", &[0.0; 10], &[10])
+        .add("3.bias", &[0.0; 10], &[10], Storage::F32)
         .unwrap();
     builder.write(path).unwrap();
 }

@@ -17,6 +17,8 @@
 //! ```
 #![warn(missing_docs)]
 
+mod input;
 mod spec;
 
+pub use input::{InputLayout, InputNormalization};
 pub use spec::{LayerSpec, NetworkSpec, SpecError};

@@ -15,6 +15,12 @@ pub enum SpecError {
         /// What is wrong.
         reason: String,
     },
+    /// An input normalisation with unusable values.
+    #[error("input normalisation: {reason}")]
+    InvalidInput {
+        /// What is wrong.
+        reason: String,
+    },
     /// The network description itself is unusable (no layers, empty input, ...).
     #[error("network `{network}`: {reason}")]
     InvalidNetwork {
@@ -91,6 +97,36 @@ impl LayerSpec {
         }
     }
 
+    /// The weight shape (PyTorch's layout: `[out, in, k, k]` or `[out, in]`) and the bias
+    /// length of a layer with parameters that deployment keeps (conv2d and linear); `None`
+    /// for the others, batch norm included (it is folded into its convolution).
+    ///
+    /// ```
+    /// use model_spec::LayerSpec;
+    ///
+    /// let fc = LayerSpec::Linear { in_features: 784, out_features: 10 };
+    /// assert_eq!(fc.weight_shape(), Some((vec![10, 784], 10)));
+    /// assert_eq!(LayerSpec::Relu.weight_shape(), None);
+    /// ```
+    pub fn weight_shape(&self) -> Option<(Vec<usize>, usize)> {
+        match *self {
+            Self::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                ..
+            } => Some((
+                vec![out_channels, in_channels, kernel, kernel],
+                out_channels,
+            )),
+            Self::Linear {
+                in_features,
+                out_features,
+            } => Some((vec![out_features, in_features], out_features)),
+            _ => None,
+        }
+    }
+
     /// Number of trainable parameters (weights and biases).
     pub fn param_count(&self) -> usize {
         match *self {
@@ -129,7 +165,10 @@ impl LayerSpec {
                     return Err("channels, kernel and stride must be positive".into());
                 }
                 let out = |side: usize| {
-                    (side + 2 * padding)
+                    padding
+                        .checked_mul(2)
+                        .and_then(|p| p.checked_add(side))
+                        .ok_or_else(|| format!("padding {padding} overflows the input size"))?
                         .checked_sub(kernel)
                         .map(|s| s / stride + 1)
                         .ok_or_else(|| format!("kernel {kernel} is larger than the input {h}x{w}"))
@@ -175,7 +214,11 @@ impl LayerSpec {
                 }
                 Ok(input.to_vec())
             }
-            Self::Flatten => Ok(vec![input.iter().product()]),
+            Self::Flatten => input
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .map(|n| vec![n])
+                .ok_or_else(|| format!("{input:?} has more elements than fit in usize")),
             Self::Relu => Ok(input.to_vec()),
             Self::Dropout { p } => {
                 if (0.0..1.0).contains(&p) {
@@ -349,6 +392,25 @@ impl NetworkSpec {
 
     /// Checks that every layer fits the shape it receives; returns the output shape.
     pub fn validate(&self) -> Result<Vec<usize>, SpecError> {
+        let mut shapes = self.shapes()?;
+        Ok(shapes.pop().unwrap_or_default())
+    }
+
+    /// The shape inference of the network: the per-sample input shape of every layer, then
+    /// the output shape (`layers.len() + 1` shapes), or the first layer that does not fit.
+    ///
+    /// All arithmetic is checked, so any description (one read from an untrusted file
+    /// included) gives a shape list or an error, never an overflow.
+    ///
+    /// ```
+    /// use model_spec::NetworkSpec;
+    ///
+    /// let shapes = NetworkSpec::student_cnn().shapes()?;
+    /// assert_eq!(shapes[0], vec![1, 28, 28]);
+    /// assert_eq!(shapes.last(), Some(&vec![10]));
+    /// # Ok::<(), model_spec::SpecError>(())
+    /// ```
+    pub fn shapes(&self) -> Result<Vec<Vec<usize>>, SpecError> {
         if self.layers.is_empty() || self.input.contains(&0) {
             return Err(SpecError::InvalidNetwork {
                 network: self.name.clone(),
@@ -359,18 +421,21 @@ impl NetworkSpec {
                 ),
             });
         }
-        let mut shape = self.input.to_vec();
+        let mut shapes = Vec::with_capacity(self.layers.len() + 1);
+        shapes.push(self.input.to_vec());
         for (index, layer) in self.layers.iter().enumerate() {
-            shape = layer
-                .output_shape(&shape)
-                .map_err(|reason| SpecError::InvalidLayer {
-                    network: self.name.clone(),
-                    index,
-                    layer: layer.op(),
-                    reason,
-                })?;
+            let shape =
+                layer
+                    .output_shape(&shapes[index])
+                    .map_err(|reason| SpecError::InvalidLayer {
+                        network: self.name.clone(),
+                        index,
+                        layer: layer.op(),
+                        reason,
+                    })?;
+            shapes.push(shape);
         }
-        Ok(shape)
+        Ok(shapes)
     }
 
     /// The network as deployed: every batch norm removed, as exporters fold each one into
@@ -466,6 +531,45 @@ mod tests {
         assert!(spec.validate().is_err());
         spec.layers.clear();
         assert!(spec.validate().is_err());
+    }
+
+    #[test]
+    fn huge_hyperparameters_are_errors_not_overflows() {
+        let conv = |padding| NetworkSpec {
+            name: "huge".into(),
+            input: [1, 4, 4],
+            layers: vec![LayerSpec::Conv2d {
+                in_channels: 1,
+                out_channels: 1,
+                kernel: 1,
+                stride: 1,
+                padding,
+            }],
+        };
+        assert!(conv(usize::MAX / 2 + 1).validate().is_err());
+        assert!(conv(usize::MAX).validate().is_err());
+        let flat = NetworkSpec {
+            name: "wide".into(),
+            input: [usize::MAX, usize::MAX, 2],
+            layers: vec![LayerSpec::Flatten],
+        };
+        let err = flat.validate().unwrap_err().to_string();
+        assert!(err.contains("layer 0 (flatten)"), "{err}");
+    }
+
+    #[test]
+    fn shapes_list_every_layer_input_then_the_output() {
+        let spec = NetworkSpec::teacher_cnn().without_batch_norm();
+        let shapes = spec.shapes().unwrap();
+        assert_eq!(shapes.len(), spec.layers.len() + 1);
+        assert_eq!(shapes[1], vec![32, 26, 26]);
+        assert_eq!(shapes.last().unwrap(), &spec.validate().unwrap());
+        for (layer, shape) in spec.layers.iter().zip(&shapes) {
+            if let Some((weight, bias)) = layer.weight_shape() {
+                assert_eq!(weight[0], bias);
+                assert_eq!(weight[1], shape[0], "{layer:?}");
+            }
+        }
     }
 
     #[test]

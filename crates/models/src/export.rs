@@ -33,7 +33,7 @@
 
 use std::path::Path;
 
-use runtime::{ArtifactBuilder, Granularity};
+use runtime::{ArtifactBuilder, Granularity, Storage};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::{LayerSpec, Network};
@@ -215,20 +215,26 @@ pub fn artifact_from_parameters(
     for p in params {
         let is_weight = p.name.ends_with(".weight");
         match format {
-            WeightFormat::Int8DynamicRange if is_weight => {
-                builder.add_int8_quantized(&p.name, &p.data, &p.shape, Granularity::PerChannel)?
-            }
-            WeightFormat::Int8Compact if is_weight => builder.add_int8_quantized_compact(
+            WeightFormat::Int8DynamicRange if is_weight => builder.add(
                 &p.name,
                 &p.data,
                 &p.shape,
-                Granularity::PerChannel,
+                Storage::Int8(Granularity::PerChannel),
             )?,
-            WeightFormat::Int8PerTensor if is_weight => {
-                builder.add_int8_quantized(&p.name, &p.data, &p.shape, Granularity::PerTensor)?
-            }
-            WeightFormat::F16 => builder.add_f16(&p.name, &p.data, &p.shape)?,
-            _ => builder.add_f32(&p.name, &p.data, &p.shape)?,
+            WeightFormat::Int8Compact if is_weight => builder.add(
+                &p.name,
+                &p.data,
+                &p.shape,
+                Storage::Int8Smallest(Granularity::PerChannel),
+            )?,
+            WeightFormat::Int8PerTensor if is_weight => builder.add(
+                &p.name,
+                &p.data,
+                &p.shape,
+                Storage::Int8(Granularity::PerTensor),
+            )?,
+            WeightFormat::F16 => builder.add(&p.name, &p.data, &p.shape, Storage::F16)?,
+            _ => builder.add(&p.name, &p.data, &p.shape, Storage::F32)?,
         };
     }
     Ok(builder)

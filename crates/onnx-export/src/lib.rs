@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use model_spec::{LayerSpec, NetworkSpec};
-//! use runtime::{ArtifactBuilder, Granularity};
+//! use runtime::{ArtifactBuilder, Granularity, Storage};
 //!
 //! let network = NetworkSpec {
 //!     name: "tiny".into(),
@@ -20,9 +20,7 @@
 //!     layers: vec![LayerSpec::Flatten, LayerSpec::Linear { in_features: 4, out_features: 3 }],
 //! };
 //! let mut artifact = ArtifactBuilder::new(network);
-//! artifact
-//!     .add_int8_quantized("1.weight", &[0.5; 12], &[3, 4], Granularity::PerChannel)?
-//!     .add_f32("1.bias", &[0.0, 0.1, 0.2], &[3])?;
+//! artifact.add_layer(1, &[0.5; 12], &[0.0, 0.1, 0.2], Storage::Int8(Granularity::PerChannel))?;
 //! let onnx = onnx_export::export(&artifact.to_bytes()?)?;
 //!
 //! // A serialised ONNX ModelProto: field 1 (ir_version) comes first, as a varint.

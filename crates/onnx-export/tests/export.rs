@@ -2,7 +2,7 @@
 
 use model_spec::{LayerSpec, NetworkSpec};
 use onnx_export::{Error, export, export_file};
-use runtime::ArtifactBuilder;
+use runtime::{ArtifactBuilder, Storage};
 
 fn artifact() -> Vec<u8> {
     let network = NetworkSpec {
@@ -17,13 +17,14 @@ fn artifact() -> Vec<u8> {
         ],
     };
     let mut b = ArtifactBuilder::new(network);
-    b.add_f16(
+    b.add(
         "1.weight",
         &[0.5, 1.0, -1.0, 2.0, 0.0, 0.25, 3.0, -0.5],
         &[2, 4],
+        Storage::F16,
     )
     .unwrap()
-    .add_f32("1.bias", &[0.1, -0.1], &[2])
+    .add("1.bias", &[0.1, -0.1], &[2], Storage::F32)
     .unwrap();
     b.to_bytes().unwrap()
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 use mnist_data::{Dataset, Normalization};
 use model_spec::{LayerSpec, NetworkSpec};
 use ndarray::{Array2, Array4, s};
-use runtime::{Artifact, ArtifactBuilder, Granularity, Model, QParams, Scheme};
+use runtime::{Artifact, ArtifactBuilder, Granularity, Model, QParams, Scheme, Storage};
 
 /// Test images compared (the first ones of the test split).
 const IMAGES: usize = 256;
@@ -191,8 +191,10 @@ fn calibrate(spec: &NetworkSpec, params: &[Param], layer: usize, images: &Array4
     };
     let mut b = ArtifactBuilder::new(prefix);
     for (i, shape, weight, bias) in params.iter().filter(|p| p.0 < layer) {
-        b.add_f32(&format!("{i}.weight"), weight, shape).unwrap();
-        b.add_f32(&format!("{i}.bias"), bias, &shape[..1]).unwrap();
+        b.add(&format!("{i}.weight"), weight, shape, Storage::F32)
+            .unwrap();
+        b.add(&format!("{i}.bias"), bias, &shape[..1], Storage::F32)
+            .unwrap();
     }
     let model = Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
     let activations = model.run(images.view()).unwrap();
@@ -217,18 +219,22 @@ fn artifact(case: Case, calibration: &Array4<f32>) -> Vec<u8> {
                 continue;
             }
             Case::Int8PerChannel | Case::Int8Static => {
-                b.add_int8_quantized(&name, weight, shape, Granularity::PerChannel)
+                b.add(&name, weight, shape, Storage::Int8(Granularity::PerChannel))
             }
             Case::Int8PerTensor => {
-                b.add_int8_quantized(&name, weight, shape, Granularity::PerTensor)
+                b.add(&name, weight, shape, Storage::Int8(Granularity::PerTensor))
             }
-            Case::Int8Sparse => {
-                b.add_int8_quantized_compact(&name, &pruned(weight), shape, Granularity::PerChannel)
-            }
-            Case::Csr => b.add_csr_from_dense(&name, &pruned(weight), shape),
+            Case::Int8Sparse => b.add(
+                &name,
+                &pruned(weight),
+                shape,
+                Storage::Int8Smallest(Granularity::PerChannel),
+            ),
+            Case::Csr => b.add(&name, &pruned(weight), shape, Storage::Csr),
         }
         .unwrap();
-        b.add_f32(&format!("{i}.bias"), bias, &shape[..1]).unwrap();
+        b.add(&format!("{i}.bias"), bias, &shape[..1], Storage::F32)
+            .unwrap();
         if case == Case::Int8Static {
             b.set_input_quantization(*i, calibrate(&spec, &params, *i, calibration));
         }

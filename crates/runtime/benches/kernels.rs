@@ -14,7 +14,7 @@ use runtime::kernels::{
     CsrMatrix, Isa, PackedF32, PackedI8, U8Matrix, csr_gemm_bias, int8_gemm_f32, padded_k,
     sgemm_packed,
 };
-use runtime::{ArtifactBuilder, Granularity, Model, QParams};
+use runtime::{ArtifactBuilder, Granularity, Model, QParams, Storage};
 
 /// `(name, m per sample, n, k)`: GEMM shapes per sample of the batch.
 const SHAPES: [(&str, usize, usize, usize); 7] = [
@@ -128,14 +128,14 @@ fn models(c: &mut Criterion) {
         let bias = values(shape[0], seed + 100);
         let (wn, bn) = (format!("{i}.weight"), format!("{i}.bias"));
         f32_artifact
-            .add_f32(&wn, &w, &shape)
+            .add(&wn, &w, &shape, Storage::F32)
             .unwrap()
-            .add_f32(&bn, &bias, &shape[..1])
+            .add(&bn, &bias, &shape[..1], Storage::F32)
             .unwrap();
         int8_artifact
-            .add_int8_quantized(&wn, &w, &shape, Granularity::PerChannel)
+            .add(&wn, &w, &shape, Storage::Int8(Granularity::PerChannel))
             .unwrap()
-            .add_f32(&bn, &bias, &shape[..1])
+            .add(&bn, &bias, &shape[..1], Storage::F32)
             .unwrap();
     }
     let mut static_artifact = int8_artifact.clone();

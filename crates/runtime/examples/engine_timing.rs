@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use model_spec::{LayerSpec, NetworkSpec};
 use ndarray::Array4;
-use runtime::{ArtifactBuilder, Granularity, Model, QParams};
+use runtime::{ArtifactBuilder, Granularity, Model, QParams, Storage};
 
 fn mlp() -> NetworkSpec {
     let linear = |i, o| LayerSpec::Linear {
@@ -60,10 +60,10 @@ fn model(spec: &NetworkSpec, int8: bool, stat: bool) -> Model {
         let name = format!("{i}.weight");
         if int8 {
             builder
-                .add_int8_quantized(&name, &w, &shape, Granularity::PerChannel)
+                .add(&name, &w, &shape, Storage::Int8(Granularity::PerChannel))
                 .unwrap();
         } else {
-            builder.add_f32(&name, &w, &shape).unwrap();
+            builder.add(&name, &w, &shape, Storage::F32).unwrap();
         }
         if stat {
             // The first layer sees the raw input, the others post-ReLU activations.
@@ -82,7 +82,12 @@ fn model(spec: &NetworkSpec, int8: bool, stat: bool) -> Model {
         }
         first = false;
         builder
-            .add_f32(&format!("{i}.bias"), &values(shape[0], 7, 0.1), &shape[..1])
+            .add(
+                &format!("{i}.bias"),
+                &values(shape[0], 7, 0.1),
+                &shape[..1],
+                Storage::F32,
+            )
             .unwrap();
     }
     Model::from_bytes(&builder.to_bytes().unwrap()).unwrap()

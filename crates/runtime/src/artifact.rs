@@ -1,26 +1,27 @@
 //! The artifact format: one safetensors file holding the network description, every
 //! parameter in its storage scheme, and optional activation quantization parameters.
-//! `docs/FORMAT.md` is the specification; this module writes it ([`ArtifactBuilder`]) and
-//! reads it back with full validation ([`decode`]).
+//! `docs/FORMAT.md` is the specification; this module reads it back with full validation
+//! ([`decode`]); [`crate::ArtifactBuilder`] writes it.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 
 use half::f16;
-use model_spec::{LayerSpec, NetworkSpec};
+use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, SafeTensors, View};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernels::{CsrMatrix, MAX_INT8_K};
-use crate::quant::{QParams, quantize_symmetric};
+use crate::kernels::{ConvGeometry, CsrMatrix, MAX_INT8_K};
+use crate::quant::QParams;
 
 /// Value of the `format` metadata entry.
 pub const FORMAT: &str = "tch-mot";
-/// Value of the `format_version` metadata entry this runtime writes and reads.
-pub const FORMAT_VERSION: &str = "1";
+/// Value of the `format_version` metadata entry this runtime writes.
+pub const FORMAT_VERSION: &str = "2";
+/// Every `format_version` this runtime reads: version 1 is version 2 without the `input`
+/// entry.
+pub const READABLE_VERSIONS: [&str; 2] = ["1", "2"];
 
 /// Largest hyperparameter (channels, features, kernel, stride, padding, input side) accepted.
 pub const MAX_DIM: usize = 1 << 20;
@@ -84,470 +85,6 @@ impl Scheme {
     }
 }
 
-/// One tensor waiting to be written.
-#[derive(Clone, Debug)]
-struct RawTensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &RawTensor {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-fn le_bytes<T: Copy, const N: usize>(values: &[T], to: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    values.iter().flat_map(|&v| to(v)).collect()
-}
-
-/// Writes artifacts.
-///
-/// The builder checks that data fits the shapes it is given and that names are unique; the
-/// loader ([`Model::from_bytes`](crate::Model::from_bytes)) checks everything else, so a
-/// builder can also produce deliberately broken files for tests.
-#[derive(Clone, Debug, Default)]
-pub struct ArtifactBuilder {
-    network: Option<NetworkSpec>,
-    tensors: BTreeMap<String, RawTensor>,
-    schemes: BTreeMap<String, Scheme>,
-    activations: BTreeMap<usize, QParams>,
-}
-
-fn builder_error(reason: impl Into<String>) -> Error {
-    Error::Builder {
-        reason: reason.into(),
-    }
-}
-
-fn element_count(name: &str, shape: &[usize]) -> Result<usize> {
-    shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .ok_or_else(|| builder_error(format!("`{name}`: shape {shape:?} overflows")))
-}
-
-impl ArtifactBuilder {
-    /// An empty artifact for `network`.
-    pub fn new(network: NetworkSpec) -> Self {
-        Self {
-            network: Some(network),
-            ..Self::default()
-        }
-    }
-
-    /// Sets (or replaces) the network description.
-    pub fn set_network(&mut self, network: NetworkSpec) -> &mut Self {
-        self.network = Some(network);
-        self
-    }
-
-    fn put(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> Result<()> {
-        if self.tensors.contains_key(name) {
-            return Err(builder_error(format!("tensor `{name}` added twice")));
-        }
-        self.tensors.insert(
-            name.to_owned(),
-            RawTensor {
-                dtype,
-                shape: shape.to_vec(),
-                data,
-            },
-        );
-        Ok(())
-    }
-
-    fn describe(&mut self, name: &str, scheme: Scheme) -> Result<()> {
-        if self.schemes.contains_key(name) {
-            return Err(builder_error(format!("parameter `{name}` added twice")));
-        }
-        self.schemes.insert(name.to_owned(), scheme);
-        Ok(())
-    }
-
-    fn check_len(name: &str, what: &str, len: usize, expected: usize) -> Result<()> {
-        if len == expected {
-            Ok(())
-        } else {
-            Err(builder_error(format!(
-                "`{name}`: {what} has {len} values, expected {expected}"
-            )))
-        }
-    }
-
-    /// Adds an f32 parameter.
-    pub fn add_f32(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<&mut Self> {
-        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
-        self.describe(name, Scheme::F32)?;
-        self.put(name, Dtype::F32, shape, le_bytes(data, f32::to_le_bytes))?;
-        Ok(self)
-    }
-
-    /// Adds a parameter stored as f16 (rounded to nearest from `data`).
-    pub fn add_f16(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<&mut Self> {
-        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
-        self.describe(name, Scheme::F16)?;
-        let bytes = data
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect();
-        self.put(name, Dtype::F16, shape, bytes)?;
-        Ok(self)
-    }
-
-    /// Adds an int8 parameter with one scale and zero point per output channel (axis 0):
-    /// `w[c, ...] = scales[c] * (values[c, ...] - zero_points[c])`.
-    pub fn add_int8_per_channel(
-        &mut self,
-        name: &str,
-        values: &[i8],
-        shape: &[usize],
-        scales: &[f32],
-        zero_points: &[i8],
-    ) -> Result<&mut Self> {
-        let channels = shape.first().copied().unwrap_or(1);
-        self.add_int8(
-            name,
-            values,
-            shape,
-            scales,
-            zero_points,
-            Granularity::PerChannel,
-            channels,
-        )
-    }
-
-    /// Adds an int8 parameter with one scale and zero point for the whole tensor.
-    pub fn add_int8_per_tensor(
-        &mut self,
-        name: &str,
-        values: &[i8],
-        shape: &[usize],
-        scale: f32,
-        zero_point: i8,
-    ) -> Result<&mut Self> {
-        self.add_int8(
-            name,
-            values,
-            shape,
-            &[scale],
-            &[zero_point],
-            Granularity::PerTensor,
-            1,
-        )
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn add_int8(
-        &mut self,
-        name: &str,
-        values: &[i8],
-        shape: &[usize],
-        scales: &[f32],
-        zero_points: &[i8],
-        granularity: Granularity,
-        groups: usize,
-    ) -> Result<&mut Self> {
-        Self::check_len(name, "data", values.len(), element_count(name, shape)?)?;
-        Self::check_len(name, "scales", scales.len(), groups)?;
-        Self::check_len(name, "zero points", zero_points.len(), groups)?;
-        self.describe(name, Scheme::Int8 { granularity })?;
-        self.put(
-            name,
-            Dtype::I8,
-            shape,
-            values.iter().map(|&v| v as u8).collect(),
-        )?;
-        self.put_groups(name, scales, zero_points)?;
-        Ok(self)
-    }
-
-    /// The `name.scale` and `name.zero_point` tensors of an int8 weight.
-    fn put_groups(&mut self, name: &str, scales: &[f32], zero_points: &[i8]) -> Result<()> {
-        let aux = [scales.len()];
-        self.put(
-            &format!("{name}.scale"),
-            Dtype::F32,
-            &aux,
-            le_bytes(scales, f32::to_le_bytes),
-        )?;
-        let zp = zero_points.iter().map(|&v| v as u8).collect();
-        self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)
-    }
-
-    /// Adds int8 codes like [`ArtifactBuilder::add_int8_per_channel`] (per channel) or
-    /// [`ArtifactBuilder::add_int8_per_tensor`] (one group), stored in the `int8_sparse`
-    /// scheme: a bitmask of the codes that differ from their group's zero point and those
-    /// codes only. Smaller than `int8` when fewer than seven elements in eight are kept.
-    pub fn add_int8_sparse(
-        &mut self,
-        name: &str,
-        values: &[i8],
-        shape: &[usize],
-        scales: &[f32],
-        zero_points: &[i8],
-        granularity: Granularity,
-    ) -> Result<&mut Self> {
-        let len = element_count(name, shape)?;
-        Self::check_len(name, "data", values.len(), len)?;
-        let rows = shape.first().copied().unwrap_or(1).max(1);
-        let groups = match granularity {
-            Granularity::PerTensor => 1,
-            Granularity::PerChannel => rows,
-        };
-        Self::check_len(name, "scales", scales.len(), groups)?;
-        Self::check_len(name, "zero points", zero_points.len(), groups)?;
-        let per_group = len / groups.max(1);
-        let mut mask = vec![0u8; len.div_ceil(8)];
-        let mut kept = Vec::new();
-        for (i, &v) in values.iter().enumerate() {
-            if v != zero_points[i / per_group.max(1)] {
-                mask[i / 8] |= 1 << (i % 8);
-                kept.push(v as u8);
-            }
-        }
-        self.describe(name, Scheme::Int8Sparse { granularity })?;
-        self.put(&format!("{name}.mask"), Dtype::U8, &[mask.len()], mask)?;
-        self.put(&format!("{name}.values"), Dtype::I8, &[kept.len()], kept)?;
-        self.put_groups(name, scales, zero_points)?;
-        Ok(self)
-    }
-
-    /// Quantizes f32 weights like [`ArtifactBuilder::add_int8_quantized`] and stores them in
-    /// whichever of the `int8` and `int8_sparse` schemes is smaller: sparse when fewer than
-    /// seven codes in eight are non-zero (pruned weights).
-    pub fn add_int8_quantized_compact(
-        &mut self,
-        name: &str,
-        data: &[f32],
-        shape: &[usize],
-        granularity: Granularity,
-    ) -> Result<&mut Self> {
-        let (codes, scales) = Self::quantized(name, data, shape, granularity)?;
-        let zero_points = vec![0i8; scales.len()];
-        let nonzero = codes.iter().filter(|&&c| c != 0).count();
-        if codes.len().div_ceil(8) + nonzero < codes.len() {
-            self.add_int8_sparse(name, &codes, shape, &scales, &zero_points, granularity)
-        } else {
-            let groups = scales.len();
-            self.add_int8(
-                name,
-                &codes,
-                shape,
-                &scales,
-                &zero_points,
-                granularity,
-                groups,
-            )
-        }
-    }
-
-    /// Symmetric int8 codes and scales of `data` (shape `shape`), per group.
-    fn quantized(
-        name: &str,
-        data: &[f32],
-        shape: &[usize],
-        granularity: Granularity,
-    ) -> Result<(Vec<i8>, Vec<f32>)> {
-        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
-        let rows = shape.first().copied().unwrap_or(1);
-        if rows == 0 {
-            return Err(builder_error(format!("`{name}` has no output channels")));
-        }
-        let per_channel = granularity == Granularity::PerChannel;
-        Ok(quantize_symmetric(data, rows, per_channel))
-    }
-
-    /// Quantizes f32 weights symmetrically (codes in `-127..=127`, zero point 0, scale
-    /// `max |w| / 127` per group) and adds them as int8.
-    pub fn add_int8_quantized(
-        &mut self,
-        name: &str,
-        data: &[f32],
-        shape: &[usize],
-        granularity: Granularity,
-    ) -> Result<&mut Self> {
-        let (codes, scales) = Self::quantized(name, data, shape, granularity)?;
-        let zero_points = vec![0i8; scales.len()];
-        let groups = scales.len();
-        self.add_int8(
-            name,
-            &codes,
-            shape,
-            &scales,
-            &zero_points,
-            granularity,
-            groups,
-        )
-    }
-
-    /// Adds a CSR-sparse f32 parameter of dense shape `shape` (rows `shape[0]`, columns the
-    /// product of the rest). The arrays are stored as given; the loader validates them.
-    pub fn add_csr(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-        row_ptr: &[i32],
-        col_idx: &[i32],
-        values: &[f32],
-    ) -> Result<&mut Self> {
-        element_count(name, shape)?;
-        Self::check_len(name, "col_idx", col_idx.len(), values.len())?;
-        self.describe(
-            name,
-            Scheme::Csr {
-                shape: shape.to_vec(),
-            },
-        )?;
-        let i32_bytes = |v: &[i32]| le_bytes(v, i32::to_le_bytes);
-        self.put(
-            &format!("{name}.row_ptr"),
-            Dtype::I32,
-            &[row_ptr.len()],
-            i32_bytes(row_ptr),
-        )?;
-        self.put(
-            &format!("{name}.col_idx"),
-            Dtype::I32,
-            &[col_idx.len()],
-            i32_bytes(col_idx),
-        )?;
-        let value_bytes = le_bytes(values, f32::to_le_bytes);
-        self.put(
-            &format!("{name}.values"),
-            Dtype::F32,
-            &[values.len()],
-            value_bytes,
-        )?;
-        Ok(self)
-    }
-
-    /// Adds a dense f32 parameter in CSR form, keeping its non-zero entries.
-    pub fn add_csr_from_dense(
-        &mut self,
-        name: &str,
-        data: &[f32],
-        shape: &[usize],
-    ) -> Result<&mut Self> {
-        Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
-        let rows = shape.first().copied().unwrap_or(1);
-        let cols = data.len().checked_div(rows).unwrap_or(0);
-        if i32::try_from(data.len()).is_err() {
-            return Err(builder_error(format!(
-                "`{name}` is too large for i32 CSR indices"
-            )));
-        }
-        let csr = CsrMatrix::from_dense(data, rows, cols);
-        // Both fit i32: every index is below `data.len()`, checked above.
-        let row_ptr: Vec<i32> = csr.row_ptr().iter().map(|&p| p as i32).collect();
-        let col_idx: Vec<i32> = csr.col_idx().iter().map(|&c| c as i32).collect();
-        self.add_csr(name, shape, &row_ptr, &col_idx, csr.values())
-    }
-
-    /// Records the quantization of the input of layer `layer` (a conv2d or linear layer with
-    /// int8 weights), which makes that layer run in full-integer (static) mode.
-    pub fn set_input_quantization(&mut self, layer: usize, params: QParams) -> &mut Self {
-        self.activations.insert(layer, params);
-        self
-    }
-
-    /// The artifact as bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let network = self
-            .network
-            .as_ref()
-            .ok_or_else(|| builder_error("no network description was set"))?;
-        let mut metadata = HashMap::new();
-        metadata.insert("format".to_owned(), FORMAT.to_owned());
-        metadata.insert("format_version".to_owned(), FORMAT_VERSION.to_owned());
-        metadata.insert("network".to_owned(), to_json(network)?);
-        metadata.insert("tensors".to_owned(), to_json(&self.schemes)?);
-        if !self.activations.is_empty() {
-            let activations: BTreeMap<String, QParams> = self
-                .activations
-                .iter()
-                .map(|(layer, q)| (layer.to_string(), *q))
-                .collect();
-            metadata.insert("activations".to_owned(), to_json(&activations)?);
-        }
-        let bytes = safetensors::serialize(
-            self.tensors.iter().map(|(k, v)| (k.as_str(), v)),
-            Some(metadata),
-        )
-        .map_err(|e| builder_error(e.to_string()))?;
-        canonical(bytes)
-    }
-
-    /// Writes the artifact to `path`, atomically: a sibling temporary file renamed into
-    /// place, so the file is never seen half-written.
-    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let io = |source| Error::Io {
-            path: path.to_owned(),
-            source,
-        };
-        std::fs::write(&tmp, &bytes).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })
-    }
-}
-
-/// `bytes` with the header's keys in sorted order: safetensors writes the metadata from a
-/// `HashMap`, whose order changes from run to run, and the same model must give the same
-/// bytes (and the same gzip size) every time. Offsets are relative to the data, which does
-/// not move; the header keeps its padding to a multiple of 8 bytes.
-fn canonical(bytes: Vec<u8>) -> Result<Vec<u8>> {
-    let damaged = || builder_error("safetensors wrote a header it cannot read back");
-    let len = bytes
-        .first_chunk::<8>()
-        .map(|n| u64::from_le_bytes(*n) as usize)
-        .filter(|&n| 8 + n <= bytes.len())
-        .ok_or_else(damaged)?;
-    let header: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + len]).map_err(|_| damaged())?;
-    let sorted = |value: serde_json::Value| -> serde_json::Value {
-        match value {
-            serde_json::Value::Object(map) => {
-                let map: BTreeMap<String, serde_json::Value> = map.into_iter().collect();
-                serde_json::json!(map)
-            }
-            other => other,
-        }
-    };
-    let header: BTreeMap<String, serde_json::Value> =
-        header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
-    let mut text = serde_json::to_vec(&header).map_err(|e| builder_error(e.to_string()))?;
-    text.resize(text.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - len);
-    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&bytes[8 + len..]);
-    Ok(out)
-}
-
-fn to_json<T: Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string(value).map_err(|e| builder_error(e.to_string()))
-}
-
 /// A decoded weight.
 #[derive(Clone, Debug)]
 pub(crate) enum Weight {
@@ -570,6 +107,47 @@ pub(crate) struct LayerParams {
     pub bias: Vec<f32>,
     /// Input quantization for full-integer execution, when the artifact has one.
     pub input_quant: Option<QParams>,
+    /// How the artifact stores the weight.
+    pub weight_scheme: Scheme,
+    /// How the artifact stores the bias.
+    pub bias_scheme: Scheme,
+}
+
+/// One layer of a validated artifact with everything needed to run it: shapes resolved,
+/// parameters decoded.
+#[derive(Clone, Debug)]
+pub(crate) enum Layer {
+    Conv2d {
+        geometry: ConvGeometry,
+        out_channels: usize,
+        params: LayerParams,
+    },
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        params: LayerParams,
+    },
+    Relu,
+    MaxPool2d {
+        channels: usize,
+        height: usize,
+        width: usize,
+        kernel: usize,
+        stride: usize,
+    },
+    Flatten,
+    /// Identity at inference.
+    Dropout,
+}
+
+impl Layer {
+    /// The parameters of a conv2d or linear layer.
+    pub fn params(&self) -> Option<&LayerParams> {
+        match self {
+            Self::Conv2d { params, .. } | Self::Linear { params, .. } => Some(params),
+            _ => None,
+        }
+    }
 }
 
 /// A validated artifact.
@@ -578,8 +156,10 @@ pub(crate) struct Decoded {
     pub network: NetworkSpec,
     /// The per-sample input shape of every layer, then the network's output shape.
     pub shapes: Vec<Vec<usize>>,
-    /// Parameters of every conv2d and linear layer, `None` for the others.
-    pub params: Vec<Option<LayerParams>>,
+    /// Every layer of the network, decoded.
+    pub layers: Vec<Layer>,
+    /// How raw input becomes the network's input, when the artifact records it.
+    pub normalization: Option<InputNormalization>,
 }
 
 /// Decoding context: the file name and the tensors not yet consumed.
@@ -754,9 +334,9 @@ fn malformed(file: &str, key: &'static str, reason: impl Into<String>) -> Error 
     }
 }
 
-/// Checks hyperparameter bounds and walks the shapes with checked arithmetic, so that the
-/// spec's own validation (unchecked arithmetic) never overflows; returns the per-layer input
-/// shapes and the output shape.
+/// Checks hyperparameter bounds, infers the shapes (the spec's checked inference) and
+/// bounds every activation and im2col matrix; returns the per-layer input shapes and the
+/// output shape.
 fn shapes(network: &NetworkSpec, file: &str) -> Result<Vec<Vec<usize>>> {
     let too_big = |what: String| malformed(file, "network", what);
     if network.layers.len() > MAX_LAYERS {
@@ -803,114 +383,45 @@ fn shapes(network: &NetworkSpec, file: &str) -> Result<Vec<Vec<usize>>> {
             "{place} has a dimension of {value}, above the limit of {MAX_DIM}"
         )));
     }
-    if network.input.iter().product::<usize>() > MAX_ACTIVATION_ELEMENTS {
+    let elements = |shape: &[usize]| shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if elements(&network.input).is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
         return Err(too_big(format!(
             "the input {:?} exceeds {MAX_ACTIVATION_ELEMENTS} elements",
             network.input
         )));
     }
-    // Walk the shapes; stop at the first layer that does not fit and let the spec explain.
-    let mut shape = network.input.to_vec();
-    let mut out = vec![shape.clone()];
-    for (i, layer) in network.layers.iter().enumerate() {
-        let next = match (layer, shape.as_slice()) {
-            (
-                &LayerSpec::Conv2d {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    stride,
-                    padding,
-                },
-                &[c, h, w],
-            ) if c == in_channels
-                && kernel > 0
-                && stride > 0
-                && kernel <= h + 2 * padding
-                && kernel <= w + 2 * padding =>
-            {
-                let side = |s: usize| (s + 2 * padding - kernel) / stride + 1;
-                let (oh, ow) = (side(h), side(w));
-                let patches = oh
-                    .checked_mul(ow)
-                    .and_then(|p| p.checked_mul(c * kernel * kernel));
-                if patches.is_none_or(|p| p > MAX_ACTIVATION_ELEMENTS) {
-                    return Err(Error::Unsupported {
-                        file: file.to_owned(),
-                        reason: format!(
-                            "layer {i} (conv2d) needs an im2col matrix above {MAX_ACTIVATION_ELEMENTS} elements"
-                        ),
-                    });
-                }
-                vec![out_channels, oh, ow]
-            }
-            (
-                &LayerSpec::Linear {
-                    in_features,
-                    out_features,
-                },
-                &[f],
-            ) if f == in_features => vec![out_features],
-            (&LayerSpec::MaxPool2d { kernel, stride }, &[c, h, w])
-                if kernel > 0 && stride > 0 && kernel <= h && kernel <= w =>
-            {
-                vec![c, (h - kernel) / stride + 1, (w - kernel) / stride + 1]
-            }
-            (LayerSpec::Flatten, _) => {
-                match shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) {
-                    Some(n) => vec![n],
-                    None => break,
-                }
-            }
-            (LayerSpec::Relu | LayerSpec::Dropout { .. }, _) => shape.clone(),
-            _ => break,
-        };
-        let elements = next.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-        if elements.is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
+    let shapes = network.shapes().map_err(|source| Error::InvalidNetwork {
+        file: file.to_owned(),
+        source,
+    })?;
+    for (i, (layer, input)) in network.layers.iter().zip(&shapes).enumerate() {
+        let output = &shapes[i + 1];
+        if elements(output).is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
             return Err(Error::Unsupported {
                 file: file.to_owned(),
                 reason: format!(
-                    "layer {i} ({}) outputs {next:?}, above {MAX_ACTIVATION_ELEMENTS} elements per sample",
+                    "layer {i} ({}) outputs {output:?}, above {MAX_ACTIVATION_ELEMENTS} elements per sample",
                     layer.op()
                 ),
             });
         }
-        shape = next;
-        out.push(shape.clone());
+        if let (LayerSpec::Conv2d { kernel, .. }, [c, _, _], [_, oh, ow]) =
+            (layer, input.as_slice(), output.as_slice())
+        {
+            let patches = [*oh, *ow, *c, *kernel, *kernel]
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d));
+            if patches.is_none_or(|p| p > MAX_ACTIVATION_ELEMENTS) {
+                return Err(Error::Unsupported {
+                    file: file.to_owned(),
+                    reason: format!(
+                        "layer {i} (conv2d) needs an im2col matrix above {MAX_ACTIVATION_ELEMENTS} elements"
+                    ),
+                });
+            }
+        }
     }
-    let output = network.validate().map_err(|source| Error::InvalidNetwork {
-        file: file.to_owned(),
-        source,
-    })?;
-    // The walk and the spec agree on every valid network.
-    if out.len() != network.layers.len() + 1 || out.last() != Some(&output) {
-        return Err(malformed(
-            file,
-            "network",
-            "shape inference disagrees with the specification",
-        ));
-    }
-    Ok(out)
-}
-
-/// The weight and bias shapes of a conv2d or linear layer.
-fn param_shapes(layer: &LayerSpec) -> Option<(Vec<usize>, usize)> {
-    match *layer {
-        LayerSpec::Conv2d {
-            in_channels,
-            out_channels,
-            kernel,
-            ..
-        } => Some((
-            vec![out_channels, in_channels, kernel, kernel],
-            out_channels,
-        )),
-        LayerSpec::Linear {
-            in_features,
-            out_features,
-        } => Some((vec![out_features, in_features], out_features)),
-        _ => None,
-    }
+    Ok(shapes)
 }
 
 fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -> Result<Weight> {
@@ -1049,22 +560,6 @@ fn int8_groups(
 
 /// Parses and validates an artifact. `file` names it in errors.
 pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
-    decode_with_schemes(bytes, file).map(|(decoded, _)| decoded)
-}
-
-/// The storage schemes of one layer's weight and bias, as the artifact declares them.
-#[derive(Clone, Debug)]
-pub(crate) struct LayerSchemes {
-    pub weight: Scheme,
-    pub bias: Scheme,
-}
-
-/// [`decode`], also giving the storage schemes of every conv2d and linear layer (`None` for
-/// the other layers).
-pub(crate) fn decode_with_schemes(
-    bytes: &[u8],
-    file: &str,
-) -> Result<(Decoded, Vec<Option<LayerSchemes>>)> {
     precheck(bytes, file)?;
     let (header_len, meta): (usize, Metadata) =
         SafeTensors::read_metadata(bytes).map_err(|e| Error::Damaged {
@@ -1086,16 +581,33 @@ pub(crate) fn decode_with_schemes(
         });
     }
     let version = metadata_entry(&metadata, file, "format_version")?;
-    if version != FORMAT_VERSION {
+    if !READABLE_VERSIONS.contains(&version) {
         return Err(Error::UnsupportedVersion {
             file: file.to_owned(),
             found: version.to_owned(),
-            supported: FORMAT_VERSION,
+            supported: "1 and 2",
         });
     }
     let network: NetworkSpec = serde_json::from_str(metadata_entry(&metadata, file, "network")?)
         .map_err(|e| malformed(file, "network", e.to_string()))?;
     let shapes = shapes(&network, file)?;
+    let normalization = match metadata.get("input") {
+        Some(_) if version == "1" => {
+            return Err(malformed(
+                file,
+                "input",
+                "version 1 artifacts have no `input` entry",
+            ));
+        }
+        Some(json) => {
+            let n: InputNormalization =
+                serde_json::from_str(json).map_err(|e| malformed(file, "input", e.to_string()))?;
+            n.check(Some(network.input[0]))
+                .map_err(|e| malformed(file, "input", e.to_string()))?;
+            Some(n)
+        }
+        None => None,
+    };
     let mut schemes: BTreeMap<String, Scheme> =
         serde_json::from_str(metadata_entry(&metadata, file, "tensors")?)
             .map_err(|e| malformed(file, "tensors", e.to_string()))?;
@@ -1114,65 +626,121 @@ pub(crate) fn decode_with_schemes(
         infos,
         used: BTreeSet::new(),
     };
-    let mut params = Vec::with_capacity(network.layers.len());
-    let mut layer_schemes = Vec::with_capacity(network.layers.len());
+    let mut layers = Vec::with_capacity(network.layers.len());
     for (i, layer) in network.layers.iter().enumerate() {
-        let Some((weight_shape, out)) = param_shapes(layer) else {
-            params.push(None);
-            layer_schemes.push(None);
-            continue;
-        };
-        let (weight_name, bias_name) = (format!("{i}.weight"), format!("{i}.bias"));
-        let scheme_of = |schemes: &mut BTreeMap<String, Scheme>, name: &str| {
-            schemes
-                .remove(name)
-                .ok_or_else(|| malformed(file, "tensors", format!("no scheme for `{name}`")))
-        };
-        let weight_scheme = scheme_of(&mut schemes, &weight_name)?;
-        let weight = decode_weight(&mut reader, &weight_name, &weight_scheme, &weight_shape)?;
-        let bias_scheme = scheme_of(&mut schemes, &bias_name)?;
-        let bias = match &bias_scheme {
-            Scheme::F32 => reader.f32s(&bias_name, &[out])?,
-            Scheme::F16 => reader.f16s(&bias_name, &[out])?,
-            other => {
-                return Err(Error::Unsupported {
-                    file: file.to_owned(),
-                    reason: format!(
-                        "bias `{bias_name}` uses scheme {}, biases must be f32 or f16",
-                        other.name()
-                    ),
-                });
+        let input = &shapes[i];
+        let mut params = || -> Result<LayerParams> {
+            // Only conv2d and linear layers reach here, and both have a weight shape.
+            let (weight_shape, out) = layer.weight_shape().unwrap_or_default();
+            let (weight_name, bias_name) = (format!("{i}.weight"), format!("{i}.bias"));
+            let scheme_of = |schemes: &mut BTreeMap<String, Scheme>, name: &str| {
+                schemes
+                    .remove(name)
+                    .ok_or_else(|| malformed(file, "tensors", format!("no scheme for `{name}`")))
+            };
+            let weight_scheme = scheme_of(&mut schemes, &weight_name)?;
+            let weight = decode_weight(&mut reader, &weight_name, &weight_scheme, &weight_shape)?;
+            let bias_scheme = scheme_of(&mut schemes, &bias_name)?;
+            let bias = match &bias_scheme {
+                Scheme::F32 => reader.f32s(&bias_name, &[out])?,
+                Scheme::F16 => reader.f16s(&bias_name, &[out])?,
+                other => {
+                    return Err(Error::Unsupported {
+                        file: file.to_owned(),
+                        reason: format!(
+                            "bias `{bias_name}` uses scheme {}, biases must be f32 or f16",
+                            other.name()
+                        ),
+                    });
+                }
+            };
+            let input_quant = activations.remove(&i.to_string());
+            if let Some(q) = input_quant {
+                if !matches!(weight, Weight::Int8 { .. }) {
+                    return Err(malformed(
+                        file,
+                        "activations",
+                        format!("layer {i} has input quantization but its weight is not int8"),
+                    ));
+                }
+                if !q.is_valid() {
+                    return Err(malformed(
+                        file,
+                        "activations",
+                        format!(
+                            "layer {i}: scale {} / zero point {} are not a positive finite scale and a u8 code",
+                            q.scale, q.zero_point
+                        ),
+                    ));
+                }
             }
+            Ok(LayerParams {
+                weight,
+                bias,
+                input_quant,
+                weight_scheme,
+                bias_scheme,
+            })
         };
-        let input_quant = activations.remove(&i.to_string());
-        if let Some(q) = input_quant {
-            if !matches!(weight, Weight::Int8 { .. }) {
+        let decoded = match (layer, input.as_slice()) {
+            (
+                &LayerSpec::Conv2d {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                },
+                &[_, height, width],
+            ) => Layer::Conv2d {
+                geometry: ConvGeometry {
+                    channels: in_channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                    padding,
+                },
+                out_channels,
+                params: params()?,
+            },
+            (
+                &LayerSpec::Linear {
+                    in_features,
+                    out_features,
+                },
+                _,
+            ) => Layer::Linear {
+                in_features,
+                out_features,
+                params: params()?,
+            },
+            (&LayerSpec::MaxPool2d { kernel, stride }, &[channels, height, width]) => {
+                Layer::MaxPool2d {
+                    channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                }
+            }
+            (LayerSpec::Relu, _) => Layer::Relu,
+            (LayerSpec::Flatten, _) => Layer::Flatten,
+            (LayerSpec::Dropout { .. }, _) => Layer::Dropout,
+            // Shape inference accepted the network, so convolutions and poolings got (C, H,
+            // W) and batch norm was refused; anything else is an inconsistency of the spec.
+            (other, _) => {
                 return Err(malformed(
                     file,
-                    "activations",
-                    format!("layer {i} has input quantization but its weight is not int8"),
-                ));
-            }
-            if !q.is_valid() {
-                return Err(malformed(
-                    file,
-                    "activations",
+                    "network",
                     format!(
-                        "layer {i}: scale {} / zero point {} are not a positive finite scale and a u8 code",
-                        q.scale, q.zero_point
+                        "layer {i} ({}) does not fit its input {input:?}",
+                        other.op()
                     ),
                 ));
             }
-        }
-        params.push(Some(LayerParams {
-            weight,
-            bias,
-            input_quant,
-        }));
-        layer_schemes.push(Some(LayerSchemes {
-            weight: weight_scheme,
-            bias: bias_scheme,
-        }));
+        };
+        layers.push(decoded);
     }
     if let Some(name) = schemes.keys().next() {
         return Err(malformed(
@@ -1196,12 +764,10 @@ pub(crate) fn decode_with_schemes(
             tensor: unused.clone(),
         });
     }
-    Ok((
-        Decoded {
-            network,
-            shapes,
-            params,
-        },
-        layer_schemes,
-    ))
+    Ok(Decoded {
+        network,
+        shapes,
+        layers,
+        normalization,
+    })
 }

@@ -4,11 +4,11 @@ use std::cell::Cell;
 use std::path::Path;
 use std::sync::Mutex;
 
-use model_spec::{LayerSpec, NetworkSpec};
+use model_spec::{InputNormalization, NetworkSpec};
 use ndarray::{Array2, ArrayView, Dimension};
 use rayon::prelude::*;
 
-use crate::artifact::{Decoded, LayerParams, Weight, decode};
+use crate::artifact::{Decoded, Layer, LayerParams, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
     self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, Patches, SparseConv, U8Matrix,
@@ -241,6 +241,8 @@ pub struct Model {
     ops: Vec<Op>,
     /// How the convolutional front of the network runs image by image (see [`Front`]).
     front: Front,
+    /// How raw input becomes the network's input, when the artifact records it.
+    normalization: Option<InputNormalization>,
 }
 
 /// The convolutional front of a network: the operations before its first linear layer
@@ -369,30 +371,34 @@ impl Model {
         let Decoded {
             network,
             shapes,
-            params,
+            layers,
+            normalization,
         } = decoded;
-        // Input quantization of every static int8 layer, to find each layer's successor's.
-        let static_inputs: Vec<Option<QParams>> = params
+        // The input quantization of every conv2d and linear layer (`Some(None)` when it has
+        // none), to find each layer's successor's.
+        let static_inputs: Vec<Option<Option<QParams>>> = layers
             .iter()
-            .map(|p| p.as_ref().and_then(|p| p.input_quant))
+            .map(|l| l.params().map(|p| p.input_quant))
             .collect();
         let image_layout = |shape: &[usize]| match *shape {
             [c, h, w] => Layout::image(c, h * w),
             _ => Layout::Torch,
         };
         let mut layout = Layout::Torch;
-        let mut ops: Vec<Op> = Vec::with_capacity(network.layers.len() + 2);
-        for (i, (layer, params)) in network.layers.iter().zip(params).enumerate() {
-            let input = &shapes[i];
-            match (layer, params) {
-                (LayerSpec::Relu, _) => match ops.last_mut() {
+        let mut ops: Vec<Op> = Vec::with_capacity(layers.len() + 2);
+        for (i, layer) in layers.into_iter().enumerate() {
+            match layer {
+                Layer::Relu => match ops.last_mut() {
                     Some(Op::Compute(c)) if !c.relu => c.relu = true,
                     _ => ops.push(Op::Relu),
                 },
-                (&LayerSpec::MaxPool2d { kernel, stride }, _) => {
-                    let &[channels, height, width] = input.as_slice() else {
-                        unreachable!("the decoder checked that max pooling gets (C, H, W)")
-                    };
+                Layer::MaxPool2d {
+                    channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                } => {
                     // A pooling of equal stride right after a convolution with a dense or
                     // int8 product is fused into it.
                     if let Some(Op::Compute(c)) = ops.last_mut()
@@ -428,47 +434,47 @@ impl Model {
                         layout = image_layout(&shapes[i + 1]);
                     }
                 }
-                (LayerSpec::Flatten, _) => {
+                Layer::Flatten => {
                     if let Layout::Hwc { channels, pixels } = layout {
                         layout = Layout::FlatHwc { channels, pixels };
                     }
                 }
-                (LayerSpec::Dropout { .. } | LayerSpec::BatchNorm2d { .. }, _) => {}
-                (_, Some(params)) => {
-                    // The next conv2d or linear layer decides whether the output stays u8.
-                    let next_input = static_inputs
-                        .iter()
-                        .zip(&network.layers)
-                        .skip(i + 1)
-                        .find(|(_, l)| {
-                            matches!(l, LayerSpec::Conv2d { .. } | LayerSpec::Linear { .. })
-                        })
-                        .and_then(|(q, _)| *q);
-                    let is_conv = matches!(layer, LayerSpec::Conv2d { .. });
-                    if let (true, &[c, h, w]) = (is_conv && layout == Layout::Torch, &input[..])
-                        && Layout::image(c, h * w) != Layout::Torch
+                Layer::Dropout => {}
+                Layer::Conv2d {
+                    geometry,
+                    out_channels,
+                    params,
+                } => {
+                    if layout == Layout::Torch
+                        && Layout::image(geometry.channels, geometry.height * geometry.width)
+                            != Layout::Torch
                     {
                         ops.push(Op::Transpose {
-                            rows: c,
-                            cols: h * w,
+                            rows: geometry.channels,
+                            cols: geometry.height * geometry.width,
                         });
                     }
+                    let next_input = next_static_input(&static_inputs, i);
+                    let shape = (Some(geometry), out_channels, geometry.patch_len());
+                    let compute = compile_layer(i, shape, params, next_input, None);
+                    ops.push(Op::Compute(Box::new(compute)));
+                    layout = image_layout(&shapes[i + 1]);
+                }
+                Layer::Linear {
+                    in_features,
+                    out_features,
+                    params,
+                } => {
                     let flat_from = match layout {
-                        Layout::FlatHwc { channels, pixels } if !is_conv => {
-                            Some((channels, pixels))
-                        }
+                        Layout::FlatHwc { channels, pixels } => Some((channels, pixels)),
                         _ => None,
                     };
-                    let compute = compile_layer(i, layer, input, params, next_input, flat_from);
+                    let next_input = next_static_input(&static_inputs, i);
+                    let shape = (None, out_features, in_features);
+                    let compute = compile_layer(i, shape, params, next_input, flat_from);
                     ops.push(Op::Compute(Box::new(compute)));
-                    layout = if is_conv {
-                        image_layout(&shapes[i + 1])
-                    } else {
-                        Layout::Torch
-                    };
+                    layout = Layout::Torch;
                 }
-                // The decoder gives every conv2d and linear layer its parameters.
-                (_, None) => {}
             }
         }
         // The output goes back to PyTorch's order.
@@ -492,12 +498,19 @@ impl Model {
             shapes,
             ops,
             front,
+            normalization,
         }
     }
 
     /// The network description.
     pub fn network(&self) -> &NetworkSpec {
         &self.network
+    }
+
+    /// How raw input becomes this network's input, when the artifact records it (format
+    /// version 2 and later): what [`Model::run_raw`] applies.
+    pub fn input_normalization(&self) -> Option<&InputNormalization> {
+        self.normalization.as_ref()
     }
 
     /// Where the model came from: its path, or `<bytes>`.
@@ -530,6 +543,25 @@ impl Model {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Runs a batch of raw input (8-bit pixels, `(batch, channels, height, width)` or
+    /// `(batch, features)` in C order) through the artifact's recorded input normalization
+    /// ([`Model::input_normalization`]), then like [`Model::run`]. Fails with
+    /// [`Error::NoNormalization`] when the artifact records none.
+    pub fn run_raw<D: Dimension>(&self, raw: ArrayView<'_, u8, D>) -> Result<Array2<f32>> {
+        let normalization = self
+            .normalization
+            .as_ref()
+            .ok_or_else(|| Error::NoNormalization {
+                file: self.file.clone(),
+            })?;
+        let [channels, height, width] = self.network.input;
+        let values: Vec<u8> = raw.iter().copied().collect();
+        let x = normalization.normalize_planes(&values, channels, height * width);
+        let x = ArrayView::from_shape(raw.raw_dim(), &x)
+            .expect("the normalised values have the raw input's shape");
+        self.run(x)
     }
 
     /// Runs a batch and returns one row of outputs (logits) per sample.
@@ -719,49 +751,32 @@ fn permute_rows<T: Copy + Default>(values: &[T], k: usize, perm: &[usize]) -> Ve
     out
 }
 
-/// Prepares one conv2d or linear layer: packs int8 weights, quantizes static biases.
+/// The input quantization of the conv2d or linear layer after layer `index`: it decides
+/// whether layer `index`'s output stays u8.
+fn next_static_input(static_inputs: &[Option<Option<QParams>>], index: usize) -> Option<QParams> {
+    static_inputs
+        .iter()
+        .skip(index + 1)
+        .flatten()
+        .next()
+        .copied()
+        .flatten()
+}
+
+/// Prepares one conv2d or linear layer (`shape`: its convolution geometry, if a convolution,
+/// output channels and product depth): packs int8 weights, quantizes static biases.
 fn compile_layer(
     index: usize,
-    layer: &LayerSpec,
-    input: &[usize],
+    (conv, out, k): (Option<ConvGeometry>, usize, usize),
     params: LayerParams,
     next_input: Option<QParams>,
     flat_from: Option<(usize, usize)>,
 ) -> Compute {
-    let (conv, out, k) = match (layer, input) {
-        (
-            &LayerSpec::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                stride,
-                padding,
-            },
-            &[_, height, width],
-        ) => {
-            let g = ConvGeometry {
-                channels: in_channels,
-                height,
-                width,
-                kernel,
-                stride,
-                padding,
-            };
-            (Some(g), out_channels, g.patch_len())
-        }
-        (
-            &LayerSpec::Linear {
-                in_features,
-                out_features,
-            },
-            _,
-        ) => (None, out_features, in_features),
-        _ => unreachable!("only conv2d and linear layers have parameters"),
-    };
     let LayerParams {
         weight,
         bias,
         input_quant,
+        ..
     } = params;
     let perm = permutation(conv.as_ref(), flat_from, k);
     let kernel = match weight {

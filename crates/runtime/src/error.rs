@@ -35,13 +35,13 @@ pub enum Error {
         found: String,
     },
     /// The artifact's `format_version` is not one this runtime reads.
-    #[error("{file} has format version `{found}`, this runtime reads version {supported}")]
+    #[error("{file} has format version `{found}`, this runtime reads versions {supported}")]
     UnsupportedVersion {
         /// The artifact.
         file: String,
         /// The version it declares.
         found: String,
-        /// The version this runtime reads.
+        /// The versions this runtime reads.
         supported: &'static str,
     },
     /// A required `__metadata__` entry is absent.
@@ -135,6 +135,13 @@ pub enum Error {
     Builder {
         /// What is wrong.
         reason: String,
+    },
+    /// [`Model::run_raw`](crate::Model::run_raw) on an artifact that records no input
+    /// normalization (format version 1, or written without one).
+    #[error("{file} records no input normalization: normalise the input and call `run`")]
+    NoNormalization {
+        /// The artifact.
+        file: String,
     },
     /// The input handed to [`Model::run`](crate::Model::run) does not fit the network.
     #[error(

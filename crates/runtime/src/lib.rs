@@ -29,7 +29,7 @@
 //! ```
 //! use model_spec::{LayerSpec, NetworkSpec};
 //! use ndarray::Array4;
-//! use runtime::{ArtifactBuilder, Granularity, Model};
+//! use runtime::{ArtifactBuilder, Granularity, Model, Storage};
 //!
 //! // A 2x2 image, flattened, through a linear layer with 3 outputs.
 //! let network = NetworkSpec {
@@ -42,9 +42,7 @@
 //! };
 //! let weight = [1.0, 0.0, 0.0, 0.0, /**/ 0.0, 1.0, 1.0, 0.0, /**/ -1.0, 0.0, 0.0, 1.0];
 //! let mut artifact = ArtifactBuilder::new(network);
-//! artifact
-//!     .add_f32("1.weight", &weight, &[3, 4])?
-//!     .add_f32("1.bias", &[0.5, 0.0, 0.0], &[3])?;
+//! artifact.add_layer(1, &weight, &[0.5, 0.0, 0.0], Storage::F32)?;
 //! let model = Model::from_bytes(&artifact.to_bytes()?)?;
 //!
 //! let x = Array4::from_shape_vec((1, 1, 2, 2), vec![1.0, 2.0, 3.0, 4.0]).unwrap();
@@ -56,9 +54,7 @@
 //!
 //! // The same layer with int8 weights: close, not equal.
 //! let mut artifact = ArtifactBuilder::new(model.network().clone());
-//! artifact
-//!     .add_int8_quantized("1.weight", &weight, &[3, 4], Granularity::PerChannel)?
-//!     .add_f32("1.bias", &[0.5, 0.0, 0.0], &[3])?;
+//! artifact.add_layer(1, &weight, &[0.5, 0.0, 0.0], Storage::Int8(Granularity::PerChannel))?;
 //! let int8 = Model::from_bytes(&artifact.to_bytes()?)?;
 //! let approx = int8.run(x.view())?;
 //! assert!((approx[[0, 1]] - 5.0).abs() < 0.1);
@@ -67,6 +63,7 @@
 #![warn(missing_docs)]
 
 mod artifact;
+mod builder;
 mod engine;
 mod error;
 pub mod kernels;
@@ -75,9 +72,10 @@ mod quant;
 mod team;
 
 pub use artifact::{
-    ArtifactBuilder, FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM,
-    MAX_LAYERS, Scheme,
+    FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM, MAX_LAYERS,
+    READABLE_VERSIONS, Scheme,
 };
+pub use builder::{ArtifactBuilder, Encoded, Storage, bias_name, weight_name};
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
 pub use parameters::{Artifact, LayerParameters, WeightValues};

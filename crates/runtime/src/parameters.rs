@@ -5,7 +5,9 @@ use std::path::Path;
 
 use model_spec::NetworkSpec;
 
-use crate::artifact::{Decoded, Granularity, LayerSchemes, Scheme, Weight, decode_with_schemes};
+use model_spec::InputNormalization;
+
+use crate::artifact::{Decoded, Granularity, Layer, Scheme, Weight, decode};
 use crate::error::{Error, Result};
 use crate::quant::QParams;
 
@@ -57,7 +59,7 @@ pub struct LayerParameters {
 ///
 /// ```
 /// use model_spec::{LayerSpec, NetworkSpec};
-/// use runtime::{Artifact, ArtifactBuilder, Granularity, WeightValues};
+/// use runtime::{Artifact, ArtifactBuilder, Granularity, Storage, WeightValues};
 ///
 /// let network = NetworkSpec {
 ///     name: "tiny".into(),
@@ -65,9 +67,7 @@ pub struct LayerParameters {
 ///     layers: vec![LayerSpec::Flatten, LayerSpec::Linear { in_features: 2, out_features: 1 }],
 /// };
 /// let mut builder = ArtifactBuilder::new(network);
-/// builder
-///     .add_int8_quantized("1.weight", &[0.5, -1.0], &[1, 2], Granularity::PerChannel)?
-///     .add_f32("1.bias", &[0.25], &[1])?;
+/// builder.add_layer(1, &[0.5, -1.0], &[0.25], Storage::Int8(Granularity::PerChannel))?;
 /// let artifact = Artifact::from_bytes(&builder.to_bytes()?)?;
 /// let linear = artifact.layer(1).expect("layer 1 has parameters");
 /// let WeightValues::Int8 { codes, scales, .. } = &linear.weight else { unreachable!() };
@@ -82,6 +82,7 @@ pub struct Artifact {
     network: NetworkSpec,
     shapes: Vec<Vec<usize>>,
     layers: Vec<Option<LayerParameters>>,
+    normalization: Option<InputNormalization>,
 }
 
 impl Artifact {
@@ -101,25 +102,24 @@ impl Artifact {
     }
 
     fn from_bytes_named(bytes: &[u8], file: &str) -> Result<Self> {
-        let (
-            Decoded {
-                network,
-                shapes,
-                params,
-            },
-            schemes,
-        ) = decode_with_schemes(bytes, file)?;
-        let layers = params
+        let Decoded {
+            network,
+            shapes,
+            layers,
+            normalization,
+        } = decode(bytes, file)?;
+        let layers = layers
             .into_iter()
-            .zip(schemes)
-            .enumerate()
-            .map(|(i, (params, schemes))| {
-                let (params, LayerSchemes { weight, bias }) = params.zip(schemes)?;
+            .zip(&network.layers)
+            .map(|(layer, spec)| {
+                let (Layer::Conv2d { params, .. } | Layer::Linear { params, .. }) = layer else {
+                    return None;
+                };
                 Some(LayerParameters {
-                    weight_shape: weight_shape_of(&network, i)?,
-                    weight: weight_values(params.weight, &weight),
-                    weight_scheme: weight,
-                    bias_scheme: bias,
+                    weight_shape: spec.weight_shape()?.0,
+                    weight: weight_values(params.weight, &params.weight_scheme),
+                    weight_scheme: params.weight_scheme,
+                    bias_scheme: params.bias_scheme,
                     bias: params.bias,
                     input_quantization: params.input_quant,
                 })
@@ -129,7 +129,13 @@ impl Artifact {
             network,
             shapes,
             layers,
+            normalization,
         })
+    }
+
+    /// How raw input becomes the network's input, when the artifact records it.
+    pub fn input_normalization(&self) -> Option<&InputNormalization> {
+        self.normalization.as_ref()
     }
 
     /// The network description.
@@ -169,22 +175,5 @@ fn weight_values(weight: Weight, scheme: &Scheme) -> WeightValues {
                 _ => Granularity::PerChannel,
             },
         },
-    }
-}
-
-/// The logical weight shape of layer `index`, when it has parameters.
-fn weight_shape_of(network: &NetworkSpec, index: usize) -> Option<Vec<usize>> {
-    match *network.layers.get(index)? {
-        model_spec::LayerSpec::Conv2d {
-            in_channels,
-            out_channels,
-            kernel,
-            ..
-        } => Some(vec![out_channels, in_channels, kernel, kernel]),
-        model_spec::LayerSpec::Linear {
-            in_features,
-            out_features,
-        } => Some(vec![out_features, in_features]),
-        _ => None,
     }
 }

@@ -298,10 +298,10 @@ pub fn sparse_artifact(
         let cols = p.data.len() / rows.max(1);
         let nnz = p.data.iter().filter(|&&w| w != 0.0).count();
         if p.name.ends_with(".weight") && runtime::csr_pays_off(rows, cols, nnz) {
-            builder.add_csr_from_dense(&p.name, &p.data, &p.shape)?;
+            builder.add(&p.name, &p.data, &p.shape, runtime::Storage::Csr)?;
             storage.insert(p.name.clone(), serde_json::json!("csr"));
         } else {
-            builder.add_f32(&p.name, &p.data, &p.shape)?;
+            builder.add(&p.name, &p.data, &p.shape, runtime::Storage::F32)?;
             if p.name.ends_with(".weight") {
                 storage.insert(p.name.clone(), serde_json::json!("dense"));
             }

@@ -1,7 +1,9 @@
 //! `Artifact`: the decoded parameters of every storage scheme, as the builder wrote them.
 
 use model_spec::{LayerSpec, NetworkSpec};
-use runtime::{Artifact, ArtifactBuilder, Granularity, QParams, Scheme, WeightValues};
+use runtime::{
+    Artifact, ArtifactBuilder, Encoded, Granularity, QParams, Scheme, Storage, WeightValues,
+};
 
 use crate::common::{Store, artifact, params};
 
@@ -112,20 +114,23 @@ fn int8_sparse_codes_are_filled_in_with_the_zero_point() {
     let scales = [0.1, 0.2, 0.3, 0.4];
     let zero_points = [2i8; 4];
     let mut b = ArtifactBuilder::new(spec.clone());
-    b.add_int8_sparse(
+    b.add_encoded(
         "0.weight",
-        &codes,
         &[4, 2, 3, 3],
-        &scales,
-        &zero_points,
-        Granularity::PerChannel,
+        Encoded::Int8 {
+            codes: &codes,
+            scales: &scales,
+            zero_points: &zero_points,
+            granularity: Granularity::PerChannel,
+            sparse: true,
+        },
     )
     .unwrap()
-    .add_f16("0.bias", &p[&0].bias, &[4])
+    .add("0.bias", &p[&0].bias, &[4], Storage::F16)
     .unwrap()
-    .add_f32("3.weight", &p[&3].weight, &[3, 100])
+    .add("3.weight", &p[&3].weight, &[3, 100], Storage::F32)
     .unwrap()
-    .add_f32("3.bias", &p[&3].bias, &[3])
+    .add("3.bias", &p[&3].bias, &[3], Storage::F32)
     .unwrap();
     let view = Artifact::from_bytes(&b.to_bytes().unwrap()).unwrap();
     let conv = view.layer(0).unwrap();

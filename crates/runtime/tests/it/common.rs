@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use model_spec::{LayerSpec, NetworkSpec};
 use ndarray::{Array2, Array4};
-use runtime::{ArtifactBuilder, Granularity};
+use runtime::{ArtifactBuilder, Granularity, Storage};
 use safetensors::SafeTensors;
 
 /// A small deterministic generator (xorshift64*), uniform in [-1, 1).
@@ -90,14 +90,14 @@ pub fn artifact(
     for (&i, p) in params {
         let name = format!("{i}.weight");
         match store(i) {
-            Store::F32 => b.add_f32(&name, &p.weight, &p.shape),
-            Store::F16 => b.add_f16(&name, &p.weight, &p.shape),
-            Store::Int8(g) => b.add_int8_quantized(&name, &p.weight, &p.shape, g),
-            Store::Int8Compact(g) => b.add_int8_quantized_compact(&name, &p.weight, &p.shape, g),
-            Store::Csr => b.add_csr_from_dense(&name, &p.weight, &p.shape),
+            Store::F32 => b.add(&name, &p.weight, &p.shape, Storage::F32),
+            Store::F16 => b.add(&name, &p.weight, &p.shape, Storage::F16),
+            Store::Int8(g) => b.add(&name, &p.weight, &p.shape, Storage::Int8(g)),
+            Store::Int8Compact(g) => b.add(&name, &p.weight, &p.shape, Storage::Int8Smallest(g)),
+            Store::Csr => b.add(&name, &p.weight, &p.shape, Storage::Csr),
         }
         .unwrap();
-        b.add_f32(&format!("{i}.bias"), &p.bias, &[p.shape[0]])
+        b.add(&format!("{i}.bias"), &p.bias, &[p.shape[0]], Storage::F32)
             .unwrap();
     }
     b

@@ -1,9 +1,9 @@
 //! The loader rejects every malformed artifact with an error that says what is wrong, and
 //! never panics.
 
-use model_spec::{LayerSpec, NetworkSpec};
+use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
 use proptest::prelude::*;
-use runtime::{ArtifactBuilder, Error, Granularity, Model, QParams};
+use runtime::{ArtifactBuilder, Encoded, Error, Granularity, Model, QParams, Storage};
 use safetensors::Dtype;
 
 use crate::common::{Store, artifact, edit_file, edit_metadata, params};
@@ -72,11 +72,11 @@ fn unknown_format_and_version_are_named() {
         "{s}"
     );
     let (e, s) = err(&edit_metadata(&bytes, |m| {
-        m.insert("format_version".into(), "2".into());
+        m.insert("format_version".into(), "3".into());
     }));
     assert!(matches!(e, Error::UnsupportedVersion { .. }), "{s}");
     assert!(
-        s.contains("format version `2`") && s.contains("reads version 1"),
+        s.contains("format version `3`") && s.contains("reads versions 1 and 2"),
         "{s}"
     );
     let (e, s) = err(&edit_metadata(&bytes, |m| {
@@ -216,10 +216,12 @@ fn shapes_must_match_the_network() {
     let p = params(&spec, 2);
     // A conv weight must be [out, in, k, k]: give it [2, 9] instead.
     let mut b = ArtifactBuilder::new(spec.clone());
-    b.add_f32("0.weight", &p[&0].weight, &[2, 9]).unwrap();
-    b.add_f32("0.bias", &p[&0].bias, &[2]).unwrap();
-    b.add_f32("4.weight", &p[&4].weight, &[3, 8]).unwrap();
-    b.add_f32("4.bias", &p[&4].bias, &[3]).unwrap();
+    b.add("0.weight", &p[&0].weight, &[2, 9], Storage::F32)
+        .unwrap();
+    b.add("0.bias", &p[&0].bias, &[2], Storage::F32).unwrap();
+    b.add("4.weight", &p[&4].weight, &[3, 8], Storage::F32)
+        .unwrap();
+    b.add("4.bias", &p[&4].bias, &[3], Storage::F32).unwrap();
     let (e, s) = err(&b.to_bytes().unwrap());
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{s}");
     assert!(
@@ -228,20 +230,42 @@ fn shapes_must_match_the_network() {
     );
     // A bias of the wrong length.
     let mut b = ArtifactBuilder::new(spec.clone());
-    b.add_f32("0.weight", &p[&0].weight, &[2, 1, 3, 3]).unwrap();
-    b.add_f32("0.bias", &[0.0; 3], &[3]).unwrap();
-    b.add_f32("4.weight", &p[&4].weight, &[3, 8]).unwrap();
-    b.add_f32("4.bias", &p[&4].bias, &[3]).unwrap();
+    b.add("0.weight", &p[&0].weight, &[2, 1, 3, 3], Storage::F32)
+        .unwrap();
+    b.add("0.bias", &[0.0; 3], &[3], Storage::F32).unwrap();
+    b.add("4.weight", &p[&4].weight, &[3, 8], Storage::F32)
+        .unwrap();
+    b.add("4.bias", &p[&4].bias, &[3], Storage::F32).unwrap();
     let (_, s) = err(&b.to_bytes().unwrap());
     assert!(s.contains("`0.bias` has shape [3], expected [2]"), "{s}");
     // Per-channel scales with the wrong count.
     let mut b = ArtifactBuilder::new(spec.clone());
-    b.add_int8_per_channel("0.weight", &[1; 18], &[2, 1, 3, 3], &[0.1, 0.1], &[0, 0])
-        .unwrap();
-    b.add_f32("0.bias", &p[&0].bias, &[2]).unwrap();
-    b.add_int8_per_tensor("4.weight", &[1; 24], &[3, 8], 0.5, 0)
-        .unwrap();
-    b.add_f32("4.bias", &p[&4].bias, &[3]).unwrap();
+    b.add_encoded(
+        "0.weight",
+        &[2, 1, 3, 3],
+        Encoded::Int8 {
+            codes: &[1; 18],
+            scales: &[0.1, 0.1],
+            zero_points: &[0, 0],
+            granularity: Granularity::PerChannel,
+            sparse: false,
+        },
+    )
+    .unwrap();
+    b.add("0.bias", &p[&0].bias, &[2], Storage::F32).unwrap();
+    b.add_encoded(
+        "4.weight",
+        &[3, 8],
+        Encoded::Int8 {
+            codes: &[1; 24],
+            scales: &[0.5],
+            zero_points: &[0],
+            granularity: Granularity::PerTensor,
+            sparse: false,
+        },
+    )
+    .unwrap();
+    b.add("4.bias", &p[&4].bias, &[3], Storage::F32).unwrap();
     Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
     let bytes = edit_metadata(&b.to_bytes().unwrap(), |m| {
         let t = m["tensors"].replace("per_tensor", "per_channel");
@@ -445,21 +469,31 @@ fn activation_quantization_is_validated() {
 fn the_builder_checks_lengths_and_duplicates() {
     let mut b = ArtifactBuilder::new(small_spec());
     let e = b
-        .add_f32("0.weight", &[0.0; 5], &[2, 1, 3, 3])
+        .add("0.weight", &[0.0; 5], &[2, 1, 3, 3], Storage::F32)
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("`0.weight`: data has 5 values, expected 18"),
         "{e}"
     );
-    b.add_f32("0.bias", &[0.0; 2], &[2]).unwrap();
+    b.add("0.bias", &[0.0; 2], &[2], Storage::F32).unwrap();
     let e = b
-        .add_f16("0.bias", &[0.0; 2], &[2])
+        .add("0.bias", &[0.0; 2], &[2], Storage::F16)
         .unwrap_err()
         .to_string();
     assert!(e.contains("added twice"), "{e}");
     let e = b
-        .add_int8_per_channel("4.weight", &[0; 24], &[3, 8], &[1.0; 2], &[0; 3])
+        .add_encoded(
+            "4.weight",
+            &[3, 8],
+            Encoded::Int8 {
+                codes: &[0; 24],
+                scales: &[1.0; 2],
+                zero_points: &[0; 3],
+                granularity: Granularity::PerChannel,
+                sparse: false,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("scales has 2 values, expected 3"), "{e}");
@@ -469,6 +503,116 @@ fn the_builder_checks_lengths_and_duplicates() {
             .unwrap_err()
             .to_string()
             .contains("no network")
+    );
+}
+
+#[test]
+fn add_layer_takes_names_and_shapes_from_the_network() {
+    let spec = small_spec();
+    let ps = params(&spec, 3);
+    let mut by_layer = ArtifactBuilder::new(spec.clone());
+    for (&i, p) in &ps {
+        by_layer
+            .add_layer(
+                i,
+                &p.weight,
+                &p.bias,
+                Storage::Int8(Granularity::PerChannel),
+            )
+            .unwrap();
+    }
+    let by_name = artifact(&spec, &ps, |_| Store::Int8(Granularity::PerChannel));
+    assert_eq!(by_layer.to_bytes().unwrap(), by_name.to_bytes().unwrap());
+
+    let mut b = ArtifactBuilder::new(spec);
+    let e = b
+        .add_layer(1, &[], &[], Storage::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer 1 (relu) has no weight"), "{e}");
+    let e = b
+        .add_layer(9, &[], &[], Storage::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layer 9 does not exist"), "{e}");
+    let e = b
+        .add_layer(0, &[0.0; 18], &[0.0; 3], Storage::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`0.bias`: data has 3 values, expected 2"), "{e}");
+}
+
+#[test]
+fn input_normalization_is_recorded_and_validated() {
+    let spec = small_spec();
+    let normalization = InputNormalization::new(255.0, vec![0.1307], vec![0.3081]).unwrap();
+    let mut b = artifact(&spec, &params(&spec, 1), |_| Store::F32);
+    b.set_input_normalization(normalization.clone());
+    let bytes = b.to_bytes().unwrap();
+    let model = Model::from_bytes(&bytes).unwrap();
+    assert_eq!(model.input_normalization(), Some(&normalization));
+
+    // The raw pixels run through the recorded normalisation, bit for bit.
+    let [c, h, w] = spec.input;
+    let raw: Vec<u8> = (0..2 * c * h * w).map(|i| (i * 37 % 256) as u8).collect();
+    let raw = ndarray::Array4::from_shape_vec((2, c, h, w), raw).unwrap();
+    let x = raw.mapv(|p| (f32::from(p) / 255.0 - 0.1307) / 0.3081);
+    assert_eq!(
+        model.run_raw(raw.view()).unwrap(),
+        model.run(x.view()).unwrap()
+    );
+
+    let plain = Model::from_bytes(&small(|_| Store::F32)).unwrap();
+    assert_eq!(plain.input_normalization(), None);
+    let e = plain.run_raw(raw.view()).unwrap_err();
+    assert!(matches!(e, Error::NoNormalization { .. }), "{e}");
+
+    for (json, reason) in [
+        (r#"{"raw_max":0,"mean":[0.1],"std":[0.3]}"#, "raw_max"),
+        (
+            r#"{"raw_max":255,"mean":[0.1],"std":[-1]}"#,
+            "standard deviation",
+        ),
+        (
+            r#"{"raw_max":255,"mean":[0.1, 0.2],"std":[0.3, 0.3]}"#,
+            "1 or 1",
+        ),
+        (r#"{"raw_max":255,"mean":[],"std":[]}"#, "at least one"),
+        (
+            r#"{"raw_max":255,"mean":[0.1],"std":[0.3],"layout":"nhwc"}"#,
+            "nhwc",
+        ),
+        (
+            r#"{"raw_max":255,"mean":[0.1],"std":[0.3],"extra":1}"#,
+            "extra",
+        ),
+    ] {
+        let (e, s) = err(&edit_metadata(&bytes, |m| {
+            m.insert("input".into(), json.into());
+        }));
+        assert!(
+            matches!(e, Error::MalformedMetadata { key: "input", .. }) && s.contains(reason),
+            "{json}: {s}"
+        );
+    }
+}
+
+#[test]
+fn version_1_artifacts_load_without_normalization() {
+    let bytes = edit_metadata(&small(|_| Store::F32), |m| {
+        m.insert("format_version".into(), "1".into());
+    });
+    let model = Model::from_bytes(&bytes).unwrap();
+    assert_eq!(model.input_normalization(), None);
+    let (e, s) = err(&edit_metadata(&bytes, |m| {
+        m.insert(
+            "input".into(),
+            r#"{"raw_max":255,"mean":[0.1],"std":[0.3]}"#.into(),
+        );
+    }));
+    assert!(
+        matches!(e, Error::MalformedMetadata { key: "input", .. }),
+        "{s}"
     );
 }
 

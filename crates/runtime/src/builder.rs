@@ -1,0 +1,502 @@
+//! Writing artifacts: [`ArtifactBuilder`] and the storage a parameter is written in.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use half::f16;
+use model_spec::{InputNormalization, NetworkSpec};
+use safetensors::{Dtype, View};
+use serde::Serialize;
+
+use crate::artifact::{FORMAT, FORMAT_VERSION, Granularity, Scheme};
+use crate::error::{Error, Result};
+use crate::kernels::CsrMatrix;
+use crate::quant::{QParams, quantize_symmetric};
+
+/// How [`ArtifactBuilder::add`] stores real values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    /// Dense f32 (scheme `f32`).
+    F32,
+    /// IEEE half precision, rounded to nearest (scheme `f16`); widened to f32 at load.
+    F16,
+    /// Symmetric int8 codes (scheme `int8`): zero point 0, codes in `-127..=127`, scale
+    /// `max |w| / 127` per group (1 for an all-zero group).
+    Int8(Granularity),
+    /// The same codes in the bitmask-sparse scheme `int8_sparse`.
+    Int8Sparse(Granularity),
+    /// The same codes in `int8` or `int8_sparse`, whichever is smaller: sparse when fewer
+    /// than seven codes in eight are non-zero (pruned weights).
+    Int8Smallest(Granularity),
+    /// The non-zero values in compressed sparse rows (scheme `csr`) over
+    /// `[shape[0], product(shape[1..])]`.
+    Csr,
+}
+
+/// A weight already in its stored form, for [`ArtifactBuilder::add_encoded`]: codes that
+/// were quantized elsewhere (by quantization-aware training, say), or arrays written exactly
+/// as given (the loader validates them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Encoded<'a> {
+    /// Int8 codes with one scale and zero point per group (`w = scale * (q - zero_point)`),
+    /// stored in `int8`, or in `int8_sparse` when `sparse`.
+    Int8 {
+        /// One code per element, row-major.
+        codes: &'a [i8],
+        /// One scale per group: per output channel (axis 0) or one for the tensor.
+        scales: &'a [f32],
+        /// One zero point per group.
+        zero_points: &'a [i8],
+        /// Per tensor or per output channel.
+        granularity: Granularity,
+        /// Whether to store the codes that differ from their zero point only.
+        sparse: bool,
+    },
+    /// Compressed sparse rows over `[shape[0], product(shape[1..])]`.
+    Csr {
+        /// `shape[0] + 1` offsets into `col_idx` and `values`.
+        row_ptr: &'a [i32],
+        /// The column of every stored value.
+        col_idx: &'a [i32],
+        /// The stored values.
+        values: &'a [f32],
+    },
+}
+
+/// One tensor waiting to be written.
+#[derive(Clone, Debug)]
+struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &RawTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn le_bytes<T: Copy, const N: usize>(values: &[T], to: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    values.iter().flat_map(|&v| to(v)).collect()
+}
+
+/// The name of layer `layer`'s weight in an artifact: `"<layer>.weight"`.
+pub fn weight_name(layer: usize) -> String {
+    format!("{layer}.weight")
+}
+
+/// The name of layer `layer`'s bias in an artifact: `"<layer>.bias"`.
+pub fn bias_name(layer: usize) -> String {
+    format!("{layer}.bias")
+}
+
+/// Writes artifacts.
+///
+/// A layer's parameters go in with [`ArtifactBuilder::add_layer`] (names and shapes from the
+/// network description), any parameter with [`ArtifactBuilder::add`] (real values in a
+/// chosen [`Storage`]) or [`ArtifactBuilder::add_encoded`] (codes or sparse arrays as they
+/// are stored). The builder checks that data fits the shapes it is given and that names are
+/// unique; the loader ([`Model::from_bytes`](crate::Model::from_bytes)) checks everything
+/// else, so a builder can also produce deliberately broken files for tests.
+///
+/// ```
+/// use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
+/// use runtime::{Artifact, ArtifactBuilder, Granularity, Storage};
+///
+/// let network = NetworkSpec {
+///     name: "tiny".into(),
+///     input: [1, 1, 4],
+///     layers: vec![LayerSpec::Flatten, LayerSpec::Linear { in_features: 4, out_features: 2 }],
+/// };
+/// let weight = [0.5, -1.0, 0.0, 0.25, 0.0, 0.0, 2.0, 0.0];
+/// let mut builder = ArtifactBuilder::new(network);
+/// builder
+///     .add_layer(1, &weight, &[0.1, -0.1], Storage::Int8(Granularity::PerChannel))?
+///     .set_input_normalization(InputNormalization::new(255.0, vec![0.5], vec![0.25])?);
+/// let artifact = Artifact::from_bytes(&builder.to_bytes()?)?;
+/// assert_eq!(artifact.layer(1).unwrap().weight_shape, [2, 4]);
+/// assert_eq!(artifact.input_normalization().unwrap().mean, [0.5]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ArtifactBuilder {
+    network: Option<NetworkSpec>,
+    tensors: BTreeMap<String, RawTensor>,
+    schemes: BTreeMap<String, Scheme>,
+    activations: BTreeMap<usize, QParams>,
+    normalization: Option<InputNormalization>,
+}
+
+fn builder_error(reason: impl Into<String>) -> Error {
+    Error::Builder {
+        reason: reason.into(),
+    }
+}
+
+fn element_count(name: &str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| builder_error(format!("`{name}`: shape {shape:?} overflows")))
+}
+
+fn check_len(name: &str, what: &str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(builder_error(format!(
+            "`{name}`: {what} has {len} values, expected {expected}"
+        )))
+    }
+}
+
+impl ArtifactBuilder {
+    /// An empty artifact for `network`.
+    pub fn new(network: NetworkSpec) -> Self {
+        Self {
+            network: Some(network),
+            ..Self::default()
+        }
+    }
+
+    /// Sets (or replaces) the network description.
+    pub fn set_network(&mut self, network: NetworkSpec) -> &mut Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// Adds the weight and bias of layer `layer` (a conv2d or linear layer of the network):
+    /// the weight in `storage`, in PyTorch's layout (`[out, in, k, k]` or `[out, in]`,
+    /// row-major), the bias as f32 (as f16 when `storage` is [`Storage::F16`]). Fails when
+    /// the layer has no parameters or the data does not fit its shapes.
+    pub fn add_layer(
+        &mut self,
+        layer: usize,
+        weight: &[f32],
+        bias: &[f32],
+        storage: Storage,
+    ) -> Result<&mut Self> {
+        let network = self
+            .network
+            .as_ref()
+            .ok_or_else(|| builder_error("no network description was set"))?;
+        let spec = network.layers.get(layer).ok_or_else(|| {
+            builder_error(format!(
+                "layer {layer} does not exist: the network has {} layers",
+                network.layers.len()
+            ))
+        })?;
+        let (shape, out) = spec.weight_shape().ok_or_else(|| {
+            builder_error(format!(
+                "layer {layer} ({}) has no weight: only conv2d and linear layers do",
+                spec.op()
+            ))
+        })?;
+        let bias_storage = match storage {
+            Storage::F16 => Storage::F16,
+            _ => Storage::F32,
+        };
+        self.add(&weight_name(layer), weight, &shape, storage)?;
+        self.add(&bias_name(layer), bias, &[out], bias_storage)
+    }
+
+    /// Adds parameter `name` of shape `shape` from its real values, stored in `storage`.
+    pub fn add(
+        &mut self,
+        name: &str,
+        values: &[f32],
+        shape: &[usize],
+        storage: Storage,
+    ) -> Result<&mut Self> {
+        check_len(name, "data", values.len(), element_count(name, shape)?)?;
+        match storage {
+            Storage::F32 => {
+                self.describe(name, Scheme::F32)?;
+                self.put(name, Dtype::F32, shape, le_bytes(values, f32::to_le_bytes))?;
+            }
+            Storage::F16 => {
+                self.describe(name, Scheme::F16)?;
+                let bytes = values
+                    .iter()
+                    .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                    .collect();
+                self.put(name, Dtype::F16, shape, bytes)?;
+            }
+            Storage::Int8(granularity)
+            | Storage::Int8Sparse(granularity)
+            | Storage::Int8Smallest(granularity) => {
+                let rows = shape.first().copied().unwrap_or(1);
+                if rows == 0 {
+                    return Err(builder_error(format!("`{name}` has no output channels")));
+                }
+                let per_channel = granularity == Granularity::PerChannel;
+                let (codes, scales) = quantize_symmetric(values, rows, per_channel);
+                let nonzero = codes.iter().filter(|&&c| c != 0).count();
+                let sparse = match storage {
+                    Storage::Int8Sparse(_) => true,
+                    Storage::Int8Smallest(_) => codes.len().div_ceil(8) + nonzero < codes.len(),
+                    _ => false,
+                };
+                let zero_points = vec![0i8; scales.len()];
+                self.add_encoded(
+                    name,
+                    shape,
+                    Encoded::Int8 {
+                        codes: &codes,
+                        scales: &scales,
+                        zero_points: &zero_points,
+                        granularity,
+                        sparse,
+                    },
+                )?;
+            }
+            Storage::Csr => {
+                let rows = shape.first().copied().unwrap_or(1);
+                let cols = values.len().checked_div(rows).unwrap_or(0);
+                if i32::try_from(values.len()).is_err() {
+                    return Err(builder_error(format!(
+                        "`{name}` is too large for i32 CSR indices"
+                    )));
+                }
+                let csr = CsrMatrix::from_dense(values, rows, cols);
+                // Both fit i32: every index is below `values.len()`, checked above.
+                let row_ptr: Vec<i32> = csr.row_ptr().iter().map(|&p| p as i32).collect();
+                let col_idx: Vec<i32> = csr.col_idx().iter().map(|&c| c as i32).collect();
+                self.add_encoded(
+                    name,
+                    shape,
+                    Encoded::Csr {
+                        row_ptr: &row_ptr,
+                        col_idx: &col_idx,
+                        values: csr.values(),
+                    },
+                )?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Adds parameter `name` of (dense) shape `shape` in its stored form.
+    pub fn add_encoded(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        encoded: Encoded<'_>,
+    ) -> Result<&mut Self> {
+        let len = element_count(name, shape)?;
+        match encoded {
+            Encoded::Int8 {
+                codes,
+                scales,
+                zero_points,
+                granularity,
+                sparse,
+            } => {
+                check_len(name, "data", codes.len(), len)?;
+                let groups = match granularity {
+                    Granularity::PerTensor => 1,
+                    Granularity::PerChannel => shape.first().copied().unwrap_or(1),
+                };
+                check_len(name, "scales", scales.len(), groups)?;
+                check_len(name, "zero points", zero_points.len(), groups)?;
+                if sparse {
+                    let per_group = len / groups.max(1);
+                    let mut mask = vec![0u8; len.div_ceil(8)];
+                    let mut kept = Vec::new();
+                    for (i, &v) in codes.iter().enumerate() {
+                        if v != zero_points[i / per_group.max(1)] {
+                            mask[i / 8] |= 1 << (i % 8);
+                            kept.push(v as u8);
+                        }
+                    }
+                    self.describe(name, Scheme::Int8Sparse { granularity })?;
+                    self.put(&format!("{name}.mask"), Dtype::U8, &[mask.len()], mask)?;
+                    self.put(&format!("{name}.values"), Dtype::I8, &[kept.len()], kept)?;
+                } else {
+                    self.describe(name, Scheme::Int8 { granularity })?;
+                    let bytes = codes.iter().map(|&v| v as u8).collect();
+                    self.put(name, Dtype::I8, shape, bytes)?;
+                }
+                let aux = [scales.len()];
+                self.put(
+                    &format!("{name}.scale"),
+                    Dtype::F32,
+                    &aux,
+                    le_bytes(scales, f32::to_le_bytes),
+                )?;
+                let zp = zero_points.iter().map(|&v| v as u8).collect();
+                self.put(&format!("{name}.zero_point"), Dtype::I8, &aux, zp)?;
+            }
+            Encoded::Csr {
+                row_ptr,
+                col_idx,
+                values,
+            } => {
+                check_len(name, "col_idx", col_idx.len(), values.len())?;
+                self.describe(
+                    name,
+                    Scheme::Csr {
+                        shape: shape.to_vec(),
+                    },
+                )?;
+                let i32_bytes = |v: &[i32]| le_bytes(v, i32::to_le_bytes);
+                self.put(
+                    &format!("{name}.row_ptr"),
+                    Dtype::I32,
+                    &[row_ptr.len()],
+                    i32_bytes(row_ptr),
+                )?;
+                self.put(
+                    &format!("{name}.col_idx"),
+                    Dtype::I32,
+                    &[col_idx.len()],
+                    i32_bytes(col_idx),
+                )?;
+                self.put(
+                    &format!("{name}.values"),
+                    Dtype::F32,
+                    &[values.len()],
+                    le_bytes(values, f32::to_le_bytes),
+                )?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Records the quantization of the input of layer `layer` (a conv2d or linear layer with
+    /// int8 weights), which makes that layer run in full-integer (static) mode.
+    pub fn set_input_quantization(&mut self, layer: usize, params: QParams) -> &mut Self {
+        self.activations.insert(layer, params);
+        self
+    }
+
+    /// Records how raw input becomes the network's input (the `input` metadata entry), so
+    /// that a reader can feed the model without knowing how it was trained.
+    pub fn set_input_normalization(&mut self, normalization: InputNormalization) -> &mut Self {
+        self.normalization = Some(normalization);
+        self
+    }
+
+    fn put(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> Result<()> {
+        if self.tensors.contains_key(name) {
+            return Err(builder_error(format!("tensor `{name}` added twice")));
+        }
+        self.tensors.insert(
+            name.to_owned(),
+            RawTensor {
+                dtype,
+                shape: shape.to_vec(),
+                data,
+            },
+        );
+        Ok(())
+    }
+
+    fn describe(&mut self, name: &str, scheme: Scheme) -> Result<()> {
+        if self.schemes.contains_key(name) {
+            return Err(builder_error(format!("parameter `{name}` added twice")));
+        }
+        self.schemes.insert(name.to_owned(), scheme);
+        Ok(())
+    }
+
+    /// The artifact as bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let network = self
+            .network
+            .as_ref()
+            .ok_or_else(|| builder_error("no network description was set"))?;
+        let mut metadata = HashMap::new();
+        metadata.insert("format".to_owned(), FORMAT.to_owned());
+        metadata.insert("format_version".to_owned(), FORMAT_VERSION.to_owned());
+        metadata.insert("network".to_owned(), to_json(network)?);
+        metadata.insert("tensors".to_owned(), to_json(&self.schemes)?);
+        if !self.activations.is_empty() {
+            let activations: BTreeMap<String, QParams> = self
+                .activations
+                .iter()
+                .map(|(layer, q)| (layer.to_string(), *q))
+                .collect();
+            metadata.insert("activations".to_owned(), to_json(&activations)?);
+        }
+        if let Some(normalization) = &self.normalization {
+            metadata.insert("input".to_owned(), to_json(normalization)?);
+        }
+        let bytes = safetensors::serialize(
+            self.tensors.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(metadata),
+        )
+        .map_err(|e| builder_error(e.to_string()))?;
+        canonical(bytes)
+    }
+
+    /// Writes the artifact to `path`, atomically: a sibling temporary file renamed into
+    /// place, so the file is never seen half-written.
+    pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        let io = |source| Error::Io {
+            path: path.to_owned(),
+            source,
+        };
+        std::fs::write(&tmp, &bytes).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+}
+
+/// `bytes` with the header's keys in sorted order: safetensors writes the metadata from a
+/// `HashMap`, whose order changes from run to run, and the same model must give the same
+/// bytes (and the same gzip size) every time. Offsets are relative to the data, which does
+/// not move; the header keeps its padding to a multiple of 8 bytes.
+fn canonical(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let damaged = || builder_error("safetensors wrote a header it cannot read back");
+    let len = bytes
+        .first_chunk::<8>()
+        .map(|n| u64::from_le_bytes(*n) as usize)
+        .filter(|&n| 8 + n <= bytes.len())
+        .ok_or_else(damaged)?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + len]).map_err(|_| damaged())?;
+    let sorted = |value: serde_json::Value| -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => {
+                let map: BTreeMap<String, serde_json::Value> = map.into_iter().collect();
+                serde_json::json!(map)
+            }
+            other => other,
+        }
+    };
+    let header: BTreeMap<String, serde_json::Value> =
+        header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+    let mut text = serde_json::to_vec(&header).map_err(|e| builder_error(e.to_string()))?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - len);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    Ok(out)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| builder_error(e.to_string()))
+}
