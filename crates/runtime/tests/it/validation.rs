@@ -575,7 +575,7 @@ fn input_normalization_is_recorded_and_validated() {
         ),
         (
             r#"{"raw_max":255,"mean":[0.1, 0.2],"std":[0.3, 0.3]}"#,
-            "1 or 1",
+            "or one per channel",
         ),
         (r#"{"raw_max":255,"mean":[],"std":[]}"#, "at least one"),
         (
