@@ -31,6 +31,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use runtime::{ArtifactBuilder, Granularity, Storage};
@@ -48,6 +50,15 @@ pub enum ExportError {
         /// The variable's name.
         name: String,
     },
+    /// A layer with parameters that the [`NameMap`] does not name.
+    #[error("layer {index} has parameters but no name in the name map")]
+    UnnamedLayer {
+        /// Its index in the network.
+        index: usize,
+    },
+    /// The network description does not hold together.
+    #[error(transparent)]
+    Spec(#[from] crate::SpecError),
     /// A batch norm that does not directly follow a convolution cannot be folded.
     #[error("batch norm at layer {index} does not follow a conv2d and cannot be folded")]
     Unfoldable {
@@ -104,15 +115,22 @@ pub struct DeployedParameter {
 fn variable(
     vars: &std::collections::HashMap<String, Tensor>,
     name: &str,
+    expected: &[usize],
 ) -> Result<(Vec<usize>, Vec<f64>), ExportError> {
     let tensor = vars
         .get(name)
         .ok_or_else(|| ExportError::MissingVariable { name: name.into() })?;
-    let shape = tensor
+    let shape: Vec<usize> = tensor
         .size()
         .iter()
         .map(|&d| usize::try_from(d).unwrap_or(0))
         .collect();
+    if shape != expected {
+        return Err(ExportError::BadValue {
+            name: name.into(),
+            reason: format!("shape {shape:?}, but the network description needs {expected:?}"),
+        });
+    }
     let flat = tensor
         .f_to_device(Device::Cpu)?
         .f_to_kind(Kind::Double)?
@@ -138,6 +156,62 @@ fn to_f32(name: &str, data: &[f64]) -> Result<Vec<f32>, ExportError> {
         .collect()
 }
 
+/// Where the variables of each layer of a network live in a `VarStore`: the layer's index
+/// in the network (the training network, batch norm included) mapped to the prefix of its
+/// variables. A conv2d or linear layer at prefix `p` has `p.weight` (PyTorch's layout:
+/// `[out, in, k, k]` or `[out, in]`) and `p.bias` (`[out]`); a batch norm has `p.weight`,
+/// `p.bias`, `p.running_mean` and `p.running_var` (`[channels]` each), as tch's `nn::conv2d`,
+/// `nn::linear` and `nn::batch_norm2d` name them.
+///
+/// [`NameMap::sequential`] is how [`Network`] names its variables (`"0.weight"`, ...); a
+/// model of one's own names its layers with [`NameMap::layer`].
+///
+/// ```
+/// use models::export::NameMap;
+///
+/// let names = NameMap::new().layer(1, "fc1").layer(3, "fc2");
+/// assert_eq!(names.prefix(1).as_deref(), Some("fc1"));
+/// assert_eq!(names.prefix(2), None);
+/// assert_eq!(NameMap::sequential().prefix(7).as_deref(), Some("7"));
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameMap {
+    sequential: bool,
+    prefixes: BTreeMap<usize, String>,
+}
+
+impl NameMap {
+    /// No layer named yet: every layer with parameters must get a [`NameMap::layer`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every layer at its index (`"<index>.weight"`), as in a PyTorch `nn.Sequential` and a
+    /// [`Network`] built at the store's root; [`NameMap::layer`] overrides single layers.
+    pub fn sequential() -> Self {
+        Self {
+            sequential: true,
+            prefixes: BTreeMap::new(),
+        }
+    }
+
+    /// Layer `index`'s variables are `"<prefix>.weight"`, `"<prefix>.bias"`, ... (a prefix of
+    /// a nested path is written with dots: `"encoder.fc1"`).
+    pub fn layer(mut self, index: usize, prefix: impl Into<String>) -> Self {
+        self.prefixes.insert(index, prefix.into());
+        self
+    }
+
+    /// The prefix of layer `index`'s variables, when it has one.
+    pub fn prefix(&self, index: usize) -> Option<Cow<'_, str>> {
+        match self.prefixes.get(&index) {
+            Some(prefix) => Some(Cow::Borrowed(prefix)),
+            None if self.sequential => Some(Cow::Owned(index.to_string())),
+            None => None,
+        }
+    }
+}
+
 /// The parameters of the deployed network ([`NetworkSpec::without_batch_norm`] of
 /// `net.spec()`), every batch norm folded into the convolution before it, in layer order
 /// (weight, then bias).
@@ -149,30 +223,81 @@ pub fn deployed_parameters(
     net: &Network,
     vs: &nn::VarStore,
 ) -> Result<Vec<DeployedParameter>, ExportError> {
+    parameters_of(net.spec(), vs, &NameMap::sequential())
+}
+
+/// The parameters of any model whose architecture `spec` describes, read from `vs` where
+/// `names` says each layer's variables are, checked against the shapes of `spec`, every
+/// batch norm folded into the convolution before it: the deployed network's parameters
+/// ([`NetworkSpec::without_batch_norm`]), named by their deployed index, in layer order.
+///
+/// ```
+/// use models::export::{self, NameMap, WeightFormat};
+/// use models::{LayerSpec, NetworkSpec};
+/// use tch::{nn, Device};
+///
+/// // A model of one's own: two tch linear layers named `fc1` and `fc2`.
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let fc1 = nn::linear(vs.root() / "fc1", 784, 32, Default::default());
+/// let fc2 = nn::linear(vs.root() / "fc2", 32, 10, Default::default());
+/// # let _ = (fc1, fc2);
+///
+/// // Its architecture, and where each layer's variables are.
+/// let spec = NetworkSpec {
+///     name: "my_mlp".into(),
+///     input: [1, 28, 28],
+///     layers: vec![
+///         LayerSpec::Flatten,
+///         LayerSpec::Linear { in_features: 784, out_features: 32 },
+///         LayerSpec::Relu,
+///         LayerSpec::Linear { in_features: 32, out_features: 10 },
+///     ],
+/// };
+/// let names = NameMap::new().layer(1, "fc1").layer(3, "fc2");
+/// let params = export::parameters_of(&spec, &vs, &names)?;
+/// assert_eq!(params[0].name, "1.weight");
+/// let artifact = export::artifact_from_parameters(spec, &params, WeightFormat::Int8DynamicRange)?;
+/// let model = runtime::Model::from_bytes(&artifact.to_bytes()?)?;
+/// assert_eq!(model.output_shape(), [10]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// [`NetworkSpec::without_batch_norm`]: crate::NetworkSpec::without_batch_norm
+pub fn parameters_of(
+    spec: &crate::NetworkSpec,
+    vs: &nn::VarStore,
+    names: &NameMap,
+) -> Result<Vec<DeployedParameter>, ExportError> {
+    spec.validate()?;
     let vars = vs.variables();
-    let layers = &net.spec().layers;
+    let layers = &spec.layers;
+    let prefix = |index: usize| {
+        names
+            .prefix(index)
+            .ok_or(ExportError::UnnamedLayer { index })
+    };
     let mut out = Vec::new();
     let mut removed = 0;
     for (index, layer) in layers.iter().enumerate() {
-        match layer {
-            LayerSpec::BatchNorm2d { .. } => {
+        let Some((weight_shape, out_channels)) = layer.weight_shape() else {
+            if let LayerSpec::BatchNorm2d { .. } = layer {
                 if index == 0 || !matches!(layers[index - 1], LayerSpec::Conv2d { .. }) {
                     return Err(ExportError::Unfoldable { index });
                 }
                 removed += 1;
-                continue;
             }
-            LayerSpec::Conv2d { .. } | LayerSpec::Linear { .. } => {}
-            _ => continue,
-        }
-        let (shape, mut weight) = variable(&vars, &format!("{index}.weight"))?;
-        let (_, mut bias) = variable(&vars, &format!("{index}.bias"))?;
+            continue;
+        };
+        let p = prefix(index)?;
+        let (_, mut weight) = variable(&vars, &format!("{p}.weight"), &weight_shape)?;
+        let (_, mut bias) = variable(&vars, &format!("{p}.bias"), &[out_channels])?;
         if let Some(&LayerSpec::BatchNorm2d { eps, .. }) = layers.get(index + 1) {
-            let bn = index + 1;
-            let (_, gamma) = variable(&vars, &format!("{bn}.weight"))?;
-            let (_, beta) = variable(&vars, &format!("{bn}.bias"))?;
-            let (_, mean) = variable(&vars, &format!("{bn}.running_mean"))?;
-            let (_, var) = variable(&vars, &format!("{bn}.running_var"))?;
+            let bn = prefix(index + 1)?;
+            let channels = [out_channels];
+            let (_, gamma) = variable(&vars, &format!("{bn}.weight"), &channels)?;
+            let (_, beta) = variable(&vars, &format!("{bn}.bias"), &channels)?;
+            let (_, mean) = variable(&vars, &format!("{bn}.running_mean"), &channels)?;
+            let (_, var) = variable(&vars, &format!("{bn}.running_var"), &channels)?;
             let per_channel = weight.len() / bias.len().max(1);
             for (c, row) in weight.chunks_exact_mut(per_channel.max(1)).enumerate() {
                 let s = gamma[c] / (var[c] + eps).sqrt();
@@ -181,8 +306,10 @@ pub fn deployed_parameters(
             }
         }
         let deployed = index - removed;
-        for (suffix, shape, data) in [("weight", shape, weight), ("bias", vec![bias.len()], bias)] {
-            let name = format!("{deployed}.{suffix}");
+        for (name, shape, data) in [
+            (runtime::weight_name(deployed), weight_shape, weight),
+            (runtime::bias_name(deployed), vec![out_channels], bias),
+        ] {
             let data = to_f32(&name, &data)?;
             out.push(DeployedParameter { name, shape, data });
         }
@@ -418,6 +545,126 @@ mod tests {
         let net = Network::new(&(vs.root() / "teacher"), &NetworkSpec::teacher_cnn()).unwrap();
         let err = artifact(&net, &vs, WeightFormat::F32).unwrap_err();
         assert!(err.to_string().contains("`0.weight`"), "{err}");
+    }
+
+    /// A model of one's own: tch layers under their own names, batch norm included.
+    struct OwnModel {
+        conv: nn::Conv2D,
+        bn: nn::BatchNorm,
+        head: nn::Linear,
+    }
+
+    impl OwnModel {
+        fn spec() -> NetworkSpec {
+            NetworkSpec {
+                name: "own".into(),
+                input: [1, 8, 8],
+                layers: vec![
+                    LayerSpec::Conv2d {
+                        in_channels: 1,
+                        out_channels: 4,
+                        kernel: 3,
+                        stride: 1,
+                        padding: 1,
+                    },
+                    LayerSpec::BatchNorm2d {
+                        features: 4,
+                        eps: 1e-5,
+                    },
+                    LayerSpec::Relu,
+                    LayerSpec::Flatten,
+                    LayerSpec::Linear {
+                        in_features: 256,
+                        out_features: 3,
+                    },
+                ],
+            }
+        }
+
+        fn names() -> NameMap {
+            NameMap::new()
+                .layer(0, "features.conv")
+                .layer(1, "features.bn")
+                .layer(4, "head")
+        }
+
+        fn new(vs: &nn::VarStore) -> Self {
+            let features = vs.root() / "features";
+            let conv_config = nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            Self {
+                conv: nn::conv2d(&features / "conv", 1, 4, 3, conv_config),
+                bn: nn::batch_norm2d(&features / "bn", 4, Default::default()),
+                head: nn::linear(vs.root() / "head", 256, 3, Default::default()),
+            }
+        }
+
+        fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+            xs.apply(&self.conv)
+                .apply_t(&self.bn, train)
+                .relu()
+                .flatten(1, -1)
+                .apply(&self.head)
+        }
+    }
+
+    #[test]
+    fn a_model_of_ones_own_exports_through_a_name_map() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = OwnModel::new(&vs);
+        tch::no_grad(|| {
+            for _ in 0..3 {
+                let xs = Tensor::randn([16, 1, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 + 0.5;
+                let _ = model.forward(&xs, true);
+            }
+        });
+        let params = parameters_of(&OwnModel::spec(), &vs, &OwnModel::names()).unwrap();
+        let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["0.weight", "0.bias", "3.weight", "3.bias"]);
+        let deployed = OwnModel::spec().without_batch_norm();
+        let bytes = artifact_from_parameters(deployed, &params, WeightFormat::F32)
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+        let runtime_model = runtime::Model::from_bytes(&bytes).unwrap();
+        let xs = Tensor::randn([5, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let expected = tch::no_grad(|| model.forward(&xs, false));
+        let expected = Vec::<f32>::try_from(&expected.view([-1])).unwrap();
+        let input = Vec::<f32>::try_from(&xs.view([-1])).unwrap();
+        let input = Array4::from_shape_vec((5, 1, 8, 8), input).unwrap();
+        let got = runtime_model.run(input.view()).unwrap();
+        let difference = relative_difference(got.as_slice().unwrap(), &expected);
+        assert!(difference < FOLDED_LOGIT_TOLERANCE, "{difference}");
+    }
+
+    #[test]
+    fn a_name_map_that_misses_a_layer_or_a_shape_is_an_error() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = OwnModel::new(&vs);
+        let spec = OwnModel::spec();
+        let unnamed = NameMap::new()
+            .layer(0, "features.conv")
+            .layer(1, "features.bn");
+        let err = parameters_of(&spec, &vs, &unnamed).unwrap_err();
+        assert!(
+            matches!(err, ExportError::UnnamedLayer { index: 4 }),
+            "{err}"
+        );
+        let wrong = OwnModel::names().layer(4, "features.conv");
+        let err = parameters_of(&spec, &vs, &wrong).unwrap_err().to_string();
+        assert!(
+            err.contains("`features.conv.weight`: shape [4, 1, 3, 3]"),
+            "{err}"
+        );
+        let misspelt = OwnModel::names().layer(4, "heads");
+        let err = parameters_of(&spec, &vs, &misspelt).unwrap_err();
+        assert!(
+            matches!(err, ExportError::MissingVariable { ref name } if name == "heads.weight"),
+            "{err}"
+        );
     }
 
     #[test]
