@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 
 use mnist_data::{Normalization, Split};
+use model_spec::{InputLayout, InputNormalization};
 use ndarray::{Array4, Axis, s};
 
 use crate::fsutil;
@@ -107,11 +108,13 @@ pub fn weight_zeros(params: &[models::export::DeployedParameter]) -> usize {
         .sum()
 }
 
-/// The test set as the runtime takes it: normalised images (N, 1, H, W) and labels.
+/// The test set as the runtime takes it: normalised images (N, 1, H, W) and labels, and the
+/// normalisation that every artifact records.
 #[derive(Debug)]
 pub struct RuntimeTest {
     pub images: Array4<f32>,
     pub labels: Vec<u8>,
+    pub normalization: InputNormalization,
 }
 
 impl RuntimeTest {
@@ -119,6 +122,12 @@ impl RuntimeTest {
         Self {
             images: split.normalized(norm),
             labels: split.labels.to_vec(),
+            normalization: InputNormalization {
+                layout: InputLayout::Nchw,
+                raw_max: 255.0,
+                mean: vec![norm.mean],
+                std: vec![norm.std],
+            },
         }
     }
 
@@ -138,13 +147,16 @@ pub struct Deployed {
     pub execution: Vec<String>,
 }
 
-/// Writes `builder` to `path` atomically and scores the same bytes with the runtime.
+/// Writes `builder` to `path` atomically, with the input normalisation of `test` recorded,
+/// and scores the same bytes with the runtime.
 pub fn deploy(
     builder: &runtime::ArtifactBuilder,
     path: &Path,
     test: &RuntimeTest,
 ) -> Result<Deployed> {
     let bytes = builder
+        .clone()
+        .set_input_normalization(test.normalization.clone())
         .to_bytes()
         .with_context(|| format!("serialising {}", path.display()))?;
     fsutil::write_atomic(path, &bytes)?;

@@ -8,6 +8,8 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use mnist_data::{Dataset, NUM_CLASSES, Normalization, Split};
+use model_spec::{InputLayout, InputNormalization};
+use ndarray::Array4;
 use runtime::{Execution, Model};
 use serde_json::json;
 
@@ -110,6 +112,7 @@ fn run(args: &Args) -> Result<()> {
         .collect();
     let accuracy = score.correct as f64 / score.images.max(1) as f64;
     let images_per_second = score.images as f64 / score.seconds.max(f64::MIN_POSITIVE);
+    let (norm, source) = input_normalization(&model);
     if args.json {
         let layers: Vec<_> = layers
             .iter()
@@ -128,6 +131,12 @@ fn run(args: &Args) -> Result<()> {
             "seconds": score.seconds,
             "images_per_second": images_per_second,
             "layers": layers,
+            "input_normalization": {
+                "raw_max": norm.raw_max,
+                "mean": norm.mean,
+                "std": norm.std,
+                "source": source,
+            },
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -137,6 +146,10 @@ fn run(args: &Args) -> Result<()> {
             model.network().name,
             size_bytes,
             size_bytes as f64 / 1024.0
+        );
+        println!(
+            "input:    (pixel / {} - {:?}) / {:?}, {source}",
+            norm.raw_max, norm.mean, norm.std
         );
         println!("layers:");
         for (index, kind, execution) in &layers {
@@ -184,10 +197,19 @@ fn check_fit(model: &Model, test: &Split) -> Result<()> {
 /// Accuracy and the time spent in the runtime, batch by batch (preparing the input is not
 /// timed); one batch runs first, untimed, to warm the buffers up.
 fn score(model: &Model, test: &Split, batch: usize) -> Result<Score> {
-    let norm = Normalization::default();
+    let norm = input_normalization(model).0;
     let indices: Vec<usize> = (0..test.len()).collect();
     let batches: Vec<Split> = indices.chunks(batch).map(|c| test.select(c)).collect();
-    let inputs: Vec<_> = batches.iter().map(|b| b.normalized(norm)).collect();
+    let plane = test.rows() * test.cols();
+    let inputs = batches
+        .iter()
+        .map(|b| {
+            let raw: Vec<u8> = b.images.iter().copied().collect();
+            let x = norm.normalize_planes(&raw, 1, plane);
+            Array4::from_shape_vec((b.len(), 1, test.rows(), test.cols()), x)
+                .context("normalising the images")
+        })
+        .collect::<Result<Vec<_>>>()?;
     if let Some(first) = inputs.first() {
         model.run(first.view()).context("running the model")?;
     }
@@ -213,6 +235,24 @@ fn score(model: &Model, test: &Split, batch: usize) -> Result<Score> {
         correct,
         seconds,
     })
+}
+
+/// The normalisation the artifact records, or MNIST's for an artifact that records none
+/// (format version 1), and where it came from.
+fn input_normalization(model: &Model) -> (InputNormalization, &'static str) {
+    match model.input_normalization() {
+        Some(n) => (n.clone(), "recorded in the artifact"),
+        None => {
+            let mnist = Normalization::default();
+            let n = InputNormalization {
+                layout: InputLayout::Nchw,
+                raw_max: 255.0,
+                mean: vec![mnist.mean],
+                std: vec![mnist.std],
+            };
+            (n, "MNIST's: the artifact records none")
+        }
+    }
 }
 
 /// The layer's kind as the network description names it (`conv2d`, `linear`).

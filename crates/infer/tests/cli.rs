@@ -5,12 +5,16 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use model_spec::{LayerSpec, NetworkSpec};
+use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
 use runtime::{ArtifactBuilder, Granularity, Storage};
 use serde_json::Value;
 
 /// Flatten, an int8 linear layer, ReLU and an f32 linear layer: two execution modes.
 fn write_artifact(path: &Path) {
+    write_artifact_with(path, None);
+}
+
+fn write_artifact_with(path: &Path, normalization: Option<InputNormalization>) {
     let network = NetworkSpec {
         name: "tiny_mlp".into(),
         input: [1, 28, 28],
@@ -48,6 +52,9 @@ fn write_artifact(path: &Path) {
         .unwrap()
         .add("3.bias", &[0.0; 10], &[10], Storage::F32)
         .unwrap();
+    if let Some(n) = normalization {
+        builder.set_input_normalization(n);
+    }
     builder.write(path).unwrap();
 }
 
@@ -75,6 +82,9 @@ fn scores_an_artifact_as_json() {
     assert!(output.status.success(), "{stderr}");
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(report["network"], "tiny_mlp");
+    let norm = &report["input_normalization"];
+    assert_eq!(norm["source"], "MNIST's: the artifact records none");
+    assert!((norm["mean"][0].as_f64().unwrap() - 0.1307).abs() < 1e-6);
     assert_eq!(report["images"], 300);
     assert_eq!(report["batch"], 64);
     assert_eq!(
@@ -172,4 +182,36 @@ fn a_failed_onnx_export_is_an_error_line() {
         stderr.starts_with("error: exporting") && stderr.contains("no such folder"),
         "{stderr}"
     );
+}
+
+#[test]
+fn uses_the_normalization_the_artifact_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mnist, other) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let recorded = |mean: f32, std: f32| InputNormalization::new(255.0, vec![mean], vec![std]);
+    write_artifact_with(&mnist, Some(recorded(0.1307, 0.3081).unwrap()));
+    write_artifact_with(&other, Some(recorded(0.9, 0.05).unwrap()));
+    let run = |path: &Path| -> Value {
+        let output = infer(&[path.to_str().unwrap(), "--limit", "200", "--json"]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let (a, b) = (run(&mnist), run(&other));
+    assert_eq!(
+        a["input_normalization"]["source"],
+        "recorded in the artifact"
+    );
+    assert_eq!(
+        b["input_normalization"]["mean"][0].as_f64().unwrap() as f32,
+        0.9
+    );
+    // Another normalisation feeds the network other numbers: the scores move.
+    assert_ne!(a["correct"], b["correct"]);
 }
