@@ -1,5 +1,6 @@
-//! Architecture invariant: the runtime, and the `infer` binary built on it, never link tch
-//! or any other C++ dependency.
+//! Architecture invariants read from `cargo metadata`: the workspace's crates form layers
+//! whose dependencies point downwards only, and the runtime, the `infer` binary and the ONNX
+//! exporter built on it never link tch or any other C++ dependency.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
@@ -8,10 +9,12 @@ use serde_json::Value;
 
 /// The only packages `infer` may depend on directly (ARCHITECTURE.md); what they bring is
 /// checked for C++ below.
-const INFER_DIRECT_DEPENDENCIES: [&str; 6] = [
+const INFER_DIRECT_DEPENDENCIES: [&str; 8] = [
     "runtime",
     "onnx-export",
     "mnist-data",
+    "model-spec",
+    "ndarray",
     "clap",
     "anyhow",
     "serde_json",
@@ -158,4 +161,65 @@ fn onnx_export_dependency_tree_has_no_tch() {
         "{seen:?}"
     );
     assert_free_of_cxx("onnx-export", &seen);
+}
+
+/// The dependency layers of the workspace, lowest first (ARCHITECTURE.md, "Dependency
+/// layers"): a crate's normal and build dependencies among the workspace's crates are all in
+/// lower layers. Every workspace crate is in exactly one.
+const LAYERS: [&[&str]; 4] = [
+    // Plain Rust, no workspace dependencies.
+    &["model-spec", "quantization", "mnist-data", "plots"],
+    // The deployment runtime (no tch) and the training-loop techniques (tch).
+    &[
+        "runtime",
+        "tensor-precision",
+        "loss-scaling",
+        "distillation",
+        "pruning",
+    ],
+    // What bridges a trained tch model and the runtime, or the runtime and other formats.
+    &["models", "onnx-export"],
+    // Programs and tests: nothing depends on them.
+    &[
+        "experiment",
+        "bench",
+        "infer",
+        "examples",
+        "integration-tests",
+        "xtask",
+    ],
+];
+
+#[test]
+fn workspace_dependencies_point_down_the_layers() {
+    let metadata = metadata();
+    let members: BTreeSet<&str> = metadata["workspace_members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap())
+        .collect();
+    let layer_of = |name: &str| LAYERS.iter().position(|layer| layer.contains(&name));
+    let mut checked = 0;
+    for package in metadata["packages"].as_array().unwrap() {
+        if !members.contains(package["id"].as_str().unwrap()) {
+            continue;
+        }
+        let name = package["name"].as_str().unwrap();
+        let layer = layer_of(name).unwrap_or_else(|| {
+            panic!("workspace crate {name} has no dependency layer: add it to LAYERS and ARCHITECTURE.md")
+        });
+        for dep in package["dependencies"].as_array().unwrap() {
+            let linked = dep["kind"].is_null() || dep["kind"] == "build";
+            let dep_name = dep["name"].as_str().unwrap();
+            if let (true, Some(dep_layer)) = (linked, layer_of(dep_name)) {
+                assert!(
+                    dep_layer < layer,
+                    "{name} (layer {layer}) depends on {dep_name} (layer {dep_layer}): dependencies must point to lower layers"
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked >= 15, "only {checked} workspace crates found");
 }
