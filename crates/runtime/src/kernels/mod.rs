@@ -24,6 +24,32 @@
 //! Sparse (CSR) weights: [`csr_gemm_bias`] transposes blocks of 32 rows (in panels of at
 //! most 256 columns) and spends one broadcast and two 16-wide multiply-adds per stored
 //! weight; [`sparse_conv_nhwc`] runs a stride-1 convolution directly on NHWC images.
+//!
+//! The kernels are public for benchmarks and for engines built on them; every one computes
+//! what its scalar reference computes:
+//!
+//! ```
+//! use runtime::kernels::{Isa, PackedI8, gemm_u8i8, padded_k};
+//!
+//! // Two rows of u8 activations times three int8 weight rows (k = 5), exact in i32.
+//! let (m, n, k) = (2, 3, 5);
+//! let weights: Vec<i8> = (0..n * k).map(|i| (i as i8 - 7) * 9).collect();
+//! let lda = padded_k(k);
+//! let mut a = vec![0u8; m * lda];
+//! for r in 0..m {
+//!     for kk in 0..k {
+//!         a[r * lda + kk] = (40 * r + 51 * kk) as u8;
+//!     }
+//! }
+//! let fast = PackedI8::new(&weights, n, k, &[0; 3]); // the best instruction set here
+//! let reference = PackedI8::new_for(Isa::Scalar, &weights, n, k, &[0; 3]).unwrap();
+//! let (mut c, mut expected) = (vec![0i32; m * n], vec![0i32; m * n]);
+//! gemm_u8i8(&a, lda, m, &fast, &mut c);
+//! gemm_u8i8(&a, lda, m, &reference, &mut expected);
+//! assert_eq!(c, expected);
+//! let direct: i32 = (0..k).map(|kk| i32::from(a[lda + kk]) * i32::from(weights[2 * k + kk])).sum();
+//! assert_eq!(c[n + 2], direct);
+//! ```
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
