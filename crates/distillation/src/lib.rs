@@ -32,15 +32,22 @@
 //! // Nonsense is refused, not clamped.
 //! assert!(Temperature::new(0.0).is_err());
 //! assert!(Alpha::new(1.5).is_err());
+//! // So are logits that do not fit together.
+//! let err = distillation_loss(&student, &teacher.narrow(1, 0, 5), &labels, &config);
+//! assert!(matches!(err, Err(distillation::Error::ShapeMismatch(_))));
 //! # Ok::<(), distillation::Error>(())
 //! ```
+//!
+//! In a training loop, a [`Distiller`] pairs the student with a teacher that runs on every
+//! batch or with a [`TeacherCache`] of its logits for a fixed training set, looked up by the
+//! positions of the batch's samples (what a shuffling batcher hands out).
 #![warn(missing_docs)]
 
 mod distiller;
 mod error;
 pub mod reference;
 
-pub use distiller::{Distiller, TeacherCache};
+pub use distiller::{Batch, Distiller, TeacherCache, TeacherSource};
 pub use error::{Error, Result};
 
 use tch::{Kind, Tensor};
@@ -110,9 +117,24 @@ impl Default for DistillationConfig {
     }
 }
 
+/// Whether `kind` is a real floating-point kind.
+pub(crate) fn is_floating(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+    )
+}
+
 /// The distillation loss (a scalar tensor) of `student` logits `[N, C]` against `teacher`
 /// logits `[N, C]` and integer `labels` `[N]`; see the crate docs for the formula and the
 /// reduction. The teacher logits are treated as constants (no gradient flows to them).
+///
+/// Errors: [`Error::ShapeMismatch`] unless the shapes fit (`N, C > 0`),
+/// [`Error::WrongKind`] for non-floating logits or non-integer labels,
+/// [`Error::DeviceMismatch`] when the three are not on one device. A label outside
+/// `0..C` is LibTorch's error on the CPU; on CUDA it is a device-side assertion, since
+/// checking it here would read the labels back on every step: check labels once, where
+/// the data is loaded.
 pub fn distillation_loss(
     student: &Tensor,
     teacher: &Tensor,
@@ -131,6 +153,51 @@ pub fn distillation_loss(
             s[0]
         )));
     }
+    if s[0] == 0 {
+        return Err(Error::EmptyBatch);
+    }
+    if s[1] == 0 {
+        return Err(Error::ShapeMismatch(format!(
+            "logits {s:?} have no classes"
+        )));
+    }
+    for (what, kind) in [
+        ("student logits", student.kind()),
+        ("teacher logits", teacher.kind()),
+    ] {
+        if !is_floating(kind) {
+            return Err(Error::WrongKind {
+                what,
+                expected: "floating point",
+                actual: kind,
+            });
+        }
+    }
+    if !matches!(
+        labels.kind(),
+        Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64
+    ) {
+        return Err(Error::WrongKind {
+            what: "labels",
+            expected: "an integer kind",
+            actual: labels.kind(),
+        });
+    }
+    let device = student.device();
+    for (what, other) in [
+        ("teacher logits", teacher.device()),
+        ("labels", labels.device()),
+    ] {
+        if other != device {
+            return Err(Error::DeviceMismatch {
+                what,
+                expected: device,
+                actual: other,
+            });
+        }
+    }
+    let labels = labels.f_to_kind(Kind::Int64)?;
+    let labels = &labels;
     let temperature = config.temperature.get();
     let alpha = config.alpha.get();
     let kind = match student.kind() {

@@ -1,5 +1,22 @@
 //! A plain f64 implementation of the distillation loss on `ndarray` data: the
 //! reference the tch implementation is tested against.
+//!
+//! ```
+//! use distillation::{Alpha, DistillationConfig, Temperature, distillation_loss, reference};
+//! use ndarray::array;
+//! use tch::Tensor;
+//!
+//! let student = array![[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]];
+//! let teacher = array![[2.0, -1.0, 0.0], [0.5, 2.5, -2.0]];
+//! let expected = reference::loss(student.view(), teacher.view(), &[0, 1], 4.0, 0.3);
+//!
+//! let tensor = |a: &ndarray::Array2<f64>| Tensor::from_slice(a.as_slice().unwrap()).view([2, 3]);
+//! let config = DistillationConfig::new(Temperature::new(4.0)?, Alpha::new(0.3)?);
+//! let labels = Tensor::from_slice(&[0i64, 1]);
+//! let loss = distillation_loss(&tensor(&student), &tensor(&teacher), &labels, &config)?;
+//! assert!((loss.double_value(&[]) - expected).abs() < 1e-12);
+//! # Ok::<(), distillation::Error>(())
+//! ```
 
 use ndarray::{ArrayView1, ArrayView2};
 

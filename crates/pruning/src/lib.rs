@@ -1,6 +1,15 @@
 //! Magnitude pruning for tch models with TF-MOT's schedules: unstructured per layer,
 //! global (one threshold across layers), block, and N:M (2:4) sparsity.
 //!
+//! **Schedules and TF-MOT.** A [`Schedule`] prunes on TF-MOT's steps (`_should_prune_in_step`:
+//! from `begin_step` to `end_step`, every `frequency` steps) to TF-MOT's sparsities. One
+//! difference: a `PolynomialDecay` whose `end_step` the frequency does not reach from
+//! `begin_step` is refused ([`Error::UnreachableEndStep`], naming the nearest valid end
+//! steps), where TF-MOT accepts it and never reaches its final sparsity (its last update
+//! falls before the end step). Every accepted schedule reaches its final sparsity exactly at
+//! `end_step`; when the end is computed from epochs and batches, round it to a multiple of
+//! the frequency (as the error suggests).
+//!
 //! ```
 //! use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 //! use tch::nn::{self, Module, OptimizerConfig};

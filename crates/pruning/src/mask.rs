@@ -1,9 +1,30 @@
-//! Mask computation: which weights to zero, for each granularity.
+//! Mask computation: which weights to zero, for each granularity. The [`Pruner`](crate::Pruner)
+//! calls these on schedule steps; they are public for loops that manage masks themselves.
+//!
+//! ```
+//! use pruning::Granularity;
+//! use pruning::mask::{global_masks, layer_mask};
+//! use tch::Tensor;
+//!
+//! let weight = Tensor::from_slice(&[0.1f32, -4.0, 0.3, 2.0, -0.2, 1.0, 0.05, 3.0]).view([2, 4]);
+//! // Half of the weights, the smallest magnitudes, are zeroed.
+//! let mask = layer_mask(&weight, 0.5, Granularity::Unstructured)?;
+//! assert_eq!(Vec::<f32>::try_from(mask.flatten(0, -1))?, [0., 1., 0., 1., 0., 1., 0., 1.]);
+//! // 2:4 keeps the two largest of every four consecutive inputs.
+//! let mask = layer_mask(&weight, 0.0, Granularity::NOutOfM { n: 2, m: 4 })?;
+//! assert_eq!(Vec::<f32>::try_from(mask.flatten(0, -1))?, [0., 1., 0., 1., 0., 1., 0., 1.]);
+//! // One threshold across layers: the other layer's weights are all smaller.
+//! let other = Tensor::from_slice(&[0.01f32, 0.02]).view([1, 2]);
+//! let masks = global_masks(&[&weight, &other], 0.2)?;
+//! assert_eq!(Vec::<f32>::try_from(masks[1].flatten(0, -1))?, [0., 0.]);
+//! assert!(layer_mask(&weight, 1.0, Granularity::Unstructured).is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::{Error, Result};
+use crate::{Error, Result, Sparsity};
 
 /// The shape of what is pruned together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +56,10 @@ pub fn zero_count(sparsity: f64, len: usize) -> usize {
 }
 
 /// A 0/1 float mask zeroing the `round(sparsity * numel)` smallest-magnitude entries of
-/// `scores` (ties broken by position, so the count is exact).
+/// `scores` (ties broken by position, so the count is exact); [`Error::InvalidSparsity`]
+/// unless `sparsity` is in [0, 1).
 pub fn smallest_mask(scores: &Tensor, sparsity: f64) -> Result<Tensor> {
+    Sparsity::new(sparsity)?;
     let flat = scores.f_abs()?.f_flatten(0, -1)?.f_to_kind(Kind::Float)?;
     let len = flat.size()[0] as usize;
     let zeros = zero_count(sparsity, len) as i64;
@@ -48,12 +71,14 @@ pub fn smallest_mask(scores: &Tensor, sparsity: f64) -> Result<Tensor> {
     Ok(mask.f_view(scores.size().as_slice())?)
 }
 
-/// The mask of one weight tensor (`[out, ...]`) at `sparsity` for `granularity`.
+/// The mask of one weight tensor (`[out, ...]`) at `sparsity` for `granularity`, in the
+/// weight's kind; [`Error::ScalarWeight`] for a 0-dimensional weight,
+/// [`Error::InvalidSparsity`] unless `sparsity` is in [0, 1), [`Error::InvalidGranularity`]
+/// when the granularity does not tile the weight.
 pub fn layer_mask(weight: &Tensor, sparsity: f64, granularity: Granularity) -> Result<Tensor> {
+    Sparsity::new(sparsity)?;
     let shape = weight.size();
-    let out = *shape
-        .first()
-        .ok_or_else(|| Error::InvalidGranularity("cannot prune a scalar".into()))?;
+    let out = *shape.first().ok_or(Error::ScalarWeight)?;
     let inputs = weight.numel() as i64 / out.max(1);
     let matrix = weight.f_reshape([out, inputs])?;
     let mask = match granularity {
@@ -94,7 +119,9 @@ pub fn layer_mask(weight: &Tensor, sparsity: f64, granularity: Granularity) -> R
 
 /// Unstructured masks for several weights with one magnitude threshold across all of
 /// them: the `round(sparsity * total)` smallest weights overall are zeroed.
+/// [`Error::InvalidSparsity`] unless `sparsity` is in [0, 1).
 pub fn global_masks(weights: &[&Tensor], sparsity: f64) -> Result<Vec<Tensor>> {
+    Sparsity::new(sparsity)?;
     let flats = weights
         .iter()
         .map(|w| w.f_flatten(0, -1).and_then(|f| f.f_to_kind(Kind::Float)))

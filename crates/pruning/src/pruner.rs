@@ -5,7 +5,34 @@ use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
 use crate::mask::{global_masks, layer_mask};
-use crate::{Granularity, Result, Schedule};
+use crate::{Error, Granularity, Result, Schedule};
+
+/// The variables of `vs` named in `names`, in that order, each checked to exist, to be
+/// named once and to have at least one dimension.
+fn named_weights(vs: &VarStore, names: &[&str]) -> Result<Vec<(String, Tensor)>> {
+    let variables = vs.variables();
+    let mut seen = std::collections::HashSet::new();
+    names
+        .iter()
+        .map(|&name| {
+            let weight = variables.get(name).ok_or_else(|| Error::UnknownVariable {
+                name: name.to_owned(),
+            })?;
+            if !seen.insert(name) {
+                return Err(Error::DuplicateVariable {
+                    name: name.to_owned(),
+                });
+            }
+            if weight.dim() == 0 {
+                return Err(Error::UnprunableVariable {
+                    name: name.to_owned(),
+                    shape: weight.size(),
+                });
+            }
+            Ok((name.to_owned(), weight.shallow_clone()))
+        })
+        .collect()
+}
 
 /// Whether each layer gets its own threshold or all share one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,30 +106,48 @@ impl Pruner {
         Self::with_layers(vs, &names, config)
     }
 
-    /// Prunes exactly the named variables of `vs`.
+    /// Prunes exactly the named variables of `vs`: [`Error::UnknownVariable`] for a name
+    /// the store does not hold, [`Error::DuplicateVariable`] for a name listed twice,
+    /// [`Error::UnprunableVariable`] for a scalar, [`Error::InvalidGranularity`] when the
+    /// granularity does not fit a layer (the message names it) or the scope.
+    ///
+    /// ```
+    /// use pruning::{Error, Granularity, Pruner, PruningConfig, Schedule, Scope};
+    /// use tch::{Device, nn};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let _layer = nn::linear(vs.root() / "fc", 8, 4, Default::default());
+    /// let config = PruningConfig {
+    ///     schedule: Schedule::constant(0.5, 0, None, 10)?,
+    ///     granularity: Granularity::Unstructured,
+    ///     scope: Scope::PerLayer,
+    /// };
+    /// assert!(Pruner::with_layers(&vs, &["fc.weight"], config.clone()).is_ok());
+    /// let err = Pruner::with_layers(&vs, &["fc.wieght"], config).unwrap_err();
+    /// assert!(matches!(err, Error::UnknownVariable { name } if name == "fc.wieght"));
+    /// # Ok::<(), Error>(())
+    /// ```
     pub fn with_layers(vs: &VarStore, names: &[&str], config: PruningConfig) -> Result<Self> {
         config.schedule.validate()?;
-        let variables = vs.variables();
-        let layers = names
-            .iter()
-            .map(|&name| {
-                let weight = variables.get(name).ok_or_else(|| {
-                    crate::Error::InvalidGranularity(format!("no variable named `{name}`"))
-                })?;
-                // Check the granularity fits now rather than at the first pruning step.
-                let _ = layer_mask(weight, 0.0, config.granularity)?;
-                Ok(Layer {
-                    name: name.to_owned(),
-                    weight: weight.shallow_clone(),
-                    mask: weight.ones_like(),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         if config.scope == Scope::Global && config.granularity != Granularity::Unstructured {
-            return Err(crate::Error::InvalidGranularity(
+            return Err(Error::InvalidGranularity(
                 "global scope supports unstructured pruning only".into(),
             ));
         }
+        let layers = named_weights(vs, names)?
+            .into_iter()
+            .map(|(name, weight)| {
+                // Check the granularity fits now rather than at the first pruning step.
+                let _ = layer_mask(&weight, 0.0, config.granularity).map_err(|e| match e {
+                    Error::InvalidGranularity(reason) => {
+                        Error::InvalidGranularity(format!("`{name}`: {reason}"))
+                    }
+                    other => other,
+                })?;
+                let mask = weight.f_ones_like()?;
+                Ok(Layer { name, weight, mask })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: Some(config),
             layers,
@@ -110,7 +155,8 @@ impl Pruner {
     }
 
     /// Keeps the named variables' current zeros zero and never prunes further: the masks
-    /// are the weights' non-zero pattern now. This is what pruning-preserving fine-tuning
+    /// are the weights' non-zero pattern now. The names are checked as in
+    /// [`Pruner::with_layers`]. This is what pruning-preserving fine-tuning
     /// (quantization-aware training of a pruned model, say) needs: call [`Pruner::apply`]
     /// after every optimizer step ([`Pruner::update`] never changes the masks), and the
     /// sparsity survives the optimizer.
@@ -130,19 +176,11 @@ impl Pruner {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn preserving(vs: &VarStore, names: &[&str]) -> Result<Self> {
-        let variables = vs.variables();
-        let layers = names
-            .iter()
-            .map(|&name| {
-                let weight = variables.get(name).ok_or_else(|| {
-                    crate::Error::InvalidGranularity(format!("no variable named `{name}`"))
-                })?;
-                let mask = tch::no_grad(|| weight.ne(0.0).to_kind(weight.kind()));
-                Ok(Layer {
-                    name: name.to_owned(),
-                    weight: weight.shallow_clone(),
-                    mask,
-                })
+        let layers = named_weights(vs, names)?
+            .into_iter()
+            .map(|(name, weight)| {
+                let mask = tch::no_grad(|| weight.f_ne(0.0)?.f_to_kind(weight.kind()))?;
+                Ok(Layer { name, weight, mask })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

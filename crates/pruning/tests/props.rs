@@ -23,10 +23,11 @@ proptest! {
 
     #[test]
     fn polynomial_decay_follows_the_closed_form(
-        initial in 0.0f64..0.5, extra in 0.0f64..0.49, begin in 0u64..100, length in 0u64..1000,
+        initial in 0.0f64..0.5, extra in 0.0f64..0.49, begin in 0u64..100, periods in 0u64..40,
         frequency in 1u64..50, step in 0u64..2000,
     ) {
         let final_ = initial + extra;
+        let length = periods * frequency;
         let end = begin + length;
         let schedule = Schedule::polynomial_decay(initial, final_, begin, end, frequency).unwrap();
         let p = if length == 0 { if step >= begin { 1.0 } else { 0.0 } }
@@ -35,6 +36,80 @@ proptest! {
         prop_assert!((schedule.sparsity(step) - expected).abs() < SCHEDULE_TOLERANCE);
         let expected_prune = step >= begin && step <= end && (step - begin) % frequency == 0;
         prop_assert_eq!(schedule.should_prune(step), expected_prune);
+    }
+
+    #[test]
+    fn polynomial_decay_reaches_its_final_sparsity_exactly_at_the_end_step(
+        initial in 0.0f64..0.99, final_ in 0.0f64..0.99, begin in 0u64..10_000,
+        periods in 0u64..500, frequency in 1u64..1000, power in 0.1f64..10.0,
+    ) {
+        let end = begin + periods * frequency;
+        let schedule = Schedule::PolynomialDecay {
+            initial: Sparsity::new(initial).unwrap(),
+            final_: Sparsity::new(final_).unwrap(),
+            begin_step: begin,
+            end_step: end,
+            power,
+            frequency,
+        };
+        prop_assert!(schedule.validate().is_ok());
+        prop_assert_eq!(schedule.final_step(), Some(end));
+        prop_assert!(schedule.should_prune(end));
+        prop_assert!(!schedule.should_prune(end + 1));
+        // At p = 1 the decay term is an exact zero, so the value is exactly `final_`.
+        prop_assert_eq!(schedule.sparsity(end), final_);
+        // The last pruning step at or before any step after the end is the end step.
+        let last = (begin..=end + 3 * frequency).rev().find(|&s| schedule.should_prune(s));
+        prop_assert_eq!(last, Some(end));
+        // Every pruning step's sparsity lies between the initial and the final one.
+        let (low, high) = (initial.min(final_), initial.max(final_));
+        for step in (begin..=end).step_by(frequency as usize).take(50) {
+            let s = schedule.sparsity(step);
+            prop_assert!(low - SCHEDULE_TOLERANCE <= s && s <= high + SCHEDULE_TOLERANCE, "{s}");
+        }
+    }
+
+    #[test]
+    fn unreachable_end_steps_are_refused_with_the_nearest_valid_ones(
+        begin in 0u64..10_000, periods in 0u64..500, frequency in 2u64..1000, past in 1u64..1000,
+    ) {
+        let past = 1 + past % (frequency - 1);
+        let end = begin + periods * frequency + past;
+        let err = Schedule::polynomial_decay(0.0, 0.8, begin, end, frequency).unwrap_err();
+        let Error::UnreachableEndStep { earlier, later, .. } = err else {
+            return Err(TestCaseError::fail(format!("{err}")));
+        };
+        prop_assert_eq!((earlier, later), (end - past, end - past + frequency));
+        let suggestion = format!("{earlier} or {later}");
+        prop_assert!(err_names(begin, end, frequency).contains(&suggestion));
+        for valid in [earlier, later] {
+            let schedule = Schedule::polynomial_decay(0.0, 0.8, begin, valid, frequency).unwrap();
+            prop_assert!(schedule.should_prune(valid));
+        }
+        // A constant sparsity has its target on every pruning step: any end is accepted.
+        prop_assert!(Schedule::constant(0.8, begin, Some(end), frequency).is_ok());
+    }
+
+    #[test]
+    fn a_pruner_ends_at_the_final_sparsity(
+        out in 1i64..12, inputs in 1i64..24, final_ in 0.0f64..0.99, periods in 0u64..6,
+        frequency in 1u64..6, seed in 0i64..1000,
+    ) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _layer = nn::linear(vs.root() / "0", inputs, out, Default::default());
+        let end = periods * frequency;
+        let config = PruningConfig {
+            schedule: Schedule::polynomial_decay(0.0, final_, 0, end, frequency).unwrap(),
+            granularity: Granularity::Unstructured,
+            scope: Scope::PerLayer,
+        };
+        let mut pruner = Pruner::new(&vs, config).unwrap();
+        for step in 0..=end {
+            pruner.update(step).unwrap();
+        }
+        let layer = &pruner.report()[0];
+        prop_assert_eq!(layer.zeros, zero_count(final_, layer.total));
     }
 
     #[test]
@@ -101,6 +176,13 @@ proptest! {
         let dropped_max: Tensor = (&magnitudes * &dropped).max_dim(-1, false).0;
         prop_assert_eq!(kept_min.ge_tensor(&dropped_max).all().int64_value(&[]), 1);
     }
+}
+
+/// The message of the error refusing an end step.
+fn err_names(begin: u64, end: u64, frequency: u64) -> String {
+    Schedule::polynomial_decay(0.0, 0.8, begin, end, frequency)
+        .unwrap_err()
+        .to_string()
 }
 
 fn linear_net(vs: &nn::VarStore) -> nn::Sequential {
@@ -209,6 +291,115 @@ fn invalid_settings_are_errors() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("global"), "{err}");
+    for sparsity in [1.0, -0.1, f64::NAN] {
+        assert!(matches!(
+            layer_mask(&w, sparsity, Granularity::Unstructured),
+            Err(Error::InvalidSparsity(_))
+        ));
+        assert!(matches!(
+            global_masks(&[&w], sparsity),
+            Err(Error::InvalidSparsity(_))
+        ));
+    }
+    assert!(matches!(
+        layer_mask(&Tensor::from(1.0f32), 0.5, Granularity::Unstructured),
+        Err(Error::ScalarWeight)
+    ));
+}
+
+#[test]
+fn an_end_step_of_469_with_frequency_50_is_refused_and_450_reaches_80_percent() {
+    // 469 batches per epoch, a mask update every 50 steps: the last update would be at
+    // step 450, at 79.995% rather than 80%.
+    let err = Schedule::polynomial_decay(0.0, 0.8, 0, 469, 50).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnreachableEndStep {
+                begin_step: 0,
+                end_step: 469,
+                frequency: 50,
+                earlier: 450,
+                later: 500
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("450 or 500"), "{err}");
+    let schedule = Schedule::polynomial_decay(0.0, 0.8, 0, 450, 50).unwrap();
+    let last = (0..469).filter(|&s| schedule.should_prune(s)).max();
+    assert_eq!(last, Some(450));
+    assert_eq!(schedule.sparsity(450), 0.8);
+}
+
+#[test]
+fn variables_are_named_precisely_in_errors() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = linear_net(&vs);
+    let _scalar = vs.root().var("scale", &[], nn::Init::Const(1.0));
+    let config = PruningConfig {
+        schedule: Schedule::constant(0.5, 0, None, 1).unwrap(),
+        granularity: Granularity::Unstructured,
+        scope: Scope::PerLayer,
+    };
+    let err = Pruner::with_layers(&vs, &["0.weight", "1.weight"], config.clone()).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnknownVariable { name } if name == "1.weight"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("`1.weight`"), "{err}");
+    let err = Pruner::with_layers(&vs, &["0.weight", "0.weight"], config.clone()).unwrap_err();
+    assert!(
+        matches!(&err, Error::DuplicateVariable { name } if name == "0.weight"),
+        "{err}"
+    );
+    let err = Pruner::with_layers(&vs, &["scale"], config.clone()).unwrap_err();
+    assert!(
+        matches!(&err, Error::UnprunableVariable { name, .. } if name == "scale"),
+        "{err}"
+    );
+    let err = Pruner::with_layers(
+        &vs,
+        &["2.weight"],
+        PruningConfig {
+            granularity: Granularity::NOutOfM { n: 2, m: 3 },
+            ..config
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(&err, Error::InvalidGranularity(_)), "{err}");
+    assert!(err.to_string().contains("`2.weight`"), "{err}");
+    assert!(matches!(
+        Pruner::preserving(&vs, &["nope.weight"]),
+        Err(Error::UnknownVariable { .. })
+    ));
+}
+
+#[test]
+fn deserialising_checks_sparsities_and_end_steps() {
+    let valid = Schedule::polynomial_decay(0.0, 0.8, 0, 450, 50).unwrap();
+    let json = serde_json::to_string(&valid).unwrap();
+    assert_eq!(serde_json::from_str::<Schedule>(&json).unwrap(), valid);
+    let out_of_range = json.replace("0.8", "1.5");
+    assert!(serde_json::from_str::<Schedule>(&out_of_range).is_err());
+    // The steps are only checked by `validate`, which the pruner calls.
+    let unreachable: Schedule = serde_json::from_str(&json.replace("450", "469")).unwrap();
+    assert!(matches!(
+        unreachable.validate(),
+        Err(Error::UnreachableEndStep { .. })
+    ));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _net = linear_net(&vs);
+    let err = Pruner::new(
+        &vs,
+        PruningConfig {
+            schedule: unreachable,
+            granularity: Granularity::Unstructured,
+            scope: Scope::PerLayer,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::UnreachableEndStep { .. }), "{err}");
 }
 
 #[test]
@@ -247,5 +438,8 @@ fn a_preserving_pruner_keeps_exactly_the_zeros_it_found() {
         "the same zeros, no more, no fewer"
     );
     assert_eq!(keeper.report()[1].zeros, 0, "a dense layer stays dense");
-    assert!(Pruner::preserving(&vs, &["nope.weight"]).is_err());
+    assert!(matches!(
+        Pruner::preserving(&vs, &["nope.weight"]),
+        Err(Error::UnknownVariable { .. })
+    ));
 }

@@ -79,7 +79,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             seed,
         };
         let start = Instant::now();
-        let cache = TeacherCache::compute(&teacher, &data.images, 512);
+        let cache = TeacherCache::compute(&teacher, &data.images, 512)?;
         cache_seconds = start.elapsed().as_secs_f64();
 
         ctx.progress.info(&format!(

@@ -87,7 +87,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         "teacher logits for {} training images",
         data.len()
     ));
-    let cache = TeacherCache::compute(&teacher, &data.images, 512);
+    let cache = TeacherCache::compute(&teacher, &data.images, 512)?;
     drop(teacher);
     drop(teacher_vs);
     let distill = || Distill {

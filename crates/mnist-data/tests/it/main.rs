@@ -5,3 +5,5 @@ mod errors;
 mod props;
 mod real;
 mod sampling;
+#[cfg(feature = "tch")]
+mod tensor;
