@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use loss_scaling::{LossScaler, ScalePoint};
 use mnist_data::{Batcher, Normalization, Split};
+use models::data::{SplitTensors, ToTensors};
 use models::{Network, Policy};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
@@ -26,20 +27,7 @@ pub struct DeviceSplit {
 
 impl DeviceSplit {
     pub fn new(split: &Split, norm: Normalization, device: Device) -> Result<Self> {
-        let images = split.normalized(norm);
-        let shape: Vec<i64> = images.shape().iter().map(|&d| d as i64).collect();
-        let flat = images
-            .as_slice()
-            .context("normalised images are in standard layout")?;
-        let images = Tensor::from_slice(flat).view(shape.as_slice()).to(device);
-        let labels = Tensor::from_slice(
-            split
-                .labels
-                .as_slice()
-                .context("labels are in standard layout")?,
-        )
-        .to_kind(Kind::Int64)
-        .to(device);
+        let SplitTensors { images, labels } = split.to_tensors(norm, device)?;
         Ok(Self { images, labels })
     }
 

@@ -160,26 +160,6 @@ pub enum Error {
         /// The rejected standard deviation.
         std: f32,
     },
-    /// A sample index outside a split.
-    #[error("sample index {index} is out of range for a split of {len} samples")]
-    IndexOutOfRange {
-        /// The index asked for.
-        index: usize,
-        /// The number of samples.
-        len: usize,
-    },
-    /// A split built by hand with a different number of images and labels.
-    #[error("the split has {images} images but {labels} labels")]
-    InconsistentSplit {
-        /// The number of images.
-        images: usize,
-        /// The number of labels.
-        labels: usize,
-    },
-    /// An error from LibTorch (the `tch` feature): a device it cannot reach, say.
-    #[cfg(feature = "tch")]
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
 }
 
 /// The crate's result type.

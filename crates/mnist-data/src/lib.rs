@@ -34,11 +34,8 @@
 //! # }
 //! ```
 //!
-//! With the `tch` cargo feature (off by default, since it needs LibTorch), a split becomes
-//! tch tensors for a training loop: `Split::to_tensors` gives `SplitTensors` (images
-//! `[n, 1, rows, cols]` f32 normalised like [`Split::normalized`], labels `[n]` int64) on a
-//! device, `SplitTensors::batch` selects a batch by the [`Batcher`]'s indices, and
-//! `Split::batch_tensors` converts only a batch.
+//! The crate needs no LibTorch; `models::data` turns a split into tch tensors for a
+//! training loop.
 
 #![warn(missing_docs)]
 
@@ -47,8 +44,6 @@ mod dataset;
 mod error;
 mod idx;
 mod split;
-#[cfg(feature = "tch")]
-mod tensor;
 
 pub use batch::Batcher;
 pub use dataset::{Dataset, FILES, MANIFEST};
@@ -58,8 +53,6 @@ pub use idx::{
     encode_labels, gunzip, parse_images, parse_labels,
 };
 pub use split::{Normalization, Split};
-#[cfg(feature = "tch")]
-pub use tensor::SplitTensors;
 
 /// The image side of MNIST (28x28). Parsing accepts any rows/cols from the header, but
 /// [`Dataset::load`] requires both splits to agree.

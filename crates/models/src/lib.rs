@@ -32,6 +32,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod data;
 mod error;
 pub mod export;
 pub mod fake_quant;

@@ -5,5 +5,3 @@ mod errors;
 mod props;
 mod real;
 mod sampling;
-#[cfg(feature = "tch")]
-mod tensor;

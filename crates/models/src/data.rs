@@ -1,16 +1,44 @@
-//! Splits as tch tensors (the `tch` feature): what every training loop otherwise writes by
-//! hand.
+//! MNIST-layout splits as tch tensors: what every training loop otherwise writes by hand.
+//!
+//! `mnist-data` stays free of tch (the runtime's `infer` binary uses it); the conversion lives
+//! here, as the [`ToTensors`] extension of [`Split`].
 
+use mnist_data::{Normalization, Split};
 use ndarray::Axis;
 use tch::{Device, Tensor};
 
-use crate::{Error, Normalization, Result, Split};
+/// Why a split could not become tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A sample index outside the split.
+    #[error("sample index {index} is out of range for a split of {len} samples")]
+    IndexOutOfRange {
+        /// The index asked for.
+        index: usize,
+        /// The number of samples.
+        len: usize,
+    },
+    /// A split built by hand with a different number of images and labels.
+    #[error("the split has {images} images but {labels} labels")]
+    InconsistentSplit {
+        /// The number of images.
+        images: usize,
+        /// The number of labels.
+        labels: usize,
+    },
+    /// LibTorch failed (a device it cannot reach, say).
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+type Result<T> = std::result::Result<T, DataError>;
 
 /// A split (or a batch of one) as tch tensors on one device: `images` `[n, 1, rows, cols]`
-/// f32, normalised as [`Split::normalized`] does, and `labels` `[n]` int64.
+/// f32, normalised as `Split::normalized` does, and `labels` `[n]` int64.
 ///
 /// ```
 /// use mnist_data::{Batcher, Normalization, Split};
+/// use models::data::ToTensors;
 /// use ndarray::{Array1, Array3};
 /// use tch::{Device, Kind};
 ///
@@ -66,7 +94,7 @@ impl SplitTensors {
     }
 
     /// The samples at `indices`, in that order (repeats allowed), selected on the device;
-    /// [`Error::IndexOutOfRange`] for the first index outside the split.
+    /// [`DataError::IndexOutOfRange`] for the first index outside the split.
     pub fn batch(&self, indices: &[usize]) -> Result<SplitTensors> {
         let positions = positions(indices, self.len())?;
         let index = Tensor::f_from_slice(&positions)?.f_to(self.device())?;
@@ -77,14 +105,31 @@ impl SplitTensors {
     }
 }
 
-impl Split {
+/// A split as tch tensors.
+pub trait ToTensors {
     /// The whole split as tensors on `device` (see [`SplitTensors`]);
-    /// [`Error::InconsistentSplit`] when the split has not one label per image, a
-    /// [`Error::Torch`] error when LibTorch cannot reach the device.
-    pub fn to_tensors(&self, norm: Normalization, device: Device) -> Result<SplitTensors> {
+    /// [`DataError::InconsistentSplit`] when the split has not one label per image, a
+    /// [`DataError::Torch`] error when LibTorch cannot reach the device.
+    fn to_tensors(&self, norm: Normalization, device: Device) -> Result<SplitTensors>;
+
+    /// Only the samples at `indices` (in that order, repeats allowed) as tensors on
+    /// `device`, for loops that keep the split on the host;
+    /// [`DataError::IndexOutOfRange`] for the first index outside the split.
+    fn batch_tensors(
+        &self,
+        indices: &[usize],
+        norm: Normalization,
+        device: Device,
+    ) -> Result<SplitTensors>;
+}
+
+impl ToTensors for Split {
+    /// [`DataError::InconsistentSplit`] when the split has not one label per image, a
+    /// [`DataError::Torch`] error when LibTorch cannot reach the device.
+    fn to_tensors(&self, norm: Normalization, device: Device) -> Result<SplitTensors> {
         let (images, labels) = (self.images.len_of(Axis(0)), self.labels.len());
         if images != labels {
-            return Err(Error::InconsistentSplit { images, labels });
+            return Err(DataError::InconsistentSplit { images, labels });
         }
         let normalized = self.normalized(norm);
         let shape: Vec<i64> = normalized.shape().iter().map(|&d| d as i64).collect();
@@ -101,10 +146,7 @@ impl Split {
         })
     }
 
-    /// Only the samples at `indices` (in that order, repeats allowed) as tensors on
-    /// `device`, for loops that keep the split on the host;
-    /// [`Error::IndexOutOfRange`] for the first index outside the split.
-    pub fn batch_tensors(
+    fn batch_tensors(
         &self,
         indices: &[usize],
         norm: Normalization,
@@ -124,7 +166,7 @@ fn positions(indices: &[usize], len: usize) -> Result<Vec<i64>> {
             if index < len {
                 Ok(index as i64)
             } else {
-                Err(Error::IndexOutOfRange { index, len })
+                Err(DataError::IndexOutOfRange { index, len })
             }
         })
         .collect()

@@ -1,11 +1,24 @@
-//! Splits as tch tensors (the `tch` feature) against the ndarray data they come from.
+//! Splits as tch tensors against the ndarray data they come from.
 
-use mnist_data::{Error, Normalization, Split};
+use mnist_data::{Normalization, Split};
+use models::data::{DataError, ToTensors};
 use ndarray::{Array1, Array3};
 use proptest::prelude::*;
 use tch::{Device, Kind, Tensor};
 
-use crate::common::split;
+/// A synthetic split of `n` images of `rows x cols`, labels cycling through the classes.
+fn split(n: usize, rows: usize, cols: usize) -> Split {
+    Split {
+        images: Array3::from_shape_fn((n, rows, cols), |(i, r, c)| {
+            if r + c == 0 {
+                i as u8
+            } else {
+                (r * 7 + c * 3 + i) as u8
+            }
+        }),
+        labels: Array1::from_shape_fn(n, |i| (i % 10) as u8),
+    }
+}
 
 /// The tensor's values, in order.
 fn values(t: &Tensor) -> Vec<f32> {
@@ -66,7 +79,7 @@ fn indices_outside_the_split_and_inconsistent_splits_are_errors() {
             .unwrap_err(),
     ] {
         assert!(
-            matches!(err, Error::IndexOutOfRange { index: 5, len: 5 }),
+            matches!(err, DataError::IndexOutOfRange { index: 5, len: 5 }),
             "{err}"
         );
     }
@@ -76,14 +89,14 @@ fn indices_outside_the_split_and_inconsistent_splits_are_errors() {
     };
     assert!(matches!(
         inconsistent.to_tensors(norm, Device::Cpu),
-        Err(Error::InconsistentSplit {
+        Err(DataError::InconsistentSplit {
             images: 3,
             labels: 2
         })
     ));
     assert!(matches!(
         inconsistent.batch_tensors(&[2], norm, Device::Cpu),
-        Err(Error::IndexOutOfRange { index: 2, len: 2 })
+        Err(DataError::IndexOutOfRange { index: 2, len: 2 })
     ));
 }
 
