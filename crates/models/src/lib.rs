@@ -32,15 +32,17 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod calibrate;
 pub mod data;
 mod error;
 pub mod export;
 pub mod fake_quant;
 mod network;
 
+pub use calibrate::{Calibrator, calibrate};
 pub use error::{Error, Result};
 pub use export::{ExportError, WeightFormat, export_f32, export_int8_dynamic};
-pub use fake_quant::{ActivationRange, FakeQuantConfig};
+pub use fake_quant::{ActivationFakeQuant, ActivationRange, FakeQuantConfig};
 pub use model_spec::{LayerSpec, NetworkSpec, SpecError};
 pub use network::Network;
 pub use tensor_precision::Policy;

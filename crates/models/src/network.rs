@@ -1,7 +1,9 @@
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
+use tensor_precision::{Conv2dOptions, layers};
 
-use crate::fake_quant::{self, ActivationRange, FakeQuant, FakeQuantConfig};
+use crate::calibrate::Calibrator;
+use crate::fake_quant::{self, ActivationRange, FakeQuantConfig, NetworkFakeQuant};
 use crate::{LayerSpec, NetworkSpec, Policy, Result};
 
 /// The tch implementation of a [`NetworkSpec`], computing under a precision [`Policy`].
@@ -11,13 +13,18 @@ use crate::{LayerSpec, NetworkSpec, Policy, Result};
 /// compute type on the forward pass (a differentiable cast, so the gradients reach the
 /// float32 variables as float32), pooling, ReLU and dropout run on the 16-bit tensors,
 /// and the logits are cast back to float32 for the loss and the softmax, as Keras
-/// advises. Unlike `tch::autocast`, which only acts on CUDA, this works on every device.
+/// advises. The casts are the public building blocks of [`tensor_precision::layers`], which
+/// a model of one's own calls the same way. Unlike `tch::autocast`, which only acts on CUDA,
+/// this works on every device.
+///
+/// [`Network::f_forward_t`] is the forward pass with errors (an input of the wrong shape or
+/// element type); the [`ModuleT`] implementation panics on them, as tch's own modules do.
 #[derive(Debug)]
 pub struct Network {
     spec: NetworkSpec,
     layers: Vec<Layer>,
     policy: Policy,
-    fake_quant: Option<FakeQuant>,
+    fake_quant: Option<NetworkFakeQuant>,
 }
 
 #[derive(Debug)]
@@ -32,7 +39,11 @@ enum Layer {
         weight: Tensor,
         bias: Tensor,
     },
-    BatchNorm2d(nn::BatchNorm),
+    BatchNorm2d {
+        bn: nn::BatchNorm,
+        eps: f64,
+        momentum: f64,
+    },
     Relu,
     MaxPool2d {
         kernel: i64,
@@ -43,6 +54,9 @@ enum Layer {
         p: f64,
     },
 }
+
+/// PyTorch's batch-norm momentum (weight of a new batch in the running statistics).
+const BATCH_NORM_MOMENTUM: f64 = 0.1;
 
 fn dim(value: usize) -> i64 {
     i64::try_from(value).expect("layer sizes validated by NetworkSpec fit in i64")
@@ -102,15 +116,17 @@ impl Network {
                         }
                     }
                     LayerSpec::BatchNorm2d { features, eps } => {
-                        Layer::BatchNorm2d(nn::batch_norm2d(
+                        let momentum = BATCH_NORM_MOMENTUM;
+                        let bn = nn::batch_norm2d(
                             &path,
                             dim(features),
                             nn::BatchNormConfig {
                                 eps,
-                                momentum: 0.1,
+                                momentum,
                                 ..Default::default()
                             },
-                        ))
+                        );
+                        Layer::BatchNorm2d { bn, eps, momentum }
                     }
                     LayerSpec::Relu => Layer::Relu,
                     LayerSpec::MaxPool2d { kernel, stride } => Layer::MaxPool2d {
@@ -140,10 +156,13 @@ impl Network {
         self.policy = policy;
     }
 
-    /// Turns on fake quantization of every `conv2d` and `linear` layer (weights per channel,
-    /// inputs per tensor), with fresh observers; see [`crate::fake_quant`]. Meant for a
-    /// float32 network in its deployed form (no batch norm).
-    pub fn enable_fake_quant(&mut self, config: FakeQuantConfig) {
+    /// Turns on fake quantization of every `conv2d` and `linear` layer (weights per channel
+    /// through [`fake_quant::weight`], inputs per tensor through one
+    /// [`fake_quant::ActivationFakeQuant`] each), with fresh observers; see
+    /// [`crate::fake_quant`]. Meant for a float32 network in its deployed form (no batch
+    /// norm). [`Error::InvalidAveraging`](crate::Error::InvalidAveraging) for an averaging
+    /// outside (0, 1].
+    pub fn enable_fake_quant(&mut self, config: FakeQuantConfig) -> Result<()> {
         let layers = self
             .spec
             .layers
@@ -151,7 +170,8 @@ impl Network {
             .enumerate()
             .filter(|(_, l)| matches!(l, LayerSpec::Conv2d { .. } | LayerSpec::Linear { .. }))
             .map(|(i, _)| i);
-        self.fake_quant = Some(FakeQuant::new(config, layers));
+        self.fake_quant = Some(NetworkFakeQuant::new(config, layers)?);
+        Ok(())
     }
 
     /// Turns fake quantization off (the observed ranges are dropped).
@@ -164,34 +184,59 @@ impl Network {
     pub fn activation_ranges(&self) -> Vec<ActivationRange> {
         self.fake_quant
             .as_ref()
-            .map_or_else(Vec::new, FakeQuant::ranges)
+            .map_or_else(Vec::new, NetworkFakeQuant::ranges)
     }
 
     /// Whether fake quantization is on and its observers have frozen.
     pub fn observers_frozen(&self) -> bool {
-        self.fake_quant.as_ref().is_some_and(FakeQuant::frozen)
+        self.fake_quant
+            .as_ref()
+            .is_some_and(NetworkFakeQuant::frozen)
+    }
+
+    /// The forward pass, with an error where LibTorch or a building block refuses the input
+    /// (wrong shape or element type, another device).
+    pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_inner(xs, train, &mut |_, _| {})
     }
 
     /// The logits of `xs` and the input of every `conv2d` and `linear` layer with the layer's
-    /// index, with gradients: what hint (feature) distillation reads.
+    /// index, with gradients: what hint (feature) distillation reads. Panics where
+    /// [`Network::f_forward_t`] errs.
     pub fn forward_with_inputs(&self, xs: &Tensor, train: bool) -> (Tensor, Vec<(usize, Tensor)>) {
         let mut inputs = Vec::new();
-        let logits = self.forward_inner(xs, train, &mut |index, x| {
-            inputs.push((index, x.shallow_clone()));
-        });
+        let logits = self
+            .forward_inner(xs, train, &mut |index, x| {
+                inputs.push((index, x.shallow_clone()));
+            })
+            .unwrap_or_else(|err| panic!("forward pass of {}: {err}", self.spec.name));
         (logits, inputs)
     }
 
+    /// Runs `xs` through the network in eval mode, without gradients, and taps the input of
+    /// every `conv2d` and `linear` layer on `calibrator`, named by the layer's index (`"0"`,
+    /// `"3"`, ...: the prefix of its variables). Calibration of a network is this, batch after
+    /// batch, then [`Calibrator::into_qparams`].
+    pub fn calibrate(&self, xs: &Tensor, calibrator: &mut Calibrator) -> Result<()> {
+        let _logits = tch::no_grad(|| {
+            self.forward_inner(xs, false, &mut |index, x| {
+                calibrator.tap(&index.to_string(), x);
+            })
+        })?;
+        Ok(())
+    }
+
     /// Runs `xs` through the network in eval mode, without gradients, and returns the input
-    /// of every `conv2d` and `linear` layer with the layer's index: what activation
-    /// calibration observes.
+    /// of every `conv2d` and `linear` layer (as float32) with the layer's index: the tensors
+    /// [`Network::calibrate`] taps. Panics where [`Network::f_forward_t`] errs.
     pub fn layer_inputs(&self, xs: &Tensor) -> Vec<(usize, Tensor)> {
         let mut inputs = Vec::new();
         let _ = tch::no_grad(|| {
             self.forward_inner(xs, false, &mut |index, x| {
                 inputs.push((index, x.to_kind(Kind::Float)));
             })
-        });
+        })
+        .unwrap_or_else(|err| panic!("forward pass of {}: {err}", self.spec.name));
         inputs
     }
 
@@ -217,18 +262,9 @@ impl Network {
             Layer::Conv2d { weight, bias, .. } | Layer::Linear { weight, bias } => {
                 vec![weight, bias]
             }
-            Layer::BatchNorm2d(bn) => bn.ws.iter().chain(&bn.bs).collect(),
+            Layer::BatchNorm2d { bn, .. } => bn.ws.iter().chain(&bn.bs).collect(),
             _ => vec![],
         })
-    }
-}
-
-/// Casts `tensor` to `kind` unless it already has it (then a shallow clone: no copy).
-fn cast(tensor: &Tensor, kind: Kind) -> Tensor {
-    if tensor.kind() == kind {
-        tensor.shallow_clone()
-    } else {
-        tensor.to_kind(kind)
     }
 }
 
@@ -238,20 +274,14 @@ impl Network {
         xs: &Tensor,
         train: bool,
         record: &mut dyn FnMut(usize, &Tensor),
-    ) -> Tensor {
-        // Under float32 nothing is cast, exactly as before policies existed.
-        let compute = self.policy.is_mixed().then(|| self.policy.compute_kind());
+    ) -> Result<Tensor> {
+        let policy = self.policy;
         let fq = self.fake_quant.as_ref();
-        if let Some(fq) = fq {
-            fq.begin_pass(train);
-        }
-        let quantized_input = |index: usize, xs: &Tensor| match fq {
-            None => xs.shallow_clone(),
-            Some(fq) => fq.input(index, xs, train),
-        };
-        let quantized_weight = |w: &Tensor| match fq {
-            None => w.shallow_clone(),
-            Some(_) => fake_quant::weight(w),
+        let quantized = |index: usize, xs: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok(match fq {
+                None => (xs.shallow_clone(), w.shallow_clone()),
+                Some(fq) => (fq.input(index, xs, train)?, fake_quant::weight(w)?),
+            })
         };
         let mut xs = xs.shallow_clone();
         for (index, layer) in self.layers.iter().enumerate() {
@@ -265,50 +295,45 @@ impl Network {
                     stride,
                     padding,
                 } => {
-                    let (x, w) = (quantized_input(index, &xs), quantized_weight(weight));
-                    match compute {
-                        None => x.conv2d(&w, Some(bias), [*stride], [*padding], [1], 1),
-                        Some(kind) => cast(&x, kind).conv2d(
-                            &cast(&w, kind),
-                            Some(&cast(bias, kind)),
-                            [*stride],
-                            [*padding],
-                            [1],
-                            1,
-                        ),
-                    }
+                    let (x, w) = quantized(index, &xs, weight)?;
+                    let options = Conv2dOptions::square(*stride, *padding);
+                    layers::conv2d(policy, &x, &w, Some(bias), options)?
                 }
                 Layer::Linear { weight, bias } => {
-                    let (x, w) = (quantized_input(index, &xs), quantized_weight(weight));
-                    match compute {
-                        None => x.linear(&w, Some(bias)),
-                        Some(kind) => {
-                            cast(&x, kind).linear(&cast(&w, kind), Some(&cast(bias, kind)))
-                        }
-                    }
+                    let (x, w) = quantized(index, &xs, weight)?;
+                    layers::linear(policy, &x, &w, Some(bias))?
                 }
                 // LibTorch's batch norm takes 16-bit input with float32 parameters and
                 // statistics and keeps its arithmetic in float32 (as autocast does); casting
                 // around it would double the activation traffic.
-                Layer::BatchNorm2d(bn) => xs.apply_t(bn, train),
-                Layer::Relu => xs.relu(),
+                Layer::BatchNorm2d { bn, eps, momentum } => Tensor::f_batch_norm(
+                    &xs,
+                    bn.ws.as_ref(),
+                    bn.bs.as_ref(),
+                    Some(&bn.running_mean),
+                    Some(&bn.running_var),
+                    train,
+                    *momentum,
+                    *eps,
+                    true,
+                )?,
+                Layer::Relu => xs.f_relu()?,
                 Layer::MaxPool2d { kernel, stride } => {
-                    xs.max_pool2d([*kernel], [*stride], [0], [1], false)
+                    xs.f_max_pool2d([*kernel], [*stride], [0], [1], false)?
                 }
-                Layer::Flatten => xs.flatten(1, -1),
-                Layer::Dropout { p } => xs.dropout(*p, train),
+                Layer::Flatten => xs.f_flatten(1, -1)?,
+                Layer::Dropout { p } => xs.f_dropout(*p, train)?,
             };
         }
-        match compute {
-            None => xs,
-            Some(_) => cast(&xs, self.policy.variable_kind()),
-        }
+        Ok(layers::output(policy, &xs)?)
     }
 }
 
 impl ModuleT for Network {
+    /// [`Network::f_forward_t`], panicking on its errors.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.forward_inner(xs, train, &mut |_, _| {})
+        self.f_forward_t(xs, train)
+            .unwrap_or_else(|err| panic!("forward pass of {}: {err}", self.spec.name))
     }
 }
 

@@ -46,7 +46,8 @@ fn observers_average_then_freeze() {
     net.enable_fake_quant(FakeQuantConfig {
         observer_steps: 3,
         averaging: 0.5,
-    });
+    })
+    .unwrap();
     assert!(net.activation_ranges().is_empty());
     let mut history = Vec::new();
     for step in 0..5 {
@@ -68,7 +69,7 @@ fn observers_average_then_freeze() {
 #[test]
 fn gradients_pass_straight_through_the_rounding() {
     let (vs, mut net) = deployed_student(2);
-    net.enable_fake_quant(FakeQuantConfig::default());
+    net.enable_fake_quant(FakeQuantConfig::default()).unwrap();
     let xs = images(16, 3);
     let ys = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5]);
     let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
@@ -91,7 +92,8 @@ fn the_exported_static_model_computes_what_fake_quantization_trained() {
     net.enable_fake_quant(FakeQuantConfig {
         observer_steps: 4,
         averaging: 0.1,
-    });
+    })
+    .unwrap();
     for step in 0..4 {
         let _ = net.forward_t(&images(32, 10 + step), true);
     }
@@ -135,7 +137,7 @@ fn the_exported_static_model_computes_what_fake_quantization_trained() {
 #[test]
 fn fake_quantized_weights_are_the_exported_int8_weights() {
     let (vs, mut net) = deployed_student(5);
-    net.enable_fake_quant(FakeQuantConfig::default());
+    net.enable_fake_quant(FakeQuantConfig::default()).unwrap();
     let params = export::deployed_parameters(&net, &vs).unwrap();
     let weight = &params[0];
     let rows = weight.shape[0];
@@ -147,7 +149,7 @@ fn fake_quantized_weights_are_the_exported_int8_weights() {
         .map(|(i, &q)| f32::from(q) * scales[i / per_row])
         .collect();
     let w = vs.variables()["0.weight"].shallow_clone();
-    let fq = models::fake_quant::weight(&w);
+    let fq = models::fake_quant::weight(&w).unwrap();
     let fq = Vec::<f32>::try_from(&fq.view([-1])).unwrap();
     assert_eq!(fq, dequantized);
 }

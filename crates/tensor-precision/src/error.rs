@@ -19,11 +19,20 @@ pub enum Error {
         /// Room in the destination.
         destination_len: usize,
     },
-    /// A tensor whose element type is not a floating-point one.
+    /// A tensor whose element type is not a floating-point one (float16, bfloat16, float32,
+    /// float64).
     #[error("expected a floating-point tensor, got {kind:?}")]
     NotFloatingPoint {
         /// The tensor's element type.
         kind: tch::Kind,
+    },
+    /// A tensor whose shape does not fit the operation.
+    #[error("{op}: {detail}")]
+    Shape {
+        /// The operation (`"linear"`, `"conv2d"`).
+        op: &'static str,
+        /// What does not fit.
+        detail: String,
     },
     /// An error from LibTorch.
     #[error(transparent)]

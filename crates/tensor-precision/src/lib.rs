@@ -3,6 +3,10 @@
 //! does to a tensor ([`PrecisionStats`]) and a gradient-underflow audit that recommends a
 //! loss scale for float16 training ([`GradientAudit`]).
 //!
+//! [`layers`] holds the building blocks that make one's own tch layers honour a policy
+//! (policy-aware [`layers::linear`] and [`layers::conv2d`], and [`layers::output`] for the
+//! logits), with float32 variables and gradients.
+//!
 //! ```
 //! use half::f16;
 //! use ndarray::array;
@@ -37,6 +41,7 @@ mod audit;
 mod convert;
 mod error;
 mod format;
+pub mod layers;
 mod policy;
 mod stats;
 
@@ -47,5 +52,6 @@ pub use convert::{
 };
 pub use error::{Error, Result};
 pub use format::{HalfFloat, HalfFormat};
+pub use layers::Conv2dOptions;
 pub use policy::Policy;
 pub use stats::PrecisionStats;

@@ -250,14 +250,16 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     rows.push(row);
 
     // 3. Quantization-aware fine-tuning that keeps the zeros.
-    pruned.enable_fake_quant(FakeQuantConfig {
-        observer_steps: if quick {
-            QUICK_OBSERVER_STEPS
-        } else {
-            QAT_OBSERVER_STEPS
-        },
-        ..FakeQuantConfig::default()
-    });
+    pruned
+        .enable_fake_quant(FakeQuantConfig {
+            observer_steps: if quick {
+                QUICK_OBSERVER_STEPS
+            } else {
+                QAT_OBSERVER_STEPS
+            },
+            ..FakeQuantConfig::default()
+        })
+        .context("enabling fake quantization")?;
     let mut keeper = Pruner::preserving(&pruned_vs, &names)?;
     let qat_steps = steps(QAT_EPOCHS);
     ctx.progress.info(&format!(

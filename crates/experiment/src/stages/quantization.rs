@@ -219,14 +219,16 @@ fn quantize(
     } else {
         QAT_STEPS
     });
-    deployed.enable_fake_quant(FakeQuantConfig {
-        observer_steps: if ctx.args.quick {
-            10
-        } else {
-            QAT_OBSERVER_STEPS
-        },
-        ..FakeQuantConfig::default()
-    });
+    deployed
+        .enable_fake_quant(FakeQuantConfig {
+            observer_steps: if ctx.args.quick {
+                10
+            } else {
+                QAT_OBSERVER_STEPS
+            },
+            ..FakeQuantConfig::default()
+        })
+        .context("enabling fake quantization")?;
     let config = TrainConfig {
         epochs: QAT_EPOCHS,
         batch_size: QAT_BATCH,
