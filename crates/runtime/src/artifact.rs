@@ -9,13 +9,25 @@ use std::path::Path;
 
 use half::f16;
 use model_spec::{LayerSpec, NetworkSpec};
+use quantization::{BitWidth, QParams, QuantizedWeights, quantize_weights};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kernels::{CsrMatrix, MAX_INT8_K};
-use crate::quant::{QParams, quantize_symmetric};
+
+/// Whether an int8 weight has one scale and zero point per output channel (axis 0,
+/// auxiliary tensors of shape `[out]`) or one in all (shape `[1]`).
+pub use quantization::Granularity;
+
+/// An `activations` entry as the format stores it: a layer input's scale and zero point on
+/// the u8 grid.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct StoredActivation {
+    scale: f32,
+    zero_point: i32,
+}
 
 /// Value of the `format` metadata entry.
 pub const FORMAT: &str = "tch-mot";
@@ -29,16 +41,6 @@ pub const MAX_LAYERS: usize = 1 << 12;
 /// Largest number of elements of one sample's activation (or im2col matrix) accepted: keeps
 /// a hostile file from making a single-sample run allocate without bound.
 pub const MAX_ACTIVATION_ELEMENTS: usize = 1 << 26;
-
-/// Whether an int8 weight has one scale and zero point per output channel or one in all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Granularity {
-    /// One scale and zero point for the whole tensor (auxiliary tensors of shape `[1]`).
-    PerTensor,
-    /// One per output channel, axis 0 (auxiliary tensors of shape `[out]`).
-    PerChannel,
-}
 
 /// How one parameter is stored: the `tensors` metadata entry maps every parameter name to one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -336,43 +338,51 @@ impl ArtifactBuilder {
         shape: &[usize],
         granularity: Granularity,
     ) -> Result<&mut Self> {
-        let (codes, scales) = Self::quantized(name, data, shape, granularity)?;
-        let zero_points = vec![0i8; scales.len()];
-        let nonzero = codes.iter().filter(|&&c| c != 0).count();
-        if codes.len().div_ceil(8) + nonzero < codes.len() {
-            self.add_int8_sparse(name, &codes, shape, &scales, &zero_points, granularity)
+        let q = Self::quantized(name, data, shape, granularity)?;
+        let nonzero = q.values.iter().filter(|&&c| c != 0).count();
+        if q.values.len().div_ceil(8) + nonzero < q.values.len() {
+            self.add_int8_sparse(
+                name,
+                &q.values,
+                shape,
+                &q.scales,
+                &q.zero_points,
+                granularity,
+            )
         } else {
-            let groups = scales.len();
+            let groups = q.scales.len();
             self.add_int8(
                 name,
-                &codes,
+                &q.values,
                 shape,
-                &scales,
-                &zero_points,
+                &q.scales,
+                &q.zero_points,
                 granularity,
                 groups,
             )
         }
     }
 
-    /// Symmetric int8 codes and scales of `data` (shape `shape`), per group.
+    /// Symmetric int8 codes, scales and zero points of `data` (shape `shape`), per group:
+    /// `quantization::quantize_weights`.
     fn quantized(
         name: &str,
         data: &[f32],
         shape: &[usize],
         granularity: Granularity,
-    ) -> Result<(Vec<i8>, Vec<f32>)> {
+    ) -> Result<QuantizedWeights> {
         Self::check_len(name, "data", data.len(), element_count(name, shape)?)?;
         let rows = shape.first().copied().unwrap_or(1);
         if rows == 0 {
             return Err(builder_error(format!("`{name}` has no output channels")));
         }
-        let per_channel = granularity == Granularity::PerChannel;
-        Ok(quantize_symmetric(data, rows, per_channel))
+        quantize_weights(data, rows, granularity, BitWidth::INT8)
+            .map_err(|e| builder_error(format!("`{name}`: {e}")))
     }
 
-    /// Quantizes f32 weights symmetrically (codes in `-127..=127`, zero point 0, scale
-    /// `max |w| / 127` per group) and adds them as int8.
+    /// Quantizes f32 weights symmetrically with `quantization::quantize_weights` (codes in
+    /// `-127..=127`, zero point 0, scale `max |w| / 127` per group) and adds them as int8.
+    /// A NaN or infinite weight is an error.
     pub fn add_int8_quantized(
         &mut self,
         name: &str,
@@ -380,15 +390,14 @@ impl ArtifactBuilder {
         shape: &[usize],
         granularity: Granularity,
     ) -> Result<&mut Self> {
-        let (codes, scales) = Self::quantized(name, data, shape, granularity)?;
-        let zero_points = vec![0i8; scales.len()];
-        let groups = scales.len();
+        let q = Self::quantized(name, data, shape, granularity)?;
+        let groups = q.scales.len();
         self.add_int8(
             name,
-            &codes,
+            &q.values,
             shape,
-            &scales,
-            &zero_points,
+            &q.scales,
+            &q.zero_points,
             granularity,
             groups,
         )
@@ -458,7 +467,9 @@ impl ArtifactBuilder {
     }
 
     /// Records the quantization of the input of layer `layer` (a conv2d or linear layer with
-    /// int8 weights), which makes that layer run in full-integer (static) mode.
+    /// int8 weights), which makes that layer run in full-integer (static) mode. The format
+    /// stores a scale and a zero point on the u8 grid: [`ArtifactBuilder::to_bytes`] refuses
+    /// parameters with other levels ([`QParams::is_u8`]).
     pub fn set_input_quantization(&mut self, layer: usize, params: QParams) -> &mut Self {
         self.activations.insert(layer, params);
         self
@@ -476,11 +487,24 @@ impl ArtifactBuilder {
         metadata.insert("network".to_owned(), to_json(network)?);
         metadata.insert("tensors".to_owned(), to_json(&self.schemes)?);
         if !self.activations.is_empty() {
-            let activations: BTreeMap<String, QParams> = self
+            let activations = self
                 .activations
                 .iter()
-                .map(|(layer, q)| (layer.to_string(), *q))
-                .collect();
+                .map(|(layer, q)| {
+                    if !q.is_u8() {
+                        return Err(builder_error(format!(
+                            "the input quantization of layer {layer} has levels {}..={}, \
+                             the format stores the u8 grid 0..=255 only",
+                            q.qmin, q.qmax
+                        )));
+                    }
+                    let stored = StoredActivation {
+                        scale: q.scale,
+                        zero_point: q.zero_point,
+                    };
+                    Ok((layer.to_string(), stored))
+                })
+                .collect::<Result<BTreeMap<String, StoredActivation>>>()?;
             metadata.insert("activations".to_owned(), to_json(&activations)?);
         }
         let bytes = safetensors::serialize(
@@ -1100,9 +1124,11 @@ pub(crate) fn decode_with_schemes(
         serde_json::from_str(metadata_entry(&metadata, file, "tensors")?)
             .map_err(|e| malformed(file, "tensors", e.to_string()))?;
     let mut activations: BTreeMap<String, QParams> = match metadata.get("activations") {
-        Some(json) => {
-            serde_json::from_str(json).map_err(|e| malformed(file, "activations", e.to_string()))?
-        }
+        Some(json) => serde_json::from_str::<BTreeMap<String, StoredActivation>>(json)
+            .map_err(|e| malformed(file, "activations", e.to_string()))?
+            .into_iter()
+            .map(|(layer, a)| (layer, QParams::u8(a.scale, a.zero_point)))
+            .collect(),
         None => BTreeMap::new(),
     };
 

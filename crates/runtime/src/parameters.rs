@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use model_spec::NetworkSpec;
+use quantization::QParams;
 
 use crate::artifact::{Decoded, Granularity, LayerSchemes, Scheme, Weight, decode_with_schemes};
 use crate::error::{Error, Result};
-use crate::quant::QParams;
 
 /// The values of a conv2d or linear weight, as stored.
 #[derive(Clone, Debug, PartialEq)]
