@@ -424,13 +424,7 @@ pub fn run(options: &Options) -> Result<Report> {
         let grid = observer
             .qparams()
             .context("the activation observers saw the training batches")?;
-        builder.set_input_quantization(
-            layer,
-            runtime::QParams {
-                scale: grid.scale,
-                zero_point: grid.zero_point,
-            },
-        );
+        builder.set_input_quantization(layer, grid);
     }
     builder.set_input_normalization(InputNormalization::new(
         255.0,
@@ -498,3 +492,8 @@ fn runtime_accuracy(model: &runtime::Model, test: &Split) -> Result<f64> {
 pub fn bundled_mnist() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../datasets/mnist")
 }
+
+/// The README's code blocks, compiled (and those not marked `no_run`, run) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -367,14 +367,6 @@ pub fn artifact_from_parameters(
     Ok(builder)
 }
 
-/// The runtime's form of activation quantization parameters (asymmetric u8).
-pub fn runtime_qparams(p: &quantization::QParams) -> runtime::QParams {
-    runtime::QParams {
-        scale: p.scale,
-        zero_point: p.zero_point,
-    }
-}
-
 /// Copies `params` into the variables of the same names in `vs` (a network built from the
 /// deployed spec at the store's root): how a folded network becomes trainable again, for
 /// quantization-aware training or pruning of the deployed form.

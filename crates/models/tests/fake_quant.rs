@@ -35,7 +35,7 @@ fn as_array(xs: &Tensor) -> Array4<f32> {
 fn static_artifact(net: &Network, vs: &nn::VarStore) -> runtime::Model {
     let mut builder = export::artifact(net, vs, WeightFormat::Int8DynamicRange).unwrap();
     for range in net.activation_ranges() {
-        builder.set_input_quantization(range.layer, export::runtime_qparams(&range.qparams()));
+        builder.set_input_quantization(range.layer, range.qparams());
     }
     runtime::Model::from_bytes(&builder.to_bytes().unwrap()).unwrap()
 }
@@ -141,13 +141,14 @@ fn fake_quantized_weights_are_the_exported_int8_weights() {
     let params = export::deployed_parameters(&net, &vs).unwrap();
     let weight = &params[0];
     let rows = weight.shape[0];
-    let (codes, scales) = runtime::quantize_symmetric(&weight.data, rows, true);
-    let per_row = weight.data.len() / rows;
-    let dequantized: Vec<f32> = codes
-        .iter()
-        .enumerate()
-        .map(|(i, &q)| f32::from(q) * scales[i / per_row])
-        .collect();
+    let exported = quantization::quantize_weights(
+        &weight.data,
+        rows,
+        quantization::Granularity::PerChannel,
+        quantization::BitWidth::INT8,
+    )
+    .unwrap();
+    let dequantized = exported.dequantize();
     let w = vs.variables()["0.weight"].shallow_clone();
     let fq = models::fake_quant::weight(&w).unwrap();
     let fq = Vec::<f32>::try_from(&fq.view([-1])).unwrap();

@@ -209,13 +209,12 @@ fn artifact(case: Case, calibration: &Array4<f32>) -> Vec<u8> {
         let name = format!("{i}.weight");
         match case {
             Case::F32 | Case::F16 => {
-                let add = if case == Case::F32 {
-                    ArtifactBuilder::add_f32
+                let storage = if case == Case::F32 {
+                    Storage::F32
                 } else {
-                    ArtifactBuilder::add_f16
+                    Storage::F16
                 };
-                add(&mut b, &name, weight, shape).unwrap();
-                add(&mut b, &format!("{i}.bias"), bias, &shape[..1]).unwrap();
+                b.add_layer(*i, weight, bias, storage).unwrap();
                 continue;
             }
             Case::Int8PerChannel | Case::Int8Static => {

@@ -2,12 +2,15 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::sample::Reservoir;
 use crate::{BitWidth, Error, QParams, Result, check_finite};
 
 /// Bins of the histogram the entropy and MSE calibrators search over.
 const BINS: usize = 2048;
-/// Values kept for calibration; beyond this the observer keeps an even subsample.
-const MAX_KEPT: usize = 1 << 22;
+/// Values an observer keeps by default; beyond this it keeps a uniform sample.
+const DEFAULT_CAPACITY: usize = 1 << 22;
+/// The default seed of an observer's sampling.
+const DEFAULT_SEED: u64 = 0x7463_682d_6d6f_7401;
 
 /// How a calibrated range is chosen from the observed values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -40,33 +43,105 @@ impl Method {
     }
 }
 
+/// How much an [`Observer`] keeps, and the seed of its sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObserverConfig {
+    /// The most values kept for the percentile and histogram calibrators; beyond it the
+    /// observer keeps a uniform sample of everything observed. Positive.
+    pub capacity: usize,
+    /// Seed of the sampling: the same batches give the same sample.
+    pub seed: u64,
+}
+
+impl Default for ObserverConfig {
+    /// 2^22 values (16 MiB), a fixed seed.
+    fn default() -> Self {
+        Self {
+            capacity: DEFAULT_CAPACITY,
+            seed: DEFAULT_SEED,
+        }
+    }
+}
+
 /// Collects activation values over calibration batches, then chooses a range.
-#[derive(Debug, Clone, Default)]
+///
+/// The exact minimum and maximum of every observed value are kept; the values themselves,
+/// for the percentile and histogram calibrators, up to [`ObserverConfig::capacity`], then
+/// as a uniform sample (reservoir sampling, seeded): every observed value has the same
+/// chance of being kept, whichever batch it came in and however the stream was split into
+/// batches.
+///
+/// ```
+/// use quantization::{BitWidth, Method, Observer, ObserverConfig};
+///
+/// let mut observer = Observer::with_config(ObserverConfig { capacity: 1000, seed: 1 })?;
+/// for batch in 0..10 {
+///     let values: Vec<f32> = (0..500).map(|i| (batch * 500 + i) as f32).collect();
+///     observer.observe(&values)?;
+/// }
+/// assert_eq!(observer.seen(), 5000);
+/// assert_eq!(observer.sample().len(), 1000);
+/// // Min-max is exact whatever was sampled.
+/// assert_eq!(observer.range(Method::MinMax, BitWidth::INT8)?, (0.0, 4999.0));
+/// # Ok::<(), quantization::Error>(())
+/// ```
+#[derive(Debug, Clone)]
 pub struct Observer {
-    values: Vec<f32>,
+    sample: Reservoir,
     seen: usize,
+    min: f32,
+    max: f32,
+}
+
+impl Default for Observer {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Observer {
-    /// An empty observer.
+    /// An empty observer with the default [`ObserverConfig`].
     pub fn new() -> Self {
-        Self::default()
+        let config = ObserverConfig::default();
+        Self {
+            sample: Reservoir::new(config.capacity, config.seed),
+            seen: 0,
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+        }
     }
 
-    /// Records a batch of values; non-finite values are an error.
+    /// An empty observer keeping at most `config.capacity` values, or
+    /// [`Error::InvalidCapacity`] for a capacity of 0.
+    pub fn with_config(config: ObserverConfig) -> Result<Self> {
+        if config.capacity == 0 {
+            return Err(Error::InvalidCapacity);
+        }
+        Ok(Self {
+            sample: Reservoir::new(config.capacity, config.seed),
+            ..Self::new()
+        })
+    }
+
+    /// Records a batch of values; non-finite values are an error (and nothing of the batch
+    /// is recorded).
     pub fn observe(&mut self, batch: &[f32]) -> Result<()> {
         check_finite(batch, "the calibration activations")?;
         self.seen += batch.len();
-        self.values.extend_from_slice(batch);
-        if self.values.len() > MAX_KEPT {
-            // Keep every other value: an even subsample, deterministic.
-            let halved: Vec<f32> = self.values.iter().step_by(2).copied().collect();
-            self.values = halved;
-        }
+        (self.min, self.max) = batch
+            .iter()
+            .fold((self.min, self.max), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        self.sample.extend(batch);
         Ok(())
     }
 
-    /// Number of values observed (before any subsampling).
+    /// The values kept for the percentile and histogram calibrators: all of them while at
+    /// most the capacity were observed, in order; a uniform sample of them afterwards.
+    pub fn sample(&self) -> &[f32] {
+        self.sample.values()
+    }
+
+    /// Number of values observed (sampled or not).
     pub fn seen(&self) -> usize {
         self.seen
     }
@@ -74,19 +149,14 @@ impl Observer {
     /// The calibrated `[min, max]` range by `method`.
     pub fn range(&self, method: Method, bits: BitWidth) -> Result<(f32, f32)> {
         method.validate()?;
-        if self.values.is_empty() {
+        if self.seen == 0 {
             return Err(Error::EmptyCalibration);
         }
-        let (min, max) = self
-            .values
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-                (lo.min(v), hi.max(v))
-            });
+        let (min, max) = (self.min, self.max);
         Ok(match method {
             Method::MinMax => (min, max),
             Method::Percentile(p) => {
-                let mut sorted = self.values.clone();
+                let mut sorted = self.sample().to_vec();
                 sorted.sort_by(f32::total_cmp);
                 let at = |q: f64| {
                     let i = ((q / 100.0) * (sorted.len() - 1) as f64).round() as usize;
@@ -116,12 +186,10 @@ impl Observer {
         Ok(QParams::asymmetric(min, max, bits))
     }
 
-    /// The fraction of the observed magnitude range to keep, searched on a histogram of
-    /// absolute values.
     /// Whether the kept values take at most `n` distinct values.
     fn distinct_at_most(&self, n: usize) -> bool {
         let mut seen: Vec<u32> = Vec::with_capacity(n + 1);
-        for v in &self.values {
+        for v in self.sample() {
             let bits = v.to_bits();
             if let Err(at) = seen.binary_search(&bits) {
                 if seen.len() == n {
@@ -133,6 +201,8 @@ impl Observer {
         true
     }
 
+    /// The fraction of the observed magnitude range to keep, searched on a histogram of
+    /// the kept values' magnitudes.
     fn best_threshold(&self, method: Method, min: f32, max: f32, bits: BitWidth) -> f32 {
         let top = min.abs().max(max.abs());
         if top == 0.0 {
@@ -143,7 +213,7 @@ impl Observer {
         // Zero is exact on every grid (the zero point), so exact zeros (half of a tensor
         // after a ReLU) cost nothing whatever the threshold; left in, their spike in the
         // first bin would dominate the divergence and drag the threshold to its minimum.
-        for &v in self.values.iter().filter(|&&v| v != 0.0) {
+        for &v in self.sample().iter().filter(|&&v| v != 0.0) {
             let bin = ((v.abs() / width) as usize).min(BINS - 1);
             hist[bin] += 1.0;
         }

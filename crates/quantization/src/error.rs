@@ -9,6 +9,9 @@ pub enum Error {
     /// A percentile outside (0, 100].
     #[error("percentile must be in (0, 100], got {0}")]
     InvalidPercentile(f64),
+    /// An observer that may keep no values.
+    #[error("an observer's capacity must be positive")]
+    InvalidCapacity,
     /// Calibration saw no values.
     #[error("the calibration set is empty")]
     EmptyCalibration,

@@ -1,7 +1,9 @@
 //! Properties of the quantizers and calibrators.
 
 use proptest::prelude::*;
-use quantization::{BitWidth, Error, Method, Observer, QParams, quantize_weights};
+use quantization::{
+    BitWidth, Error, Granularity, Method, Observer, ObserverConfig, QParams, quantize_weights,
+};
 
 /// Float slack on "at most half a step" (the division and the rounding each round once).
 const HALF_STEP_SLACK: f32 = 1e-5;
@@ -45,8 +47,8 @@ proptest! {
         // Realised errors depend on where values fall between levels; the guarantee is on
         // the steps: no channel's step exceeds the tensor's, so every per-channel error is
         // within half of the per-tensor step.
-        let pc = quantize_weights(&w, rows, true, BitWidth::INT8).unwrap();
-        let pt = quantize_weights(&w, rows, false, BitWidth::INT8).unwrap();
+        let pc = quantize_weights(&w, rows, Granularity::PerChannel, BitWidth::INT8).unwrap();
+        let pt = quantize_weights(&w, rows, Granularity::PerTensor, BitWidth::INT8).unwrap();
         let tensor_step = pt.scales[0];
         prop_assert!(pc.scales.iter().all(|&s| s <= tensor_step));
         for (i, &x) in w.iter().enumerate() {
@@ -176,21 +178,33 @@ fn invalid_settings_and_inputs_are_errors() {
             Err(Error::InvalidPercentile(_))
         ));
     }
+    assert!(matches!(
+        Observer::with_config(ObserverConfig {
+            capacity: 0,
+            seed: 0
+        }),
+        Err(Error::InvalidCapacity)
+    ));
     let err = observer.observe(&[1.0, f32::NAN]).unwrap_err();
     assert!(err.to_string().contains("index 1"), "{err}");
     assert!(matches!(
-        quantize_weights(&[1.0, f32::INFINITY], 1, true, BitWidth::INT8),
+        quantize_weights(
+            &[1.0, f32::INFINITY],
+            1,
+            Granularity::PerChannel,
+            BitWidth::INT8
+        ),
         Err(Error::NonFinite { .. })
     ));
     assert!(matches!(
-        quantize_weights(&[1.0, 2.0, 3.0], 2, true, BitWidth::INT8),
+        quantize_weights(&[1.0, 2.0, 3.0], 2, Granularity::PerChannel, BitWidth::INT8),
         Err(Error::Shape(_))
     ));
 }
 
 #[test]
 fn constant_tensors_quantize_without_nan() {
-    let q = quantize_weights(&[0.0; 6], 2, true, BitWidth::INT8).unwrap();
+    let q = quantize_weights(&[0.0; 6], 2, Granularity::PerChannel, BitWidth::INT8).unwrap();
     assert!(q.scales.iter().all(|s| s.is_finite() && *s > 0.0));
     assert!(q.values.iter().all(|&v| v == 0));
     let mut observer = Observer::new();
@@ -204,4 +218,96 @@ fn constant_tensors_quantize_without_nan() {
         let p = observer.qparams(method, BitWidth::INT8).unwrap();
         assert!(p.scale.is_finite() && p.scale > 0.0, "{method:?}");
     }
+}
+
+/// Kept values per batch when an observer samples: with a capacity of 4096, a batch's share
+/// of the sample has a standard deviation of at most `sqrt(0.25 / 4096)`, about 0.008
+/// (hypergeometric, below the binomial's); 0.05 is over six of them from the batch's share
+/// of the data.
+const MAX_SHARE_DEVIATION: f64 = 0.05;
+
+/// The capacity of the sampling observers below.
+const SAMPLE_CAPACITY: usize = 4096;
+
+fn sampling_observer(seed: u64) -> Observer {
+    Observer::with_config(ObserverConfig {
+        capacity: SAMPLE_CAPACITY,
+        seed,
+    })
+    .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn every_batch_keeps_its_share_of_the_sample(
+        sizes in prop::collection::vec(1usize..6000, 2..12), seed in any::<u64>(),
+    ) {
+        // Batch `b` holds values in [b, b + 1): the sample tells which batch each came from.
+        let mut observer = sampling_observer(seed);
+        for (b, &n) in sizes.iter().enumerate() {
+            let batch: Vec<f32> = (0..n).map(|i| b as f32 + i as f32 / n as f32).collect();
+            observer.observe(&batch).unwrap();
+        }
+        let total: usize = sizes.iter().sum();
+        prop_assert_eq!(observer.seen(), total);
+        let sample = observer.sample();
+        prop_assert_eq!(sample.len(), total.min(SAMPLE_CAPACITY));
+        for (b, &n) in sizes.iter().enumerate() {
+            let kept = sample.iter().filter(|&&v| v.floor() as usize == b).count();
+            let share = kept as f64 / sample.len() as f64;
+            let expected = n as f64 / total as f64;
+            prop_assert!(
+                (share - expected).abs() <= MAX_SHARE_DEVIATION,
+                "batch {b} of {sizes:?}: {share:.4} of the sample, {expected:.4} of the data"
+            );
+        }
+    }
+
+    #[test]
+    fn sampling_depends_on_the_seed_and_values_not_on_batch_boundaries(
+        len in (SAMPLE_CAPACITY + 1)..3 * SAMPLE_CAPACITY, cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8), seed in any::<u64>(),
+    ) {
+        let values: Vec<f32> = (0..len).map(|i| i as f32).collect();
+        let mut whole = sampling_observer(seed);
+        whole.observe(&values).unwrap();
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(len)).collect();
+        cuts.sort_unstable();
+        let mut pieces = sampling_observer(seed);
+        let mut start = 0;
+        for &cut in cuts.iter().chain([&len]) {
+            pieces.observe(&values[start..cut]).unwrap();
+            start = cut;
+        }
+        prop_assert_eq!(whole.sample(), pieces.sample());
+        let mut other = sampling_observer(seed ^ 1);
+        other.observe(&values).unwrap();
+        prop_assert_ne!(whole.sample(), other.sample());
+    }
+}
+
+#[test]
+fn an_early_batch_is_not_forgotten() {
+    // A first batch of large values, then many of small ones: a sample that favoured
+    // recent batches would lose the first batch's tail, which the percentile keeps.
+    let mut observer = sampling_observer(3);
+    observer
+        .observe(
+            &(0..SAMPLE_CAPACITY)
+                .map(|i| 100.0 + i as f32 / 1000.0)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+    for _ in 0..7 {
+        observer.observe(&vec![1.0; SAMPLE_CAPACITY]).unwrap();
+    }
+    let large = observer.sample().iter().filter(|&&v| v >= 100.0).count();
+    let share = large as f64 / SAMPLE_CAPACITY as f64;
+    assert!((share - 0.125).abs() <= MAX_SHARE_DEVIATION, "{share}");
+    // The 95th percentile is a value of the first batch (1/8 of the data lies above it).
+    let (_, hi) = observer
+        .range(Method::Percentile(95.0), BitWidth::INT8)
+        .unwrap();
+    assert!(hi >= 100.0, "{hi}");
 }

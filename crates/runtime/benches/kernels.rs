@@ -141,13 +141,7 @@ fn models(c: &mut Criterion) {
     let mut static_artifact = int8_artifact.clone();
     for layer in [0, 3, 8, 11] {
         // Rough ranges; the benchmark measures speed, not accuracy.
-        static_artifact.set_input_quantization(
-            layer,
-            QParams {
-                scale: 4.0 / 255.0,
-                zero_point: 64,
-            },
-        );
+        static_artifact.set_input_quantization(layer, QParams::u8(4.0 / 255.0, 64));
     }
     let variants = [
         ("f32", f32_artifact),

@@ -68,15 +68,9 @@ fn model(spec: &NetworkSpec, int8: bool, stat: bool) -> Model {
         if stat {
             // The first layer sees the raw input, the others post-ReLU activations.
             let params = if first {
-                QParams {
-                    scale: 3.25 / 255.0,
-                    zero_point: 33,
-                }
+                QParams::u8(3.25 / 255.0, 33)
             } else {
-                QParams {
-                    scale: 0.02,
-                    zero_point: 0,
-                }
+                QParams::u8(0.02, 0)
             };
             builder.set_input_quantization(i, params);
         }

@@ -7,13 +7,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use half::f16;
 use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
+use quantization::QParams;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kernels::{ConvGeometry, CsrMatrix, MAX_INT8_K};
-use crate::quant::QParams;
+
+/// Whether an int8 weight has one scale and zero point per output channel (axis 0,
+/// auxiliary tensors of shape `[out]`) or one in all (shape `[1]`).
+pub use quantization::Granularity;
+
+/// An `activations` entry as the format stores it: a layer input's scale and zero point on
+/// the u8 grid.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub(crate) struct StoredActivation {
+    pub scale: f32,
+    pub zero_point: i32,
+}
 
 /// Value of the `format` metadata entry.
 pub const FORMAT: &str = "tch-mot";
@@ -30,16 +42,6 @@ pub const MAX_LAYERS: usize = 1 << 12;
 /// Largest number of elements of one sample's activation (or im2col matrix) accepted: keeps
 /// a hostile file from making a single-sample run allocate without bound.
 pub const MAX_ACTIVATION_ELEMENTS: usize = 1 << 26;
-
-/// Whether an int8 weight has one scale and zero point per output channel or one in all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Granularity {
-    /// One scale and zero point for the whole tensor (auxiliary tensors of shape `[1]`).
-    PerTensor,
-    /// One per output channel, axis 0 (auxiliary tensors of shape `[out]`).
-    PerChannel,
-}
 
 /// How one parameter is stored: the `tensors` metadata entry maps every parameter name to one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -612,9 +614,11 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         serde_json::from_str(metadata_entry(&metadata, file, "tensors")?)
             .map_err(|e| malformed(file, "tensors", e.to_string()))?;
     let mut activations: BTreeMap<String, QParams> = match metadata.get("activations") {
-        Some(json) => {
-            serde_json::from_str(json).map_err(|e| malformed(file, "activations", e.to_string()))?
-        }
+        Some(json) => serde_json::from_str::<BTreeMap<String, StoredActivation>>(json)
+            .map_err(|e| malformed(file, "activations", e.to_string()))?
+            .into_iter()
+            .map(|(layer, a)| (layer, QParams::u8(a.scale, a.zero_point)))
+            .collect(),
         None => BTreeMap::new(),
     };
 

@@ -9,10 +9,11 @@ use model_spec::{InputNormalization, NetworkSpec};
 use safetensors::{Dtype, View};
 use serde::Serialize;
 
-use crate::artifact::{FORMAT, FORMAT_VERSION, Granularity, Scheme};
+use quantization::{BitWidth, QParams, quantize_weights};
+
+use crate::artifact::{FORMAT, FORMAT_VERSION, Granularity, Scheme, StoredActivation};
 use crate::error::{Error, Result};
 use crate::kernels::CsrMatrix;
-use crate::quant::{QParams, quantize_symmetric};
 
 /// How [`ArtifactBuilder::add`] stores real values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,22 +244,23 @@ impl ArtifactBuilder {
                 if rows == 0 {
                     return Err(builder_error(format!("`{name}` has no output channels")));
                 }
-                let per_channel = granularity == Granularity::PerChannel;
-                let (codes, scales) = quantize_symmetric(values, rows, per_channel);
-                let nonzero = codes.iter().filter(|&&c| c != 0).count();
+                let q = quantize_weights(values, rows, granularity, BitWidth::INT8)
+                    .map_err(|e| builder_error(format!("`{name}`: {e}")))?;
+                let nonzero = q.values.iter().filter(|&&c| c != 0).count();
                 let sparse = match storage {
                     Storage::Int8Sparse(_) => true,
-                    Storage::Int8Smallest(_) => codes.len().div_ceil(8) + nonzero < codes.len(),
+                    Storage::Int8Smallest(_) => {
+                        q.values.len().div_ceil(8) + nonzero < q.values.len()
+                    }
                     _ => false,
                 };
-                let zero_points = vec![0i8; scales.len()];
                 self.add_encoded(
                     name,
                     shape,
                     Encoded::Int8 {
-                        codes: &codes,
-                        scales: &scales,
-                        zero_points: &zero_points,
+                        codes: &q.values,
+                        scales: &q.scales,
+                        zero_points: &q.zero_points,
                         granularity,
                         sparse,
                     },
@@ -378,7 +380,9 @@ impl ArtifactBuilder {
     }
 
     /// Records the quantization of the input of layer `layer` (a conv2d or linear layer with
-    /// int8 weights), which makes that layer run in full-integer (static) mode.
+    /// int8 weights), which makes that layer run in full-integer (static) mode. The format
+    /// stores a scale and a zero point on the u8 grid: [`ArtifactBuilder::to_bytes`] refuses
+    /// parameters with other levels ([`QParams::is_u8`]).
     pub fn set_input_quantization(&mut self, layer: usize, params: QParams) -> &mut Self {
         self.activations.insert(layer, params);
         self
@@ -426,11 +430,24 @@ impl ArtifactBuilder {
         metadata.insert("network".to_owned(), to_json(network)?);
         metadata.insert("tensors".to_owned(), to_json(&self.schemes)?);
         if !self.activations.is_empty() {
-            let activations: BTreeMap<String, QParams> = self
+            let activations = self
                 .activations
                 .iter()
-                .map(|(layer, q)| (layer.to_string(), *q))
-                .collect();
+                .map(|(layer, q)| {
+                    if !q.is_u8() {
+                        return Err(builder_error(format!(
+                            "the input quantization of layer {layer} has levels {}..={}, \
+                             the format stores the u8 grid 0..=255 only",
+                            q.qmin, q.qmax
+                        )));
+                    }
+                    let stored = StoredActivation {
+                        scale: q.scale,
+                        zero_point: q.zero_point,
+                    };
+                    Ok((layer.to_string(), stored))
+                })
+                .collect::<Result<BTreeMap<String, StoredActivation>>>()?;
             metadata.insert("activations".to_owned(), to_json(&activations)?);
         }
         if let Some(normalization) = &self.normalization {

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use model_spec::{InputNormalization, NetworkSpec};
 use ndarray::{Array2, ArrayView, Dimension};
+use quantization::QParams;
 use rayon::prelude::*;
 
 use crate::artifact::{Decoded, Layer, LayerParams, Weight, decode};
@@ -16,7 +17,7 @@ use crate::kernels::{
     int8_gemm_f32_pooled, int8_gemm_u8_pooled, max_pool2d, max_pool2d_nhwc, max_rows, nhwc_to_nchw,
     padded_k, pooled_rows, sgemm_packed, sgemm_patches, sparse_conv_nhwc,
 };
-use crate::quant::QParams;
+use crate::quant::U8Codes;
 use crate::team::Team;
 
 /// How one conv2d or linear layer executes.
@@ -932,7 +933,7 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                     let x = pool.take_f32(data);
                     let p = stat
                         .as_ref()
-                        .map_or_else(|| QParams::dynamic(&x), |s| s.input);
+                        .map_or_else(|| crate::quant::dynamic(&x), |s| s.input);
                     let mut q = pool.u8(x.len());
                     p.quantize_slice(&x, &mut q);
                     pool.give_f32(x);

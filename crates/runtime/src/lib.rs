@@ -79,7 +79,9 @@ pub use builder::{ArtifactBuilder, Encoded, Storage, bias_name, weight_name};
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
 pub use parameters::{Artifact, LayerParameters, WeightValues};
-pub use quant::{QParams, quantize_symmetric};
+/// The quantization parameter type, shared with the `quantization` crate: an activation
+/// layer's input quantization is one on the u8 grid ([`QParams::u8`]).
+pub use quantization::QParams;
 
 /// Whether a pruned weight matrix of `rows x cols` with `nnz` nonzero entries should be
 /// stored (and run) as CSR rather than dense: true when the CSR product is faster than the

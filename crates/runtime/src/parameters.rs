@@ -4,12 +4,12 @@
 use std::path::Path;
 
 use model_spec::NetworkSpec;
+use quantization::QParams;
 
 use model_spec::InputNormalization;
 
 use crate::artifact::{Decoded, Granularity, Layer, Scheme, Weight, decode};
 use crate::error::{Error, Result};
-use crate::quant::QParams;
 
 /// The values of a conv2d or linear weight, as stored.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,12 +1,17 @@
-//! Affine quantization of activations (`u8`) and symmetric quantization of weights (`i8`).
+//! The runtime's fast paths over the shared quantization parameters
+//! ([`quantization::QParams`], re-exported as `runtime::QParams`): `u8` activation codes
+//! per element (inlined), over slices (AVX-512 where available, in parallel when large),
+//! back to f32, and the dynamic-range parameters of a batch with a vectorised min-max scan.
+//! The rules themselves (the dynamic range, rounding half to even, the weight quantizer)
+//! live in the `quantization` crate; every path here is tested to give exactly its results.
 
+use quantization::{BitWidth, QParams};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 /// Elements below which quantization stays on the calling thread.
 const PARALLEL_MIN_ELEMENTS: usize = 1 << 16;
 
-/// Elements per parallel task of [`QParams::quantize_slice`].
+/// Elements per parallel task of [`U8Codes::quantize_slice`].
 const PARALLEL_CHUNK: usize = 1 << 14;
 
 /// `x.round_ties_even()` for `|x| < 2^22`; values beyond saturate at `+-2^22` and NaN stays
@@ -21,92 +26,84 @@ pub(crate) fn round_ties_even_saturating(x: f32) -> f32 {
     (x.clamp(-LIMIT, LIMIT) + MAGIC) - MAGIC
 }
 
-/// Affine `u8` quantization: `x ~ scale * (q - zero_point)`, `q` in `0..=255`.
-///
-/// Quantization rounds half to even (`round_ties_even(x / scale) + zero_point`, clamped), like
-/// PyTorch's `quantize_per_tensor`.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct QParams {
-    /// Step size, positive and finite.
-    pub scale: f32,
-    /// The code of 0.0, in `0..=255`.
-    pub zero_point: i32,
+/// The dynamic-range parameters of `x`: [`QParams::dynamic`] (the shared rule, applied to
+/// `(min(x, 0), max(x, 0))`), with the range scanned 64 values at a time where AVX-512 is
+/// available.
+pub(crate) fn dynamic(x: &[f32]) -> QParams {
+    let (lo, hi) = min_max(x);
+    QParams::asymmetric(lo, hi, BitWidth::INT8)
 }
 
-impl QParams {
-    /// Per-tensor parameters covering `[min(x, 0), max(x, 0)]` (so 0.0 is exact): the
-    /// dynamic-range scheme. An all-zero (or empty) input gets scale 1.
-    pub fn dynamic(x: &[f32]) -> Self {
-        let (lo, hi) = min_max(x);
-        let scale = (hi - lo) / 255.0;
-        if !(scale.is_finite() && scale > 0.0) {
-            return Self {
-                scale: 1.0,
-                zero_point: 0,
-            };
-        }
-        // `as` saturates; the clamp keeps the zero point a valid code.
-        let zero_point = ((-lo / scale).round_ties_even() as i32).clamp(0, 255);
-        Self { scale, zero_point }
-    }
-
-    /// Whether the scale is positive and finite and the zero point a `u8` code.
-    pub fn is_valid(&self) -> bool {
-        self.scale.is_finite() && self.scale > 0.0 && (0..=255).contains(&self.zero_point)
-    }
-
-    /// The code of `x`.
-    #[inline(always)]
-    pub fn quantize(&self, x: f32) -> u8 {
-        (round_ties_even_saturating(x / self.scale) as i32)
-            .saturating_add(self.zero_point)
-            .clamp(0, 255) as u8
-    }
+/// `u8` codes of activation parameters on the u8 grid (`qmin` 0, `qmax` 255: every decoded
+/// artifact's, and every dynamic-range batch's), exactly [`QParams::quantize`] and
+/// [`QParams::dequantize`] of them, fast.
+pub(crate) trait U8Codes {
+    /// The code of `x`: `QParams::quantize(x)` for parameters on the u8 grid, inlined and
+    /// free of library calls so that loops over it vectorise.
+    fn quantize_u8(&self, x: f32) -> u8;
 
     /// The value of the code `q`.
-    pub fn dequantize(&self, q: u8) -> f32 {
-        self.scale * (i32::from(q) - self.zero_point) as f32
-    }
+    fn dequantize_u8(&self, q: u8) -> f32;
 
     /// Quantizes `x` into `out` (same length).
     ///
     /// # Panics
     /// If the lengths differ.
-    pub fn quantize_slice(&self, x: &[f32], out: &mut [u8]) {
-        assert_eq!(x.len(), out.len());
-        if x.len() < PARALLEL_MIN_ELEMENTS {
-            self.quantize_chunk(x, out);
-        } else {
-            out.par_chunks_mut(PARALLEL_CHUNK)
-                .zip(x.par_chunks(PARALLEL_CHUNK))
-                .for_each(|(q, x)| self.quantize_chunk(x, q));
-        }
-    }
-
-    /// [`QParams::quantize`] of every element, 16 at a time where AVX-512 is available.
-    fn quantize_chunk(&self, x: &[f32], out: &mut [u8]) {
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected just above; the function checks lengths.
-            done = unsafe { simd::quantize(x, self.scale, self.zero_point, out) };
-        }
-        out[done..]
-            .iter_mut()
-            .zip(&x[done..])
-            .for_each(|(q, &v)| *q = self.quantize(v));
-    }
+    fn quantize_slice(&self, x: &[f32], out: &mut [u8]);
 
     /// Dequantizes `q` into `out` (same length).
     ///
     /// # Panics
     /// If the lengths differ.
-    pub fn dequantize_slice(&self, q: &[u8], out: &mut [f32]) {
+    fn dequantize_slice(&self, q: &[u8], out: &mut [f32]);
+}
+
+impl U8Codes for QParams {
+    #[inline(always)]
+    fn quantize_u8(&self, x: f32) -> u8 {
+        (round_ties_even_saturating(x / self.scale) as i32)
+            .saturating_add(self.zero_point)
+            .clamp(0, 255) as u8
+    }
+
+    #[inline(always)]
+    fn dequantize_u8(&self, q: u8) -> f32 {
+        // A u8 code minus a u8 zero point never wraps; `wrapping_sub` only keeps parameters
+        // the decoder would have refused from panicking.
+        self.scale * i32::from(q).wrapping_sub(self.zero_point) as f32
+    }
+
+    fn quantize_slice(&self, x: &[f32], out: &mut [u8]) {
+        assert_eq!(x.len(), out.len());
+        if x.len() < PARALLEL_MIN_ELEMENTS {
+            quantize_chunk(self, x, out);
+        } else {
+            out.par_chunks_mut(PARALLEL_CHUNK)
+                .zip(x.par_chunks(PARALLEL_CHUNK))
+                .for_each(|(q, x)| quantize_chunk(self, x, q));
+        }
+    }
+
+    fn dequantize_slice(&self, q: &[u8], out: &mut [f32]) {
         assert_eq!(q.len(), out.len());
         out.iter_mut()
             .zip(q)
-            .for_each(|(x, &v)| *x = self.dequantize(v));
+            .for_each(|(x, &v)| *x = self.dequantize_u8(v));
     }
+}
+
+/// [`U8Codes::quantize_u8`] of every element, 16 at a time where AVX-512 is available.
+fn quantize_chunk(p: &QParams, x: &[f32], out: &mut [u8]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was detected just above; the function checks lengths.
+        done = unsafe { simd::quantize(x, p.scale, p.zero_point, out) };
+    }
+    out[done..]
+        .iter_mut()
+        .zip(&x[done..])
+        .for_each(|(q, &v)| *q = p.quantize_u8(v));
 }
 
 /// `(min(x, 0), max(x, 0))`, ignoring NaN (like folding with `f32::min` and `f32::max`).
@@ -156,7 +153,7 @@ mod simd {
         (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi), done)
     }
 
-    /// Quantizes the first multiple of 16 elements exactly like `QParams::quantize` and
+    /// Quantizes the first multiple of 16 elements exactly like `U8Codes::quantize_u8` and
     /// returns how many that was.
     ///
     /// # Safety
@@ -208,40 +205,6 @@ mod simd {
     }
 }
 
-/// Symmetric `i8` quantization of a weight tensor with `rows` output channels: codes in
-/// `-127..=127`, one scale per row (`per_channel`) or one for the tensor; the scale is
-/// `max |w| / 127` (1.0 for an all-zero group). Returns the codes and the scales.
-///
-/// # Panics
-/// If `rows` is 0 or does not divide `w.len()`.
-pub fn quantize_symmetric(w: &[f32], rows: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
-    assert!(
-        rows > 0 && w.len().is_multiple_of(rows),
-        "rows must divide the weights"
-    );
-    let group = if per_channel { w.len() / rows } else { w.len() };
-    let mut codes = Vec::with_capacity(w.len());
-    let mut scales = Vec::new();
-    for chunk in w.chunks(group.max(1)) {
-        let max = chunk.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-        let scale = if max.is_finite() && max > 0.0 {
-            max / 127.0
-        } else {
-            1.0
-        };
-        scales.push(scale);
-        codes.extend(
-            chunk
-                .iter()
-                .map(|&v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8),
-        );
-    }
-    if scales.is_empty() {
-        scales.push(1.0);
-    }
-    (codes, scales)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,33 +214,40 @@ mod tests {
     /// division and multiplication in f32 (a few ulps of the value).
     const MAX_ROUNDTRIP_STEPS: f32 = 0.5 + 1e-3;
 
+    /// The shared scalar rule's code, which every fast path must give exactly.
+    fn reference(q: &QParams, x: f32) -> u8 {
+        u8::try_from(q.quantize(x)).expect("the u8 grid's levels are u8 codes")
+    }
+
     proptest! {
         #[test]
         fn dynamic_roundtrip_is_within_half_a_step(x in proptest::collection::vec(-1e3f32..1e3, 1..200)) {
-            let q = QParams::dynamic(&x);
-            prop_assert!(q.is_valid());
-            prop_assert_eq!(q.quantize(0.0), q.zero_point as u8);
+            let q = dynamic(&x);
+            prop_assert_eq!(q, QParams::dynamic(&x));
+            prop_assert!(q.is_valid() && q.is_u8());
+            prop_assert_eq!(q.quantize_u8(0.0), q.zero_point as u8);
             for &v in &x {
-                let back = q.dequantize(q.quantize(v));
+                let back = q.dequantize_u8(q.quantize_u8(v));
                 prop_assert!((back - v).abs() <= MAX_ROUNDTRIP_STEPS * q.scale, "{} -> {}", v, back);
             }
         }
 
         #[test]
-        fn fast_rounding_quantizes_like_round_ties_even(bits in any::<u32>(), scale in 1e-4f32..10.0, zero_point in 0i32..=255) {
-            let q = QParams { scale, zero_point };
+        fn fast_rounding_quantizes_like_the_shared_rule(bits in any::<u32>(), scale in 1e-4f32..10.0, zero_point in 0i32..=255) {
+            let q = QParams::u8(scale, zero_point);
             // Every bit pattern: NaN, infinities, subnormals and exact halves included.
             let x = f32::from_bits(bits);
-            let reference = |x: f32| ((x / scale).round_ties_even() as i32).saturating_add(zero_point).clamp(0, 255) as u8;
-            prop_assert_eq!(q.quantize(x), reference(x));
+            prop_assert_eq!(q.quantize_u8(x), reference(&q, x));
             // Near the codes, where the ties are.
             let near = (bits % 1024) as f32 * 0.5 - 256.0;
-            prop_assert_eq!(q.quantize(near * scale), reference(near * scale));
+            prop_assert_eq!(q.quantize_u8(near * scale), reference(&q, near * scale));
+            let code = (bits % 256) as u8;
+            prop_assert_eq!(q.dequantize_u8(code).to_bits(), q.dequantize(i32::from(code)).to_bits());
         }
 
         #[test]
-        fn slices_quantize_like_single_values(bits in proptest::collection::vec(any::<u32>(), 0..200), ties in proptest::collection::vec(-600i32..600, 0..100), scale in prop_oneof![1e-4f32..10.0, 1e-38f32..1e-30, 1e30f32..3e38], zero_point in 0i32..=255) {
-            let q = QParams { scale, zero_point };
+        fn slices_quantize_like_the_shared_rule(bits in proptest::collection::vec(any::<u32>(), 0..200), ties in proptest::collection::vec(-600i32..600, 0..100), scale in prop_oneof![1e-4f32..10.0, 1e-38f32..1e-30, 1e30f32..3e38], zero_point in 0i32..=255) {
+            let q = QParams::u8(scale, zero_point);
             // Arbitrary bit patterns (NaN, infinities) and exact halves of the step.
             // Values just beside the ties too: one ulp either side.
             let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b))
@@ -288,37 +258,35 @@ mod tests {
             let mut out = vec![0u8; x.len()];
             q.quantize_slice(&x, &mut out);
             for (&v, &o) in x.iter().zip(&out) {
-                prop_assert_eq!(o, q.quantize(v), "{}", v);
+                prop_assert_eq!(o, reference(&q, v), "{}", v);
+            }
+            let mut back = vec![0f32; out.len()];
+            q.dequantize_slice(&out, &mut back);
+            for (&c, &b) in out.iter().zip(&back) {
+                prop_assert_eq!(b.to_bits(), q.dequantize(i32::from(c)).to_bits());
             }
             let folded = x.iter().fold((0.0f32, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
             prop_assert_eq!(min_max(&x), folded);
-        }
-
-        #[test]
-        fn symmetric_roundtrip_is_within_half_a_step(w in proptest::collection::vec(-5f32..5.0, 1..64), per_channel in any::<bool>()) {
-            let rows = if w.len() % 2 == 0 { 2 } else { 1 };
-            let (codes, scales) = quantize_symmetric(&w, rows, per_channel);
-            let group = w.len() / scales.len();
-            for (i, (&c, &v)) in codes.iter().zip(&w).enumerate() {
-                let s = scales[i / group];
-                prop_assert!((f32::from(c) * s - v).abs() <= MAX_ROUNDTRIP_STEPS * s);
-            }
+            prop_assert_eq!(dynamic(&x), QParams::dynamic(&x));
         }
     }
 
     #[test]
+    fn large_slices_quantize_in_parallel_like_the_shared_rule() {
+        let x: Vec<f32> = (0..3 * PARALLEL_MIN_ELEMENTS + 5)
+            .map(|i| (i % 1001) as f32 * 0.013 - 6.5)
+            .collect();
+        let q = dynamic(&x);
+        let mut out = vec![0u8; x.len()];
+        q.quantize_slice(&x, &mut out);
+        assert!(x.iter().zip(&out).all(|(&v, &o)| o == reference(&q, v)));
+    }
+
+    #[test]
     fn degenerate_inputs_get_usable_parameters() {
-        assert_eq!(
-            QParams::dynamic(&[]),
-            QParams {
-                scale: 1.0,
-                zero_point: 0
-            }
-        );
-        assert_eq!(QParams::dynamic(&[0.0; 4]).scale, 1.0);
-        let q = QParams::dynamic(&[f32::NAN, 1.0]);
-        assert!(q.is_valid());
-        assert!(QParams::dynamic(&[f32::INFINITY]).is_valid());
-        assert_eq!(quantize_symmetric(&[0.0; 4], 2, true).1, vec![1.0, 1.0]);
+        assert_eq!(dynamic(&[]), QParams::u8(1.0, 0));
+        assert_eq!(dynamic(&[0.0; 4]).scale, 1.0);
+        assert!(dynamic(&[f32::NAN, 1.0]).is_valid());
+        assert!(dynamic(&[f32::INFINITY]).is_valid());
     }
 }

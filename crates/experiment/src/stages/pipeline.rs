@@ -292,7 +292,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         WeightFormat::Int8Compact,
     )?;
     for range in pruned.activation_ranges() {
-        builder.set_input_quantization(range.layer, export::runtime_qparams(&range.qparams()));
+        builder.set_input_quantization(range.layer, range.qparams());
     }
     let final_variant = "distilled_pruned_int8";
     let int8 = deploy::deploy(&builder, &file(final_variant), test)?;

@@ -187,7 +187,7 @@ fn quantize(
             let p = observer
                 .qparams(method, BitWidth::INT8)
                 .with_context(|| format!("calibrating layer {layer} ({})", calibrator.name()))?;
-            builder.set_input_quantization(*layer, export::runtime_qparams(&p));
+            builder.set_input_quantization(*layer, p);
             let (lo, hi) = p.range();
             ranges.insert(layer.to_string(), serde_json::json!([lo, hi]));
         }
@@ -265,7 +265,7 @@ fn quantize(
     }
     for range in &ranges {
         let p = range.qparams();
-        builder.set_input_quantization(range.layer, export::runtime_qparams(&p));
+        builder.set_input_quantization(range.layer, p);
     }
     let qat = deploy::deploy(&builder, &file("qat_int8"), test)?;
     ctx.progress.info(&format!(

@@ -67,10 +67,7 @@ fn float_schemes_give_their_values() {
 fn int8_schemes_give_codes_scales_and_input_quantization() {
     let spec = network();
     let p = params(&spec, 8);
-    let input = QParams {
-        scale: 0.02,
-        zero_point: 3,
-    };
+    let input = QParams::u8(0.02, 3);
     for granularity in [Granularity::PerChannel, Granularity::PerTensor] {
         let mut dense = artifact(&spec, &p, |_| Store::Int8(granularity));
         dense.set_input_quantization(3, input);

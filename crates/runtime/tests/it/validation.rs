@@ -3,6 +3,7 @@
 
 use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
 use proptest::prelude::*;
+use quantization::{BitWidth, quantize_weights};
 use runtime::{ArtifactBuilder, Encoded, Error, Granularity, Model, QParams, Storage};
 use safetensors::Dtype;
 
@@ -404,37 +405,14 @@ fn activation_quantization_is_validated() {
     let spec = small_spec();
     let p = params(&spec, 3);
     let mut b = artifact(&spec, &p, |_| Store::Int8(Granularity::PerChannel));
-    b.set_input_quantization(
-        4,
-        QParams {
-            scale: 0.1,
-            zero_point: 3,
-        },
-    );
+    b.set_input_quantization(4, QParams::u8(0.1, 3));
     Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
     for (layer, q, needle) in [
-        (
-            4,
-            QParams {
-                scale: 0.0,
-                zero_point: 3,
-            },
-            "not a positive finite scale",
-        ),
-        (
-            4,
-            QParams {
-                scale: 0.1,
-                zero_point: 256,
-            },
-            "zero point 256",
-        ),
+        (4, QParams::u8(0.0, 3), "not a positive finite scale"),
+        (4, QParams::u8(0.1, 256), "zero point 256"),
         (
             1,
-            QParams {
-                scale: 0.1,
-                zero_point: 0,
-            },
+            QParams::u8(0.1, 0),
             "entry `1` is not a conv2d or linear layer",
         ),
     ] {
@@ -454,15 +432,94 @@ fn activation_quantization_is_validated() {
         assert!(s.contains(needle), "{s}");
     }
     let mut f32_model = artifact(&spec, &p, |_| Store::F32);
-    f32_model.set_input_quantization(
-        0,
-        QParams {
-            scale: 0.1,
-            zero_point: 0,
-        },
-    );
+    f32_model.set_input_quantization(0, QParams::u8(0.1, 0));
     let (_, s) = err(&f32_model.to_bytes().unwrap());
     assert!(s.contains("its weight is not int8"), "{s}");
+}
+
+#[test]
+fn activation_quantization_is_stored_as_a_scale_and_a_zero_point() {
+    let spec = small_spec();
+    let p = params(&spec, 3);
+    let mut b = artifact(&spec, &p, |_| Store::Int8(Granularity::PerChannel));
+    b.set_input_quantization(4, QParams::u8(0.25, 3));
+    let bytes = b.to_bytes().unwrap();
+    let mut stored = None;
+    edit_metadata(&bytes, |m| stored = m.get("activations").cloned());
+    assert_eq!(
+        stored.as_deref(),
+        Some(r#"{"4":{"scale":0.25,"zero_point":3}}"#)
+    );
+    // An entry written by another tool in the documented shape decodes onto the u8 grid.
+    let edited = edit_metadata(&bytes, |m| {
+        m.insert(
+            "activations".into(),
+            r#"{"4": {"zero_point": 7, "scale": 0.5}}"#.into(),
+        );
+    });
+    let view = runtime::Artifact::from_bytes(&edited).unwrap();
+    let q = view.layer(4).unwrap().input_quantization.unwrap();
+    assert_eq!(q, QParams::u8(0.5, 7));
+    assert_eq!((q.qmin, q.qmax), (0, 255));
+    // The format has no room for other grids: the builder refuses them.
+    let four_bits = QParams::asymmetric(-1.0, 1.0, BitWidth::new(4).unwrap());
+    b.set_input_quantization(4, four_bits);
+    let e = b.to_bytes().unwrap_err().to_string();
+    assert!(e.contains("layer 4 has levels 0..=15"), "{e}");
+}
+
+#[test]
+fn quantized_weights_feed_the_builder_as_it_quantizes_them() {
+    let spec = small_spec();
+    let p = params(&spec, 5);
+    for granularity in [Granularity::PerChannel, Granularity::PerTensor] {
+        let mut by_builder = ArtifactBuilder::new(spec.clone());
+        let mut by_hand = ArtifactBuilder::new(spec.clone());
+        for (&i, param) in &p {
+            let (name, bias) = (format!("{i}.weight"), format!("{i}.bias"));
+            by_builder
+                .add(
+                    &name,
+                    &param.weight,
+                    &param.shape,
+                    Storage::Int8(granularity),
+                )
+                .unwrap()
+                .add(&bias, &param.bias, &param.shape[..1], Storage::F32)
+                .unwrap();
+            let rows = param.shape[0];
+            let q = quantize_weights(&param.weight, rows, granularity, BitWidth::INT8).unwrap();
+            assert_eq!(q.granularity, granularity);
+            match q.granularity {
+                Granularity::PerChannel => by_hand.add_encoded(
+                    &name,
+                    &param.shape,
+                    Encoded::Int8 {
+                        codes: &q.values,
+                        scales: &q.scales,
+                        zero_points: &q.zero_points,
+                        granularity: Granularity::PerChannel,
+                        sparse: false,
+                    },
+                ),
+                Granularity::PerTensor => by_hand.add_encoded(
+                    &name,
+                    &param.shape,
+                    Encoded::Int8 {
+                        codes: &q.values,
+                        scales: &[q.scales[0]],
+                        zero_points: &[q.zero_points[0]],
+                        granularity: Granularity::PerTensor,
+                        sparse: false,
+                    },
+                ),
+            }
+            .unwrap()
+            .add(&bias, &param.bias, &param.shape[..1], Storage::F32)
+            .unwrap();
+        }
+        assert_eq!(by_builder.to_bytes().unwrap(), by_hand.to_bytes().unwrap());
+    }
 }
 
 #[test]
@@ -497,6 +554,19 @@ fn the_builder_checks_lengths_and_duplicates() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("scales has 2 values, expected 3"), "{e}");
+    let e = b
+        .add(
+            "4.weight",
+            &[f32::NAN; 24],
+            &[3, 8],
+            Storage::Int8(Granularity::PerChannel),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`4.weight`") && e.contains("non-finite value at index 0"),
+        "{e}"
+    );
     assert!(
         ArtifactBuilder::default()
             .to_bytes()
