@@ -122,12 +122,7 @@ impl RuntimeTest {
         Self {
             images: split.normalized(norm),
             labels: split.labels.to_vec(),
-            normalization: InputNormalization {
-                layout: InputLayout::Nchw,
-                raw_max: 255.0,
-                mean: vec![norm.mean],
-                std: vec![norm.std],
-            },
+            normalization: input_normalization(norm),
         }
     }
 
@@ -145,6 +140,30 @@ pub struct Deployed {
     pub samples_per_second: f64,
     /// The runtime's execution mode of each conv2d/linear layer, e.g. `"int8-static"`.
     pub execution: Vec<String>,
+}
+
+/// What every artifact records about its input: 8-bit pixels normalised with `norm`.
+pub fn input_normalization(norm: Normalization) -> InputNormalization {
+    InputNormalization {
+        layout: InputLayout::Nchw,
+        raw_max: 255.0,
+        mean: vec![norm.mean],
+        std: vec![norm.std],
+    }
+}
+
+/// Writes `net` (built in `vs` at its root) as an f32 artifact at `path`, batch norm folded,
+/// with the input normalisation recorded.
+pub fn export_f32(
+    net: &models::Network,
+    vs: &tch::nn::VarStore,
+    norm: Normalization,
+    path: &Path,
+) -> Result<()> {
+    models::export::artifact(net, vs, models::WeightFormat::F32)?
+        .set_input_normalization(input_normalization(norm))
+        .write(path)?;
+    Ok(())
 }
 
 /// Writes `builder` to `path` atomically, with the input normalisation of `test` recorded,

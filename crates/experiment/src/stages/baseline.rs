@@ -7,9 +7,9 @@ use tch::nn;
 use tensor_precision::{GradientAudit, GradientAuditor};
 
 use super::Context;
-use crate::fsutil;
 use crate::report::Row;
 use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions};
+use crate::{deploy, fsutil};
 
 /// The teacher as deployed: the runtime's artifact format, batch norm folded.
 pub const TEACHER_ARTIFACT: &str = "teacher_float32.safetensors";
@@ -80,7 +80,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     })?;
     let artifact = ctx.out.join(TEACHER_ARTIFACT);
     fsutil::create_atomic(&artifact, |path| {
-        models::export_f32(&net, &vs, path).context("exporting the teacher")
+        deploy::export_f32(&net, &vs, ctx.normalization, path).context("exporting the teacher")
     })?;
     let (size, gzip) = fsutil::sizes(&artifact)?;
     let run = TeacherRun {

@@ -11,9 +11,9 @@ use tch::{Tensor, nn};
 use super::Context;
 use super::baseline::TEACHER_CHECKPOINT;
 use crate::charts::Figure;
-use crate::fsutil;
 use crate::report::{Row, SECTION_EXTRA};
 use crate::train::{self, DeviceSplit, Distill, Hint, TrainConfig, TrainOptions};
+use crate::{deploy, fsutil};
 
 /// Share of each class the students train on (the seed's "smaller subset of MNIST").
 const SUBSET_FRACTION: f64 = 0.1;
@@ -154,7 +154,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     })?;
     let artifact = ctx.out.join(STUDENT_ARTIFACT);
     fsutil::create_atomic(&artifact, |path| {
-        models::export_f32(&student, &student_vs, path).context("exporting the distilled student")
+        deploy::export_f32(&student, &student_vs, ctx.normalization, path)
+            .context("exporting the distilled student")
     })?;
     let (size, gzip) = fsutil::sizes(&artifact)?;
 
