@@ -296,7 +296,10 @@ impl Network {
                     padding,
                 } => {
                     let (x, w) = quantized(index, &xs, weight)?;
-                    let options = Conv2dOptions::square(*stride, *padding);
+                    let options = Conv2dOptions {
+                        channels_last: true,
+                        ..Conv2dOptions::square(*stride, *padding)
+                    };
                     layers::conv2d(policy, &x, &w, Some(bias), options)?
                 }
                 Layer::Linear { weight, bias } => {

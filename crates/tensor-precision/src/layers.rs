@@ -50,8 +50,8 @@ use tch::{Kind, Tensor};
 
 use crate::{Error, Policy, Result};
 
-/// Stride, padding, dilation and groups of a 2-D convolution; the default is PyTorch's
-/// (stride 1, no padding, dilation 1, one group).
+/// Stride, padding, dilation and groups of a 2-D convolution, and its memory format; the
+/// default is PyTorch's (stride 1, no padding, dilation 1, one group, the input's own layout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dOptions {
     /// Step between applications of the kernel, per spatial dimension.
@@ -62,6 +62,13 @@ pub struct Conv2dOptions {
     pub dilation: [i64; 2],
     /// Number of channel groups.
     pub groups: i64,
+    /// Under a mixed policy, lay the 16-bit input and weight out channels-last (NHWC) before
+    /// the convolution, so that it also returns its result channels-last: the layout in which
+    /// LibTorch's 16-bit CPU convolution runs fastest (on an AVX2 CPU without bfloat16
+    /// instructions its forward pass takes a third of the time of the NCHW one; see
+    /// `docs/results/precision-policies-2026-12-05.md`). The values are the same; later
+    /// element-wise layers, batch norm and pooling keep the layout. No effect under float32.
+    pub channels_last: bool,
 }
 
 impl Default for Conv2dOptions {
@@ -71,6 +78,7 @@ impl Default for Conv2dOptions {
             padding: [0, 0],
             dilation: [1, 1],
             groups: 1,
+            channels_last: false,
         }
     }
 }
@@ -104,6 +112,16 @@ fn cast(tensor: &Tensor, kind: Kind) -> Result<Tensor> {
     } else {
         Ok(tensor.f_to_kind(kind)?)
     }
+}
+
+/// `tensor` (`[n, c, h, w]`) with the same shape and values, stored channels-last (NHWC
+/// strides), as PyTorch's `contiguous(memory_format=torch.channels_last)` gives; no copy when
+/// it already is.
+fn to_channels_last(tensor: &Tensor) -> Result<Tensor> {
+    Ok(tensor
+        .f_permute([0, 2, 3, 1])?
+        .f_contiguous()?
+        .f_permute([0, 3, 1, 2])?)
 }
 
 fn shape_error(op: &'static str, detail: String) -> Error {
@@ -229,20 +247,19 @@ pub fn conv2d(
         padding,
         dilation,
         groups,
+        channels_last,
     } = options;
     if !policy.is_mixed() {
         return Ok(xs.f_conv2d(weight, bias, stride, padding, dilation, groups)?);
     }
     let kind = policy.compute_kind();
     let bias = bias.map(|b| cast(b, kind)).transpose()?;
-    Ok(cast(xs, kind)?.f_conv2d(
-        &cast(weight, kind)?,
-        bias.as_ref(),
-        stride,
-        padding,
-        dilation,
-        groups,
-    )?)
+    let (mut xs, mut weight) = (cast(xs, kind)?, cast(weight, kind)?);
+    if channels_last && xs.dim() == 4 {
+        xs = to_channels_last(&xs)?;
+        weight = to_channels_last(&weight)?;
+    }
+    Ok(xs.f_conv2d(&weight, bias.as_ref(), stride, padding, dilation, groups)?)
 }
 
 #[cfg(test)]
@@ -307,6 +324,23 @@ mod tests {
         assert_eq!(y.size(), [2, 6, 6, 6]);
         let reference = x.conv2d(&w, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 2);
         assert!(relative_difference(&y, &reference) < BF16_LAYER_TOLERANCE);
+    }
+
+    #[test]
+    fn channels_last_changes_the_layout_not_the_values() {
+        tch::manual_seed(3);
+        let (x, w, b) = (randn(&[2, 3, 9, 9]), randn(&[4, 3, 3, 3]), randn(&[4]));
+        let plain = Conv2dOptions::square(1, 1);
+        let nhwc = Conv2dOptions {
+            channels_last: true,
+            ..plain
+        };
+        let a = conv2d(Policy::MixedBfloat16, &x, &w, Some(&b), plain).unwrap();
+        let c = conv2d(Policy::MixedBfloat16, &x, &w, Some(&b), nhwc).unwrap();
+        assert!(a.is_contiguous() && !c.is_contiguous());
+        assert!(relative_difference(&c, &a) < BF16_LAYER_TOLERANCE);
+        let d = conv2d(Policy::Float32, &x, &w, Some(&b), nhwc).unwrap();
+        assert!(d.is_contiguous(), "float32 keeps the input's layout");
     }
 
     #[test]
