@@ -54,6 +54,40 @@ fn f(row: &Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} missing in {row}"))
 }
 
+/// Every `.safetensors` file below `dir` that is an artifact (not a training checkpoint).
+fn artifacts(dir: &std::path::Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            artifacts(&path, found);
+        } else if path.extension().is_some_and(|e| e == "safetensors")
+            && !path.to_string_lossy().contains("checkpoint")
+        {
+            found.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_artifact_records_the_input_normalisation() {
+    let (out, _) = run();
+    let mut found = Vec::new();
+    artifacts(out, &mut found);
+    assert!(found.len() >= 20, "{found:?}");
+    for path in found {
+        let model = runtime::Model::load(&path).unwrap();
+        let norm = model
+            .input_normalization()
+            .unwrap_or_else(|| panic!("{} records no input normalisation", path.display()));
+        assert_eq!(
+            (norm.raw_max, &norm.mean[..], &norm.std[..]),
+            (255.0, &[0.1307f32][..], &[0.3081f32][..]),
+            "{}",
+            path.display()
+        );
+    }
+}
+
 #[test]
 fn quick_distillation_compares_two_students() {
     let (out, report) = run();
