@@ -688,7 +688,7 @@ fn damaged_artifacts() {
         infer(
             "unknown format version",
             &future,
-            &["format version `99`", "this runtime reads version 1"],
+            &["format version `99`", "this runtime reads versions 1 and 2"],
         ),
         infer(
             "negative int8 scale",
