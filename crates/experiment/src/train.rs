@@ -176,7 +176,7 @@ pub fn train_with(
             let (logits, features) = match hint {
                 None => (net.forward_t(&xs, true), None),
                 Some(h) => {
-                    let (logits, inputs) = net.forward_with_inputs(&xs, true);
+                    let (logits, inputs) = net.forward_with_inputs(&xs, true)?;
                     let feature = inputs
                         .into_iter()
                         .find(|(i, _)| *i == h.layer)

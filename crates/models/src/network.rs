@@ -201,16 +201,18 @@ impl Network {
     }
 
     /// The logits of `xs` and the input of every `conv2d` and `linear` layer with the layer's
-    /// index, with gradients: what hint (feature) distillation reads. Panics where
-    /// [`Network::f_forward_t`] errs.
-    pub fn forward_with_inputs(&self, xs: &Tensor, train: bool) -> (Tensor, Vec<(usize, Tensor)>) {
+    /// index, with gradients: what hint (feature) distillation reads. Fails where
+    /// [`Network::f_forward_t`] does.
+    pub fn forward_with_inputs(
+        &self,
+        xs: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Vec<(usize, Tensor)>)> {
         let mut inputs = Vec::new();
-        let logits = self
-            .forward_inner(xs, train, &mut |index, x| {
-                inputs.push((index, x.shallow_clone()));
-            })
-            .unwrap_or_else(|err| panic!("forward pass of {}: {err}", self.spec.name));
-        (logits, inputs)
+        let logits = self.forward_inner(xs, train, &mut |index, x| {
+            inputs.push((index, x.shallow_clone()));
+        })?;
+        Ok((logits, inputs))
     }
 
     /// Runs `xs` through the network in eval mode, without gradients, and taps the input of
@@ -228,16 +230,22 @@ impl Network {
 
     /// Runs `xs` through the network in eval mode, without gradients, and returns the input
     /// of every `conv2d` and `linear` layer (as float32) with the layer's index: the tensors
-    /// [`Network::calibrate`] taps. Panics where [`Network::f_forward_t`] errs.
-    pub fn layer_inputs(&self, xs: &Tensor) -> Vec<(usize, Tensor)> {
+    /// [`Network::calibrate`] taps. Fails where [`Network::f_forward_t`] does.
+    pub fn layer_inputs(&self, xs: &Tensor) -> Result<Vec<(usize, Tensor)>> {
         let mut inputs = Vec::new();
-        let _ = tch::no_grad(|| {
-            self.forward_inner(xs, false, &mut |index, x| {
-                inputs.push((index, x.to_kind(Kind::Float)));
+        let mut failed = None;
+        let _logits = tch::no_grad(|| {
+            self.forward_inner(xs, false, &mut |index, x| match x.f_to_kind(Kind::Float) {
+                Ok(x) => inputs.push((index, x)),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             })
-        })
-        .unwrap_or_else(|err| panic!("forward pass of {}: {err}", self.spec.name));
-        inputs
+        })?;
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(inputs),
+        }
     }
 
     /// The description this network was built from.

@@ -159,7 +159,7 @@ fn fake_quantized_weights_are_the_exported_int8_weights() {
 fn layer_inputs_are_what_each_quantized_layer_receives() {
     let (_vs, net) = deployed_student(6);
     let xs = images(4, 1);
-    let inputs = net.layer_inputs(&xs);
+    let inputs = net.layer_inputs(&xs).unwrap();
     let layers: Vec<usize> = inputs.iter().map(|(i, _)| *i).collect();
     assert_eq!(layers, [0, 3, 7, 9]);
     assert!(inputs[0].1.equal(&xs));

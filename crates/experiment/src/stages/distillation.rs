@@ -354,7 +354,7 @@ fn teacher_features(teacher: &Network, images: &Tensor, layer: usize) -> Result<
     while start < n {
         let len = 512.min(n - start);
         let feature = teacher
-            .layer_inputs(&images.narrow(0, start, len))
+            .layer_inputs(&images.narrow(0, start, len))?
             .into_iter()
             .find(|(i, _)| *i == layer)
             .map(|(_, x)| x)

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
+use models::calibrate::Calibrator as Taps;
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{FakeQuantConfig, Network, NetworkSpec};
 use quantization::{BitWidth, Observer};
@@ -295,33 +296,33 @@ fn quantize(
     Ok(rows)
 }
 
-/// Observes the input of every quantized layer of `net` over the calibration set.
+/// Observes the input of every quantized layer of `net` over the calibration set, through
+/// the same `Calibrator` a model of one's own uses.
 fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> {
-    let mut observers: Vec<(usize, Observer)> = Vec::new();
+    let mut calibrator = Taps::new();
     let n = data.len() as i64;
     let mut offset = 0;
     while offset < n {
         let len = CALIBRATION_BATCH.min(n - offset);
-        for (layer, input) in net.layer_inputs(&data.images.narrow(0, offset, len)) {
-            let values = Vec::<f32>::try_from(&input.to_device(tch::Device::Cpu).view([-1]))
-                .context("reading activations")?;
-            let observer = match observers.iter_mut().find(|(l, _)| *l == layer) {
-                Some((_, o)) => o,
-                None => {
-                    observers.push((layer, Observer::new()));
-                    &mut observers.last_mut().expect("just pushed").1
-                }
-            };
-            observer
-                .observe(&values)
-                .with_context(|| format!("observing layer {layer}"))?;
-        }
+        net.calibrate(&data.images.narrow(0, offset, len), &mut calibrator)
+            .context("observing the calibration set")?;
         offset += len;
     }
+    let observers = calibrator
+        .into_observers()
+        .context("observing the calibration set")?;
     if observers.is_empty() {
         bail!("the calibration set is empty");
     }
-    Ok(observers)
+    observers
+        .into_iter()
+        .map(|(tap, observer)| {
+            let layer = tap
+                .parse::<usize>()
+                .with_context(|| format!("tap `{tap}` is not a layer index"))?;
+            Ok((layer, observer))
+        })
+        .collect()
 }
 
 fn quant_row(
