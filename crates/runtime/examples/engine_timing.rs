@@ -100,6 +100,7 @@ fn main() {
     for spec in [
         mlp(),
         NetworkSpec::teacher_cnn().without_batch_norm(),
+        NetworkSpec::student_cnn().without_batch_norm(),
         NetworkSpec::compact_cnn().without_batch_norm(),
     ] {
         for precision in ["f32", "int8", "static"] {

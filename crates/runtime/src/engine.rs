@@ -85,6 +85,8 @@ struct Compute {
     /// The output pixel of each im2col row of one image (convolutions; see
     /// [`kernels::patch_pixels`]).
     pixels: Vec<u32>,
+    /// Where each pixel's window starts in its image ([`kernels::patch_windows`]).
+    windows: Vec<u32>,
 }
 
 /// The engine's operations. Images travel NHWC (`height x width x channels` per sample), the
@@ -490,6 +492,7 @@ impl Model {
                 && let Some(g) = c.conv
             {
                 c.pixels = kernels::patch_pixels(&g, c.pool);
+                c.windows = kernels::patch_windows(&g, &c.pixels);
             }
         }
         let front = Front::plan(&ops, &network.input);
@@ -842,6 +845,7 @@ fn compile_layer(
         relu: false,
         pool: 1,
         pixels: Vec::new(),
+        windows: Vec::new(),
     }
 }
 
@@ -871,7 +875,7 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             // The im2col rows are taken from the images as the kernel needs them.
             let x = pool.take_f32(data);
             let g = c.conv.unwrap_or_else(|| unreachable!("checked just above"));
-            let patches = Patches::new(&x, g, &c.pixels, 0.0);
+            let patches = Patches::new(&x, g, &c.pixels, 0.0).with_windows(&c.windows);
             let mut y = pool.f32(rows * n);
             share(rows, 1, n, &mut y, rows * n * k, |r0, r1, y| {
                 sgemm_patches(&patches.rows_range(r0..r1), w, &c.bias, c.relu, y)

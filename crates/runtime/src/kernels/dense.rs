@@ -261,6 +261,33 @@ pub fn sgemm_patches(
         return;
     }
     #[cfg(target_arch = "x86_64")]
+    if k > 0 && m >= GEMV_MAX_ROWS && w.panel_isa == PanelIsa::Avx2 && patches.geometry.padding == 0
+    {
+        // Without padding every window is inside its image: the kernel reads them in place.
+        let g = patches.geometry;
+        let windows = |first: usize, out: &mut [usize]| {
+            let inside = patches.windows(first, out);
+            assert!(inside, "without padding every window is inside its image");
+        };
+        // SAFETY: AVX2 panels exist only where AVX2 and FMA were detected; `out` is valid
+        // for its length; the kernel checks the rest.
+        unsafe {
+            super::sgemm256::gemm_windows(
+                m,
+                patches.images(),
+                &windows,
+                (g.kernel, g.kernel * g.channels, g.width * g.channels),
+                &w.panels,
+                n,
+                bias,
+                relu,
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if k > 0 && m >= GEMV_MAX_ROWS && w.panel_isa == PanelIsa::Avx2 {
         let fill = |first: usize, count: usize, dst: &mut [f32]| {
             patches.fill(first, count, dst, k);

@@ -72,7 +72,7 @@ pub use dense::{
 pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{
     ConvGeometry, Patches, im2col, im2col_nhwc, im2col_nhwc_pooled, max_pool2d, max_pool2d_nhwc,
-    max_rows, nhwc_to_nchw, patch_pixels, pooled_rows,
+    max_rows, nhwc_to_nchw, patch_pixels, patch_windows, pooled_rows,
 };
 
 use rayon::prelude::*;
@@ -1104,6 +1104,20 @@ mod tests {
             for (o, e) in out.iter().zip(&expected) {
                 prop_assert!((o - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} vs {}", o, e);
             }
+            // With the windows looked up instead of computed: the same windows, the same
+            // products.
+            let windows = patch_windows(&g, &pixels);
+            let looked_up = patches.with_windows(&windows);
+            let (mut computed, mut table) = (vec![0usize; rows - split], vec![0usize; rows - split]);
+            let inside = patches.windows(split, &mut computed);
+            prop_assert_eq!(looked_up.windows(split, &mut table), inside);
+            prop_assert!(inside || padding > 0, "without padding every window is inside");
+            if inside {
+                prop_assert_eq!(&computed, &table);
+            }
+            let mut again = vec![0f32; rows * n];
+            sgemm_patches(&looked_up, &packed, &bias, false, &mut again);
+            prop_assert_eq!(&again, &out);
         }
     }
 

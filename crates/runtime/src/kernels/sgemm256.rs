@@ -53,71 +53,105 @@ fn masks(start: usize, n: usize) -> [__m256i; 2] {
 /// while every row tile of the task passes over it.
 const KC: usize = 256;
 
-/// One `ROWS x 16` tile over `k` values of the reduction: `c (+)= a b`; on the last block
-/// of `k` the bias and ReLU are applied. `full` says that all 16 columns are valid (plain
-/// loads and stores instead of masked ones).
+/// Where a tile's activations are: row `r`'s `k` values of the reduction are `runs` runs of
+/// `run` contiguous values, the first at `a[r]` and each `stride` values after the one
+/// before (one run for a matrix row; for a convolution window, one run per kernel row).
+#[derive(Clone, Copy)]
+struct Rows<const ROWS: usize> {
+    a: [*const f32; ROWS],
+    runs: usize,
+    run: usize,
+    stride: usize,
+}
+
+/// The columns of a panel that a tile writes: the first `valid` of its 16 (at least one),
+/// and the lane masks of its two halves ([`masks`]).
+#[derive(Clone, Copy)]
+struct Columns {
+    valid: usize,
+    masks: [__m256i; 2],
+}
+
+impl Columns {
+    /// The columns of the panel that starts at column `start` of `n`.
+    #[target_feature(enable = "avx2")]
+    fn of(start: usize, n: usize) -> Self {
+        Self {
+            valid: (n - start).min(NR),
+            masks: masks(start, n),
+        }
+    }
+}
+
+/// One `ROWS x 8 HALVES` tile over the `runs * run` values of the reduction that `a`
+/// describes: `c (+)= a b`; on the last block of the reduction the bias and ReLU are
+/// applied. With one half, only the first 8 columns of the panel are computed (a panel of
+/// at most 8 valid columns). Halves whose columns are all valid are loaded and stored
+/// plainly, the others masked.
 ///
 /// # Safety
-/// AVX2 and FMA; `a` readable for `ROWS` rows of `k` values at stride `lda`; `b` for `k * 16`
-/// values; `bias` for the columns in `masks`; `c` readable (unless `first`) and writable
-/// for `ROWS` rows of those columns at stride `ldc`.
+/// AVX2 and FMA; `a` readable where it says; `b` for `runs * run * 16` values; `bias` for
+/// the columns in `columns`; `c` readable (unless `first`) and writable for `ROWS` rows of
+/// those columns at stride `ldc`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const ROWS: usize>(
-    a: *const f32,
-    lda: usize,
-    k: usize,
+unsafe fn tile<const ROWS: usize, const HALVES: usize>(
+    a: Rows<ROWS>,
     b: *const f32,
     bias: *const f32,
     (first, last, relu): (bool, bool, bool),
     c: *mut f32,
     ldc: usize,
-    (full, masks): (bool, [__m256i; 2]),
+    columns: Columns,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+    let whole = |h: usize| columns.valid >= 8 * (h + 1);
+    let mut acc = [[_mm256_setzero_ps(); HALVES]; ROWS];
     if !first {
         for (r, acc) in acc.iter_mut().enumerate() {
             for (h, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: the caller vouches for the masked columns of row `r`.
+                // SAFETY: the caller vouches for the columns of row `r`.
                 *acc = unsafe {
                     let p = c.add(r * ldc + 8 * h);
-                    if full {
+                    if whole(h) {
                         _mm256_loadu_ps(p)
                     } else {
-                        _mm256_maskload_ps(p, masks[h])
+                        _mm256_maskload_ps(p, columns.masks[h])
                     }
                 };
             }
         }
     }
-    for kk in 0..k {
-        // SAFETY: `kk < k`: inside the panel and inside every row.
-        let (b0, b1) = unsafe {
-            (
-                _mm256_loadu_ps(b.add(kk * NR)),
-                _mm256_loadu_ps(b.add(kk * NR + 8)),
-            )
-        };
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: as above.
-            let x = unsafe { _mm256_broadcast_ss(&*a.add(r * lda + kk)) };
-            acc[0] = _mm256_fmadd_ps(x, b0, acc[0]);
-            acc[1] = _mm256_fmadd_ps(x, b1, acc[1]);
+    let mut b = b;
+    for run in 0..a.runs {
+        let rows: [*const f32; ROWS] = std::array::from_fn(|r| a.a[r].wrapping_add(run * a.stride));
+        for e in 0..a.run {
+            // SAFETY: `run * run_len + e` is inside the panel's block and `e` inside the
+            // rows' run.
+            let w: [__m256; HALVES] =
+                std::array::from_fn(|h| unsafe { _mm256_loadu_ps(b.add(8 * h)) });
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                // SAFETY: as above.
+                let x = unsafe { _mm256_broadcast_ss(&*row.add(e)) };
+                for (acc, &w) in acc.iter_mut().zip(&w) {
+                    *acc = _mm256_fmadd_ps(x, w, *acc);
+                }
+            }
+            // SAFETY: at most one past the block.
+            b = unsafe { b.add(NR) };
         }
     }
     // SAFETY: masked loads and stores touch only the columns the caller vouches for.
     unsafe {
-        let bias: [__m256; 2] = if last {
-            [
-                _mm256_maskload_ps(bias, masks[0]),
-                _mm256_maskload_ps(bias.add(8), masks[1]),
-            ]
-        } else {
-            [_mm256_setzero_ps(); 2]
-        };
+        let bias: [__m256; HALVES] = std::array::from_fn(|h| {
+            if last {
+                _mm256_maskload_ps(bias.add(8 * h), columns.masks[h])
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
         let zero = _mm256_setzero_ps();
         for (r, acc) in acc.iter().enumerate() {
-            for h in 0..2 {
+            for h in 0..HALVES {
                 let mut v = acc[h];
                 if last {
                     v = _mm256_add_ps(v, bias[h]);
@@ -126,44 +160,56 @@ unsafe fn tile<const ROWS: usize>(
                     }
                 }
                 let p = c.add(r * ldc + 8 * h);
-                if full {
+                if whole(h) {
                     _mm256_storeu_ps(p, v);
                 } else {
-                    _mm256_maskstore_ps(p, masks[h], v);
+                    _mm256_maskstore_ps(p, columns.masks[h], v);
                 }
             }
         }
     }
 }
 
-/// [`tile`] for `rows` rows (1 to [`MR`]).
+/// [`tile`] for `rows` rows (1 to [`MR`]) and the halves that `columns` needs.
 ///
 /// # Safety
 /// As for [`tile`] with `ROWS = rows`.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_of(
+unsafe fn tile_any(
     rows: usize,
-    a: *const f32,
-    lda: usize,
-    k: usize,
+    a: impl Fn(usize) -> *const f32,
+    (runs, run, stride): (usize, usize, usize),
     b: *const f32,
     bias: *const f32,
     flags: (bool, bool, bool),
-    c: *mut f32,
-    ldc: usize,
-    columns: (bool, [__m256i; 2]),
+    (c, ldc): (*mut f32, usize),
+    columns: Columns,
 ) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match rows {
-            6 => tile::<6>(a, lda, k, b, bias, flags, c, ldc, columns),
-            5 => tile::<5>(a, lda, k, b, bias, flags, c, ldc, columns),
-            4 => tile::<4>(a, lda, k, b, bias, flags, c, ldc, columns),
-            3 => tile::<3>(a, lda, k, b, bias, flags, c, ldc, columns),
-            2 => tile::<2>(a, lda, k, b, bias, flags, c, ldc, columns),
-            _ => tile::<1>(a, lda, k, b, bias, flags, c, ldc, columns),
-        }
+    macro_rules! go {
+        ($rows:literal) => {{
+            let a = Rows::<$rows> {
+                a: std::array::from_fn(|r| a(r)),
+                runs,
+                run,
+                stride,
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                if columns.valid <= 8 {
+                    tile::<$rows, 1>(a, b, bias, flags, c, ldc, columns)
+                } else {
+                    tile::<$rows, 2>(a, b, bias, flags, c, ldc, columns)
+                }
+            }
+        }};
+    }
+    match rows {
+        6 => go!(6),
+        5 => go!(5),
+        4 => go!(4),
+        3 => go!(3),
+        2 => go!(2),
+        _ => go!(1),
     }
 }
 
@@ -199,7 +245,7 @@ pub(crate) unsafe fn gemm(
         let flags = (k0 == 0, k0 + kc == k, relu);
         for p in panels.clone() {
             let start = p * NR;
-            let columns = (start + NR <= n, masks(start, n));
+            let columns = Columns::of(start, n);
             let mut r = 0;
             while r < m {
                 let rows = (m - r).min(MR);
@@ -210,7 +256,8 @@ pub(crate) unsafe fn gemm(
                     let a = ap.add(r * k + k0);
                     let b = packed.as_ptr().add(p * k * NR + k0 * NR);
                     let (bias, c) = (bias.as_ptr().add(start), cp.add(r * n + start));
-                    tile_of(rows, a, k, kc, b, bias, flags, c, n, columns)
+                    let a = |i: usize| a.wrapping_add(i * k);
+                    tile_any(rows, a, (1, kc, 0), b, bias, flags, (c, n), columns)
                 }
                 r += rows;
             }
@@ -259,7 +306,7 @@ pub(crate) unsafe fn gemm_rows(
             let flags = (k0 == 0, k0 + kc == k, relu);
             for p in 0..panels {
                 let start = p * NR;
-                let columns = (start + NR <= n, masks(start, n));
+                let columns = Columns::of(start, n);
                 // SAFETY: the tile's rows are in `rows` (`count` rows of `k`); panel `p`'s
                 // block `k0..` is inside `packed`; rows `r..r + count` of `out` are inside
                 // `out_len`; the masks keep the columns below `n`.
@@ -267,11 +314,87 @@ pub(crate) unsafe fn gemm_rows(
                     let a = rows.as_ptr().add(k0);
                     let b = packed.as_ptr().add(p * k * NR + k0 * NR);
                     let (bias, c) = (bias.as_ptr().add(start), out.add(r * n + start));
-                    tile_of(count, a, k, kc, b, bias, flags, c, n, columns)
+                    let a = |i: usize| a.wrapping_add(i * k);
+                    tile_any(count, a, (1, kc, 0), b, bias, flags, (c, n), columns)
                 }
             }
         }
         r += count;
     }
     ROWS.with(|cell| cell.set(rows));
+}
+
+/// [`gemm`] over convolution windows read in place: row `i` of the activations is the window
+/// that starts at `input[at]`, where `windows(first, out)` writes the starts of rows
+/// `first..first + out.len()` into `out`; a window is `runs` runs of `run` values (the
+/// reduction is `runs * run` long, in the packed weights' order), each `stride` values
+/// after the one before. No im2col row is written. All panels are written.
+///
+/// # Panics
+/// If a window runs past `input`, or a slice is shorter than its shape.
+///
+/// # Safety
+/// AVX2 and FMA; `out` must be valid for reads and writes of `out_len` values.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_windows(
+    m: usize,
+    input: &[f32],
+    windows: &dyn Fn(usize, &mut [usize]),
+    (runs, run, stride): (usize, usize, usize),
+    packed: &[f32],
+    n: usize,
+    bias: &[f32],
+    relu: bool,
+    out: *mut f32,
+    out_len: usize,
+) {
+    let k = runs * run;
+    assert!(k > 0 && out_len >= m * n && bias.len() >= n);
+    let panels = n.div_ceil(NR);
+    assert!(packed.len() == panels * k * NR);
+    // Blocks of whole runs, about `KC` values each.
+    let per_block = runs.div_ceil(runs.div_ceil((KC / run).max(1)));
+    let span = (runs - 1) * stride + run;
+    let mut at = [0usize; MR];
+    let mut r = 0;
+    while r < m {
+        let count = (m - r).min(MR);
+        windows(r, &mut at[..count]);
+        let mut first = [input.as_ptr(); MR];
+        for (first, &at) in first.iter_mut().zip(&at[..count]) {
+            assert!(at + span <= input.len(), "windows inside the input");
+            // SAFETY: just checked.
+            *first = unsafe { input.as_ptr().add(at) };
+        }
+        for run0 in (0..runs).step_by(per_block) {
+            let block = (runs - run0).min(per_block);
+            let flags = (run0 == 0, run0 + block == runs, relu);
+            let rows: [*const f32; MR] =
+                std::array::from_fn(|i| first[i].wrapping_add(run0 * stride));
+            for p in 0..panels {
+                let start = p * NR;
+                let columns = Columns::of(start, n);
+                // SAFETY: the windows were checked; panel `p`'s block of runs `run0..` is
+                // inside `packed`; rows `r..r + count` of `out` are inside `out_len`; the
+                // masks keep the columns below `n`.
+                unsafe {
+                    let b = packed.as_ptr().add(p * k * NR + run0 * run * NR);
+                    let (bias, c) = (bias.as_ptr().add(start), out.add(r * n + start));
+                    let a = |i: usize| rows[i];
+                    tile_any(
+                        count,
+                        a,
+                        (block, run, stride),
+                        b,
+                        bias,
+                        flags,
+                        (c, n),
+                        columns,
+                    )
+                }
+            }
+        }
+        r += count;
+    }
 }

@@ -245,6 +245,8 @@ pub struct Patches<'a, T> {
     /// The convolution.
     pub geometry: ConvGeometry,
     pixels: &'a [u32],
+    /// Where each pixel's window starts in its image (see [`patch_windows`]), or empty.
+    windows: &'a [u32],
     pad: T,
     /// The rows described: `start..end` of all the images' rows.
     start: usize,
@@ -278,6 +280,34 @@ pub fn patch_pixels(g: &ConvGeometry, pool: usize) -> Vec<u32> {
     pixels
 }
 
+/// Where the window of each of `pixels` (see [`patch_pixels`]) starts in an image under the
+/// convolution `g`, `u32::MAX` for a window that is not wholly inside the image, for
+/// [`Patches::with_windows`].
+///
+/// # Panics
+/// If an image has 2^32 - 1 values or more.
+pub fn patch_windows(g: &ConvGeometry, pixels: &[u32]) -> Vec<u32> {
+    assert!(
+        g.image_len() < u32::MAX as usize,
+        "images below 2^32 - 1 values"
+    );
+    pixels
+        .iter()
+        .map(|&pixel| {
+            let (oy, ox) = ((pixel >> 16) as usize, (pixel & 0xffff) as usize);
+            let start = (oy * g.stride)
+                .checked_sub(g.padding)
+                .zip((ox * g.stride).checked_sub(g.padding));
+            match start {
+                Some((iy0, ix0)) if iy0 + g.kernel <= g.height && ix0 + g.kernel <= g.width => {
+                    ((iy0 * g.width + ix0) * g.channels) as u32
+                }
+                _ => u32::MAX,
+            }
+        })
+        .collect()
+}
+
 impl<'a, T: Copy> Patches<'a, T> {
     /// The rows of `images` (`image_len` values each, NHWC) under the convolution `geometry`,
     /// one per entry of `pixels` (the output pixel of each of an image's rows, see
@@ -299,10 +329,22 @@ impl<'a, T: Copy> Patches<'a, T> {
             images,
             geometry,
             pixels,
+            windows: &[],
             pad,
             start: 0,
             end,
         }
+    }
+
+    /// These patches with the start of every pixel's window in its image precomputed by
+    /// [`patch_windows`] (for the same geometry and pixels), which makes
+    /// [`Patches::windows`] a lookup.
+    ///
+    /// # Panics
+    /// If `windows` is not one entry per pixel.
+    pub fn with_windows(self, windows: &'a [u32]) -> Self {
+        assert_eq!(windows.len(), self.pixels.len(), "one window per pixel");
+        Self { windows, ..self }
     }
 
     /// The rows `range` of these rows.
@@ -321,6 +363,62 @@ impl<'a, T: Copy> Patches<'a, T> {
     /// The number of rows.
     pub fn rows(&self) -> usize {
         self.end - self.start
+    }
+
+    /// The images these rows are taken from.
+    pub fn images(&self) -> &'a [T] {
+        self.images
+    }
+
+    /// Where the windows of rows `first..first + out.len()` start in [`Patches::images`]:
+    /// each is `kernel` runs of `kernel * channels` values, `width * channels` apart. Returns
+    /// false, leaving `out` unspecified, when a window is not wholly inside its image (never
+    /// so without padding).
+    ///
+    /// # Panics
+    /// If the rows run past [`Patches::rows`].
+    pub fn windows(&self, first: usize, out: &mut [usize]) -> bool {
+        assert!(first + out.len() <= self.rows(), "rows inside the patches");
+        if out.is_empty() {
+            return true;
+        }
+        let g = &self.geometry;
+        let row = first + self.start;
+        let per_image = self.pixels.len();
+        let (mut image, mut index) = (row / per_image, row % per_image);
+        if !self.windows.is_empty() {
+            for at in out {
+                let window = self.windows[index];
+                if window == u32::MAX {
+                    return false;
+                }
+                *at = image * g.image_len() + window as usize;
+                index += 1;
+                if index == per_image {
+                    (image, index) = (image + 1, 0);
+                }
+            }
+            return true;
+        }
+        for at in out {
+            let pixel = self.pixels[index];
+            let (oy, ox) = ((pixel >> 16) as usize, (pixel & 0xffff) as usize);
+            let (Some(iy0), Some(ix0)) = (
+                (oy * g.stride).checked_sub(g.padding),
+                (ox * g.stride).checked_sub(g.padding),
+            ) else {
+                return false;
+            };
+            if iy0 + g.kernel > g.height || ix0 + g.kernel > g.width {
+                return false;
+            }
+            *at = image * g.image_len() + (iy0 * g.width + ix0) * g.channels;
+            index += 1;
+            if index == per_image {
+                (image, index) = (image + 1, 0);
+            }
+        }
+        true
     }
 
     /// Writes rows `first..first + count` into `dst`, `ld` values apart (at least
