@@ -175,6 +175,7 @@ unsafe fn tile<const ROWS: usize, const HALVES: usize>(
 /// # Safety
 /// As for [`tile`] with `ROWS = rows`.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_any(
     rows: usize,
     a: impl Fn(usize) -> *const f32,
