@@ -960,7 +960,10 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
                 }
             };
             let source = match source {
-                Some(g) => Int8Rows::Patches(Patches::new(&a, g, &c.pixels, zero as u8), zero),
+                Some(g) => {
+                    let patches = Patches::new(&a, g, &c.pixels, zero as u8);
+                    Int8Rows::Patches(patches.with_windows(&c.windows), zero)
+                }
                 None => Int8Rows::Matrix(U8Matrix {
                     data: &a,
                     lda,

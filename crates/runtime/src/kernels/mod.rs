@@ -588,7 +588,7 @@ fn drive<T: Send, E: Epilogue<T>>(
                 #[cfg(target_arch = "x86_64")]
                 if let PackedData::I16(b) = &w.data {
                     let fill = |first: usize, count: usize, dst: &mut [u16]| {
-                        p.fill(r0 + first, count, dst, w.kp);
+                        p.fill_u16(r0 + first, count, dst, w.kp);
                     };
                     // SAFETY: a `PackedI8` for AVX2 exists only where the CPU has it.
                     unsafe { avx2::gemm_rows(rows, b, n, w.kp, &mut acc, &fill) };
@@ -1070,6 +1070,13 @@ mod tests {
             patches.rows_range(0..split).fill(0, split, head, k);
             patches.rows_range(split..rows).fill(0, rows - split, tail, k);
             prop_assert_eq!(&got, &cols);
+            // Widened to u16 (the AVX2 integer kernel's rows): the same values.
+            let lda = padded_k(k);
+            let mut wide = vec![0u16; rows * lda];
+            patches.fill_u16(0, rows, &mut wide, lda);
+            for (wide, cols) in wide.chunks_exact(lda).zip(cols.chunks_exact(k.max(1))) {
+                prop_assert!(wide[..k].iter().zip(cols).all(|(&w, &c)| w == u16::from(c)));
+            }
 
             // int8 products: exact.
             let w: Vec<i8> = fill(!seed, n * k).into_iter().map(|v| v as i8).collect();

@@ -500,6 +500,77 @@ impl<'a, T: Copy> Patches<'a, T> {
     }
 }
 
+impl Patches<'_, u8> {
+    /// [`Patches::fill`] into `u16`, faster where the windows are inside their images:
+    /// their runs are widened 8 values at a time. Unlike [`Patches::fill`], the values of a
+    /// row past `patch_len` (up to `ld`) may be overwritten with arbitrary values below 256,
+    /// and so may the values after the last row, up to the end of `dst`.
+    ///
+    /// # Panics
+    /// As [`Patches::fill`].
+    pub fn fill_u16(&self, first: usize, count: usize, dst: &mut [u16], ld: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("sse4.1") {
+            // SAFETY: SSE4.1 was just detected.
+            unsafe { self.fill_u16_sse41(first, count, dst, ld) };
+            return;
+        }
+        self.fill(first, count, dst, ld);
+    }
+
+    /// [`Patches::fill_u16`] with SSE4.1's 8-wide widening.
+    ///
+    /// # Safety
+    /// The CPU must support SSE4.1.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "sse4.1")]
+    unsafe fn fill_u16_sse41(&self, first: usize, count: usize, dst: &mut [u16], ld: usize) {
+        use std::arch::x86_64::{__m128i, _mm_cvtepu8_epi16, _mm_loadl_epi64, _mm_storeu_si128};
+        let g = self.geometry;
+        assert!(first + count <= self.rows(), "rows inside the patches");
+        assert!(ld >= g.patch_len());
+        assert!(count == 0 || dst.len() >= (count - 1) * ld + g.patch_len());
+        let (span, stride) = (g.kernel * g.channels, g.width * g.channels);
+        let mut at = [0usize; 16];
+        let mut row = 0;
+        while row < count {
+            let chunk = (count - row).min(at.len());
+            if !self.windows(first + row, &mut at[..chunk]) {
+                // Some window reaches into the padding: the general path for these rows.
+                let end = (row + chunk - 1) * ld + g.patch_len();
+                self.fill(first + row, chunk, &mut dst[row * ld..end], ld);
+                row += chunk;
+                continue;
+            }
+            for (i, &origin) in at[..chunk].iter().enumerate() {
+                let base = (row + i) * ld;
+                for ky in 0..g.kernel {
+                    let (src, out) = (origin + ky * stride, base + ky * span);
+                    let mut e = 0;
+                    // Whole groups of 8, and a last partial group where 8 values can be read
+                    // and written (the extra ones land on later values of this row, which
+                    // are written after, or past `patch_len`).
+                    while e < span {
+                        if src + e + 8 <= self.images.len() && out + e + 8 <= dst.len() {
+                            // SAFETY: 8 bytes readable and 8 `u16` writable, just checked.
+                            unsafe {
+                                let v = _mm_loadl_epi64(self.images.as_ptr().add(src + e).cast());
+                                let p = dst.as_mut_ptr().add(out + e).cast::<__m128i>();
+                                _mm_storeu_si128(p, _mm_cvtepu8_epi16(v));
+                            }
+                            e += 8;
+                        } else {
+                            dst[out + e] = u16::from(self.images[src + e]);
+                            e += 1;
+                        }
+                    }
+                }
+            }
+            row += chunk;
+        }
+    }
+}
+
 /// Rows per image of [`im2col_nhwc_pooled`]: the output pixels of the whole `pool x pool`
 /// windows (all of them when `pool` is 1).
 pub fn pooled_rows(g: &ConvGeometry, pool: usize) -> usize {
