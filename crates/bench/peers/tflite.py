@@ -53,8 +53,9 @@ def read_artifact(path):
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     metadata = header.pop("__metadata__", {})
-    if metadata.get("format") != "tch-mot" or metadata.get("format_version") != "1":
-        raise ValueError(f"{path}: not a tch-mot version 1 artifact")
+    # Version 2 adds the input normalisation, which the bench applies itself.
+    if metadata.get("format") != "tch-mot" or metadata.get("format_version") not in ("1", "2"):
+        raise ValueError(f"{path}: not a tch-mot artifact of version 1 or 2")
     data = memoryview(raw)[8 + n:]
     tensors = {}
     for name, info in header.items():
