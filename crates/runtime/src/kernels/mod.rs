@@ -12,7 +12,7 @@
 //!
 //! The f32 GEMM is a register-blocked kernel over weights packed at load time, with the bias
 //! and ReLU fused into its stores: 12 x 32 tiles with AVX-512, 6 x 16 with AVX2 + FMA (which
-//! also takes a convolution's rows from the images a tile at a time); elsewhere it is
+//! also reads a convolution's windows in place, [`Patches::windows`]); elsewhere it is
 //! `matrixmultiply::sgemm` followed by a bias and ReLU pass; one to three rows are dot
 //! products over the weights in place.
 //!
