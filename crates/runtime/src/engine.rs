@@ -876,17 +876,11 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             let x = pool.take_f32(data);
             let g = c.conv.unwrap_or_else(|| unreachable!("checked just above"));
             let patches = Patches::new(&x, g, &c.pixels, 0.0).with_windows(&c.windows);
-            let mut y = pool.f32(rows * n);
-            share(rows, 1, n, &mut y, rows * n * k, |r0, r1, y| {
-                sgemm_patches(&patches.rows_range(r0..r1), w, &c.bias, c.relu, y)
+            let mut y = pool.f32(rows / group * n);
+            share(rows, group, n, &mut y, rows * n * k, |r0, r1, y| {
+                sgemm_patches(&patches.rows_range(r0..r1), w, &c.bias, c.relu, group, y)
             });
             pool.give_f32(x);
-            if group > 1 {
-                let mut pooled = pool.f32(rows / group * n);
-                max_rows(&y, group, n, &mut pooled);
-                pool.give_f32(y);
-                y = pooled;
-            }
             Data::F32(y)
         }
         Kernel::Dense(_) | Kernel::Csr(_) => {

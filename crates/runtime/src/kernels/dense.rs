@@ -242,26 +242,34 @@ pub fn sgemm_packed(a: &[f32], m: usize, w: &PackedF32, bias: &[f32], relu: bool
 
 /// [`sgemm_packed`] of a convolution: `out = patches w^T + bias` (ReLU if asked), the im2col
 /// rows taken from the images as the kernel needs them where it can (AVX2), else written out
-/// first.
+/// first. With `group` above 1, each run of `group` consecutive rows is a pooling window
+/// (see [`super::patch_pixels`]) and gives one row of `out`: the maxima of its rows.
 ///
 /// # Panics
-/// If the patches' rows are not `w.k()` long or `out` is not rows x n.
+/// If the patches' rows are not `w.k()` long, `group` is 0 or does not divide the rows, or
+/// `out` is not rows / group x n.
 pub fn sgemm_patches(
     patches: &super::Patches<f32>,
     w: &PackedF32,
     bias: &[f32],
     relu: bool,
+    group: usize,
     out: &mut [f32],
 ) {
     let (m, n, k) = (patches.rows(), w.n, w.k);
     assert_eq!(patches.geometry.patch_len(), k, "patches of k values");
     assert_eq!(bias.len(), n, "one bias per output");
-    assert_eq!(out.len(), m * n, "out must be m x n");
+    assert!(group > 0 && m.is_multiple_of(group), "rows in whole groups");
+    assert_eq!(out.len(), m / group * n, "out must be m / group x n");
     if m == 0 || n == 0 {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if k > 0 && m >= GEMV_MAX_ROWS && w.panel_isa == PanelIsa::Avx2 && patches.geometry.padding == 0
+    if k > 0
+        && m >= GEMV_MAX_ROWS
+        && w.panel_isa == PanelIsa::Avx2
+        && patches.geometry.padding == 0
+        && group <= super::sgemm256::MR
     {
         // Without padding every window is inside its image: the kernel reads them in place.
         let g = patches.geometry;
@@ -278,13 +286,19 @@ pub fn sgemm_patches(
                 &windows,
                 (g.kernel, g.kernel * g.channels, g.width * g.channels),
                 &w.panels,
-                n,
+                (n, group),
                 bias,
                 relu,
                 out.as_mut_ptr(),
                 out.len(),
             )
         };
+        return;
+    }
+    if group > 1 {
+        let mut full = vec![0.0f32; m * n];
+        sgemm_patches(patches, w, bias, relu, 1, &mut full);
+        super::max_rows(&full, group, n, out);
         return;
     }
     #[cfg(target_arch = "x86_64")]

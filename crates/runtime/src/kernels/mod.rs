@@ -1107,7 +1107,7 @@ mod tests {
             let pixels = patch_pixels(&g, pool);
             let patches = Patches::new(&xf, g, &pixels, 0.0);
             let mut out = vec![0f32; rows * n];
-            sgemm_patches(&patches, &packed, &bias, false, &mut out);
+            sgemm_patches(&patches, &packed, &bias, false, 1, &mut out);
             for (o, e) in out.iter().zip(&expected) {
                 prop_assert!((o - e).abs() <= 1e-4 * (1.0 + e.abs()), "{} vs {}", o, e);
             }
@@ -1123,8 +1123,17 @@ mod tests {
                 prop_assert_eq!(&computed, &table);
             }
             let mut again = vec![0f32; rows * n];
-            sgemm_patches(&looked_up, &packed, &bias, false, &mut again);
+            sgemm_patches(&looked_up, &packed, &bias, false, 1, &mut again);
             prop_assert_eq!(&again, &out);
+            // Pooled in the product: the maxima of the windows' rows, after bias and ReLU.
+            let group = pool * pool;
+            let mut unpooled = vec![0f32; rows * n];
+            sgemm_patches(&looked_up, &packed, &bias, true, 1, &mut unpooled);
+            let mut expected = vec![0f32; rows / group * n];
+            max_rows(&unpooled, group, n, &mut expected);
+            let mut pooled = vec![0f32; rows / group * n];
+            sgemm_patches(&looked_up, &packed, &bias, true, group, &mut pooled);
+            prop_assert_eq!(&pooled, &expected);
         }
     }
 

@@ -89,17 +89,20 @@ impl Columns {
 /// at most 8 valid columns). Halves whose columns are all valid are loaded and stored
 /// plainly, the others masked.
 ///
+/// With `pooled` (only on a whole reduction: `first` and `last`), the `ROWS` rows are one
+/// pooling window: the column maxima of their results are stored as one row.
+///
 /// # Safety
 /// AVX2 and FMA; `a` readable where it says; `b` for `runs * run * 16` values; `bias` for
-/// the columns in `columns`; `c` readable (unless `first`) and writable for `ROWS` rows of
-/// those columns at stride `ldc`.
+/// the columns in `columns`; `c` readable (unless `first`) and writable for `ROWS` rows
+/// (one if `pooled`) of those columns at stride `ldc`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const ROWS: usize, const HALVES: usize>(
     a: Rows<ROWS>,
     b: *const f32,
     bias: *const f32,
-    (first, last, relu): (bool, bool, bool),
+    (first, last, relu, pooled): (bool, bool, bool, bool),
     c: *mut f32,
     ldc: usize,
     columns: Columns,
@@ -150,6 +153,27 @@ unsafe fn tile<const ROWS: usize, const HALVES: usize>(
             }
         });
         let zero = _mm256_setzero_ps();
+        if pooled {
+            // Bias and ReLU are the same for every row of a column and non-decreasing: the
+            // maximum first, then the epilogue.
+            for h in 0..HALVES {
+                let mut v = acc[0][h];
+                for acc in &acc[1..] {
+                    v = _mm256_max_ps(v, acc[h]);
+                }
+                v = _mm256_add_ps(v, bias[h]);
+                if relu {
+                    v = _mm256_max_ps(v, zero);
+                }
+                let p = c.add(8 * h);
+                if whole(h) {
+                    _mm256_storeu_ps(p, v);
+                } else {
+                    _mm256_maskstore_ps(p, columns.masks[h], v);
+                }
+            }
+            return;
+        }
         for (r, acc) in acc.iter().enumerate() {
             for h in 0..HALVES {
                 let mut v = acc[h];
@@ -182,7 +206,7 @@ unsafe fn tile_any(
     (runs, run, stride): (usize, usize, usize),
     b: *const f32,
     bias: *const f32,
-    flags: (bool, bool, bool),
+    flags: (bool, bool, bool, bool),
     (c, ldc): (*mut f32, usize),
     columns: Columns,
 ) {
@@ -243,7 +267,7 @@ pub(crate) unsafe fn gemm(
     let block = k.div_ceil(k.div_ceil(KC));
     for k0 in (0..k).step_by(block) {
         let kc = (k - k0).min(block);
-        let flags = (k0 == 0, k0 + kc == k, relu);
+        let flags = (k0 == 0, k0 + kc == k, relu, false);
         for p in panels.clone() {
             let start = p * NR;
             let columns = Columns::of(start, n);
@@ -304,7 +328,7 @@ pub(crate) unsafe fn gemm_rows(
         fill(r, count, &mut rows[..count * k]);
         for k0 in (0..k).step_by(block) {
             let kc = (k - k0).min(block);
-            let flags = (k0 == 0, k0 + kc == k, relu);
+            let flags = (k0 == 0, k0 + kc == k, relu, false);
             for p in 0..panels {
                 let start = p * NR;
                 let columns = Columns::of(start, n);
@@ -329,10 +353,13 @@ pub(crate) unsafe fn gemm_rows(
 /// that starts at `input[at]`, where `windows(first, out)` writes the starts of rows
 /// `first..first + out.len()` into `out`; a window is `runs` runs of `run` values (the
 /// reduction is `runs * run` long, in the packed weights' order), each `stride` values
-/// after the one before. No im2col row is written. All panels are written.
+/// after the one before. No im2col row is written. All panels are written. With `group`
+/// above 1 (at most [`MR`]), each run of `group` consecutive rows is a pooling window and
+/// gives one output row, the column maxima.
 ///
 /// # Panics
-/// If a window runs past `input`, or a slice is shorter than its shape.
+/// If a window runs past `input`, `group` is 0 or above [`MR`] or does not divide `m`, or a
+/// slice is shorter than its shape.
 ///
 /// # Safety
 /// AVX2 and FMA; `out` must be valid for reads and writes of `out_len` values.
@@ -344,58 +371,76 @@ pub(crate) unsafe fn gemm_windows(
     windows: &dyn Fn(usize, &mut [usize]),
     (runs, run, stride): (usize, usize, usize),
     packed: &[f32],
-    n: usize,
+    (n, group): (usize, usize),
     bias: &[f32],
     relu: bool,
     out: *mut f32,
     out_len: usize,
 ) {
     let k = runs * run;
-    assert!(k > 0 && out_len >= m * n && bias.len() >= n);
+    assert!((1..=MR).contains(&group) && m.is_multiple_of(group));
+    assert!(k > 0 && out_len >= m / group * n && bias.len() >= n);
     let panels = n.div_ceil(NR);
     assert!(packed.len() == panels * k * NR);
-    // Blocks of whole runs, about `KC` values each.
-    let per_block = runs.div_ceil(runs.div_ceil((KC / run).max(1)));
+    let pooled = group > 1;
+    let tile_rows = if pooled { group } else { MR };
+    // Blocks of whole runs, about `KC` values each; a pooled tile takes the whole reduction
+    // (its rows' partial sums have nowhere to wait).
+    let per_block = if pooled {
+        runs
+    } else {
+        runs.div_ceil(runs.div_ceil((KC / run).max(1)))
+    };
     let span = (runs - 1) * stride + run;
-    let mut at = [0usize; MR];
+    let columns: Vec<Columns> = (0..panels).map(|p| Columns::of(p * NR, n)).collect();
+    // The windows of many tiles at a time.
+    const LOOKUP: usize = 96;
+    let mut at = [0usize; LOOKUP];
+    let lookup = LOOKUP / tile_rows * tile_rows;
+    // The output row of the next tile.
+    let mut out_row = 0;
     let mut r = 0;
     while r < m {
-        let count = (m - r).min(MR);
-        windows(r, &mut at[..count]);
-        let mut first = [input.as_ptr(); MR];
-        for (first, &at) in first.iter_mut().zip(&at[..count]) {
-            assert!(at + span <= input.len(), "windows inside the input");
-            // SAFETY: just checked.
-            *first = unsafe { input.as_ptr().add(at) };
-        }
-        for run0 in (0..runs).step_by(per_block) {
-            let block = (runs - run0).min(per_block);
-            let flags = (run0 == 0, run0 + block == runs, relu);
-            let rows: [*const f32; MR] =
-                std::array::from_fn(|i| first[i].wrapping_add(run0 * stride));
-            for p in 0..panels {
-                let start = p * NR;
-                let columns = Columns::of(start, n);
-                // SAFETY: the windows were checked; panel `p`'s block of runs `run0..` is
-                // inside `packed`; rows `r..r + count` of `out` are inside `out_len`; the
-                // masks keep the columns below `n`.
-                unsafe {
-                    let b = packed.as_ptr().add(p * k * NR + run0 * run * NR);
-                    let (bias, c) = (bias.as_ptr().add(start), out.add(r * n + start));
-                    let a = |i: usize| rows[i];
-                    tile_any(
-                        count,
-                        a,
-                        (block, run, stride),
-                        b,
-                        bias,
-                        flags,
-                        (c, n),
-                        columns,
-                    )
+        let looked_up = (m - r).min(lookup);
+        windows(r, &mut at[..looked_up]);
+        for at in at[..looked_up].chunks(tile_rows) {
+            let count = at.len();
+            let mut first = [input.as_ptr(); MR];
+            for (first, &at) in first.iter_mut().zip(at) {
+                assert!(at + span <= input.len(), "windows inside the input");
+                // SAFETY: just checked.
+                *first = unsafe { input.as_ptr().add(at) };
+            }
+            for run0 in (0..runs).step_by(per_block) {
+                let block = (runs - run0).min(per_block);
+                let flags = (run0 == 0, run0 + block == runs, relu, pooled);
+                let rows: [*const f32; MR] =
+                    std::array::from_fn(|i| first[i].wrapping_add(run0 * stride));
+                for (p, &columns) in columns.iter().enumerate() {
+                    let start = p * NR;
+                    // SAFETY: the windows were checked; panel `p`'s block of runs `run0..` is
+                    // inside `packed`; output row `out_row` (and the `count` after it unless
+                    // pooled) of `out` is inside `out_len`; the masks keep the columns below
+                    // `n`.
+                    unsafe {
+                        let b = packed.as_ptr().add(p * k * NR + run0 * run * NR);
+                        let (bias, c) = (bias.as_ptr().add(start), out.add(out_row * n + start));
+                        let a = |i: usize| rows[i];
+                        tile_any(
+                            count,
+                            a,
+                            (block, run, stride),
+                            b,
+                            bias,
+                            flags,
+                            (c, n),
+                            columns,
+                        )
+                    }
                 }
             }
+            out_row += if pooled { 1 } else { count };
         }
-        r += count;
+        r += looked_up;
     }
 }
