@@ -92,13 +92,17 @@ impl U8Codes for QParams {
     }
 }
 
-/// [`U8Codes::quantize_u8`] of every element, 16 at a time where AVX-512 is available.
+/// [`U8Codes::quantize_u8`] of every element, 16 at a time where AVX-512 is available, 8
+/// with AVX2.
 fn quantize_chunk(p: &QParams, x: &[f32], out: &mut [u8]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx512f") {
         // SAFETY: the feature was detected just above; the function checks lengths.
         done = unsafe { simd::quantize(x, p.scale, p.zero_point, out) };
+    } else if is_x86_feature_detected!("avx2") {
+        // SAFETY: as above.
+        done = unsafe { simd256::quantize(x, p.scale, p.zero_point, out) };
     }
     out[done..]
         .iter_mut()
@@ -115,8 +119,108 @@ fn min_max(x: &[f32]) -> (f32, f32) {
         // SAFETY: the feature was detected just above.
         let (lo, hi, done) = unsafe { simd::min_max(x) };
         return scalar(&x[done..], (lo, hi));
+    } else if is_x86_feature_detected!("avx2") {
+        // SAFETY: as above.
+        let (lo, hi, done) = unsafe { simd256::min_max(x) };
+        return scalar(&x[done..], (lo, hi));
     }
     scalar(x, (0.0, 0.0))
+}
+
+/// The AVX2 versions of [`simd`]'s functions, 8 lanes at a time, with the same results.
+#[cfg(target_arch = "x86_64")]
+mod simd256 {
+    use std::arch::x86_64::{
+        __m256, _CMP_LE_OQ, _CMP_UNORD_Q, _MM_FROUND_NO_EXC, _MM_FROUND_TO_NEAREST_INT,
+        _mm_packus_epi16, _mm_packus_epi32, _mm_storel_epi64, _mm256_add_ps, _mm256_andnot_ps,
+        _mm256_blendv_ps, _mm256_castsi256_si128, _mm256_cmp_ps, _mm256_cvtps_epi32, _mm256_div_ps,
+        _mm256_extracti128_si256, _mm256_loadu_ps, _mm256_max_ps, _mm256_min_ps,
+        _mm256_movemask_ps, _mm256_mul_ps, _mm256_round_ps, _mm256_set1_ps, _mm256_setzero_ps,
+        _mm256_storeu_ps, _mm256_sub_ps,
+    };
+
+    /// The running `(min, max)` from 0 over the first multiple of 32 elements, and how many
+    /// that was. NaN lanes never win (`vminps` returns its second operand on NaN).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn min_max(x: &[f32]) -> (f32, f32, usize) {
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        let chunks = x.chunks_exact(32);
+        let done = x.len() - chunks.remainder().len();
+        for chunk in chunks {
+            for j in 0..4 {
+                // SAFETY: `chunk` holds 32 values, lanes `8 j .. 8 j + 8` are inside.
+                let v = unsafe { _mm256_loadu_ps(chunk.as_ptr().add(8 * j)) };
+                lo[j] = _mm256_min_ps(v, lo[j]);
+                hi[j] = _mm256_max_ps(v, hi[j]);
+            }
+        }
+        let lo = _mm256_min_ps(_mm256_min_ps(lo[0], lo[1]), _mm256_min_ps(lo[2], lo[3]));
+        let hi = _mm256_max_ps(_mm256_max_ps(hi[0], hi[1]), _mm256_max_ps(hi[2], hi[3]));
+        let (mut l, mut h) = ([0f32; 8], [0f32; 8]);
+        // SAFETY: two arrays of 8 writable f32.
+        unsafe {
+            _mm256_storeu_ps(l.as_mut_ptr(), lo);
+            _mm256_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        // The lanes hold no NaN (see above): any fold order gives the same extremes.
+        let lo = l.iter().fold(0.0f32, |a, &b| a.min(b));
+        let hi = h.iter().fold(0.0f32, |a, &b| a.max(b));
+        (lo, hi, done)
+    }
+
+    /// Quantizes the first multiple of 8 elements exactly like `U8Codes::quantize_u8` (the
+    /// same reciprocal shortcut and fallback to the division as the AVX-512 version) and
+    /// returns how many that was.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize(x: &[f32], scale: f32, zero_point: i32, out: &mut [u8]) -> usize {
+        let len = x.len().min(out.len());
+        let (s, z) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero_point as f32));
+        let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let inverse = 1.0 / scale;
+        let fast = inverse.is_normal();
+        let (inv, half) = (_mm256_set1_ps(inverse), _mm256_set1_ps(0.5));
+        let margin = _mm256_set1_ps(1.0 / (1 << 20) as f32);
+        let sign = _mm256_set1_ps(-0.0);
+        let abs = |y: __m256| _mm256_andnot_ps(sign, y);
+        let round = |y| _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+        let mut i = 0;
+        while i + 8 <= len {
+            // SAFETY: `i + 8 <= len`, inside both slices.
+            let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+            let r = if fast {
+                let y = _mm256_mul_ps(v, inv);
+                let r = round(y);
+                let to_tie = _mm256_sub_ps(half, abs(_mm256_sub_ps(y, r)));
+                let tolerance = _mm256_mul_ps(abs(y), margin);
+                if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LE_OQ>(to_tie, tolerance)) == 0 {
+                    r
+                } else {
+                    round(_mm256_div_ps(v, s))
+                }
+            } else {
+                round(_mm256_div_ps(v, s))
+            };
+            // NaN converts to code 0 before the zero point is added, as `as i32` does.
+            let r = _mm256_blendv_ps(r, lo, _mm256_cmp_ps::<_CMP_UNORD_Q>(r, r));
+            let q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, z), lo), hi);
+            // Codes 0..=255 as i32, packed down without saturating anything.
+            let q = _mm256_cvtps_epi32(q);
+            let words =
+                _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+            let bytes = _mm_packus_epi16(words, words);
+            // SAFETY: 8 bytes at `i` are inside `out`.
+            unsafe { _mm_storel_epi64(out.as_mut_ptr().add(i).cast(), bytes) };
+            i += 8;
+        }
+        i
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
