@@ -32,18 +32,29 @@ pub(crate) fn pack(w: &[i8], n: usize, k: usize, kp: usize) -> Vec<i16> {
     out
 }
 
-/// One `ROWS x (8 * NB)` tile of `C`, stored at `c` (row stride `ldc`): all `8 * NB`
-/// columns when `width` is that many, else the first `width`.
+/// Where a tile's activations are, as `u16` (zero-extended `u8`): row `r`'s pairs are `runs`
+/// runs of `pairs` pairs, the first at `a[r]` and each `stride` values after the one before
+/// (one run for a matrix row; for a convolution window, one run per kernel row). A pair is
+/// two consecutive values, read as one `u32`.
+#[derive(Clone, Copy)]
+struct Rows<const ROWS: usize> {
+    a: [*const u16; ROWS],
+    runs: usize,
+    pairs: usize,
+    stride: usize,
+}
+
+/// One `ROWS x (8 * NB)` tile of `C` over the `runs * pairs` pairs that `a` describes (the
+/// first pairs of the packed weights, which hold `kh` per block), stored at `c` (row stride
+/// `ldc`): all `8 * NB` columns when `width` is that many, else the first `width`.
 ///
 /// # Safety
-/// The CPU must support AVX2; `a` must be readable for `ROWS` rows of `kh` pairs of `u16`
-/// activations (each pair one `u32`) at stride `lda` pairs; `b` for `NB * kh * 16` values;
-/// `c` writable for `ROWS` rows of `width` values at stride `ldc`.
+/// The CPU must support AVX2; `a` readable where it says; `b` for `NB * kh * 16` values,
+/// `runs * pairs <= kh`; `c` writable for `ROWS` rows of `width` values at stride `ldc`.
 #[target_feature(enable = "avx2")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const ROWS: usize, const NB: usize>(
-    a: *const u32,
-    lda: usize,
+    a: Rows<ROWS>,
     b: *const i16,
     kh: usize,
     c: *mut i32,
@@ -51,19 +62,26 @@ unsafe fn tile<const ROWS: usize, const NB: usize>(
     width: usize,
 ) {
     let mut acc = [[_mm256_setzero_si256(); NB]; ROWS];
-    for p in 0..kh {
-        let mut bv = [_mm256_setzero_si256(); NB];
-        for (j, v) in bv.iter_mut().enumerate() {
-            // SAFETY: block `j`, pair `p` lies inside the `NB * kh * 16` readable values.
-            *v = unsafe { _mm256_loadu_si256(b.add((j * kh + p) * 16).cast::<__m256i>()) };
-        }
-        for (r, acc_row) in acc.iter_mut().enumerate() {
-            // SAFETY: row `r < ROWS` has `kh` readable pairs. Two zero-extended activations
-            // as the low and high `i16` of each lane: one broadcast load.
-            let av = _mm256_set1_epi32(unsafe { *a.add(r * lda + p) } as i32);
-            for (acc, &bv) in acc_row.iter_mut().zip(&bv) {
-                *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(av, bv));
+    let mut p = 0;
+    for run in 0..a.runs {
+        let rows: [*const u16; ROWS] = std::array::from_fn(|r| a.a[r].wrapping_add(run * a.stride));
+        for e in 0..a.pairs {
+            let mut bv = [_mm256_setzero_si256(); NB];
+            for (j, v) in bv.iter_mut().enumerate() {
+                // SAFETY: block `j`, pair `p < kh` lies inside the `NB * kh * 16` readable
+                // values.
+                *v = unsafe { _mm256_loadu_si256(b.add((j * kh + p) * 16).cast::<__m256i>()) };
             }
+            for (acc_row, row) in acc.iter_mut().zip(rows) {
+                // SAFETY: pair `e` of the run is readable. Two zero-extended activations as
+                // the low and high `i16` of each lane: one broadcast load.
+                let pair = unsafe { row.add(2 * e).cast::<u32>().read_unaligned() };
+                let av = _mm256_set1_epi32(pair as i32);
+                for (acc, &bv) in acc_row.iter_mut().zip(&bv) {
+                    *acc = _mm256_add_epi32(*acc, _mm256_madd_epi16(av, bv));
+                }
+            }
+            p += 1;
         }
     }
     for (r, acc_row) in acc.iter().enumerate() {
@@ -92,12 +110,11 @@ const MR: usize = 6;
 /// Computes rows `r..r + ROWS` of every column (blocks of 16, the last one maybe 8) into `c`.
 ///
 /// # Safety
-/// As for [`tile`], with `a` pointing at row `r`, `b` holding every block and `c` writable
-/// for rows `r..r + ROWS` of `n` values.
+/// As for [`tile`], with `a` describing rows `r..r + ROWS`, `b` holding every block and `c`
+/// writable for rows `r..r + ROWS` of `n` values.
 #[target_feature(enable = "avx2")]
 unsafe fn rows<const ROWS: usize>(
-    a: *const u32,
-    lda: usize,
+    a: Rows<ROWS>,
     b: *const i16,
     kh: usize,
     c: *mut i32,
@@ -114,12 +131,50 @@ unsafe fn rows<const ROWS: usize>(
         unsafe {
             let (bp, cp) = (b.add(block * kh * NR * 2), c.add(r * n + start));
             if block + 1 < blocks {
-                tile::<ROWS, 2>(a, lda, bp, kh, cp, n, width);
+                tile::<ROWS, 2>(a, bp, kh, cp, n, width);
             } else {
-                tile::<ROWS, 1>(a, lda, bp, kh, cp, n, width);
+                tile::<ROWS, 1>(a, bp, kh, cp, n, width);
             }
         }
         block += 2;
+    }
+}
+
+/// [`rows`] for `count` rows (1 to [`MR`]) whose first values are at `first[..count]`.
+///
+/// # Safety
+/// As for [`rows`].
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_at(
+    count: usize,
+    first: &[*const u16; MR],
+    (runs, pairs, stride): (usize, usize, usize),
+    b: *const i16,
+    kh: usize,
+    c: *mut i32,
+    n: usize,
+    r: usize,
+) {
+    macro_rules! go {
+        ($rows:literal) => {{
+            let a = Rows::<$rows> {
+                a: std::array::from_fn(|i| first[i]),
+                runs,
+                pairs,
+                stride,
+            };
+            // SAFETY: forwarded from the caller.
+            unsafe { rows::<$rows>(a, b, kh, c, n, r) }
+        }};
+    }
+    match count {
+        6 => go!(6),
+        5 => go!(5),
+        4 => go!(4),
+        3 => go!(3),
+        2 => go!(2),
+        _ => go!(1),
     }
 }
 
@@ -189,22 +244,110 @@ pub(crate) unsafe fn gemm_rows(
             std::slice::from_raw_parts_mut(wide.as_mut_ptr().cast::<u16>(), wide.len() * 2)
         };
         fill(r, count, &mut halves[..count * kp]);
-        let (ap, bp, cp) = (wide.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let ap = wide.as_ptr().cast::<u16>();
+        let first: [*const u16; MR] = std::array::from_fn(|i| ap.wrapping_add(i * kp));
         // SAFETY: `wide` holds `count` rows of `kh` pairs; `b` holds every block; rows
         // `r..r + count` of `c` are inside it (asserted above).
         unsafe {
-            match count {
-                6 => rows::<6>(ap, kh, bp, kh, cp, n, r),
-                5 => rows::<5>(ap, kh, bp, kh, cp, n, r),
-                4 => rows::<4>(ap, kh, bp, kh, cp, n, r),
-                3 => rows::<3>(ap, kh, bp, kh, cp, n, r),
-                2 => rows::<2>(ap, kh, bp, kh, cp, n, r),
-                _ => rows::<1>(ap, kh, bp, kh, cp, n, r),
-            }
-        }
+            rows_at(
+                count,
+                &first,
+                (1, kh, 0),
+                b.as_ptr(),
+                kh,
+                c.as_mut_ptr(),
+                n,
+                r,
+            )
+        };
         r += count;
     }
     WIDE.with(|cell| cell.set(wide));
+}
+
+/// [`gemm_rows`] over convolution windows read in place from images widened to `u16`: row
+/// `i`'s window starts at `images[at]`, where `windows(first, out)` writes the starts of
+/// rows `first..first + out.len()`, and is `runs` runs of `2 * pairs` values, each
+/// `stride` values after the one before (the reduction is `runs * 2 * pairs` long, at most
+/// `kp`; the packed weights past it are zero).
+///
+/// # Panics
+/// If a window runs past `images` or a slice is shorter than its shape.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_windows(
+    m: usize,
+    images: &[u16],
+    windows: &dyn Fn(usize, &mut [usize]),
+    (runs, pairs, stride): (usize, usize, usize),
+    b: &[i16],
+    n: usize,
+    kp: usize,
+    c: &mut [i32],
+) {
+    let kh = kp / 2;
+    let blocks = n.div_ceil(NR);
+    assert!(kp.is_multiple_of(2) && b.len() == blocks * kh * NR * 2);
+    assert!(runs > 0 && runs * pairs <= kh && c.len() >= m * n);
+    let span = (runs - 1) * stride + 2 * pairs;
+    const LOOKUP: usize = 16 * MR;
+    let mut at = [0usize; LOOKUP];
+    let mut r = 0;
+    while r < m {
+        let looked_up = (m - r).min(LOOKUP);
+        windows(r, &mut at[..looked_up]);
+        for (tile, at) in at[..looked_up].chunks(MR).enumerate() {
+            let mut first = [images.as_ptr(); MR];
+            for (first, &at) in first.iter_mut().zip(at) {
+                assert!(at + span <= images.len(), "windows inside the images");
+                // SAFETY: just checked.
+                *first = unsafe { images.as_ptr().add(at) };
+            }
+            // SAFETY: the windows were checked; `b` holds every block; rows of this tile
+            // are inside `c` (asserted above).
+            unsafe {
+                let shape = (runs, pairs, stride);
+                let row = r + tile * MR;
+                rows_at(
+                    at.len(),
+                    &first,
+                    shape,
+                    b.as_ptr(),
+                    kh,
+                    c.as_mut_ptr(),
+                    n,
+                    row,
+                )
+            };
+        }
+        r += looked_up;
+    }
+}
+
+/// `u16` copies of `u8` values, 16 at a time.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn widen(src: &[u8], dst: &mut [u16]) {
+    use std::arch::x86_64::{_mm_loadu_si128, _mm256_cvtepu8_epi16};
+    let len = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 16 <= len {
+        // SAFETY: 16 values at `i` are inside both slices.
+        unsafe {
+            let v = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            let p = dst.as_mut_ptr().add(i).cast::<__m256i>();
+            _mm256_storeu_si256(p, _mm256_cvtepu8_epi16(v));
+        }
+        i += 16;
+    }
+    for (d, &v) in dst[i..len].iter_mut().zip(&src[i..len]) {
+        *d = u16::from(v);
+    }
 }
 
 /// f32 dot product with four 8-lane FMA accumulators: the batch-1 (GEMV) path of the dense

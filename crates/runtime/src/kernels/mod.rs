@@ -576,6 +576,26 @@ fn drive<T: Send, E: Epilogue<T>>(
     };
     // Rows per block: whole groups.
     let block_rows = (ROW_BLOCK / group).max(1) * group;
+    // Windows of an even number of values per kernel row, inside their images: the AVX2
+    // kernel reads them in place from the images widened to `u16` once, here.
+    #[cfg(target_arch = "x86_64")]
+    let widened: Option<(Vec<u16>, usize)> = match source {
+        Source::Patches(p, _)
+            if narrow
+                && w.isa == Isa::Avx2
+                && p.geometry.padding == 0
+                && (p.geometry.kernel * p.geometry.channels).is_multiple_of(2) =>
+        {
+            let images = p.image_range();
+            let len = p.geometry.image_len();
+            let src = &p.images()[images.start * len..images.end * len];
+            let mut wide = vec![0u16; src.len()];
+            // SAFETY: an AVX2 `PackedI8` exists only where the CPU has AVX2.
+            unsafe { avx2::widen(src, &mut wide) };
+            Some((wide, images.start * len))
+        }
+        _ => None,
+    };
     let block = |r0: usize, out: &mut [T]| {
         let rows = out.len() / n * group;
         let mut acc = ACCUMULATORS.with(std::cell::Cell::take);
@@ -586,7 +606,20 @@ fn drive<T: Send, E: Epilogue<T>>(
             Source::Matrix(a) => (a.data, a.lda, r0),
             Source::Patches(p, _) if narrow && w.isa == Isa::Avx2 => {
                 #[cfg(target_arch = "x86_64")]
-                if let PackedData::I16(b) = &w.data {
+                if let (PackedData::I16(b), Some((wide, base))) = (&w.data, &widened) {
+                    let g = p.geometry;
+                    let windows = |first: usize, out: &mut [usize]| {
+                        let inside = p.windows(r0 + first, out);
+                        assert!(inside, "without padding every window is inside its image");
+                        out.iter_mut().for_each(|at| *at -= base);
+                    };
+                    let (span, stride) = (g.kernel * g.channels, g.width * g.channels);
+                    let shape = (g.kernel, span / 2, stride);
+                    // SAFETY: a `PackedI8` for AVX2 exists only where the CPU has it.
+                    unsafe {
+                        avx2::gemm_windows(rows, wide, &windows, shape, b, n, w.kp, &mut acc)
+                    };
+                } else if let PackedData::I16(b) = &w.data {
                     let fill = |first: usize, count: usize, dst: &mut [u16]| {
                         p.fill_u16(r0 + first, count, dst, w.kp);
                     };

@@ -370,6 +370,15 @@ impl<'a, T: Copy> Patches<'a, T> {
         self.images
     }
 
+    /// The indices of the images that these rows take their windows from.
+    pub fn image_range(&self) -> std::ops::Range<usize> {
+        let per_image = self.pixels.len();
+        if self.rows() == 0 || per_image == 0 {
+            return 0..0;
+        }
+        self.start / per_image..(self.end - 1) / per_image + 1
+    }
+
     /// Where the windows of rows `first..first + out.len()` start in [`Patches::images`]:
     /// each is `kernel` runs of `kernel * channels` values, `width * channels` apart. Returns
     /// false, leaving `out` unspecified, when a window is not wholly inside its image (never
