@@ -592,13 +592,21 @@ impl Model {
         }
         let batch = shape[0];
         let mut pool = POOL.with(Cell::take);
-        let mut x = pool.f32(input.len());
-        match input.as_slice() {
-            Some(values) => x.copy_from_slice(values),
-            None => x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v),
-        }
+        // A contiguous input is read in place; any other is copied once.
+        let copied = input.as_slice().is_none().then(|| {
+            let mut x = pool.f32(input.len());
+            x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v);
+            x
+        });
+        let x = match (&copied, input.as_slice()) {
+            (Some(x), _) => &x[..],
+            (None, values) => values.unwrap_or_default(),
+        };
         let (front, rest) = self.ops.split_at(self.front.ops);
         let data = self.run_front(front, x, batch, &mut pool);
+        if let Some(x) = copied {
+            pool.give_f32(x);
+        }
         let data = run_ops(rest, data, batch, &mut pool);
         let out_len: usize = self.output_shape().iter().product();
         let out = pool.take_f32(data);
@@ -614,7 +622,7 @@ impl Model {
     /// Runs the front operations on a batch: group by group (spread over the threads when
     /// there are enough images for every thread to get two groups), or on the whole batch
     /// at once when it is no larger than a group, where the kernels split their own work.
-    fn run_front(&self, ops: &[Op], x: Vec<f32>, batch: usize, pool: &mut Pool) -> Data {
+    fn run_front(&self, ops: &[Op], x: &[f32], batch: usize, pool: &mut Pool) -> Data {
         let front = &self.front;
         let threads = if kernels::may_split() {
             rayon::current_num_threads()
@@ -623,7 +631,9 @@ impl Model {
         };
         let parallel = threads > 1 && batch >= 2 * threads;
         if ops.is_empty() || (!parallel && batch <= front.images) {
-            return run_ops(ops, Data::F32(x), batch, pool);
+            let mut owned = pool.f32(x.len());
+            owned.copy_from_slice(x);
+            return run_ops(ops, Data::F32(owned), batch, pool);
         }
         // Two groups per thread at least, so that a thread slowed by other work is caught up.
         let images = if parallel {
@@ -705,7 +715,6 @@ impl Model {
                 Data::U8(y, q)
             }
         };
-        pool.give_f32(x);
         data
     }
 }
