@@ -683,10 +683,10 @@ impl Model {
             }
         }
         let shape = (in_len, out_len, images);
-        let data = match front.out_quant {
+        match front.out_quant {
             None => {
                 let mut y = pool.f32(batch * out_len);
-                spread(parallel, &x, &mut y, shape, pool, |xs, ys, pool| {
+                spread(parallel, x, &mut y, shape, pool, |xs, ys, pool| {
                     group(ops, xs, ys, in_len, pool, |data, ys, pool| {
                         let v = pool.take_f32(data);
                         ys.copy_from_slice(&v[..ys.len()]);
@@ -697,7 +697,7 @@ impl Model {
             }
             Some(q) => {
                 let mut y = pool.u8(batch * out_len);
-                spread(parallel, &x, &mut y, shape, pool, |xs, ys, pool| {
+                spread(parallel, x, &mut y, shape, pool, |xs, ys, pool| {
                     group(ops, xs, ys, in_len, pool, |data, ys, pool| match data {
                         Data::U8(v, p) if p == q => {
                             ys.copy_from_slice(&v[..ys.len()]);
@@ -714,8 +714,7 @@ impl Model {
                 });
                 Data::U8(y, q)
             }
-        };
-        data
+        }
     }
 }
 
