@@ -270,12 +270,22 @@ pub fn sgemm_patches(
         && w.panel_isa == PanelIsa::Avx2
         && patches.geometry.padding == 0
         && group <= super::sgemm256::MR
+        && (1..=group).any(|p| p * p == group)
     {
         // Without padding every window is inside its image: the kernel reads them in place.
         let g = patches.geometry;
-        let windows = |first: usize, out: &mut [usize]| {
-            let inside = patches.windows(first, out);
+        let windows = |first: usize, step: usize, out: &mut [usize]| {
+            let inside = patches.windows_every(first, step, out);
             assert!(inside, "without padding every window is inside its image");
+        };
+        // A pooling window's rows, in raster order (see `patch_pixels`), from its first.
+        let pool = (1..=group).find(|p| p * p == group).unwrap_or(1);
+        let pooled: Vec<usize> = if group > 1 && pool * pool == group {
+            (0..group)
+                .map(|i| ((i / pool) * g.width + i % pool) * g.stride * g.channels)
+                .collect()
+        } else {
+            Vec::new()
         };
         // SAFETY: AVX2 panels exist only where AVX2 and FMA were detected; `out` is valid
         // for its length; the kernel checks the rest.
@@ -286,7 +296,7 @@ pub fn sgemm_patches(
                 &windows,
                 (g.kernel, g.kernel * g.channels, g.width * g.channels),
                 &w.panels,
-                (n, group),
+                (n, &pooled),
                 bias,
                 relu,
                 out.as_mut_ptr(),

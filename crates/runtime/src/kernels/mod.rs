@@ -1171,6 +1171,47 @@ mod tests {
     }
 
     #[test]
+    fn pooled_convolutions_of_narrow_layers_take_every_window() {
+        // 1 and 3 channels in, at most 8 out (two pooling windows per tile), an odd number
+        // of windows per image (the last tile holds one), pooled in the product against
+        // pooled after it.
+        for (channels, n, side) in [(1, 8, 28), (1, 5, 16), (3, 8, 12), (2, 3, 8)] {
+            let g = ConvGeometry {
+                channels,
+                height: side,
+                width: side,
+                kernel: 3,
+                stride: 1,
+                padding: 0,
+            };
+            let batch = 3;
+            let x: Vec<f32> = fill(5, batch * g.image_len())
+                .into_iter()
+                .map(|v| f32::from(v) / 32.0 - 4.0)
+                .collect();
+            let k = g.patch_len();
+            let w: Vec<f32> = fill(6, n * k)
+                .into_iter()
+                .map(|v| f32::from(v) / 128.0 - 1.0)
+                .collect();
+            let packed = PackedF32::new(&w, n, k);
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 1.0).collect();
+            let pixels = patch_pixels(&g, 2);
+            let windows = patch_windows(&g, &pixels);
+            let patches = Patches::new(&x, g, &pixels, 0.0).with_windows(&windows);
+            let rows = patches.rows();
+            assert_eq!(rows % 8, 4, "an odd number of windows");
+            let mut unpooled = vec![0f32; rows * n];
+            sgemm_patches(&patches, &packed, &bias, true, 1, &mut unpooled);
+            let mut expected = vec![0f32; rows / 4 * n];
+            max_rows(&unpooled, 4, n, &mut expected);
+            let mut pooled = vec![0f32; rows / 4 * n];
+            sgemm_patches(&patches, &packed, &bias, true, 4, &mut pooled);
+            assert_eq!(pooled, expected, "{channels} channels, {n} outputs");
+        }
+    }
+
+    #[test]
     fn requantize_rows_round_ties_like_the_scalar_epilogue() {
         // Exact halves at every column, 16 at a time and in the tail.
         let n = 37;

@@ -89,16 +89,17 @@ impl Columns {
 /// at most 8 valid columns). Halves whose columns are all valid are loaded and stored
 /// plainly, the others masked.
 ///
-/// With `pooled` (only on a whole reduction: `first` and `last`), the `ROWS` rows are one
-/// pooling window: the column maxima of their results are stored as one row.
+/// With `pooled` (only on a whole reduction: `first` and `last`), the `ROWS` rows are
+/// `WINDOWS` pooling windows of `ROWS / WINDOWS` consecutive rows: the column maxima of
+/// each window's results are stored as one row.
 ///
 /// # Safety
 /// AVX2 and FMA; `a` readable where it says; `b` for `runs * run * 16` values; `bias` for
 /// the columns in `columns`; `c` readable (unless `first`) and writable for `ROWS` rows
-/// (one if `pooled`) of those columns at stride `ldc`.
+/// (`WINDOWS` if `pooled`) of those columns at stride `ldc`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<const ROWS: usize, const HALVES: usize>(
+unsafe fn tile<const ROWS: usize, const HALVES: usize, const WINDOWS: usize>(
     a: Rows<ROWS>,
     b: *const f32,
     bias: *const f32,
@@ -156,20 +157,23 @@ unsafe fn tile<const ROWS: usize, const HALVES: usize>(
         if pooled {
             // Bias and ReLU are the same for every row of a column and non-decreasing: the
             // maximum first, then the epilogue.
-            for h in 0..HALVES {
-                let mut v = acc[0][h];
-                for acc in &acc[1..] {
-                    v = _mm256_max_ps(v, acc[h]);
-                }
-                v = _mm256_add_ps(v, bias[h]);
-                if relu {
-                    v = _mm256_max_ps(v, zero);
-                }
-                let p = c.add(8 * h);
-                if whole(h) {
-                    _mm256_storeu_ps(p, v);
-                } else {
-                    _mm256_maskstore_ps(p, columns.masks[h], v);
+            let size = ROWS / WINDOWS;
+            for w in 0..WINDOWS {
+                for h in 0..HALVES {
+                    let mut v = acc[w * size][h];
+                    for r in 1..size {
+                        v = _mm256_max_ps(v, acc[w * size + r][h]);
+                    }
+                    v = _mm256_add_ps(v, bias[h]);
+                    if relu {
+                        v = _mm256_max_ps(v, zero);
+                    }
+                    let p = c.add(w * ldc + 8 * h);
+                    if whole(h) {
+                        _mm256_storeu_ps(p, v);
+                    } else {
+                        _mm256_maskstore_ps(p, columns.masks[h], v);
+                    }
                 }
             }
             return;
@@ -194,7 +198,8 @@ unsafe fn tile<const ROWS: usize, const HALVES: usize>(
     }
 }
 
-/// [`tile`] for `rows` rows (1 to [`MR`]) and the halves that `columns` needs.
+/// [`tile`] for `rows` rows (1 to [`MR`]) and the halves that `columns` needs, each pooled
+/// tile one window; or 8 rows, pooled as two windows of 4 on one half.
 ///
 /// # Safety
 /// As for [`tile`] with `ROWS = rows`.
@@ -221,14 +226,26 @@ unsafe fn tile_any(
             // SAFETY: forwarded from the caller.
             unsafe {
                 if columns.valid <= 8 {
-                    tile::<$rows, 1>(a, b, bias, flags, c, ldc, columns)
+                    tile::<$rows, 1, 1>(a, b, bias, flags, c, ldc, columns)
                 } else {
-                    tile::<$rows, 2>(a, b, bias, flags, c, ldc, columns)
+                    tile::<$rows, 2, 1>(a, b, bias, flags, c, ldc, columns)
                 }
             }
         }};
     }
     match rows {
+        // Two pooling windows of 2 x 2 on one half of a panel: eight accumulators.
+        8 => {
+            let a = Rows::<8> {
+                a: std::array::from_fn(a),
+                runs,
+                run,
+                stride,
+            };
+            // SAFETY: forwarded from the caller, who passes 8 rows only pooled, in two
+            // windows, on a panel of at most 8 columns.
+            unsafe { tile::<8, 1, 2>(a, b, bias, flags, c, ldc, columns) }
+        }
         6 => go!(6),
         5 => go!(5),
         4 => go!(4),
@@ -350,16 +367,17 @@ pub(crate) unsafe fn gemm_rows(
 }
 
 /// [`gemm`] over convolution windows read in place: row `i` of the activations is the window
-/// that starts at `input[at]`, where `windows(first, out)` writes the starts of rows
-/// `first..first + out.len()` into `out`; a window is `runs` runs of `run` values (the
+/// that starts at `input[at]`, where `windows(first, step, out)` writes the starts of rows
+/// `first`, `first + step`, ... into `out`; a window is `runs` runs of `run` values (the
 /// reduction is `runs * run` long, in the packed weights' order), each `stride` values
-/// after the one before. No im2col row is written. All panels are written. With `group`
-/// above 1 (at most [`MR`]), each run of `group` consecutive rows is a pooling window and
-/// gives one output row, the column maxima.
+/// after the one before. No im2col row is written. All panels are written. With more than
+/// one entry in `pooled`, each run of `pooled.len()` consecutive rows (at most [`MR`]) is a
+/// pooling window whose rows start `pooled[i]` values after its first row's, and gives one
+/// output row, the column maxima.
 ///
 /// # Panics
-/// If a window runs past `input`, `group` is 0 or above [`MR`] or does not divide `m`, or a
-/// slice is shorter than its shape.
+/// If a window runs past `input`, a pooling window has more than [`MR`] rows or the rows
+/// do not come in whole windows, or a slice is shorter than its shape.
 ///
 /// # Safety
 /// AVX2 and FMA; `out` must be valid for reads and writes of `out_len` values.
@@ -368,60 +386,87 @@ pub(crate) unsafe fn gemm_rows(
 pub(crate) unsafe fn gemm_windows(
     m: usize,
     input: &[f32],
-    windows: &dyn Fn(usize, &mut [usize]),
+    windows: &dyn Fn(usize, usize, &mut [usize]),
     (runs, run, stride): (usize, usize, usize),
     packed: &[f32],
-    (n, group): (usize, usize),
+    (n, pooled): (usize, &[usize]),
     bias: &[f32],
     relu: bool,
     out: *mut f32,
     out_len: usize,
 ) {
     let k = runs * run;
-    assert!((1..=MR).contains(&group) && m.is_multiple_of(group));
+    let group = pooled.len().max(1);
+    assert!(group <= MR && m.is_multiple_of(group));
     assert!(k > 0 && out_len >= m / group * n && bias.len() >= n);
     let panels = n.div_ceil(NR);
     assert!(packed.len() == panels * k * NR);
-    let pooled = group > 1;
-    let tile_rows = if pooled { group } else { MR };
+    let pooling = group > 1;
     // Blocks of whole runs, about `KC` values each; a pooled tile takes the whole reduction
     // (its rows' partial sums have nowhere to wait).
-    let per_block = if pooled {
+    let per_block = if pooling {
         runs
     } else {
         runs.div_ceil(runs.div_ceil((KC / run).max(1)))
     };
+    // Rows per tile: two windows of 2 x 2 where one half of a panel suffices.
+    let two = pooling && group == 4 && n <= 8;
+    let tile_rows = match (pooling, two) {
+        (false, _) => MR,
+        (true, false) => group,
+        (true, true) => 2 * group,
+    };
+    // The row offsets inside a tile: from the first row of each window.
+    let mut offsets = [0usize; 8];
+    if pooling {
+        for (i, offset) in offsets.iter_mut().enumerate().take(tile_rows) {
+            *offset = pooled[i % group];
+        }
+    }
     let span = (runs - 1) * stride + run;
     let columns: Vec<Columns> = (0..panels).map(|p| Columns::of(p * NR, n)).collect();
-    // The windows of many tiles at a time.
+    // The windows of many tiles at a time: every row's, or every pooling window's first.
     const LOOKUP: usize = 96;
     let mut at = [0usize; LOOKUP];
     let lookup = LOOKUP / tile_rows * tile_rows;
-    // The output row of the next tile.
     let mut out_row = 0;
     let mut r = 0;
     while r < m {
-        let looked_up = (m - r).min(lookup);
-        windows(r, &mut at[..looked_up]);
-        for at in at[..looked_up].chunks(tile_rows) {
-            let count = at.len();
-            let mut first = [input.as_ptr(); MR];
-            for (first, &at) in first.iter_mut().zip(at) {
-                assert!(at + span <= input.len(), "windows inside the input");
+        let rows_now = (m - r).min(lookup);
+        let starts = if pooling { rows_now / group } else { rows_now };
+        windows(r, if pooling { group } else { 1 }, &mut at[..starts]);
+        let per_tile = if pooling {
+            tile_rows / group
+        } else {
+            tile_rows
+        };
+        for at in at[..starts].chunks(per_tile) {
+            let count = if pooling { at.len() * group } else { at.len() };
+            let mut first = [input.as_ptr(); 8];
+            for (i, first) in first.iter_mut().enumerate().take(count) {
+                let start = if pooling {
+                    at[i / group] + offsets[i]
+                } else {
+                    at[i]
+                };
+                assert!(
+                    start + (span - offsets[i]) <= input.len(),
+                    "windows inside the input"
+                );
                 // SAFETY: just checked.
-                *first = unsafe { input.as_ptr().add(at) };
+                *first = unsafe { input.as_ptr().add(start) };
             }
             for run0 in (0..runs).step_by(per_block) {
                 let block = (runs - run0).min(per_block);
-                let flags = (run0 == 0, run0 + block == runs, relu, pooled);
-                let rows: [*const f32; MR] =
+                let flags = (run0 == 0, run0 + block == runs, relu, pooling);
+                let rows: [*const f32; 8] =
                     std::array::from_fn(|i| first[i].wrapping_add(run0 * stride));
                 for (p, &columns) in columns.iter().enumerate() {
                     let start = p * NR;
                     // SAFETY: the windows were checked; panel `p`'s block of runs `run0..` is
-                    // inside `packed`; output row `out_row` (and the `count` after it unless
-                    // pooled) of `out` is inside `out_len`; the masks keep the columns below
-                    // `n`.
+                    // inside `packed`; output row `out_row` (and the ones after it that the
+                    // tile writes) of `out` is inside `out_len`; the masks keep the columns
+                    // below `n`.
                     unsafe {
                         let b = packed.as_ptr().add(p * k * NR + run0 * run * NR);
                         let (bias, c) = (bias.as_ptr().add(start), out.add(out_row * n + start));
@@ -439,8 +484,8 @@ pub(crate) unsafe fn gemm_windows(
                     }
                 }
             }
-            out_row += if pooled { 1 } else { count };
+            out_row += count / group;
         }
-        r += looked_up;
+        r += rows_now;
     }
 }

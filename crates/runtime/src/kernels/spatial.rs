@@ -387,14 +387,33 @@ impl<'a, T: Copy> Patches<'a, T> {
     /// # Panics
     /// If the rows run past [`Patches::rows`].
     pub fn windows(&self, first: usize, out: &mut [usize]) -> bool {
-        assert!(first + out.len() <= self.rows(), "rows inside the patches");
+        self.windows_every(first, 1, out)
+    }
+
+    /// [`Patches::windows`] of every `step`-th row: `out[i]` is the start of row
+    /// `first + i * step`'s window.
+    ///
+    /// # Panics
+    /// If `step` is 0 or the rows run past [`Patches::rows`].
+    pub fn windows_every(&self, first: usize, step: usize, out: &mut [usize]) -> bool {
+        assert!(step > 0, "a step of at least one row");
         if out.is_empty() {
             return true;
         }
+        assert!(
+            first + (out.len() - 1) * step < self.rows(),
+            "rows inside the patches"
+        );
         let g = &self.geometry;
         let row = first + self.start;
         let per_image = self.pixels.len();
         let (mut image, mut index) = (row / per_image, row % per_image);
+        let next = |image: &mut usize, index: &mut usize| {
+            *index += step;
+            while *index >= per_image {
+                (*image, *index) = (*image + 1, *index - per_image);
+            }
+        };
         if !self.windows.is_empty() {
             for at in out {
                 let window = self.windows[index];
@@ -402,10 +421,7 @@ impl<'a, T: Copy> Patches<'a, T> {
                     return false;
                 }
                 *at = image * g.image_len() + window as usize;
-                index += 1;
-                if index == per_image {
-                    (image, index) = (image + 1, 0);
-                }
+                next(&mut image, &mut index);
             }
             return true;
         }
@@ -422,10 +438,7 @@ impl<'a, T: Copy> Patches<'a, T> {
                 return false;
             }
             *at = image * g.image_len() + (iy0 * g.width + ix0) * g.channels;
-            index += 1;
-            if index == per_image {
-                (image, index) = (image + 1, 0);
-            }
+            next(&mut image, &mut index);
         }
         true
     }
