@@ -154,45 +154,42 @@ unsafe fn tile<const ROWS: usize, const HALVES: usize, const WINDOWS: usize>(
             }
         });
         let zero = _mm256_setzero_ps();
-        if pooled {
-            // Bias and ReLU are the same for every row of a column and non-decreasing: the
-            // maximum first, then the epilogue.
-            let size = ROWS / WINDOWS;
-            for w in 0..WINDOWS {
-                for h in 0..HALVES {
-                    let mut v = acc[w * size][h];
-                    for r in 1..size {
-                        v = _mm256_max_ps(v, acc[w * size + r][h]);
-                    }
-                    v = _mm256_add_ps(v, bias[h]);
-                    if relu {
-                        v = _mm256_max_ps(v, zero);
-                    }
-                    let p = c.add(w * ldc + 8 * h);
-                    if whole(h) {
-                        _mm256_storeu_ps(p, v);
-                    } else {
-                        _mm256_maskstore_ps(p, columns.masks[h], v);
-                    }
-                }
-            }
-            return;
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for h in 0..HALVES {
-                let mut v = acc[h];
+        // Bias and ReLU (on the last block of the reduction), then the store of half `h` of
+        // output row `row`.
+        macro_rules! emit {
+            ($v:expr, $row:expr, $h:expr) => {{
+                let (mut v, h) = ($v, $h);
                 if last {
                     v = _mm256_add_ps(v, bias[h]);
                     if relu {
                         v = _mm256_max_ps(v, zero);
                     }
                 }
-                let p = c.add(r * ldc + 8 * h);
+                let p = c.add($row * ldc + 8 * h);
                 if whole(h) {
                     _mm256_storeu_ps(p, v);
                 } else {
                     _mm256_maskstore_ps(p, columns.masks[h], v);
                 }
+            }};
+        }
+        if pooled {
+            // Bias and ReLU are the same for every row of a column and non-decreasing: the
+            // maximum first, then the epilogue.
+            let size = ROWS / WINDOWS;
+            for (w, window) in acc.chunks_exact(size).enumerate().take(WINDOWS) {
+                for (h, &v) in window[0].iter().enumerate() {
+                    let v = window[1..]
+                        .iter()
+                        .fold(v, |best, row| _mm256_max_ps(best, row[h]));
+                    emit!(v, w, h);
+                }
+            }
+            return;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (h, &v) in acc.iter().enumerate() {
+                emit!(v, r, h);
             }
         }
     }
