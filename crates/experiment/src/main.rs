@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use indexmap::IndexMap;
 use mnist_data::{Dataset, Normalization};
@@ -72,6 +72,14 @@ fn run(args: &Args) -> Result<bool> {
     };
     std::fs::create_dir_all(&out)
         .with_context(|| format!("creating the output folder {}", out.display()))?;
+    // A new run would replace the report of the one already there.
+    if !args.resume && out.join("report.json").exists() {
+        bail!(
+            "{} already holds a run (its report.json): pass --resume to continue that run, or \
+             choose another --out",
+            out.display()
+        );
+    }
     let mut resume = resume::Resume::new(args, device.kind, &data_dir, &out)?;
     resume::remove_leftovers(&out)?;
     if args.out.is_none() && !args.resume {

@@ -740,6 +740,15 @@ fn unusable_environment() {
             &["creating the output folder", &unwritable],
         ),
         Case::new(
+            "an output folder holding another run, without --resume",
+            Bin::Experiment,
+            &[
+                "--quick", "--quiet", "--device", "cpu", "--stages", "baseline", "--out", &out,
+            ],
+            RUN_ERROR,
+            &["already holds a run", "--resume"],
+        ),
+        Case::new(
             "a file as --data-dir",
             Bin::Experiment,
             &[
