@@ -598,10 +598,7 @@ impl Model {
             x.iter_mut().zip(input.iter()).for_each(|(d, &v)| *d = v);
             x
         });
-        let x = match (&copied, input.as_slice()) {
-            (Some(x), _) => &x[..],
-            (None, values) => values.unwrap_or_default(),
-        };
+        let x = copied.as_deref().or(input.as_slice()).unwrap_or_default();
         let (front, rest) = self.ops.split_at(self.front.ops);
         let data = self.run_front(front, x, batch, &mut pool);
         if let Some(x) = copied {

@@ -1,6 +1,6 @@
 //! The runtime's fast paths over the shared quantization parameters
 //! ([`quantization::QParams`], re-exported as `runtime::QParams`): `u8` activation codes
-//! per element (inlined), over slices (AVX-512 where available, in parallel when large),
+//! per element (inlined), over slices (AVX-512 or AVX2 where available, in parallel when large),
 //! back to f32, and the dynamic-range parameters of a batch with a vectorised min-max scan.
 //! The rules themselves (the dynamic range, rounding half to even, the weight quantizer)
 //! live in the `quantization` crate; every path here is tested to give exactly its results.
@@ -28,7 +28,7 @@ pub(crate) fn round_ties_even_saturating(x: f32) -> f32 {
 
 /// The dynamic-range parameters of `x`: [`QParams::dynamic`] (the shared rule, applied to
 /// `(min(x, 0), max(x, 0))`), with the range scanned 64 values at a time where AVX-512 is
-/// available.
+/// available, 32 with AVX2.
 pub(crate) fn dynamic(x: &[f32]) -> QParams {
     let (lo, hi) = min_max(x);
     QParams::asymmetric(lo, hi, BitWidth::INT8)

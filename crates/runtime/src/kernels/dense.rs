@@ -270,7 +270,7 @@ pub fn sgemm_patches(
         && w.panel_isa == PanelIsa::Avx2
         && patches.geometry.padding == 0
         && group <= super::sgemm256::MR
-        && (1..=group).any(|p| p * p == group)
+        && let Some(pool) = (1..=group).find(|p| p * p == group)
     {
         // Without padding every window is inside its image: the kernel reads them in place.
         let g = patches.geometry;
@@ -279,14 +279,11 @@ pub fn sgemm_patches(
             assert!(inside, "without padding every window is inside its image");
         };
         // A pooling window's rows, in raster order (see `patch_pixels`), from its first.
-        let pool = (1..=group).find(|p| p * p == group).unwrap_or(1);
-        let pooled: Vec<usize> = if group > 1 && pool * pool == group {
-            (0..group)
-                .map(|i| ((i / pool) * g.width + i % pool) * g.stride * g.channels)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let mut offsets = [0usize; super::sgemm256::MR];
+        for (i, offset) in offsets.iter_mut().enumerate().take(group) {
+            *offset = ((i / pool) * g.width + i % pool) * g.stride * g.channels;
+        }
+        let pooled = if group > 1 { &offsets[..group] } else { &[] };
         // SAFETY: AVX2 panels exist only where AVX2 and FMA were detected; `out` is valid
         // for its length; the kernel checks the rest.
         unsafe {
@@ -296,7 +293,7 @@ pub fn sgemm_patches(
                 &windows,
                 (g.kernel, g.kernel * g.channels, g.width * g.channels),
                 &w.panels,
-                (n, &pooled),
+                (n, pooled),
                 bias,
                 relu,
                 out.as_mut_ptr(),

@@ -18,6 +18,8 @@ use std::arch::x86_64::{
 pub(crate) const NR: usize = 16;
 /// Rows per micro-tile.
 pub(crate) const MR: usize = 6;
+/// Rows of the largest tile: two 2 x 2 pooling windows on one half of a panel.
+const POOLED_ROWS: usize = 8;
 
 /// Whether this CPU runs the kernel.
 pub(crate) fn available() -> bool {
@@ -232,8 +234,8 @@ unsafe fn tile_any(
     }
     match rows {
         // Two pooling windows of 2 x 2 on one half of a panel: eight accumulators.
-        8 => {
-            let a = Rows::<8> {
+        POOLED_ROWS => {
+            let a = Rows::<POOLED_ROWS> {
                 a: std::array::from_fn(a),
                 runs,
                 run,
@@ -241,7 +243,7 @@ unsafe fn tile_any(
             };
             // SAFETY: forwarded from the caller, who passes 8 rows only pooled, in two
             // windows, on a panel of at most 8 columns.
-            unsafe { tile::<8, 1, 2>(a, b, bias, flags, c, ldc, columns) }
+            unsafe { tile::<POOLED_ROWS, 1, 2>(a, b, bias, flags, c, ldc, columns) }
         }
         6 => go!(6),
         5 => go!(5),
@@ -407,14 +409,14 @@ pub(crate) unsafe fn gemm_windows(
         runs.div_ceil(runs.div_ceil((KC / run).max(1)))
     };
     // Rows per tile: two windows of 2 x 2 where one half of a panel suffices.
-    let two = pooling && group == 4 && n <= 8;
+    let two = pooling && 2 * group == POOLED_ROWS && n <= 8;
     let tile_rows = match (pooling, two) {
         (false, _) => MR,
         (true, false) => group,
         (true, true) => 2 * group,
     };
     // The row offsets inside a tile: from the first row of each window.
-    let mut offsets = [0usize; 8];
+    let mut offsets = [0usize; POOLED_ROWS];
     if pooling {
         for (i, offset) in offsets.iter_mut().enumerate().take(tile_rows) {
             *offset = pooled[i % group];
@@ -439,7 +441,7 @@ pub(crate) unsafe fn gemm_windows(
         };
         for at in at[..starts].chunks(per_tile) {
             let count = if pooling { at.len() * group } else { at.len() };
-            let mut first = [input.as_ptr(); 8];
+            let mut first = [input.as_ptr(); POOLED_ROWS];
             for (i, first) in first.iter_mut().enumerate().take(count) {
                 let start = if pooling {
                     at[i / group] + offsets[i]
@@ -453,7 +455,7 @@ pub(crate) unsafe fn gemm_windows(
             for run0 in (0..runs).step_by(per_block) {
                 let block = (runs - run0).min(per_block);
                 let flags = (run0 == 0, run0 + block == runs, relu, pooling);
-                let rows: [*const f32; 8] =
+                let rows: [*const f32; POOLED_ROWS] =
                     std::array::from_fn(|i| first[i].wrapping_add(run0 * stride));
                 for (p, &columns) in columns.iter().enumerate() {
                     let start = p * NR;

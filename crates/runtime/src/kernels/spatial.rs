@@ -284,6 +284,35 @@ pub fn patch_pixels(g: &ConvGeometry, pool: usize) -> Vec<u32> {
 /// convolution `g`, `u32::MAX` for a window that is not wholly inside the image, for
 /// [`Patches::with_windows`].
 ///
+/// A 3 x 3 convolution with a 2 x 2 max pooling fused into its product, the windows looked
+/// up rather than computed:
+///
+/// ```
+/// use runtime::kernels::{
+///     ConvGeometry, PackedF32, Patches, max_rows, patch_pixels, patch_windows, sgemm_patches,
+/// };
+///
+/// let g = ConvGeometry { channels: 2, height: 8, width: 8, kernel: 3, stride: 1, padding: 0 };
+/// let images: Vec<f32> = (0..2 * g.image_len()).map(|i| (i % 7) as f32 - 3.0).collect();
+/// let (n, k) = (4, g.patch_len());
+/// let weights: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+/// let packed = PackedF32::new(&weights, n, k);
+/// let bias = vec![0.5; n];
+/// // Rows window by window (2 x 2 pooling), and where each one's window starts.
+/// let pixels = patch_pixels(&g, 2);
+/// let windows = patch_windows(&g, &pixels);
+/// let patches = Patches::new(&images, g, &pixels, 0.0).with_windows(&windows);
+/// let rows = patches.rows();
+/// let mut pooled = vec![0.0; rows / 4 * n];
+/// sgemm_patches(&patches, &packed, &bias, true, 4, &mut pooled);
+/// // The same as pooling the product's rows afterwards.
+/// let mut full = vec![0.0; rows * n];
+/// sgemm_patches(&patches, &packed, &bias, true, 1, &mut full);
+/// let mut expected = vec![0.0; rows / 4 * n];
+/// max_rows(&full, 4, n, &mut expected);
+/// assert_eq!(pooled, expected);
+/// ```
+///
 /// # Panics
 /// If an image has 2^32 - 1 values or more.
 pub fn patch_windows(g: &ConvGeometry, pixels: &[u32]) -> Vec<u32> {
@@ -293,19 +322,18 @@ pub fn patch_windows(g: &ConvGeometry, pixels: &[u32]) -> Vec<u32> {
     );
     pixels
         .iter()
-        .map(|&pixel| {
-            let (oy, ox) = ((pixel >> 16) as usize, (pixel & 0xffff) as usize);
-            let start = (oy * g.stride)
-                .checked_sub(g.padding)
-                .zip((ox * g.stride).checked_sub(g.padding));
-            match start {
-                Some((iy0, ix0)) if iy0 + g.kernel <= g.height && ix0 + g.kernel <= g.width => {
-                    ((iy0 * g.width + ix0) * g.channels) as u32
-                }
-                _ => u32::MAX,
-            }
-        })
+        .map(|&pixel| window_start(g, pixel).map_or(u32::MAX, |at| at as u32))
         .collect()
+}
+
+/// Where the window of the output pixel `pixel` (`oy << 16 | ox`) starts in its image, or
+/// `None` when it is not wholly inside the image.
+fn window_start(g: &ConvGeometry, pixel: u32) -> Option<usize> {
+    let (oy, ox) = ((pixel >> 16) as usize, (pixel & 0xffff) as usize);
+    let iy0 = (oy * g.stride).checked_sub(g.padding)?;
+    let ix0 = (ox * g.stride).checked_sub(g.padding)?;
+    (iy0 + g.kernel <= g.height && ix0 + g.kernel <= g.width)
+        .then(|| (iy0 * g.width + ix0) * g.channels)
 }
 
 impl<'a, T: Copy> Patches<'a, T> {
@@ -426,18 +454,10 @@ impl<'a, T: Copy> Patches<'a, T> {
             return true;
         }
         for at in out {
-            let pixel = self.pixels[index];
-            let (oy, ox) = ((pixel >> 16) as usize, (pixel & 0xffff) as usize);
-            let (Some(iy0), Some(ix0)) = (
-                (oy * g.stride).checked_sub(g.padding),
-                (ox * g.stride).checked_sub(g.padding),
-            ) else {
+            let Some(window) = window_start(g, self.pixels[index]) else {
                 return false;
             };
-            if iy0 + g.kernel > g.height || ix0 + g.kernel > g.width {
-                return false;
-            }
-            *at = image * g.image_len() + (iy0 * g.width + ix0) * g.channels;
+            *at = image * g.image_len() + window;
             next(&mut image, &mut index);
         }
         true
