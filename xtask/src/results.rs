@@ -17,24 +17,6 @@ pub const START: &str = "<!-- results:start -->";
 /// The line that closes it.
 pub const END: &str = "<!-- results:end -->";
 
-/// The experiment's defaults, for writing only the options a run changed. They mirror
-/// `crates/experiment/src/cli.rs` (a test checks that they still do).
-const DEFAULT_STAGES: [&str; 6] = [
-    "baseline",
-    "precision",
-    "distillation",
-    "quantization",
-    "pruning",
-    "pipeline",
-];
-const DEFAULT_SEED: u64 = 42;
-const DEFAULT_CALIBRATOR: &str = "percentile";
-const DEFAULT_PERCENTILE: f64 = 99.99;
-const DEFAULT_SPARSITY: f64 = 0.82;
-const DEFAULT_TEMPERATURE: f64 = 10.0;
-const DEFAULT_ALPHA: f64 = 0.1;
-const DEFAULT_INITIAL_LOSS_SCALE: f64 = 32768.0;
-
 /// Rewrites the results section of `readme` from the run in `run`.
 pub fn rewrite_readme(readme: &Path, run: &Path, root: &Path) -> Result<()> {
     let text =
@@ -210,70 +192,55 @@ pub fn section(run: &Path, root: &Path) -> Result<String> {
     Ok(out)
 }
 
-/// `cargo xtask experiment` with the options the report shows were not the defaults, and a
-/// note on what it cannot say (stages kept by `--resume`).
+/// `cargo xtask experiment` with the options the run changed from the defaults, and a note
+/// on what it cannot say (stages kept by `--resume`, options an old report did not record).
+///
+/// From report schema 2 on, the experiment records those options itself: the run-wide ones
+/// (`options`) and each stage's (`stages.<name>.options`), so nothing here knows a default.
+/// A schema 1 report recorded neither: its command names the stages and the seed, and the
+/// note says that technique options are not shown.
 fn command(report: &Report) -> (String, String) {
     let mut command = String::from("cargo xtask experiment");
-    if report.get("quick").as_bool() == Some(true) {
-        command.push_str(" --quick");
-    }
-    let stages: Vec<&str> = report
-        .stages
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .collect();
-    if stages != DEFAULT_STAGES {
-        command.push_str(&format!(" --stages {}", stages.join(",")));
-    }
-    if let Some(seed) = report.get("seed").as_u64().filter(|&s| s != DEFAULT_SEED) {
-        command.push_str(&format!(" --seed {seed}"));
-    }
-    let rows = report.get("rows").as_array().map_or(&[][..], Vec::as_slice);
-    let field = |key: &str, keep: &dyn Fn(&Value) -> bool| {
-        rows.iter()
-            .filter(|r| keep(r))
-            .find_map(|r| r.get(key).filter(|v| !v.is_null()))
-    };
-    if let Some(calibrator) = field("calibrator", &|r| r["selected"] == Value::Bool(true))
-        .and_then(Value::as_str)
-        .filter(|&c| c != DEFAULT_CALIBRATOR)
-    {
-        command.push_str(&format!(" --calibrator {calibrator}"));
-    }
-    if let Some(percentile) = field("percentile", &|r| r["calibrator"] == "percentile")
-        .and_then(Value::as_f64)
-        .filter(|&p| p != DEFAULT_PERCENTILE)
-    {
-        command.push_str(&format!(" --percentile {percentile}"));
-    }
-    // The settings the distilled students and the pipeline record in their rows.
-    let distilled = |r: &Value| r["stage"] == "distillation" || r["stage"] == "pipeline";
-    let recorded = [
-        (
-            "sparsity",
-            field("target_sparsity", &|r| r["stage"] == "pipeline"),
-            DEFAULT_SPARSITY,
-        ),
-        (
-            "temperature",
-            field("temperature", &distilled),
-            DEFAULT_TEMPERATURE,
-        ),
-        ("alpha", field("alpha", &distilled), DEFAULT_ALPHA),
-        (
-            // The scaler's configuration of the mixed_float16 run (the CPU demonstration row
-            // starts from its own scale).
-            "initial-loss-scale",
-            rows.iter()
-                .filter(|r| r["stage"] == "precision" && r["variant"] == "mixed_float16")
-                .find_map(|r| find_key(&r["loss_scale_config"], "initial_scale")),
-            DEFAULT_INITIAL_LOSS_SCALE,
-        ),
-    ];
-    for (flag, value, default) in recorded {
-        if let Some(value) = value.and_then(Value::as_f64).filter(|&v| v != default) {
-            command.push_str(&format!(" --{flag} {value}"));
+    let mut note = String::new();
+    let mut push = |options: &[Value]| {
+        for option in options.iter().filter_map(Value::as_str) {
+            command.push(' ');
+            command.push_str(option);
         }
+    };
+    if report.get("schema_version").as_u64().unwrap_or(1) >= 2 {
+        push(report.get("options").as_array().map_or(&[], Vec::as_slice));
+        // Stages that share a setting (the distillation temperature, say) repeat its option:
+        // each option once.
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for (_, outcome) in &report.stages {
+            let options = outcome["options"].as_array().map_or(&[][..], Vec::as_slice);
+            for pair in options.chunks(2) {
+                let flag = pair[0].as_str().unwrap_or_default().to_string();
+                let value = pair.get(1).and_then(Value::as_str).unwrap_or_default();
+                if !seen.iter().any(|(f, _)| *f == flag) {
+                    seen.push((flag, value.to_string()));
+                }
+            }
+        }
+        let pairs: Vec<Value> = seen
+            .into_iter()
+            .flat_map(|(f, v)| [Value::String(f), Value::String(v)])
+            .collect();
+        push(&pairs);
+    } else {
+        if report.get("quick").as_bool() == Some(true) {
+            command.push_str(" --quick");
+        }
+        let stages: Vec<&str> = report.stages.iter().map(|(n, _)| n.as_str()).collect();
+        command.push_str(&format!(" --stages {}", stages.join(",")));
+        if let Some(seed) = report.get("seed").as_u64() {
+            command.push_str(&format!(" --seed {seed}"));
+        }
+        note.push_str(
+            "This report (schema 1) did not record the technique options, so the command \
+             shows only the stages and the seed.\n\n",
+        );
     }
     let resumed: Vec<&str> = report
         .stages
@@ -281,28 +248,15 @@ fn command(report: &Report) -> (String, String) {
         .filter(|(_, o)| o["resumed"] == Value::Bool(true))
         .map(|(name, _)| name.as_str())
         .collect();
-    let note = if resumed.is_empty() {
-        String::new()
-    } else {
+    if !resumed.is_empty() {
         command.push_str(" --resume --out <run folder>");
-        format!(
+        note.push_str(&format!(
             "Stages {} were kept from an earlier invocation with the same settings (their \
              seconds are that invocation's).\n\n",
             resumed.join(", ")
-        )
-    };
-    (command, note)
-}
-
-/// The first value under `key` anywhere in `value`, depth first.
-fn find_key<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
-    match value {
-        Value::Object(map) => map
-            .get(key)
-            .or_else(|| map.values().find_map(|v| find_key(v, key))),
-        Value::Array(items) => items.iter().find_map(|v| find_key(v, key)),
-        _ => None,
+        ));
     }
+    (command, note)
 }
 
 fn stage_table(report: &Report) -> String {
@@ -406,7 +360,35 @@ mod tests {
 
     const README: &str = include_str!("../../README.md");
 
-    /// A report's JSON text, its stages in the given order.
+    /// A schema 2 report's JSON text, its stages in the given order: (name, kept by
+    /// `--resume`, the stage's options), with the run-wide `options`.
+    fn report_text_with(stages: &[(&str, bool, &[&str])], options: &[&str]) -> String {
+        let stages: Vec<String> = stages
+            .iter()
+            .map(|&(name, resumed, options)| {
+                format!(
+                    r#""{name}": {{"status": "ok", "seconds": 12.4, "error": null, "resumed": {resumed}, "settings": {{}}, "options": {}}}"#,
+                    serde_json::json!(options)
+                )
+            })
+            .collect();
+        let rest = serde_json::json!({
+            "schema_version": 2,
+            "started": "2026-11-28T10:00:00Z",
+            "device": "cpu",
+            "device_name": "Test CPU",
+            "threads": 2,
+            "quick": options.contains(&"--quick"),
+            "seed": 42,
+            "git_commit": "0123456789abcdef0123",
+            "options": options,
+            "rows": [],
+        })
+        .to_string();
+        format!(r#"{{"stages": {{{}}}, {}"#, stages.join(", "), &rest[1..])
+    }
+
+    /// A report's JSON text in schema 1, which recorded no options.
     fn report_text(stages: &[(&str, bool)], seed: u64, quick: bool) -> String {
         let stages: Vec<String> = stages
             .iter()
@@ -427,8 +409,6 @@ mod tests {
             "git_commit": "0123456789abcdef0123",
             "rows": [
                 {"stage": "quantization", "variant": "static_int8_mse", "calibrator": "mse", "selected": true},
-                {"stage": "quantization", "variant": "static_int8_percentile", "calibrator": "percentile", "percentile": 99.99, "selected": false},
-                {"stage": "pipeline", "variant": "distilled_pruned_float32", "target_sparsity": 0.82},
             ],
         })
         .to_string();
@@ -488,65 +468,48 @@ mod tests {
     }
 
     #[test]
-    fn the_command_shows_only_what_differs_from_the_defaults() {
-        let all: Vec<(&str, bool)> = DEFAULT_STAGES.iter().map(|&s| (s, false)).collect();
-        let (line, note) = command(&report(&all, DEFAULT_SEED, false));
-        assert_eq!(line, "cargo xtask experiment --calibrator mse");
-        assert!(note.is_empty());
-        let (line, note) = command(&report(&[("baseline", false), ("pruning", true)], 7, true));
+    fn the_command_is_the_options_the_report_recorded() {
+        let stages: [(&str, bool, &[&str]); 3] = [
+            ("distillation", false, &["--temperature", "4.0"]),
+            ("quantization", false, &["--calibrator", "mse"]),
+            // The pipeline shares the distillation's temperature: printed once.
+            (
+                "pipeline",
+                false,
+                &["--sparsity", "0.85", "--temperature", "4.0"],
+            ),
+        ];
+        let text = report_text_with(&stages, &["--seed", "7"]);
+        let (line, note) = command(&Report::parse(&text).unwrap());
         assert_eq!(
             line,
-            "cargo xtask experiment --quick --stages baseline,pruning --seed 7 --calibrator mse \
-             --resume --out <run folder>"
+            "cargo xtask experiment --seed 7 --temperature 4.0 --calibrator mse --sparsity 0.85"
+        );
+        assert!(note.is_empty(), "{note}");
+
+        let stages: [(&str, bool, &[&str]); 2] = [("baseline", false, &[]), ("pruning", true, &[])];
+        let text = report_text_with(&stages, &["--quick", "--stages", "baseline,pruning"]);
+        let (line, note) = command(&Report::parse(&text).unwrap());
+        assert_eq!(
+            line,
+            "cargo xtask experiment --quick --stages baseline,pruning --resume --out <run folder>"
         );
         assert!(note.contains("Stages pruning were kept"), "{note}");
     }
 
     #[test]
-    fn non_default_technique_settings_are_in_the_command() {
-        let mut report = report(&[("precision", false), ("pipeline", false)], 42, false);
-        let rows = report.json["rows"].as_array_mut().unwrap();
-        rows[2]["target_sparsity"] = serde_json::json!(0.85);
-        rows.push(serde_json::json!({
-            "stage": "precision", "variant": "mixed_float16",
-            "loss_scale_config": {"Dynamic": {"initial_scale": 1024.0, "growth_interval": 2000}},
-        }));
-        rows.push(serde_json::json!({"stage": "pipeline", "variant": "distilled_float32", "temperature": 4.0, "alpha": 0.1}));
-        let (line, _) = command(&report);
+    fn a_schema_1_report_gives_its_stages_and_seed_and_says_what_is_missing() {
+        let (line, note) = command(&report(&[("baseline", false), ("pruning", true)], 7, true));
         assert_eq!(
             line,
-            "cargo xtask experiment --stages precision,pipeline --calibrator mse --sparsity 0.85 \
-             --temperature 4 --initial-loss-scale 1024"
+            "cargo xtask experiment --quick --stages baseline,pruning --seed 7 --resume --out \
+             <run folder>"
         );
-    }
-
-    /// Fails when the experiment's defaults change and the constants above do not.
-    #[test]
-    fn the_defaults_are_the_experiments() {
-        let cli = include_str!("../../crates/experiment/src/cli.rs");
-        for default in [
-            format!("default_value_t = {DEFAULT_SEED},"),
-            "default_value_t = Calibrator::Percentile)".to_string(),
-            format!("default_value_t = {DEFAULT_PERCENTILE},"),
-            format!("default_value_t = {DEFAULT_SPARSITY},"),
-            format!("default_value = \"{DEFAULT_TEMPERATURE}\","),
-            format!("default_value = \"{DEFAULT_ALPHA}\","),
-            format!("default_value = \"{DEFAULT_INITIAL_LOSS_SCALE}\","),
-            "default_values_t = Stage::all()".to_string(),
-        ] {
-            assert!(cli.contains(&default), "cli.rs no longer has `{default}`");
-        }
-        assert_eq!(DEFAULT_CALIBRATOR, "percentile");
-        // `Stage::all()` is the declaration order, which `Stage::name` follows.
-        let stages = include_str!("../../crates/experiment/src/stages/mod.rs");
-        let names = stages.split("fn name").nth(1).unwrap();
-        let found: Vec<&str> = names
-            .split("=> \"")
-            .skip(1)
-            .map(|rest| rest.split('"').next().unwrap())
-            .take(DEFAULT_STAGES.len())
-            .collect();
-        assert_eq!(found, DEFAULT_STAGES);
+        assert!(
+            note.contains("did not record the technique options"),
+            "{note}"
+        );
+        assert!(note.contains("Stages pruning were kept"), "{note}");
     }
 
     #[test]
@@ -555,7 +518,11 @@ mod tests {
         let run = dir.path().join("run");
         std::fs::create_dir(&run).unwrap();
         // Not in alphabetical order: the README keeps the order they ran in.
-        let report = report_text(&[("quantization", false), ("baseline", false)], 42, false);
+        let stages: [(&str, bool, &[&str]); 2] = [
+            ("quantization", false, &["--calibrator", "mse"]),
+            ("baseline", false, &[]),
+        ];
+        let report = report_text_with(&stages, &["--stages", "quantization,baseline"]);
         std::fs::write(run.join("report.json"), report).unwrap();
         std::fs::write(run.join("report.md"), REPORT_MD).unwrap();
         let readme = dir.path().join("README.md");

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
-use crate::stages::Stage;
+use crate::settings::{
+    Calibrator, DistillationSettings, PipelineSettings, PrecisionSettings, QuantizationSettings,
+    Settings,
+};
+use crate::stage::Stage;
 
 /// Every technique of the toolkit, measured end to end on MNIST.
 ///
@@ -107,41 +111,55 @@ pub struct Args {
     pub initial_loss_scale: f32,
 }
 
-/// The `--calibrator` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Calibrator {
-    /// The observed minimum and maximum.
-    Minmax,
-    /// The `--percentile` of the values on each side (outliers clipped).
-    Percentile,
-    /// The clipping threshold that minimises the KL divergence of the histograms (TensorRT).
-    Entropy,
-    /// The clipping threshold that minimises the mean squared quantization error.
-    Mse,
-}
-
-impl Calibrator {
-    /// Every calibrator, in report order.
-    pub fn all() -> [Self; 4] {
-        [Self::Minmax, Self::Percentile, Self::Entropy, Self::Mse]
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Minmax => "minmax",
-            Self::Percentile => "percentile",
-            Self::Entropy => "entropy",
-            Self::Mse => "mse",
+impl Args {
+    /// Each stage's settings, as these options give them.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            precision: PrecisionSettings {
+                initial_loss_scale: self.initial_loss_scale,
+            },
+            distillation: DistillationSettings {
+                temperature: self.temperature,
+                alpha: self.alpha,
+            },
+            quantization: QuantizationSettings {
+                calibrator: self.calibrator,
+                percentile: self.percentile,
+            },
+            pipeline: PipelineSettings {
+                sparsity: self.sparsity,
+                temperature: self.temperature,
+                alpha: self.alpha,
+            },
         }
     }
 
-    pub fn method(self, percentile: f64) -> quantization::Method {
-        match self {
-            Self::Minmax => quantization::Method::MinMax,
-            Self::Percentile => quantization::Method::Percentile(percentile),
-            Self::Entropy => quantization::Method::Entropy,
-            Self::Mse => quantization::Method::Mse,
+    /// The run-wide options that differ from the defaults (`--quick`, `--stages`, `--seed`),
+    /// as command-line arguments; each stage's own are [`Settings::options`].
+    pub fn run_options(&self) -> Vec<String> {
+        let Ok(defaults) = Self::try_parse_from(["experiment"]) else {
+            return Vec::new();
+        };
+        let mut options = Vec::new();
+        if self.quick {
+            options.push("--quick".to_string());
         }
+        if self.stages != defaults.stages {
+            let names: Vec<&str> = self.stages.iter().map(|s| s.name()).collect();
+            options.extend(["--stages".to_string(), names.join(",")]);
+        }
+        if self.seed != defaults.seed {
+            options.extend(["--seed".to_string(), self.seed.to_string()]);
+        }
+        options
+    }
+
+    /// The settings of a command line without options: the defaults.
+    pub fn default_settings() -> Settings {
+        // Every option has a default or is optional, so no arguments parse.
+        Self::try_parse_from(["experiment"])
+            .map(|args| args.settings())
+            .unwrap_or_else(|e| unreachable!("the options without arguments: {e}"))
     }
 }
 
@@ -271,6 +289,63 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(flag) && text.contains(range), "{arg}: {text}");
         }
+    }
+
+    #[test]
+    fn every_setting_is_named_after_its_option() {
+        use clap::CommandFactory as _;
+        let command = Args::command();
+        let settings = Args::default_settings();
+        for stage in Stage::all() {
+            let value = settings.of(stage);
+            for field in value.as_object().unwrap().keys() {
+                let flag = field.replace('_', "-");
+                assert!(
+                    command
+                        .get_arguments()
+                        .any(|a| a.get_long() == Some(flag.as_str())),
+                    "{stage}: `{field}` is no option"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn options_are_the_settings_that_differ_from_the_defaults() {
+        let defaults = Args::default_settings();
+        let args = Args::try_parse_from([
+            "experiment",
+            "--temperature=4",
+            "--calibrator=mse",
+            "--seed=9",
+        ])
+        .unwrap();
+        let settings = args.settings();
+        assert_eq!(
+            settings.options(&defaults, Stage::Distillation),
+            ["--temperature", "4.0"]
+        );
+        assert_eq!(
+            settings.options(&defaults, Stage::Quantization),
+            ["--calibrator", "mse"]
+        );
+        assert!(settings.options(&defaults, Stage::Baseline).is_empty());
+        assert_eq!(args.run_options(), ["--seed", "9"]);
+        let quick = Args::try_parse_from(["experiment", "--quick", "--stages=pruning,baseline"]);
+        assert_eq!(
+            quick.unwrap().run_options(),
+            ["--quick", "--stages", "pruning,baseline"]
+        );
+        // What the options print parses back to the same settings.
+        let again = Args::try_parse_from(
+            ["experiment"]
+                .into_iter()
+                .map(String::from)
+                .chain(settings.options(&defaults, Stage::Pipeline))
+                .chain(settings.options(&defaults, Stage::Quantization)),
+        )
+        .unwrap();
+        assert_eq!(again.settings(), settings);
     }
 
     #[test]

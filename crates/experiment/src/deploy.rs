@@ -10,9 +10,9 @@ use mnist_data::{Normalization, Split};
 use model_spec::{InputLayout, InputNormalization};
 use ndarray::{Array4, Axis, s};
 
+use crate::context::{Context, RunFile};
 use crate::fsutil;
 use crate::report::Row;
-use crate::stages::Context;
 use crate::train::{DeviceSplit, INFER_BATCH};
 
 /// Test images scored in `--quick` mode (a full run scores all 10 000).
@@ -29,7 +29,7 @@ pub struct TestSets<'a> {
 
 impl<'a> TestSets<'a> {
     pub fn new(ctx: &'a Context) -> anyhow::Result<Self> {
-        Ok(if ctx.args.quick {
+        Ok(if ctx.quick {
             let n = QUICK_TEST_IMAGES.min(ctx.dataset.test.len());
             let split = ctx.dataset.test.select(&(0..n).collect::<Vec<_>>());
             Self {
@@ -56,13 +56,37 @@ impl<'a> TestSets<'a> {
     }
 }
 
+/// The artifact with every weight in CSR form where the runtime says that pays off, dense
+/// f32 otherwise; and the choice per weight.
+pub fn sparse_artifact(
+    spec: &model_spec::NetworkSpec,
+    params: &[models::export::DeployedParameter],
+) -> Result<(runtime::ArtifactBuilder, serde_json::Value)> {
+    let mut builder = runtime::ArtifactBuilder::new(spec.clone());
+    let mut storage = serde_json::Map::new();
+    for p in params {
+        let rows = p.shape[0];
+        let cols = p.data.len() / rows.max(1);
+        let nnz = p.data.iter().filter(|&&w| w != 0.0).count();
+        if p.name.ends_with(".weight") && runtime::csr_pays_off(rows, cols, nnz) {
+            builder.add(&p.name, &p.data, &p.shape, runtime::Storage::Csr)?;
+            storage.insert(p.name.clone(), serde_json::json!("csr"));
+        } else {
+            builder.add(&p.name, &p.data, &p.shape, runtime::Storage::F32)?;
+            if p.name.ends_with(".weight") {
+                storage.insert(p.name.clone(), serde_json::json!("dense"));
+            }
+        }
+    }
+    Ok((builder, serde_json::Value::Object(storage)))
+}
+
 /// A report row for an artifact scored by the runtime; `extra` (a JSON object) and the
 /// execution modes go into the row's extra fields.
 pub fn runtime_row(
     stage: &str,
     model: &str,
     variant: &str,
-    artifact: String,
     params: &[models::export::DeployedParameter],
     d: &Deployed,
     extra: serde_json::Value,
@@ -86,7 +110,7 @@ pub fn runtime_row(
         train_samples_per_second: None,
         infer_samples_per_second: Some(d.samples_per_second),
         engine: Some("tch-mot runtime".into()),
-        artifact: Some(artifact),
+        artifact: Some(d.artifact.clone()),
         extra: map,
     }
 }
@@ -134,6 +158,8 @@ impl RuntimeTest {
 /// An artifact on disk and how the runtime does with it.
 #[derive(Debug, Clone)]
 pub struct Deployed {
+    /// The artifact's path relative to the run folder.
+    pub artifact: String,
     pub size_bytes: u64,
     pub gzip_bytes: u64,
     pub accuracy: f64,
@@ -166,13 +192,14 @@ pub fn export_f32(
     Ok(())
 }
 
-/// Writes `builder` to `path` atomically, with the input normalisation of `test` recorded,
+/// Writes `builder` to `file` atomically, with the input normalisation of `test` recorded,
 /// and scores the same bytes with the runtime.
 pub fn deploy(
     builder: &runtime::ArtifactBuilder,
-    path: &Path,
+    file: &RunFile,
     test: &RuntimeTest,
 ) -> Result<Deployed> {
+    let path = &file.path;
     let bytes = builder
         .clone()
         .set_input_normalization(test.normalization.clone())
@@ -189,6 +216,7 @@ pub fn deploy(
         .map(|(_, e)| execution_name(e).to_string())
         .collect();
     Ok(Deployed {
+        artifact: file.relative.clone(),
         size_bytes,
         gzip_bytes,
         accuracy,

@@ -2,13 +2,17 @@
 
 mod charts;
 mod cli;
+mod context;
 mod deploy;
 mod device;
 mod fsutil;
 mod progress;
 mod report;
 mod resume;
+mod settings;
+mod stage;
 mod stages;
+mod teacher;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -21,10 +25,11 @@ use indexmap::IndexMap;
 use mnist_data::{Dataset, Normalization};
 
 use crate::cli::Args;
+use crate::context::Context;
 use crate::device::RunDevice;
 use crate::progress::Progress;
 use crate::report::{Report, SCHEMA_VERSION, StageOutcome};
-use crate::stages::Context;
+use crate::stage::Stage;
 use crate::train::DeviceSplit;
 
 fn main() -> ExitCode {
@@ -80,7 +85,9 @@ fn run(args: &Args) -> Result<bool> {
             out.display()
         );
     }
-    let mut resume = resume::Resume::new(args, device.kind, &data_dir, &out)?;
+    let settings = args.settings();
+    let defaults = Args::default_settings();
+    let mut resume = resume::Resume::new(args, &settings, device.kind, &data_dir, &out)?;
     resume::remove_leftovers(&out)?;
     if args.out.is_none() && !args.resume {
         point_latest_at(&out)?;
@@ -102,21 +109,25 @@ fn run(args: &Args) -> Result<bool> {
         quick: args.quick,
         seed: args.seed,
         git_commit: device::git_commit(),
+        options: args.run_options(),
         stages: IndexMap::new(),
         rows: Vec::new(),
     };
-    let ctx = Context {
-        args,
+    let mut ctx = Context {
+        seed: args.seed,
+        quick: args.quick,
         device,
         progress,
         out: out.clone(),
         dataset,
         normalization,
         test,
+        stage: Stage::Baseline,
+        inputs: &[],
     };
     let mut all_ok = true;
     for &stage in &args.stages {
-        if let Some(previous) = resume.reusable(stage, args) {
+        if let Some(previous) = resume.reusable(stage) {
             progress.info(&format!(
                 "== stage {stage}: kept from the earlier run (same settings) =="
             ));
@@ -133,11 +144,13 @@ fn run(args: &Args) -> Result<bool> {
             report.write(&out)?;
             continue;
         }
-        let config_hash = resume.key(stage, args);
+        let config_hash = resume.key(stage);
         resume.ran(stage);
         progress.info(&format!("== stage {stage} =="));
         let start = Instant::now();
-        let outcome = stage.run(&ctx);
+        ctx.stage = stage;
+        ctx.inputs = stages::inputs(stage);
+        let outcome = stages::run(stage, &ctx, &settings);
         let seconds = start.elapsed().as_secs_f64();
         let error = match outcome {
             Ok(rows) => {
@@ -158,6 +171,8 @@ fn run(args: &Args) -> Result<bool> {
                 error,
                 config_hash: Some(config_hash),
                 resumed: false,
+                settings: settings.of(stage),
+                options: settings.options(&defaults, stage),
             },
         );
         // After every stage, so that an interrupted run keeps what it finished.

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Version of the `report.json` layout.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// A [`Row`]'s extra field that may hold Markdown for what a table row cannot show (a
 /// comparison, a trace, an audit): [`Report::markdown`] prints it under a heading of the
@@ -34,6 +34,10 @@ pub struct Report {
     pub quick: bool,
     pub seed: u64,
     pub git_commit: Option<String>,
+    /// The run-wide command-line options that differ from the defaults (each stage's own are
+    /// in its outcome).
+    #[serde(default)]
+    pub options: Vec<String>,
     /// Stage name -> outcome, in the order they ran.
     pub stages: IndexMap<String, StageOutcome>,
     pub rows: Vec<Row>,
@@ -53,6 +57,13 @@ pub struct StageOutcome {
     /// Kept from an earlier invocation by `--resume` (`seconds` is that run's).
     #[serde(default)]
     pub resumed: bool,
+    /// The stage's settings (`crate::settings`), as hashed into `config_hash`.
+    #[serde(default)]
+    pub settings: serde_json::Value,
+    /// The command-line options that gave these settings rather than the defaults, e.g.
+    /// `["--temperature", "4.0"]`: what `cargo xtask results` prints as the run's command.
+    #[serde(default)]
+    pub options: Vec<String>,
 }
 
 /// One trained or converted model. Fields that do not apply are `null`.
@@ -204,6 +215,7 @@ mod tests {
             quick: true,
             seed: 7,
             git_commit: None,
+            options: Vec::new(),
             stages: IndexMap::from([(
                 "baseline".into(),
                 StageOutcome {
@@ -212,6 +224,8 @@ mod tests {
                     error: None,
                     config_hash: None,
                     resumed: false,
+                    settings: serde_json::json!({}),
+                    options: Vec::new(),
                 },
             )]),
             rows: vec![Row {
@@ -236,7 +250,7 @@ mod tests {
         let row = &json["rows"][0];
         assert!(row["gzip_bytes"].is_null());
         assert_eq!(row["skipped_steps"], 3);
-        assert_eq!(json["schema_version"], 1);
+        assert_eq!(json["schema_version"], SCHEMA_VERSION);
         let back: Report = serde_json::from_value(json).unwrap();
         assert_eq!(back.rows[0].extra["skipped_steps"], 3);
     }

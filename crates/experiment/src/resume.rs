@@ -14,11 +14,16 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::Args;
 use crate::report::Report;
-use crate::stages::Stage;
+use crate::settings::Settings;
+use crate::stage::Stage;
+use crate::stages;
 
 /// What the stages of this invocation depend on, and the earlier report (with `--resume`).
 pub struct Resume {
     common: serde_json::Value,
+    settings: Settings,
+    /// The stages this invocation runs.
+    stages: Vec<Stage>,
     previous: Option<Report>,
     keys: HashMap<Stage, String>,
     ran: HashSet<Stage>,
@@ -26,7 +31,13 @@ pub struct Resume {
 
 impl Resume {
     /// `data_dir` is hashed (its files' contents) so a changed dataset reruns everything.
-    pub fn new(args: &Args, device_kind: &str, data_dir: &Path, out: &Path) -> Result<Self> {
+    pub fn new(
+        args: &Args,
+        settings: &Settings,
+        device_kind: &str,
+        data_dir: &Path,
+        out: &Path,
+    ) -> Result<Self> {
         let previous = if args.resume {
             read_previous(out)?
         } else {
@@ -43,6 +54,8 @@ impl Resume {
         });
         Ok(Self {
             common,
+            settings: settings.clone(),
+            stages: args.stages.clone(),
             previous,
             keys: HashMap::new(),
             ran: HashSet::new(),
@@ -50,19 +63,18 @@ impl Resume {
     }
 
     /// The key of `stage` in this invocation.
-    pub fn key(&mut self, stage: Stage, args: &Args) -> String {
+    pub fn key(&mut self, stage: Stage) -> String {
         if let Some(key) = self.keys.get(&stage) {
             return key.clone();
         }
-        let dependencies: Vec<(String, Option<String>)> = stage
-            .inputs()
-            .iter()
-            .map(|&d| (d.name().to_string(), self.dependency_key(d, args)))
+        let dependencies: Vec<(String, Option<String>)> = stages::dependencies(stage)
+            .into_iter()
+            .map(|d| (d.name().to_string(), self.dependency_key(d)))
             .collect();
         let description = serde_json::json!({
             "stage": stage.name(),
             "common": self.common,
-            "settings": stage.settings(args),
+            "settings": self.settings.of(stage),
             "inputs": dependencies,
         });
         let key = hex(&Sha256::digest(description.to_string().as_bytes()));
@@ -72,9 +84,9 @@ impl Resume {
 
     /// The key a stage's input was produced under: this invocation's when it runs here, the
     /// earlier report's otherwise (`None`: no record of it, the files are used as found).
-    fn dependency_key(&mut self, stage: Stage, args: &Args) -> Option<String> {
-        if args.stages.contains(&stage) {
-            return Some(self.key(stage, args));
+    fn dependency_key(&mut self, stage: Stage) -> Option<String> {
+        if self.stages.contains(&stage) {
+            return Some(self.key(stage));
         }
         self.previous
             .as_ref()?
@@ -85,9 +97,12 @@ impl Resume {
     }
 
     /// The earlier report of this folder, if `stage` can be kept from it.
-    pub fn reusable(&mut self, stage: Stage, args: &Args) -> Option<&Report> {
-        let key = self.key(stage, args);
-        if stage.inputs().iter().any(|d| self.ran.contains(d)) {
+    pub fn reusable(&mut self, stage: Stage) -> Option<&Report> {
+        let key = self.key(stage);
+        if stages::dependencies(stage)
+            .iter()
+            .any(|d| self.ran.contains(d))
+        {
             return None;
         }
         let previous = self.previous.as_ref()?;

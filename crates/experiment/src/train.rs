@@ -12,6 +12,7 @@ use tch::{Device, Kind, Tensor};
 use tensor_precision::GradientAuditor;
 
 use crate::progress::Progress;
+use crate::report::Row;
 
 /// Batch size for evaluation and for the inference-speed figure of the report.
 pub const INFER_BATCH: usize = 256;
@@ -288,6 +289,20 @@ impl TrainStats {
     pub fn curve_json(&self) -> serde_json::Value {
         serde_json::json!(self.loss_curve)
     }
+
+    /// Records the run in `row`: training time, throughput and curve.
+    pub fn record(&self, row: &mut Row) {
+        row.train_seconds = Some(self.seconds);
+        row.train_samples_per_second = Some(self.samples_per_second);
+        row.extra.insert("loss_curve".into(), self.curve_json());
+    }
+}
+
+/// The step a pruning ramp over `share` of `steps` ends on: a multiple of `frequency` (so the
+/// last mask update happens at the ramp's end and the final masks have the final sparsity),
+/// at least one `frequency` in.
+pub fn ramp_end(steps: usize, share: f64, frequency: u64) -> u64 {
+    ((steps as f64 * share) as u64 / frequency).max(1) * frequency
 }
 
 /// Accuracy on a split and the inference throughput, batch [`INFER_BATCH`], eval mode.

@@ -35,7 +35,7 @@ fn quick_baseline_writes_a_complete_report() {
 
     let report: Value =
         serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
-    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["schema_version"], 2);
     assert_eq!(report["device"], "cpu");
     assert_eq!(report["quick"], true);
     assert_eq!(report["seed"], 3);

@@ -8,10 +8,12 @@ use distillation::{DistillationConfig, TeacherCache, Temperature};
 use models::{LayerSpec, Network, NetworkSpec};
 use tch::{Tensor, nn};
 
-use super::Context;
-use super::baseline::TEACHER_CHECKPOINT;
 use crate::charts::Figure;
+use crate::context::Context;
 use crate::report::{Row, SECTION_EXTRA};
+use crate::settings::DistillationSettings;
+use crate::stage::{Product, Stage};
+use crate::teacher;
 use crate::train::{self, DeviceSplit, Distill, Hint, TrainConfig, TrainOptions};
 use crate::{deploy, fsutil};
 
@@ -28,7 +30,10 @@ const HINT_WEIGHT: f64 = 0.5;
 /// The distilled student as deployed: the runtime's artifact format, batch norm folded.
 pub const STUDENT_ARTIFACT: &str = "student_distilled_float32.safetensors";
 /// The distilled student's trainable state (tch variables), which later stages load.
-pub const STUDENT_CHECKPOINT: &str = "student_distilled_checkpoint.safetensors";
+pub const STUDENT_CHECKPOINT: Product = Product {
+    stage: Stage::Distillation,
+    file: "student_distilled_checkpoint.safetensors",
+};
 
 struct Outcome {
     accuracy: f64,
@@ -38,23 +43,10 @@ struct Outcome {
     train_samples_per_second: f64,
 }
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
-    let teacher_path = ctx.out.join(TEACHER_CHECKPOINT);
-    if !teacher_path.exists() {
-        bail!(
-            "the distillation stage needs the teacher from the baseline stage ({} is missing): \
-             run --stages baseline,distillation",
-            teacher_path.display()
-        );
-    }
-    let mut teacher_vs = nn::VarStore::new(ctx.device.device);
-    let teacher = Network::new(&teacher_vs.root(), &NetworkSpec::teacher_cnn())?;
-    teacher_vs
-        .load(&teacher_path)
-        .with_context(|| format!("loading the teacher from {}", teacher_path.display()))?;
-
-    let config = DistillationConfig::new(ctx.args.temperature, ctx.args.alpha);
-    let (seeds, epochs, fraction) = if ctx.args.quick {
+pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
+    let (_teacher_vs, teacher) = teacher::load(ctx)?;
+    let config = settings.config();
+    let (seeds, epochs, fraction) = if ctx.quick {
         (1, 1, 0.02)
     } else {
         (FULL_SEEDS, EPOCHS, SUBSET_FRACTION)
@@ -63,13 +55,13 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let mut scratch = Vec::new();
     let mut distilled = Vec::new();
     let mut hinted = Vec::new();
-    let teacher_hint = hint_point(&NetworkSpec::teacher_cnn())?;
+    let teacher_hint = hint_point(&teacher::spec())?;
     let mut cache_seconds = 0.0;
     let mut sweep = Vec::new();
     let mut sweep_points = Vec::new();
     let mut last_distilled: Option<(nn::VarStore, Network)> = None;
     for k in 0..seeds {
-        let seed = ctx.args.seed + k;
+        let seed = ctx.seed + k;
         let subset = ctx.dataset.train.stratified_subset(fraction, seed)?;
         let data = DeviceSplit::new(&subset, ctx.normalization, ctx.device.device)?;
         let train_config = TrainConfig {
@@ -122,7 +114,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         )?;
         hinted.push(outcome);
         // The temperature sweep, on the first seed's data and teacher logits.
-        if k == 0 && !ctx.args.quick {
+        if k == 0 && !ctx.quick {
             for t in SWEEP {
                 let distill = Distill {
                     teacher_logits: cache.logits(),
@@ -147,7 +139,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     }
 
     let (student_vs, student) = last_distilled.context("at least one seed ran")?;
-    fsutil::create_atomic(&ctx.out.join(STUDENT_CHECKPOINT), |path| {
+    fsutil::create_atomic(&ctx.out.join(STUDENT_CHECKPOINT.file), |path| {
         student_vs
             .save(path)
             .context("saving the distilled student's variables")
@@ -171,7 +163,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         gain_std * 100.0,
         gains.len()
     ));
-    let seeds_used: Vec<u64> = (0..seeds).map(|k| ctx.args.seed + k).collect();
+    let seeds_used: Vec<u64> = (0..seeds).map(|k| ctx.seed + k).collect();
     let row = |variant: &str, outcomes: &[Outcome], artifact: Option<(u64, u64)>| {
         let accuracies: Vec<f64> = outcomes.iter().map(|o| o.accuracy).collect();
         let (mean, std) = mean_std(&accuracies);
@@ -249,7 +241,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         );
         let markdown = format!(
             "Temperature sweep on seed {} (alpha {}):\n\n{}",
-            ctx.args.seed,
+            ctx.seed,
             config.alpha.get(),
             figure.write(&ctx.out)?
         );

@@ -1,4 +1,6 @@
-//! The experiment's stages. Each one trains or converts models and returns report rows.
+//! What each stage does: it trains or converts models and returns report rows. What it reads
+//! from earlier stages is declared here ([`inputs`]), and what it is configured by is its own
+//! settings type (`crate::settings`), not the command line.
 
 mod baseline;
 mod distillation;
@@ -7,115 +9,68 @@ mod precision;
 mod pruning;
 mod quantization;
 
-use std::fmt;
-use std::path::PathBuf;
-
 use anyhow::Result;
-use clap::ValueEnum;
-use mnist_data::{Dataset, Normalization};
 
-use crate::cli::Args;
-use crate::device::RunDevice;
-use crate::progress::Progress;
+use crate::context::Context;
 use crate::report::Row;
-use crate::train::DeviceSplit;
+use crate::settings::Settings;
+use crate::stage::{Product, Stage};
+use crate::teacher;
 
-/// A stage of the experiment, in the order they run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Stage {
-    /// Train the float32 teacher on the full training set.
-    Baseline,
-    /// Train the teacher under float32 and under the device's mixed-precision policy.
-    Precision,
-    /// Train a small student from scratch and from the teacher's softened logits.
-    Distillation,
-    /// Deploy the teacher (and the student) as float16, dynamic, static and QAT int8.
-    Quantization,
-    /// Fine-tune the teacher while pruning it to 50, 75, 90% and 2:4 sparsity.
-    Pruning,
-    /// Distil a student, prune it to `--sparsity`, fine-tune it quantization-aware with its
-    /// zeros kept, and ship it as a sparse int8 artifact.
-    Pipeline,
+/// The files of earlier stages `stage` reads (optional ones too: quantization also
+/// quantizes the distilled student when there is one, precision takes the baseline's float32
+/// run when there is one). `--resume` keys follow these, and [`Context::input`] refuses a
+/// file not listed.
+pub fn inputs(stage: Stage) -> &'static [Product] {
+    match stage {
+        Stage::Baseline => &[],
+        Stage::Precision => &[teacher::RUN],
+        Stage::Distillation | Stage::Pruning => &[teacher::CHECKPOINT],
+        Stage::Quantization => &[teacher::CHECKPOINT, distillation::STUDENT_CHECKPOINT],
+        Stage::Pipeline => &[teacher::CHECKPOINT, teacher::ARTIFACT],
+    }
 }
 
-impl Stage {
-    pub fn all() -> Vec<Self> {
-        Self::value_variants().to_vec()
-    }
+/// The stages whose files `stage` reads, each once, in run order.
+pub fn dependencies(stage: Stage) -> Vec<Stage> {
+    Stage::all()
+        .into_iter()
+        .filter(|s| inputs(stage).iter().any(|p| p.stage == *s))
+        .collect()
+}
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Baseline => "baseline",
-            Self::Precision => "precision",
-            Self::Distillation => "distillation",
-            Self::Quantization => "quantization",
-            Self::Pruning => "pruning",
-            Self::Pipeline => "pipeline",
-        }
+/// Runs `stage` with its own settings.
+pub fn run(stage: Stage, ctx: &Context, settings: &Settings) -> Result<Vec<Row>> {
+    match stage {
+        Stage::Baseline => baseline::run(ctx),
+        Stage::Precision => precision::run(ctx, &settings.precision),
+        Stage::Distillation => distillation::run(ctx, settings.distillation),
+        Stage::Quantization => quantization::run(ctx, &settings.quantization),
+        Stage::Pruning => pruning::run(ctx),
+        Stage::Pipeline => pipeline::run(ctx, &settings.pipeline),
     }
+}
 
-    /// The stages whose output files this one loads (when they are there, for optional
-    /// ones: quantization also quantizes the distilled student if there is one, precision
-    /// takes the baseline's float32 run if there is one).
-    pub fn inputs(self) -> &'static [Stage] {
-        match self {
-            Self::Baseline => &[],
-            Self::Precision | Self::Distillation | Self::Pruning | Self::Pipeline => {
-                &[Self::Baseline]
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_reads_only_what_earlier_stages_write() {
+        for stage in Stage::all() {
+            for product in inputs(stage) {
+                assert!(
+                    (product.stage as usize) < (stage as usize),
+                    "{stage} reads {} of the later {}",
+                    product.file,
+                    product.stage
+                );
             }
-            Self::Quantization => &[Self::Baseline, Self::Distillation],
         }
+        assert_eq!(
+            dependencies(Stage::Quantization),
+            [Stage::Baseline, Stage::Distillation]
+        );
+        assert!(dependencies(Stage::Baseline).is_empty());
     }
-
-    /// The options this stage's results depend on, besides the seed, `--quick`, the device,
-    /// the threads and the data (which every stage depends on).
-    pub fn settings(self, args: &Args) -> serde_json::Value {
-        match self {
-            Self::Baseline | Self::Pruning => serde_json::json!({}),
-            Self::Precision => serde_json::json!({"initial_loss_scale": args.initial_loss_scale}),
-            Self::Distillation => serde_json::json!({
-                "temperature": args.temperature.get(),
-                "alpha": args.alpha.get(),
-            }),
-            Self::Quantization => serde_json::json!({
-                "calibrator": args.calibrator.name(),
-                "percentile": args.percentile,
-            }),
-            Self::Pipeline => serde_json::json!({
-                "sparsity": args.sparsity,
-                "temperature": args.temperature.get(),
-                "alpha": args.alpha.get(),
-            }),
-        }
-    }
-
-    pub fn run(self, ctx: &Context) -> Result<Vec<Row>> {
-        match self {
-            Self::Baseline => baseline::run(ctx),
-            Self::Precision => precision::run(ctx),
-            Self::Distillation => distillation::run(ctx),
-            Self::Quantization => quantization::run(ctx),
-            Self::Pruning => pruning::run(ctx),
-            Self::Pipeline => pipeline::run(ctx),
-        }
-    }
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// What every stage gets: the options, the device, the data and where to write.
-#[derive(Debug)]
-pub struct Context<'a> {
-    pub args: &'a Args,
-    pub device: RunDevice,
-    pub progress: Progress,
-    pub out: PathBuf,
-    pub dataset: Dataset,
-    pub normalization: Normalization,
-    /// The full test set on the device: every accuracy in the report is measured on it.
-    pub test: DeviceSplit,
 }

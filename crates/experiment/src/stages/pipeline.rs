@@ -10,17 +10,18 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
-use distillation::{DistillationConfig, TeacherCache};
+use distillation::TeacherCache;
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{FakeQuantConfig, Network, NetworkSpec};
 use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 use tch::nn;
 
-use super::Context;
-use super::baseline::{TEACHER_ARTIFACT, TEACHER_CHECKPOINT};
-use crate::deploy::{self, Deployed, TestSets};
+use crate::context::Context;
+use crate::deploy::{self, Deployed, RuntimeTest, TestSets};
 use crate::report::{Row, SECTION_EXTRA};
-use crate::train::{self, Distill, TrainConfig, TrainOptions};
+use crate::settings::PipelineSettings;
+use crate::teacher;
+use crate::train::{self, DeviceSplit, Distill, TrainConfig, TrainOptions, TrainStats};
 
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "pipeline";
@@ -46,190 +47,225 @@ const QUICK_OBSERVER_STEPS: usize = 10;
 /// The layer left dense: the first convolution (144 weights: at 82% a 3x3 filter would keep
 /// about one weight).
 const DENSE_LAYER: &str = "0.weight";
-/// The issue's targets for the final row.
+/// The final row's targets: at least this many times smaller than the float32 teacher, with
+/// at least this accuracy.
 pub const TARGET_SIZE_RATIO: f64 = 100.0;
 pub const TARGET_ACCURACY: f64 = 0.988;
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
-    let teacher_path = ctx.out.join(TEACHER_CHECKPOINT);
-    let teacher_artifact = ctx.out.join(TEACHER_ARTIFACT);
-    if !teacher_path.exists() || !teacher_artifact.exists() {
-        bail!(
-            "the pipeline stage needs the teacher from the baseline stage ({} is missing): \
-             run --stages baseline,pipeline",
-            teacher_path.display()
-        );
-    }
-    std::fs::create_dir_all(ctx.out.join(FOLDER))
-        .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
+pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<Vec<Row>> {
     let tests = TestSets::new(ctx)?;
-    let test = &tests.runtime;
-    // The reference every row is compared with: the float32 teacher, run by the runtime.
-    let teacher_bytes = std::fs::read(&teacher_artifact)
-        .with_context(|| format!("reading {}", teacher_artifact.display()))?;
-    let teacher_model = runtime::Model::from_bytes(&teacher_bytes)
-        .with_context(|| format!("loading {}", teacher_artifact.display()))?;
-    let (teacher_accuracy, teacher_speed) = deploy::evaluate(&teacher_model, test)?;
-    let reference = Reference {
-        accuracy: teacher_accuracy,
-        size_bytes: teacher_bytes.len() as u64,
-        gzip_bytes: crate::fsutil::gzip_len(&teacher_bytes)?,
-        samples_per_second: teacher_speed,
+    let reference = Reference::measure(ctx, &tests.runtime)?;
+    let (data, _) = teacher::training(ctx)?;
+    let cache = {
+        let (_teacher_vs, teacher) = teacher::load(ctx)?;
+        ctx.progress.info(&format!(
+            "teacher logits for {} training images",
+            data.len()
+        ));
+        TeacherCache::compute(&teacher, &data.images, 512)?
     };
+    let spec = NetworkSpec::compact_cnn();
+    let pipeline = Pipeline {
+        ctx,
+        settings,
+        data: &data,
+        cache: &cache,
+        tests: &tests,
+        reference: &reference,
+        deployed_spec: spec.without_batch_norm(),
+        model: spec.name.clone(),
+    };
+    let mut rows = Vec::new();
+    let (params, row) = pipeline.distil(&spec)?;
+    rows.push(row);
+    let (pruned, row) = pipeline.prune(&params)?;
+    rows.push(row);
+    rows.push(pipeline.quantize(pruned)?);
+    let markdown = section(&rows, &reference, settings.sparsity);
+    if let Some(first) = rows.first_mut() {
+        first
+            .extra
+            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
+    }
+    Ok(rows)
+}
 
-    let mut teacher_vs = nn::VarStore::new(ctx.device.device);
-    let teacher = Network::new(&teacher_vs.root(), &NetworkSpec::teacher_cnn())?;
-    teacher_vs
-        .load(&teacher_path)
-        .with_context(|| format!("loading the teacher from {}", teacher_path.display()))?;
-    let (data, _) = super::baseline::teacher_training(ctx)?;
-    ctx.progress.info(&format!(
-        "teacher logits for {} training images",
-        data.len()
-    ));
-    let cache = TeacherCache::compute(&teacher, &data.images, 512)?;
-    drop(teacher);
-    drop(teacher_vs);
-    let distill = || Distill {
-        teacher_logits: cache.logits(),
-        config: DistillationConfig::new(ctx.args.temperature, ctx.args.alpha),
-        hint: None,
-    };
-    let quick = ctx.args.quick;
-    let steps = |epochs: usize| {
-        let batches = data.len().div_ceil(BATCH);
-        if quick {
+/// What the pipeline's steps share.
+struct Pipeline<'a> {
+    ctx: &'a Context,
+    settings: &'a PipelineSettings,
+    /// The full training set on the device.
+    data: &'a DeviceSplit,
+    /// The teacher's logits for it.
+    cache: &'a TeacherCache,
+    tests: &'a TestSets<'a>,
+    reference: &'a Reference,
+    /// The student with batch norm folded: what is pruned, quantized and deployed.
+    deployed_spec: NetworkSpec,
+    model: String,
+}
+
+/// The pruned student, still training: its network, its variables, the layers pruned, and
+/// the zeros pruning left.
+struct Pruned {
+    net: Network,
+    vs: nn::VarStore,
+    names: Vec<String>,
+    zeros: usize,
+    total: usize,
+}
+
+impl Pipeline<'_> {
+    /// Optimizer steps of a phase of `epochs` epochs (fewer in `--quick` mode).
+    fn steps(&self, epochs: usize) -> usize {
+        let batches = self.data.len().div_ceil(BATCH);
+        if self.ctx.quick {
             QUICK_STEPS.min(batches)
         } else {
             epochs * batches
         }
-    };
-    let config = |epochs: usize, learning_rate: f64| TrainConfig {
-        epochs: if quick { 1 } else { epochs },
-        batch_size: BATCH,
-        learning_rate,
-        seed: ctx.args.seed,
-    };
-    let spec = NetworkSpec::compact_cnn();
-    let deployed_spec = spec.without_batch_norm();
-    let model = spec.name.as_str();
-    let file = |variant: &str| ctx.out.join(FOLDER).join(format!("{variant}.safetensors"));
-    let mut rows = Vec::new();
+    }
 
-    // 1. Distillation.
-    ctx.progress.info(&format!(
-        "distilling the student on {} images for {} steps",
-        data.len(),
-        steps(DISTILL_EPOCHS)
-    ));
-    tch::manual_seed(ctx.args.seed as i64);
-    let student_vs = nn::VarStore::new(ctx.device.device);
-    let student = Network::new(&student_vs.root(), &spec)?;
-    let stats = train::train_with(
-        &student,
-        &student_vs,
-        &data,
-        &config(DISTILL_EPOCHS, DISTILL_LEARNING_RATE),
-        TrainOptions {
-            max_steps: Some(steps(DISTILL_EPOCHS)),
-            distill: Some(distill()),
-            ..TrainOptions::default()
-        },
-        &ctx.progress,
-        "distil",
-    )?;
-    let params = export::deployed_parameters(&student, &student_vs)?;
-    let distilled = deploy::deploy(
-        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F32)?,
-        &file("distilled_float32"),
-        test,
-    )?;
-    let mut row = pipeline_row(
-        model,
-        "distilled_float32",
-        &params,
-        &distilled,
-        &reference,
-        serde_json::json!({"step": "distillation", "weights": "f32"}),
-    );
-    row.extra.insert("loss_curve".into(), stats.curve_json());
-    row.train_seconds = Some(stats.seconds);
-    row.train_samples_per_second = Some(stats.samples_per_second);
-    ctx.progress.info(&format!(
-        "distilled student: {:.2}%",
-        distilled.accuracy * 100.0
-    ));
-    rows.push(row);
+    /// Trains `net` for a phase, distilling from the teacher all along; `pruner` prunes or
+    /// keeps the zeros.
+    fn train(
+        &self,
+        net: &Network,
+        vs: &nn::VarStore,
+        (epochs, learning_rate): (usize, f64),
+        pruner: Option<&mut Pruner>,
+        label: &str,
+    ) -> Result<TrainStats> {
+        let config = TrainConfig {
+            epochs: if self.ctx.quick { 1 } else { epochs },
+            batch_size: BATCH,
+            learning_rate,
+            seed: self.ctx.seed,
+        };
+        tch::manual_seed(self.ctx.seed as i64);
+        train::train_with(
+            net,
+            vs,
+            self.data,
+            &config,
+            TrainOptions {
+                max_steps: Some(self.steps(epochs)),
+                distill: Some(Distill {
+                    teacher_logits: self.cache.logits(),
+                    config: self.settings.distillation(),
+                    hint: None,
+                }),
+                pruner,
+                ..TrainOptions::default()
+            },
+            &self.ctx.progress,
+            label,
+        )
+    }
 
-    // 2. Pruning, batch norm folded, still distilling.
-    let pruned_vs = nn::VarStore::new(ctx.device.device);
-    let mut pruned = Network::new(&pruned_vs.root(), &deployed_spec)?;
-    export::load_parameters(&pruned_vs, &params)?;
-    let weights: Vec<&DeployedParameter> = params
-        .iter()
-        .filter(|p| p.name.ends_with(".weight"))
-        .collect();
-    let total: usize = weights.iter().map(|p| p.data.len()).sum();
-    let names: Vec<&str> = weights
-        .iter()
-        .map(|p| p.name.as_str())
-        .filter(|&n| n != DENSE_LAYER)
-        .collect();
-    let prunable: usize = weights
-        .iter()
-        .filter(|p| p.name != DENSE_LAYER)
-        .map(|p| p.data.len())
-        .sum();
-    let target = ctx.args.sparsity;
-    // The share of zeros among the pruned layers that makes the whole network's the target.
-    // Per layer, not global: folding batch norm leaves the convolutions' weights much
-    // smaller than the dense layer's, and one global threshold empties them first (95% of
-    // the second convolution for 49% of the dense layer, and a point of accuracy lost).
-    let layer_sparsity = (target * total as f64 / prunable as f64).min(0.99);
-    let prune_steps = steps(PRUNE_EPOCHS);
-    let frequency = if quick { QUICK_FREQUENCY } else { FREQUENCY };
-    let end_step = ((prune_steps as f64 * RAMP_SHARE) as u64 / frequency).max(1) * frequency;
-    let schedule = Schedule::polynomial_decay(0.0, layer_sparsity, 0, end_step, frequency)?;
-    let mut pruner = Pruner::with_layers(
-        &pruned_vs,
-        &names,
-        PruningConfig {
-            schedule,
-            granularity: Granularity::Unstructured,
-            scope: Scope::PerLayer,
-        },
-    )?;
-    ctx.progress.info(&format!(
-        "pruning to {:.0}% for {prune_steps} steps, sparsity reached at step {end_step}",
-        target * 100.0
-    ));
-    tch::manual_seed(ctx.args.seed as i64);
-    let stats = train::train_with(
-        &pruned,
-        &pruned_vs,
-        &data,
-        &config(PRUNE_EPOCHS, PRUNE_LEARNING_RATE),
-        TrainOptions {
-            max_steps: Some(prune_steps),
-            distill: Some(distill()),
-            pruner: Some(&mut pruner),
-            ..TrainOptions::default()
-        },
-        &ctx.progress,
-        "prune",
-    )?;
-    let layers = pruner.strip();
-    let pruned_params = export::deployed_parameters(&pruned, &pruned_vs)?;
-    let zeros = deploy::weight_zeros(&pruned_params);
-    let (builder, storage) = super::pruning::sparse_artifact(&deployed_spec, &pruned_params)?;
-    let pruned_f32 = deploy::deploy(&builder, &file("distilled_pruned_float32"), test)?;
-    let mut row = pipeline_row(
-        model,
-        "distilled_pruned_float32",
-        &pruned_params,
-        &pruned_f32,
-        &reference,
-        serde_json::json!({
+    /// Deploys `builder` as `variant` and makes its row.
+    fn deploy(
+        &self,
+        builder: &runtime::ArtifactBuilder,
+        variant: &str,
+        params: &[DeployedParameter],
+        stats: &TrainStats,
+        extra: serde_json::Value,
+    ) -> Result<(Deployed, Row)> {
+        let file = self.ctx.file(FOLDER, &format!("{variant}.safetensors"))?;
+        let deployed = deploy::deploy(builder, &file, &self.tests.runtime)?;
+        let mut row = pipeline_row(
+            &self.model,
+            variant,
+            params,
+            &deployed,
+            self.reference,
+            extra,
+        );
+        stats.record(&mut row);
+        Ok((deployed, row))
+    }
+
+    /// 1. Distillation of the student on the full training set.
+    fn distil(&self, spec: &NetworkSpec) -> Result<(Vec<DeployedParameter>, Row)> {
+        self.ctx.progress.info(&format!(
+            "distilling the student on {} images for {} steps",
+            self.data.len(),
+            self.steps(DISTILL_EPOCHS)
+        ));
+        tch::manual_seed(self.ctx.seed as i64);
+        let vs = nn::VarStore::new(self.ctx.device.device);
+        let student = Network::new(&vs.root(), spec)?;
+        let phase = (DISTILL_EPOCHS, DISTILL_LEARNING_RATE);
+        let stats = self.train(&student, &vs, phase, None, "distil")?;
+        let params = export::deployed_parameters(&student, &vs)?;
+        let builder = export::artifact_from_parameters(
+            self.deployed_spec.clone(),
+            &params,
+            WeightFormat::F32,
+        )?;
+        let extra = serde_json::json!({"step": "distillation", "weights": "f32"});
+        let (distilled, row) =
+            self.deploy(&builder, "distilled_float32", &params, &stats, extra)?;
+        self.ctx.progress.info(&format!(
+            "distilled student: {:.2}%",
+            distilled.accuracy * 100.0
+        ));
+        Ok((params, row))
+    }
+
+    /// 2. Pruning, batch norm folded, still distilling.
+    fn prune(&self, params: &[DeployedParameter]) -> Result<(Pruned, Row)> {
+        let vs = nn::VarStore::new(self.ctx.device.device);
+        let net = Network::new(&vs.root(), &self.deployed_spec)?;
+        export::load_parameters(&vs, params)?;
+        let weights: Vec<&DeployedParameter> = params
+            .iter()
+            .filter(|p| p.name.ends_with(".weight"))
+            .collect();
+        let total: usize = weights.iter().map(|p| p.data.len()).sum();
+        let pruned: Vec<&DeployedParameter> = weights
+            .into_iter()
+            .filter(|p| p.name != DENSE_LAYER)
+            .collect();
+        let names: Vec<String> = pruned.iter().map(|p| p.name.clone()).collect();
+        let prunable: usize = pruned.iter().map(|p| p.data.len()).sum();
+        let target = self.settings.sparsity;
+        // The share of zeros among the pruned layers that makes the whole network's the
+        // target. Per layer, not global: folding batch norm leaves the convolutions' weights
+        // much smaller than the dense layer's, and one global threshold empties them first
+        // (95% of the second convolution for 49% of the dense layer, and a point of accuracy
+        // lost).
+        let layer_sparsity = (target * total as f64 / prunable as f64).min(0.99);
+        let prune_steps = self.steps(PRUNE_EPOCHS);
+        let frequency = if self.ctx.quick {
+            QUICK_FREQUENCY
+        } else {
+            FREQUENCY
+        };
+        let end_step = train::ramp_end(prune_steps, RAMP_SHARE, frequency);
+        let schedule = Schedule::polynomial_decay(0.0, layer_sparsity, 0, end_step, frequency)?;
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut pruner = Pruner::with_layers(
+            &vs,
+            &name_refs,
+            PruningConfig {
+                schedule,
+                granularity: Granularity::Unstructured,
+                scope: Scope::PerLayer,
+            },
+        )?;
+        self.ctx.progress.info(&format!(
+            "pruning to {:.0}% for {prune_steps} steps, sparsity reached at step {end_step}",
+            target * 100.0
+        ));
+        let phase = (PRUNE_EPOCHS, PRUNE_LEARNING_RATE);
+        let stats = self.train(&net, &vs, phase, Some(&mut pruner), "prune")?;
+        let layers = pruner.strip();
+        let pruned_params = export::deployed_parameters(&net, &vs)?;
+        let zeros = deploy::weight_zeros(&pruned_params);
+        let (builder, storage) = deploy::sparse_artifact(&self.deployed_spec, &pruned_params)?;
+        let extra = serde_json::json!({
             "step": "pruning",
             "target_sparsity": target,
             "weight_sparsity": zeros as f64 / total as f64,
@@ -237,21 +273,35 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             "storage": storage,
             "schedule": schedule,
             "dense_layers": [DENSE_LAYER],
-        }),
-    );
-    row.extra.insert("loss_curve".into(), stats.curve_json());
-    row.train_seconds = Some(stats.seconds);
-    row.train_samples_per_second = Some(stats.samples_per_second);
-    ctx.progress.info(&format!(
-        "pruned student: {:.2}% of weights zero, {:.2}%",
-        zeros as f64 / total as f64 * 100.0,
-        pruned_f32.accuracy * 100.0
-    ));
-    rows.push(row);
+        });
+        let variant = "distilled_pruned_float32";
+        let (deployed, row) = self.deploy(&builder, variant, &pruned_params, &stats, extra)?;
+        self.ctx.progress.info(&format!(
+            "pruned student: {:.2}% of weights zero, {:.2}%",
+            zeros as f64 / total as f64 * 100.0,
+            deployed.accuracy * 100.0
+        ));
+        let pruned = Pruned {
+            net,
+            vs,
+            names,
+            zeros,
+            total,
+        };
+        Ok((pruned, row))
+    }
 
-    // 3. Quantization-aware fine-tuning that keeps the zeros.
-    pruned
-        .enable_fake_quant(FakeQuantConfig {
+    /// 3. Quantization-aware fine-tuning that keeps the zeros, deployed full-integer.
+    fn quantize(&self, pruned: Pruned) -> Result<Row> {
+        let Pruned {
+            mut net,
+            vs,
+            names,
+            zeros,
+            total,
+        } = pruned;
+        let quick = self.ctx.quick;
+        net.enable_fake_quant(FakeQuantConfig {
             observer_steps: if quick {
                 QUICK_OBSERVER_STEPS
             } else {
@@ -260,51 +310,34 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             ..FakeQuantConfig::default()
         })
         .context("enabling fake quantization")?;
-    let mut keeper = Pruner::preserving(&pruned_vs, &names)?;
-    let qat_steps = steps(QAT_EPOCHS);
-    ctx.progress.info(&format!(
-        "pruning-preserving quantization-aware training for {qat_steps} steps"
-    ));
-    tch::manual_seed(ctx.args.seed as i64);
-    let stats = train::train_with(
-        &pruned,
-        &pruned_vs,
-        &data,
-        &config(QAT_EPOCHS, QAT_LEARNING_RATE),
-        TrainOptions {
-            max_steps: Some(qat_steps),
-            distill: Some(distill()),
-            pruner: Some(&mut keeper),
-            ..TrainOptions::default()
-        },
-        &ctx.progress,
-        "qat",
-    )?;
-    let fake_quant = train::evaluate(&pruned, tests.libtorch());
-    let qat_params = export::deployed_parameters(&pruned, &pruned_vs)?;
-    let qat_zeros = deploy::weight_zeros(&qat_params);
-    if qat_zeros < zeros {
-        bail!("quantization-aware training lost pruned weights: {qat_zeros} zeros of {zeros}");
-    }
-    let mut builder = export::artifact_from_parameters(
-        deployed_spec.clone(),
-        &qat_params,
-        WeightFormat::Int8Compact,
-    )?;
-    for range in pruned.activation_ranges() {
-        builder.set_input_quantization(range.layer, range.qparams());
-    }
-    let final_variant = "distilled_pruned_int8";
-    let int8 = deploy::deploy(&builder, &file(final_variant), test)?;
-    let size_ratio = reference.size_bytes as f64 / int8.size_bytes as f64;
-    let met = size_ratio >= TARGET_SIZE_RATIO && int8.accuracy >= TARGET_ACCURACY && !quick;
-    let mut row = pipeline_row(
-        model,
-        final_variant,
-        &qat_params,
-        &int8,
-        &reference,
-        serde_json::json!({
+        let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut keeper = Pruner::preserving(&vs, &name_refs)?;
+        self.ctx.progress.info(&format!(
+            "pruning-preserving quantization-aware training for {} steps",
+            self.steps(QAT_EPOCHS)
+        ));
+        let phase = (QAT_EPOCHS, QAT_LEARNING_RATE);
+        let stats = self.train(&net, &vs, phase, Some(&mut keeper), "qat")?;
+        let fake_quant = train::evaluate(&net, self.tests.libtorch());
+        let qat_params = export::deployed_parameters(&net, &vs)?;
+        let qat_zeros = deploy::weight_zeros(&qat_params);
+        if qat_zeros < zeros {
+            bail!("quantization-aware training lost pruned weights: {qat_zeros} zeros of {zeros}");
+        }
+        let mut builder = export::artifact_from_parameters(
+            self.deployed_spec.clone(),
+            &qat_params,
+            WeightFormat::Int8Compact,
+        )?;
+        for range in net.activation_ranges() {
+            builder.set_input_quantization(range.layer, range.qparams());
+        }
+        let variant = "distilled_pruned_int8";
+        let file = self.ctx.file(FOLDER, &format!("{variant}.safetensors"))?;
+        let int8 = deploy::deploy(&builder, &file, &self.tests.runtime)?;
+        let size_ratio = self.reference.size_bytes as f64 / int8.size_bytes as f64;
+        let met = size_ratio >= TARGET_SIZE_RATIO && int8.accuracy >= TARGET_ACCURACY && !quick;
+        let extra = serde_json::json!({
             "step": "pruning-preserving quantization-aware training",
             "weights": "int8 per-channel, bitmask-sparse where smaller",
             "activations": "u8 per-tensor, observed during training",
@@ -315,26 +348,25 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
                 "accuracy_at_least": TARGET_ACCURACY,
                 "met": met,
             },
-        }),
-    );
-    row.extra.insert("loss_curve".into(), stats.curve_json());
-    row.train_seconds = Some(stats.seconds);
-    row.train_samples_per_second = Some(stats.samples_per_second);
-    ctx.progress.info(&format!(
-        "{final_variant}: {:.2}% ({:.2}% fake-quantized), {} bytes, {size_ratio:.1}x smaller than the teacher",
-        int8.accuracy * 100.0,
-        fake_quant.accuracy * 100.0,
-        int8.size_bytes
-    ));
-    rows.push(row);
-
-    let markdown = section(&rows, &reference, target);
-    if let Some(first) = rows.first_mut() {
-        first
-            .extra
-            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
+        });
+        let mut row = pipeline_row(
+            &self.model,
+            variant,
+            &qat_params,
+            &int8,
+            self.reference,
+            extra,
+        );
+        stats.record(&mut row);
+        self.ctx.progress.info(&format!(
+            "{variant}: {:.2}% ({:.2}% fake-quantized), {} bytes, {size_ratio:.1}x smaller than \
+             the teacher",
+            int8.accuracy * 100.0,
+            fake_quant.accuracy * 100.0,
+            int8.size_bytes
+        ));
+        Ok(row)
     }
-    Ok(rows)
 }
 
 /// The float32 teacher as the runtime runs it: what every pipeline row is compared with.
@@ -345,6 +377,23 @@ struct Reference {
     samples_per_second: f64,
 }
 
+impl Reference {
+    /// The baseline's float32 artifact, scored on `test`.
+    fn measure(ctx: &Context, test: &RuntimeTest) -> Result<Self> {
+        let path = ctx.input(teacher::ARTIFACT)?;
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let model = runtime::Model::from_bytes(&bytes)
+            .with_context(|| format!("loading {}", path.display()))?;
+        let (accuracy, samples_per_second) = deploy::evaluate(&model, test)?;
+        Ok(Self {
+            accuracy,
+            size_bytes: bytes.len() as u64,
+            gzip_bytes: crate::fsutil::gzip_len(&bytes)?,
+            samples_per_second,
+        })
+    }
+}
+
 fn pipeline_row(
     model: &str,
     variant: &str,
@@ -353,15 +402,7 @@ fn pipeline_row(
     teacher: &Reference,
     extra: serde_json::Value,
 ) -> Row {
-    let mut row = deploy::runtime_row(
-        "pipeline",
-        model,
-        variant,
-        format!("{FOLDER}/{variant}.safetensors"),
-        params,
-        d,
-        extra,
-    );
+    let mut row = deploy::runtime_row("pipeline", model, variant, params, d, extra);
     row.nonzero_params = Some(deploy::nonzero(params));
     let extra = &mut row.extra;
     extra.insert(

@@ -13,13 +13,13 @@ use models::{LayerSpec, Network, NetworkSpec, Policy};
 use tch::{Device, nn};
 use tensor_precision::{GradientAudit, GradientAuditor};
 
-use super::Context;
+use crate::context::Context;
 use crate::report::{Row, SECTION_EXTRA};
+use crate::settings::PrecisionSettings;
+use crate::stage::Stage;
+use crate::teacher::{self, TeacherRun};
 use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions, TrainStats};
 
-/// Training steps whose float32 gradients the underflow audit reads, spread evenly
-/// over the float32 run (the first step included).
-pub const AUDIT_SAMPLES: usize = 8;
 /// A mixed policy counts as accurate when its test accuracy is at most this many
 /// percentage points below float32's (meaningful for full runs only).
 const ACCURACY_TOLERANCE_PP: f64 = 0.2;
@@ -90,10 +90,10 @@ fn teacher_policies(device: Device) -> Vec<(Policy, bool)> {
     }
 }
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
-    let seed = ctx.args.seed;
+pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<Vec<Row>> {
+    let seed = ctx.seed;
     // The baseline's recipe, so the float32 row reproduces the baseline teacher.
-    let (data, config) = super::baseline::teacher_training(ctx)?;
+    let (data, config) = teacher::training(ctx)?;
     let steps_per_epoch = data.len().div_ceil(config.batch_size);
 
     let mut rows = Vec::new();
@@ -102,7 +102,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     let mut traces = Vec::new();
     // The baseline trained the float32 teacher with this very recipe and seed (and audited
     // its gradients): its run is this stage's float32 row.
-    let baseline_run = super::baseline::TeacherRun::read(ctx)?;
+    let baseline_run = TeacherRun::read(ctx)?;
     let mut baseline_audit = None;
     for (policy, scaled) in teacher_policies(ctx.device.device) {
         if policy == Policy::Float32
@@ -112,6 +112,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
                 "float32: the baseline stage's run (same recipe and seed), not trained again",
             );
             let mut row = run.row.clone();
+            row.stage = Stage::Precision.name().into();
             row.extra
                 .insert("trained_by".into(), serde_json::json!("baseline"));
             rows.push(row);
@@ -126,20 +127,20 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             if scaled { ", dynamic loss scaling" } else { "" }
         ));
         tch::manual_seed(seed as i64);
-        let spec = NetworkSpec::teacher_cnn();
+        let spec = teacher::spec();
         let vs = nn::VarStore::new(ctx.device.device);
         let net = Network::with_policy(&vs.root(), &spec, policy)?;
         let mut scaler = scaled
             .then(|| {
                 LossScaler::dynamic(DynamicConfig {
-                    initial_scale: ctx.args.initial_loss_scale,
+                    initial_scale: settings.initial_loss_scale,
                     ..DynamicConfig::keras()
                 })
             })
             .transpose()?;
         let audit = (policy == Policy::Float32).then(|| GradientSampling {
             auditor: &mut auditor,
-            every: (config.epochs * steps_per_epoch / AUDIT_SAMPLES).max(1),
+            every: (config.epochs * steps_per_epoch / teacher::AUDIT_SAMPLES).max(1),
         });
         let options = TrainOptions {
             scaler: scaler.as_mut(),
@@ -158,7 +159,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             eval.accuracy * 100.0,
             stats.seconds
         ));
-        let mut row = row(&spec, &net, &stats, eval, policy.name());
+        let mut row = teacher::run_row(Stage::Precision, policy.name(), &spec, &net, &stats, eval);
         if let Some(scaler) = &scaler {
             add_scaling_extras(&mut row, scaler, &stats)?;
             traces.push(Trace::of(policy.name(), &stats));
@@ -169,7 +170,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     compare_with_float32(&mut rows);
 
     if ctx.device.device == Device::Cpu {
-        let steps = if ctx.args.quick {
+        let steps = if ctx.quick {
             DEMO_STEPS_QUICK
         } else {
             DEMO_STEPS
@@ -192,38 +193,6 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
             .insert(SECTION_EXTRA.into(), serde_json::Value::String(section));
     }
     Ok(rows)
-}
-
-/// The row of one teacher run (also the baseline's float32 run, see `baseline::TeacherRun`).
-pub fn row(
-    spec: &NetworkSpec,
-    net: &Network,
-    stats: &TrainStats,
-    eval: train::Evaluation,
-    variant: &str,
-) -> Row {
-    let mut row = Row {
-        stage: "precision".into(),
-        variant: variant.into(),
-        model: spec.name.clone(),
-        params: Some(net.param_count()),
-        nonzero_params: Some(net.nonzero_param_count()),
-        test_accuracy: Some(eval.accuracy),
-        train_seconds: Some(stats.seconds),
-        train_samples_per_second: Some(stats.samples_per_second),
-        infer_samples_per_second: Some(eval.samples_per_second),
-        engine: Some("libtorch".into()),
-        ..Row::default()
-    };
-    row.extra
-        .insert("policy".into(), stats.policy.name().into());
-    row.extra.insert("train_steps".into(), stats.steps.into());
-    row.extra.insert(
-        "train_loss_per_epoch".into(),
-        serde_json::json!(stats.epoch_losses),
-    );
-    row.extra.insert("loss_curve".into(), stats.curve_json());
-    row
 }
 
 fn add_scaling_extras(row: &mut Row, scaler: &LossScaler, stats: &TrainStats) -> Result<()> {
@@ -276,7 +245,7 @@ fn compare_with_float32(rows: &mut [Row]) {
 /// scaler backing off and growing. On the CPU float16 arithmetic is emulated, so its
 /// timings say nothing about float16 speed.
 fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row, TrainStats)> {
-    let seed = ctx.args.seed;
+    let seed = ctx.seed;
     let (batch_size, learning_rate) = (128, 3e-3);
     let config = TrainConfig {
         epochs: steps.div_ceil(data.len().div_ceil(batch_size)),
@@ -321,7 +290,7 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row,
         scaler.current_scale(),
         eval.accuracy * 100.0
     ));
-    let mut row = row(&spec, &net, &stats, eval, DEMO_VARIANT);
+    let mut row = teacher::run_row(Stage::Precision, DEMO_VARIANT, &spec, &net, &stats, eval);
     add_scaling_extras(&mut row, &scaler, &stats)?;
     row.extra.insert("note".into(), DEMO_NOTE.into());
     Ok((row, stats))
@@ -394,7 +363,7 @@ fn section(
             "- {}: trains {speedup:.2}x as fast as float32; test accuracy {difference:+.2} \
              percentage points, {verdict} the {ACCURACY_TOLERANCE_PP}-point tolerance{}.",
             row.variant,
-            if ctx.args.quick {
+            if ctx.quick {
                 " (quick mode: accuracy not meaningful)"
             } else {
                 ""

@@ -9,19 +9,19 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{Network, NetworkSpec};
 use plots::Series;
 use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 use tch::nn;
 
-use super::Context;
-use super::baseline::TEACHER_CHECKPOINT;
 use crate::charts::Figure;
+use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::{Row, SECTION_EXTRA};
-use crate::train::{self, TrainConfig, TrainOptions};
+use crate::teacher;
+use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
 
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "pruning";
@@ -80,196 +80,39 @@ const TARGETS: [Target; 4] = [
 ];
 
 pub fn run(ctx: &Context) -> Result<Vec<Row>> {
-    let path = ctx.out.join(TEACHER_CHECKPOINT);
-    if !path.exists() {
-        bail!(
-            "the pruning stage needs the teacher from the baseline stage ({} is missing): \
-             run --stages baseline,pruning",
-            path.display()
-        );
-    }
-    let spec = NetworkSpec::teacher_cnn();
-    let mut vs = nn::VarStore::new(ctx.device.device);
-    let net = Network::new(&vs.root(), &spec)?;
-    vs.load(&path)
-        .with_context(|| format!("loading the teacher from {}", path.display()))?;
+    let spec = teacher::spec();
+    let (vs, net) = teacher::load(ctx)?;
     let params = export::deployed_parameters(&net, &vs)?;
-    let deployed_spec = spec.without_batch_norm();
-    std::fs::create_dir_all(ctx.out.join(FOLDER))
-        .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
-
     let tests = TestSets::new(ctx)?;
-    let test = &tests.runtime;
-    let model = spec.name.as_str();
-    let file = |variant: &str| {
-        ctx.out
-            .join(FOLDER)
-            .join(format!("{model}_{variant}.safetensors"))
+    let (data, teacher_config) = teacher::training(ctx)?;
+    let mut stage = Pruning {
+        ctx,
+        deployed_spec: spec.without_batch_norm(),
+        model: spec.name.clone(),
+        params: &params,
+        tests: &tests,
+        data: &data,
+        teacher_config: &teacher_config,
+        dense: None,
     };
-    let dense = deploy::deploy(
-        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F32)?,
-        &file("dense_float32"),
-        test,
-    )?;
-    let prunable_total: usize = params
-        .iter()
-        .filter(|p| p.name.ends_with(".weight"))
-        .map(|p| p.data.len())
-        .sum();
+    let dense_file = stage.file("dense_float32")?;
+    let builder =
+        export::artifact_from_parameters(stage.deployed_spec.clone(), &params, WeightFormat::F32)?;
+    let dense = deploy::deploy(&builder, &dense_file, &tests.runtime)?;
     let mut rows = vec![pruning_row(
-        model,
+        &stage.model,
         "dense",
         &params,
         &dense,
         &dense,
         serde_json::json!({"weight_sparsity": 0.0}),
     )];
-
-    let (data, teacher_config) = super::baseline::teacher_training(ctx)?;
-    let frequency = if ctx.args.quick {
-        QUICK_FREQUENCY
-    } else {
-        FREQUENCY
-    };
-    let weights: Vec<&DeployedParameter> = params
-        .iter()
-        .filter(|p| p.name.ends_with(".weight"))
-        .collect();
-    let pruned_total: usize = weights
-        .iter()
-        .filter(|p| p.name != DENSE_LAYER)
-        .map(|p| p.data.len())
-        .sum();
+    stage.dense = Some(dense);
     let mut schedules = Vec::new();
     for target in &TARGETS {
-        let config = TrainConfig {
-            epochs: if ctx.args.quick { 1 } else { target.epochs },
-            learning_rate: LEARNING_RATE,
-            ..teacher_config
-        };
-        let batches = data.len().div_ceil(config.batch_size);
-        let steps = if ctx.args.quick {
-            QUICK_STEPS.min(batches)
-        } else {
-            config.epochs * batches
-        };
-        // The ramp ends on a pruning step, so the final masks have the final sparsity.
-        let end_step = ((steps as f64 * RAMP_SHARE) as u64 / frequency).max(1) * frequency;
-        // Per-layer sparsity that makes the whole network's share of zeros the target.
-        let layer_sparsity =
-            (target.sparsity * prunable_total as f64 / pruned_total as f64).min(0.99);
-        let schedule = match target.granularity {
-            // N:M masks have their own sparsity; the schedule says when to recompute them.
-            Granularity::NOutOfM { .. } => {
-                Schedule::constant(target.sparsity, 0, Some(end_step), frequency)?
-            }
-            _ => Schedule::polynomial_decay(0.0, layer_sparsity, 0, end_step, frequency)?,
-        };
-        schedules.push((target.variant, schedule, steps as u64));
-        let pruned_vs = nn::VarStore::new(ctx.device.device);
-        let pruned = Network::new(&pruned_vs.root(), &deployed_spec)?;
-        export::load_parameters(&pruned_vs, &params)?;
-        let config_for = PruningConfig {
-            schedule,
-            granularity: target.granularity,
-            scope: target.scope,
-        };
-        // N:M groups must tile the input dimension (the first convolution's 9 inputs do
-        // not split into groups of 4, and it stays dense anyway).
-        let names: Vec<&str> = weights
-            .iter()
-            .filter(|p| p.name != DENSE_LAYER)
-            .filter(|p| match target.granularity {
-                Granularity::NOutOfM { m, .. } => (p.data.len() / p.shape[0]).is_multiple_of(m),
-                _ => true,
-            })
-            .map(|p| p.name.as_str())
-            .collect();
-        let mut pruner = Pruner::with_layers(&pruned_vs, &names, config_for)?;
-        tch::manual_seed(ctx.args.seed as i64);
-        ctx.progress.info(&format!(
-            "{}: fine-tuning for {steps} steps, sparsity reached at step {end_step}",
-            target.variant
-        ));
-        let stats = train::train_with(
-            &pruned,
-            &pruned_vs,
-            &data,
-            &config,
-            TrainOptions {
-                max_steps: Some(steps),
-                pruner: Some(&mut pruner),
-                ..TrainOptions::default()
-            },
-            &ctx.progress,
-            target.variant,
-        )?;
-        let layers = pruner.strip();
-        let tch_eval = train::evaluate(&pruned, tests.libtorch());
-        let pruned_params = export::deployed_parameters(&pruned, &pruned_vs)?;
-        let (builder, storage) = sparse_artifact(&deployed_spec, &pruned_params)?;
-        let deployed = deploy::deploy(&builder, &file(target.variant), test)?;
-        let int8_variant = format!("{}_int8", target.variant);
-        let int8 = deploy::deploy(
-            &export::artifact_from_parameters(
-                deployed_spec.clone(),
-                &pruned_params,
-                WeightFormat::Int8DynamicRange,
-            )?,
-            &file(&int8_variant),
-            test,
-        )?;
-        let zeros = deploy::weight_zeros(&pruned_params);
-        let nonzero = deploy::nonzero(&pruned_params);
-        ctx.progress.info(&format!(
-            "{}: {:.2}% of weights zero, {:.2}% test accuracy ({:.2}% with int8 weights)",
-            target.variant,
-            zeros as f64 / prunable_total as f64 * 100.0,
-            deployed.accuracy * 100.0,
-            int8.accuracy * 100.0
-        ));
-        let mut row = pruning_row(
-            model,
-            target.variant,
-            &pruned_params,
-            &deployed,
-            &dense,
-            serde_json::json!({
-                "target_sparsity": target.sparsity,
-                "granularity": format!("{:?}", target.granularity),
-                "dense_layers": [DENSE_LAYER],
-                "scope": format!("{:?}", target.scope),
-                "weight_sparsity": zeros as f64 / prunable_total as f64,
-                "layers": layers,
-                "storage": storage,
-                "libtorch_accuracy": tch_eval.accuracy,
-                "fine_tune_steps": stats.steps,
-                "schedule": schedule,
-                "int8_accuracy": int8.accuracy,
-                "int8_size_bytes": int8.size_bytes,
-                "int8_gzip_bytes": int8.gzip_bytes,
-                "int8_gzip_ratio_vs_dense_float32": dense.gzip_bytes as f64 / int8.gzip_bytes as f64,
-            }),
-        );
-        row.nonzero_params = Some(nonzero);
-        row.extra.insert("loss_curve".into(), stats.curve_json());
-        row.train_seconds = Some(stats.seconds);
-        row.train_samples_per_second = Some(stats.samples_per_second);
-        rows.push(row);
-        let mut int8_row = pruning_row(
-            model,
-            &int8_variant,
-            &pruned_params,
-            &int8,
-            &dense,
-            serde_json::json!({
-                "target_sparsity": target.sparsity,
-                "weight_sparsity": zeros as f64 / prunable_total as f64,
-                "weights": "int8 per-channel (zeros stay zero)",
-            }),
-        );
-        int8_row.nonzero_params = Some(nonzero);
-        rows.push(int8_row);
+        let (pruned, schedule) = stage.prune(target)?;
+        rows.extend(pruned);
+        schedules.push(schedule);
     }
 
     let mut markdown = section(&rows);
@@ -285,29 +128,199 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The artifact with every weight in CSR form where the runtime says that pays off, dense
-/// f32 otherwise; and the choice per weight.
-pub fn sparse_artifact(
-    spec: &NetworkSpec,
-    params: &[DeployedParameter],
-) -> Result<(runtime::ArtifactBuilder, serde_json::Value)> {
-    let mut builder = runtime::ArtifactBuilder::new(spec.clone());
-    let mut storage = serde_json::Map::new();
-    for p in params {
-        let rows = p.shape[0];
-        let cols = p.data.len() / rows.max(1);
-        let nnz = p.data.iter().filter(|&&w| w != 0.0).count();
-        if p.name.ends_with(".weight") && runtime::csr_pays_off(rows, cols, nnz) {
-            builder.add(&p.name, &p.data, &p.shape, runtime::Storage::Csr)?;
-            storage.insert(p.name.clone(), serde_json::json!("csr"));
-        } else {
-            builder.add(&p.name, &p.data, &p.shape, runtime::Storage::F32)?;
-            if p.name.ends_with(".weight") {
-                storage.insert(p.name.clone(), serde_json::json!("dense"));
-            }
-        }
+/// A variant's schedule and the steps it ran, for the schedule chart.
+type ScheduleRun = (&'static str, Schedule, u64);
+
+/// A fine-tuned, pruned teacher.
+struct Tuned {
+    /// Each pruned layer's sparsity.
+    layers: Vec<pruning::LayerSparsity>,
+    libtorch_accuracy: f64,
+    params: Vec<DeployedParameter>,
+    stats: train::TrainStats,
+    schedule: ScheduleRun,
+    /// Weights of every layer, the dense one included.
+    prunable_total: usize,
+}
+
+/// What every pruned variant starts from.
+struct Pruning<'a> {
+    ctx: &'a Context,
+    /// The teacher with batch norm folded: what is pruned.
+    deployed_spec: NetworkSpec,
+    model: String,
+    /// Its trained parameters.
+    params: &'a [DeployedParameter],
+    tests: &'a TestSets<'a>,
+    /// The teacher's training data and recipe.
+    data: &'a DeviceSplit,
+    teacher_config: &'a TrainConfig,
+    /// The dense float32 artifact, which every variant is compared with.
+    dense: Option<Deployed>,
+}
+
+impl Pruning<'_> {
+    fn file(&self, variant: &str) -> Result<RunFile> {
+        self.ctx
+            .file(FOLDER, &format!("{}_{variant}.safetensors", self.model))
     }
-    Ok((builder, serde_json::Value::Object(storage)))
+
+    /// Fine-tunes the teacher while pruning it to `target`.
+    fn fine_tune(&self, target: &Target) -> Result<Tuned> {
+        let ctx = self.ctx;
+        let weights: Vec<&DeployedParameter> = self
+            .params
+            .iter()
+            .filter(|p| p.name.ends_with(".weight"))
+            .collect();
+        let prunable_total: usize = weights.iter().map(|p| p.data.len()).sum();
+        let pruned_total: usize = weights
+            .iter()
+            .filter(|p| p.name != DENSE_LAYER)
+            .map(|p| p.data.len())
+            .sum();
+        let config = TrainConfig {
+            epochs: if ctx.quick { 1 } else { target.epochs },
+            learning_rate: LEARNING_RATE,
+            ..self.teacher_config.clone()
+        };
+        let batches = self.data.len().div_ceil(config.batch_size);
+        let (steps, frequency) = if ctx.quick {
+            (QUICK_STEPS.min(batches), QUICK_FREQUENCY)
+        } else {
+            (config.epochs * batches, FREQUENCY)
+        };
+        let end_step = train::ramp_end(steps, RAMP_SHARE, frequency);
+        // Per-layer sparsity that makes the whole network's share of zeros the target.
+        let layer_sparsity =
+            (target.sparsity * prunable_total as f64 / pruned_total as f64).min(0.99);
+        let schedule = match target.granularity {
+            // N:M masks have their own sparsity; the schedule says when to recompute them.
+            Granularity::NOutOfM { .. } => {
+                Schedule::constant(target.sparsity, 0, Some(end_step), frequency)?
+            }
+            _ => Schedule::polynomial_decay(0.0, layer_sparsity, 0, end_step, frequency)?,
+        };
+        let pruned_vs = nn::VarStore::new(ctx.device.device);
+        let pruned = Network::new(&pruned_vs.root(), &self.deployed_spec)?;
+        export::load_parameters(&pruned_vs, self.params)?;
+        // N:M groups must tile the input dimension (the first convolution's 9 inputs do
+        // not split into groups of 4, and it stays dense anyway).
+        let names: Vec<&str> = weights
+            .iter()
+            .filter(|p| p.name != DENSE_LAYER)
+            .filter(|p| match target.granularity {
+                Granularity::NOutOfM { m, .. } => (p.data.len() / p.shape[0]).is_multiple_of(m),
+                _ => true,
+            })
+            .map(|p| p.name.as_str())
+            .collect();
+        let pruning = PruningConfig {
+            schedule,
+            granularity: target.granularity,
+            scope: target.scope,
+        };
+        let mut pruner = Pruner::with_layers(&pruned_vs, &names, pruning)?;
+        tch::manual_seed(ctx.seed as i64);
+        ctx.progress.info(&format!(
+            "{}: fine-tuning for {steps} steps, sparsity reached at step {end_step}",
+            target.variant
+        ));
+        let options = TrainOptions {
+            max_steps: Some(steps),
+            pruner: Some(&mut pruner),
+            ..TrainOptions::default()
+        };
+        let stats = train::train_with(
+            &pruned,
+            &pruned_vs,
+            self.data,
+            &config,
+            options,
+            &ctx.progress,
+            target.variant,
+        )?;
+        Ok(Tuned {
+            layers: pruner.strip(),
+            libtorch_accuracy: train::evaluate(&pruned, self.tests.libtorch()).accuracy,
+            params: export::deployed_parameters(&pruned, &pruned_vs)?,
+            stats,
+            schedule: (target.variant, schedule, steps as u64),
+            prunable_total,
+        })
+    }
+
+    /// The teacher pruned to `target`, deployed sparse and as int8: two rows, and the
+    /// schedule with the steps it ran.
+    fn prune(&self, target: &Target) -> Result<(Vec<Row>, ScheduleRun)> {
+        let dense = self
+            .dense
+            .as_ref()
+            .context("the dense artifact comes first")?;
+        let Tuned {
+            layers,
+            libtorch_accuracy,
+            params: pruned_params,
+            stats,
+            schedule,
+            prunable_total,
+        } = self.fine_tune(target)?;
+        let (builder, storage) = deploy::sparse_artifact(&self.deployed_spec, &pruned_params)?;
+        let test = &self.tests.runtime;
+        let deployed = deploy::deploy(&builder, &self.file(target.variant)?, test)?;
+        let int8_variant = format!("{}_int8", target.variant);
+        let int8_builder = export::artifact_from_parameters(
+            self.deployed_spec.clone(),
+            &pruned_params,
+            WeightFormat::Int8DynamicRange,
+        )?;
+        let int8 = deploy::deploy(&int8_builder, &self.file(&int8_variant)?, test)?;
+        let sparsity = deploy::weight_zeros(&pruned_params) as f64 / prunable_total as f64;
+        self.ctx.progress.info(&format!(
+            "{}: {:.2}% of weights zero, {:.2}% test accuracy ({:.2}% with int8 weights)",
+            target.variant,
+            sparsity * 100.0,
+            deployed.accuracy * 100.0,
+            int8.accuracy * 100.0
+        ));
+        let mut row = pruning_row(
+            &self.model,
+            target.variant,
+            &pruned_params,
+            &deployed,
+            dense,
+            serde_json::json!({
+                "target_sparsity": target.sparsity,
+                "granularity": format!("{:?}", target.granularity),
+                "dense_layers": [DENSE_LAYER],
+                "scope": format!("{:?}", target.scope),
+                "weight_sparsity": sparsity,
+                "layers": layers,
+                "storage": storage,
+                "libtorch_accuracy": libtorch_accuracy,
+                "fine_tune_steps": stats.steps,
+                "schedule": schedule.1,
+                "int8_accuracy": int8.accuracy,
+                "int8_size_bytes": int8.size_bytes,
+                "int8_gzip_bytes": int8.gzip_bytes,
+                "int8_gzip_ratio_vs_dense_float32": dense.gzip_bytes as f64 / int8.gzip_bytes as f64,
+            }),
+        );
+        stats.record(&mut row);
+        let int8_row = pruning_row(
+            &self.model,
+            &int8_variant,
+            &pruned_params,
+            &int8,
+            dense,
+            serde_json::json!({
+                "target_sparsity": target.sparsity,
+                "weight_sparsity": sparsity,
+                "weights": "int8 per-channel (zeros stay zero)",
+            }),
+        );
+        Ok((vec![row, int8_row], schedule))
+    }
 }
 
 fn pruning_row(
@@ -318,15 +331,7 @@ fn pruning_row(
     dense: &Deployed,
     extra: serde_json::Value,
 ) -> Row {
-    let mut row = deploy::runtime_row(
-        "pruning",
-        model,
-        variant,
-        format!("{FOLDER}/{model}_{variant}.safetensors"),
-        params,
-        d,
-        extra,
-    );
+    let mut row = deploy::runtime_row("pruning", model, variant, params, d, extra);
     row.nonzero_params = Some(deploy::nonzero(params));
     let extra = &mut row.extra;
     extra.insert(

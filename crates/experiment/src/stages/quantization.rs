@@ -10,15 +10,17 @@ use models::calibrate::Calibrator as Taps;
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{FakeQuantConfig, Network, NetworkSpec};
 use quantization::{BitWidth, Observer};
+use serde_json::{Value, json};
 use tch::nn;
 
-use super::Context;
-use super::baseline::TEACHER_CHECKPOINT;
 use super::distillation::STUDENT_CHECKPOINT;
 use crate::charts::Figure;
-use crate::cli::Calibrator;
+use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::{Row, SECTION_EXTRA};
+use crate::settings::{Calibrator, QuantizationSettings};
+use crate::stage::Product;
+use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
 
 /// Folder of the stage's artifacts, inside the run's output folder.
@@ -34,59 +36,57 @@ const QAT_BATCH: usize = 64;
 const QAT_LEARNING_RATE: f64 = 1e-4;
 const QAT_OBSERVER_STEPS: usize = 200;
 const QUICK_QAT_STEPS: usize = 30;
+/// Steps the activation observers run before their ranges freeze, in `--quick` mode.
+const QUICK_OBSERVER_STEPS: usize = 10;
 /// Batch of calibration forward passes.
 const CALIBRATION_BATCH: i64 = 250;
 
 /// One model the stage quantizes.
 struct Subject {
     spec: NetworkSpec,
-    checkpoint: &'static str,
+    checkpoint: Product,
     label: &'static str,
 }
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
-    let teacher = ctx.out.join(TEACHER_CHECKPOINT);
-    if !teacher.exists() {
-        bail!(
-            "the quantization stage needs the teacher from the baseline stage ({} is missing): \
-             run --stages baseline,quantization",
-            teacher.display()
-        );
-    }
+pub fn run(ctx: &Context, settings: &QuantizationSettings) -> Result<Vec<Row>> {
+    ctx.input(teacher::CHECKPOINT)?;
     let mut subjects = vec![Subject {
-        spec: NetworkSpec::teacher_cnn(),
-        checkpoint: TEACHER_CHECKPOINT,
+        spec: teacher::spec(),
+        checkpoint: teacher::CHECKPOINT,
         label: "teacher",
     }];
-    if ctx.out.join(STUDENT_CHECKPOINT).exists() {
+    if ctx.optional_input(STUDENT_CHECKPOINT)?.is_some() {
         subjects.push(Subject {
             spec: NetworkSpec::student_cnn(),
             checkpoint: STUDENT_CHECKPOINT,
             label: "student",
         });
     }
-    std::fs::create_dir_all(ctx.out.join(FOLDER))
-        .with_context(|| format!("creating {}", ctx.out.join(FOLDER).display()))?;
+    ctx.folder(FOLDER)?;
     // The runtime scores every row; QAT's fake-quantized model is scored by LibTorch on the
     // same images.
     let tests = TestSets::new(ctx)?;
-    let calibration_images = if ctx.args.quick {
+    let calibration_images = if ctx.quick {
         QUICK_CALIBRATION_IMAGES
     } else {
         CALIBRATION_IMAGES
     };
     let fraction = calibration_images as f64 / ctx.dataset.train.len() as f64;
-    let calibration = ctx
-        .dataset
-        .train
-        .stratified_subset(fraction, ctx.args.seed)?;
+    let calibration = ctx.dataset.train.stratified_subset(fraction, ctx.seed)?;
     let calibration = DeviceSplit::new(&calibration, ctx.normalization, ctx.device.device)?;
 
     // Quantization-aware training fine-tunes on the teacher's training data.
-    let (qat_data, _) = super::baseline::teacher_training(ctx)?;
+    let (qat_data, _) = teacher::training(ctx)?;
     let mut rows = Vec::new();
     for subject in &subjects {
-        rows.extend(quantize(ctx, subject, &calibration, &qat_data, &tests)?);
+        rows.extend(quantize(
+            ctx,
+            settings,
+            subject,
+            &calibration,
+            &qat_data,
+            &tests,
+        )?);
     }
     let mut markdown = section(&rows);
     markdown.push('\n');
@@ -99,201 +99,200 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// One subject's trained parameters and where its rows go.
+struct Quantizing<'a> {
+    ctx: &'a Context,
+    settings: &'a QuantizationSettings,
+    label: &'static str,
+    model: String,
+    /// The network with batch norm folded: what is deployed.
+    deployed_spec: NetworkSpec,
+    params: Vec<DeployedParameter>,
+    tests: &'a TestSets<'a>,
+}
+
 fn quantize(
     ctx: &Context,
+    settings: &QuantizationSettings,
     subject: &Subject,
     calibration: &DeviceSplit,
     qat_data: &DeviceSplit,
     tests: &TestSets<'_>,
 ) -> Result<Vec<Row>> {
-    let test = &tests.runtime;
-    let path = ctx.out.join(subject.checkpoint);
+    let path = ctx.input(subject.checkpoint)?;
     let mut vs = nn::VarStore::new(ctx.device.device);
     let net = Network::new(&vs.root(), &subject.spec)?;
     vs.load(&path)
         .with_context(|| format!("loading the {} from {}", subject.label, path.display()))?;
-    let params = export::deployed_parameters(&net, &vs)?;
-    let deployed_spec = subject.spec.without_batch_norm();
-    let model = subject.spec.name.as_str();
-    let file = |variant: &str| {
-        ctx.out
-            .join(FOLDER)
-            .join(format!("{model}_{variant}.safetensors"))
+    let q = Quantizing {
+        ctx,
+        settings,
+        label: subject.label,
+        model: subject.spec.name.clone(),
+        deployed_spec: subject.spec.without_batch_norm(),
+        params: export::deployed_parameters(&net, &vs)?,
+        tests,
     };
-
     ctx.progress.info(&format!(
         "{}: float32, float16 and dynamic int8",
         subject.label
     ));
-    let mut rows = Vec::new();
-    let float32 = deploy::deploy(
-        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F32)?,
-        &file("float32"),
-        test,
-    )?;
-    let reference = float32.clone();
-    let row = |variant: &str, d: &Deployed, extra: serde_json::Value| {
-        quant_row(model, variant, &params, d, &reference, extra)
-    };
-    rows.push(row(
-        "float32",
-        &float32,
-        serde_json::json!({"weights": "f32"}),
-    ));
-    let float16 = deploy::deploy(
-        &export::artifact_from_parameters(deployed_spec.clone(), &params, WeightFormat::F16)?,
-        &file("float16"),
-        test,
-    )?;
-    rows.push(row(
-        "float16",
-        &float16,
-        serde_json::json!({"weights": "f16"}),
-    ));
-    let dynamic = deploy::deploy(
-        &export::artifact_from_parameters(
-            deployed_spec.clone(),
-            &params,
-            WeightFormat::Int8DynamicRange,
-        )?,
-        &file("dynamic_int8"),
-        test,
-    )?;
-    rows.push(row(
+    let float32 = q.deploy(&q.builder(&q.params, WeightFormat::F32)?, "float32")?;
+    let mut rows = vec![q.row("float32", &float32, &float32, json!({"weights": "f32"}))];
+    let float16 = q.deploy(&q.builder(&q.params, WeightFormat::F16)?, "float16")?;
+    rows.push(q.row("float16", &float16, &float32, json!({"weights": "f16"})));
+    let dynamic = q.deploy(
+        &q.builder(&q.params, WeightFormat::Int8DynamicRange)?,
         "dynamic_int8",
-        &dynamic,
-        serde_json::json!({"weights": "int8 per-channel", "activations": "per batch"}),
-    ));
+    )?;
+    let extra = json!({"weights": "int8 per-channel", "activations": "per batch"});
+    rows.push(q.row("dynamic_int8", &dynamic, &float32, extra));
 
     // Full-integer: calibrate every quantized layer's input on the deployed network.
     let deployed_vs = nn::VarStore::new(ctx.device.device);
-    let mut deployed = Network::new(&deployed_vs.root(), &deployed_spec)?;
-    export::load_parameters(&deployed_vs, &params)?;
+    let deployed = Network::new(&deployed_vs.root(), &q.deployed_spec)?;
+    export::load_parameters(&deployed_vs, &q.params)?;
     ctx.progress.info(&format!(
         "{}: calibrating on {} training images",
         subject.label,
         calibration.len()
     ));
     let observers = observe(&deployed, calibration)?;
-    let chosen = ctx.args.calibrator;
     for calibrator in Calibrator::all() {
-        let method = calibrator.method(ctx.args.percentile);
-        let mut builder = export::artifact_from_parameters(
-            deployed_spec.clone(),
-            &params,
-            WeightFormat::Int8DynamicRange,
-        )?;
-        let mut ranges = serde_json::Map::new();
-        for (layer, observer) in &observers {
-            let p = observer
-                .qparams(method, BitWidth::INT8)
-                .with_context(|| format!("calibrating layer {layer} ({})", calibrator.name()))?;
-            builder.set_input_quantization(*layer, p);
-            let (lo, hi) = p.range();
-            ranges.insert(layer.to_string(), serde_json::json!([lo, hi]));
-        }
-        let variant = format!("static_int8_{}", calibrator.name());
-        let d = deploy::deploy(&builder, &file(&variant), test)?;
-        ctx.progress.info(&format!(
-            "{}: {variant}: {:.2}%",
-            subject.label,
-            d.accuracy * 100.0
-        ));
-        rows.push(row(
-            &variant,
-            &d,
-            serde_json::json!({
-                "weights": "int8 per-channel",
-                "activations": "u8 per-tensor, calibrated",
-                "calibrator": calibrator.name(),
-                "percentile": (calibrator == Calibrator::Percentile).then_some(ctx.args.percentile),
-                "selected": calibrator == chosen,
-                "calibration_images": calibration.len(),
-                "input_ranges": ranges,
-            }),
-        ));
+        rows.push(q.calibrated(calibrator, &observers, calibration.len(), &float32)?);
+    }
+    rows.push(q.qat((deployed, deployed_vs), observers.len(), qat_data, &float32)?);
+    Ok(rows)
+}
+
+impl Quantizing<'_> {
+    fn builder(
+        &self,
+        params: &[DeployedParameter],
+        format: WeightFormat,
+    ) -> Result<runtime::ArtifactBuilder> {
+        Ok(export::artifact_from_parameters(
+            self.deployed_spec.clone(),
+            params,
+            format,
+        )?)
     }
 
-    // Quantization-aware training from the float model, in its deployed form.
-    let steps = Some(if ctx.args.quick {
-        QUICK_QAT_STEPS
-    } else {
-        QAT_STEPS
-    });
-    deployed
-        .enable_fake_quant(FakeQuantConfig {
-            observer_steps: if ctx.args.quick {
-                10
-            } else {
-                QAT_OBSERVER_STEPS
-            },
+    fn deploy(&self, builder: &runtime::ArtifactBuilder, variant: &str) -> Result<Deployed> {
+        let file = self
+            .ctx
+            .file(FOLDER, &format!("{}_{variant}.safetensors", self.model))?;
+        deploy::deploy(builder, &file, &self.tests.runtime)
+    }
+
+    fn row(&self, variant: &str, d: &Deployed, float32: &Deployed, extra: Value) -> Row {
+        quant_row(&self.model, variant, &self.params, d, float32, extra)
+    }
+
+    /// Full-integer int8 with the input ranges `calibrator` picks from `observers`.
+    fn calibrated(
+        &self,
+        calibrator: Calibrator,
+        observers: &[(usize, Observer)],
+        calibration_images: usize,
+        float32: &Deployed,
+    ) -> Result<Row> {
+        let percentile = self.settings.percentile;
+        let method = calibrator.method(percentile);
+        let mut builder = self.builder(&self.params, WeightFormat::Int8DynamicRange)?;
+        let mut ranges = serde_json::Map::new();
+        for (layer, observer) in observers {
+            let p = observer
+                .qparams(method, BitWidth::INT8)
+                .with_context(|| format!("calibrating layer {layer} ({calibrator})"))?;
+            builder.set_input_quantization(*layer, p);
+            let (lo, hi) = p.range();
+            ranges.insert(layer.to_string(), json!([lo, hi]));
+        }
+        let variant = format!("static_int8_{calibrator}");
+        let d = self.deploy(&builder, &variant)?;
+        self.ctx.progress.info(&format!(
+            "{}: {variant}: {:.2}%",
+            self.label,
+            d.accuracy * 100.0
+        ));
+        let extra = json!({
+            "weights": "int8 per-channel",
+            "activations": "u8 per-tensor, calibrated",
+            "calibrator": calibrator.name(),
+            "percentile": (calibrator == Calibrator::Percentile).then_some(percentile),
+            "selected": calibrator == self.settings.calibrator,
+            "calibration_images": calibration_images,
+            "input_ranges": ranges,
+        });
+        Ok(self.row(&variant, &d, float32, extra))
+    }
+
+    /// Quantization-aware training from the float model in its deployed form, then
+    /// full-integer int8 with the ranges observed while training.
+    fn qat(
+        &self,
+        (mut net, vs): (Network, nn::VarStore),
+        observed_layers: usize,
+        data: &DeviceSplit,
+        float32: &Deployed,
+    ) -> Result<Row> {
+        let ctx = self.ctx;
+        let (steps, observer_steps) = if ctx.quick {
+            (QUICK_QAT_STEPS, QUICK_OBSERVER_STEPS)
+        } else {
+            (QAT_STEPS, QAT_OBSERVER_STEPS)
+        };
+        net.enable_fake_quant(FakeQuantConfig {
+            observer_steps,
             ..FakeQuantConfig::default()
         })
         .context("enabling fake quantization")?;
-    let config = TrainConfig {
-        epochs: QAT_EPOCHS,
-        batch_size: QAT_BATCH,
-        learning_rate: QAT_LEARNING_RATE,
-        seed: ctx.args.seed,
-    };
-    tch::manual_seed(ctx.args.seed as i64);
-    let stats = train::train_with(
-        &deployed,
-        &deployed_vs,
-        qat_data,
-        &config,
-        TrainOptions {
-            max_steps: steps,
+        let config = TrainConfig {
+            epochs: QAT_EPOCHS,
+            batch_size: QAT_BATCH,
+            learning_rate: QAT_LEARNING_RATE,
+            seed: ctx.seed,
+        };
+        tch::manual_seed(ctx.seed as i64);
+        let options = TrainOptions {
+            max_steps: Some(steps),
             ..TrainOptions::default()
-        },
-        &ctx.progress,
-        &format!("{} qat", subject.label),
-    )?;
-    let fake_quant = train::evaluate(&deployed, tests.libtorch());
-    let qat_params = export::deployed_parameters(&deployed, &deployed_vs)?;
-    let mut builder = export::artifact_from_parameters(
-        deployed_spec.clone(),
-        &qat_params,
-        WeightFormat::Int8DynamicRange,
-    )?;
-    let ranges = deployed.activation_ranges();
-    if ranges.len() != observers.len() {
-        bail!(
-            "quantization-aware training observed {} of {} layers",
-            ranges.len(),
-            observers.len()
-        );
-    }
-    for range in &ranges {
-        let p = range.qparams();
-        builder.set_input_quantization(range.layer, p);
-    }
-    let qat = deploy::deploy(&builder, &file("qat_int8"), test)?;
-    ctx.progress.info(&format!(
-        "{}: qat_int8: {:.2}% in the runtime, {:.2}% with fake quantization",
-        subject.label,
-        qat.accuracy * 100.0,
-        fake_quant.accuracy * 100.0
-    ));
-    let mut qat_row = row(
-        "qat_int8",
-        &qat,
-        serde_json::json!({
+        };
+        let label = format!("{} qat", self.label);
+        let stats = train::train_with(&net, &vs, data, &config, options, &ctx.progress, &label)?;
+        let fake_quant = train::evaluate(&net, self.tests.libtorch());
+        let qat_params = export::deployed_parameters(&net, &vs)?;
+        let mut builder = self.builder(&qat_params, WeightFormat::Int8DynamicRange)?;
+        let ranges = net.activation_ranges();
+        if ranges.len() != observed_layers {
+            bail!(
+                "quantization-aware training observed {} of {observed_layers} layers",
+                ranges.len(),
+            );
+        }
+        for range in &ranges {
+            builder.set_input_quantization(range.layer, range.qparams());
+        }
+        let qat = self.deploy(&builder, "qat_int8")?;
+        ctx.progress.info(&format!(
+            "{}: qat_int8: {:.2}% in the runtime, {:.2}% with fake quantization",
+            self.label,
+            qat.accuracy * 100.0,
+            fake_quant.accuracy * 100.0
+        ));
+        let extra = json!({
             "weights": "int8 per-channel",
             "activations": "u8 per-tensor, observed during training",
             "fake_quant_accuracy": fake_quant.accuracy,
             "qat_steps": stats.steps,
-            "observer_steps": QAT_OBSERVER_STEPS,
+            "observer_steps": observer_steps,
             "learning_rate": QAT_LEARNING_RATE,
-        }),
-    );
-    qat_row
-        .extra
-        .insert("loss_curve".into(), stats.curve_json());
-    qat_row.train_seconds = Some(stats.seconds);
-    qat_row.train_samples_per_second = Some(stats.samples_per_second);
-    rows.push(qat_row);
-    Ok(rows)
+        });
+        let mut row = self.row("qat_int8", &qat, float32, extra);
+        stats.record(&mut row);
+        Ok(row)
+    }
 }
 
 /// Observes the input of every quantized layer of `net` over the calibration set, through
@@ -333,15 +332,7 @@ fn quant_row(
     reference: &Deployed,
     extra: serde_json::Value,
 ) -> Row {
-    let mut row = deploy::runtime_row(
-        "quantization",
-        model,
-        variant,
-        format!("{FOLDER}/{model}_{variant}.safetensors"),
-        params,
-        d,
-        extra,
-    );
+    let mut row = deploy::runtime_row("quantization", model, variant, params, d, extra);
     let extra = &mut row.extra;
     extra.insert(
         "accuracy_drop_pp".into(),
