@@ -61,36 +61,16 @@ fn run(args: &Args) -> Result<bool> {
     let test = DeviceSplit::new(&dataset.test, normalization, device.device)?;
 
     let started = chrono::Utc::now();
-    let out = match &args.out {
-        Some(out) => out.clone(),
-        None if args.resume => {
-            let latest = Path::new("results").join("latest");
-            std::fs::canonicalize(&latest).with_context(|| {
-                format!(
-                    "--resume without --out continues {}, which does not exist: name the run \
-                     folder with --out",
-                    latest.display()
-                )
-            })?
-        }
-        None => Path::new("results").join(started.format("%Y%m%d-%H%M%S").to_string()),
-    };
-    std::fs::create_dir_all(&out)
-        .with_context(|| format!("creating the output folder {}", out.display()))?;
-    // A new run would replace the report of the one already there.
-    if !args.resume && out.join("report.json").exists() {
-        bail!(
-            "{} already holds a run (its report.json): pass --resume to continue that run, or \
-             choose another --out",
-            out.display()
-        );
-    }
+    let out = out_folder(args, &started)?;
     let settings = args.settings();
     let defaults = Args::default_settings();
     let mut resume = resume::Resume::new(args, &settings, device.kind, &data_dir, &out)?;
     resume::remove_leftovers(&out)?;
     if args.out.is_none() && !args.resume {
         point_latest_at(&out)?;
+    }
+    if args.quick {
+        progress.info(report::SMOKE_TEST);
     }
     progress.info(&format!(
         "device: {} ({}), {} threads; writing to {}",
@@ -179,10 +159,43 @@ fn run(args: &Args) -> Result<bool> {
         report.write(&out)?;
     }
     if !args.quiet || !all_ok {
+        if args.quick {
+            println!("{}\n", report::SMOKE_TEST);
+        }
         println!("{}", report.results_table());
     }
     println!("report: {}", out.join("report.md").display());
     Ok(all_ok)
+}
+
+/// The run folder: `--out`, `results/latest` with `--resume`, a new timestamped folder
+/// otherwise; created, and refused when it holds a run and `--resume` was not asked for.
+fn out_folder(args: &Args, started: &chrono::DateTime<chrono::Utc>) -> Result<PathBuf> {
+    let out = match &args.out {
+        Some(out) => out.clone(),
+        None if args.resume => {
+            let latest = Path::new("results").join("latest");
+            std::fs::canonicalize(&latest).with_context(|| {
+                format!(
+                    "--resume without --out continues {}, which does not exist: name the run \
+                     folder with --out",
+                    latest.display()
+                )
+            })?
+        }
+        None => Path::new("results").join(started.format("%Y%m%d-%H%M%S").to_string()),
+    };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("creating the output folder {}", out.display()))?;
+    // A new run would replace the report of the one already there.
+    if !args.resume && out.join("report.json").exists() {
+        bail!(
+            "{} already holds a run (its report.json): pass --resume to continue that run, or \
+             choose another --out",
+            out.display()
+        );
+    }
+    Ok(out)
 }
 
 /// The MNIST copy that ships with the project.

@@ -15,6 +15,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// What a `--quick` run is, said wherever its numbers appear.
+pub const SMOKE_TEST: &str = "Smoke test (`--quick`): small subsets and few steps check that \
+    every stage runs end to end; the accuracies below are not results, and a technique's \
+    effect may even show with the wrong sign.";
+
 /// Version of the `report.json` layout.
 pub const SCHEMA_VERSION: u32 = 2;
 
@@ -124,6 +129,9 @@ impl Report {
             self.git_commit.as_deref().unwrap_or("unknown"),
         );
         let _ = writeln!(md, "## Results\n");
+        if self.quick {
+            let _ = writeln!(md, "{SMOKE_TEST}\n");
+        }
         md.push_str(&self.results_table());
         let _ = writeln!(md, "\n## Against the teacher\n");
         md.push_str(&teacher::section(&self.rows));
@@ -263,7 +271,7 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| baseline | ok | 1.5 |"), "{md}");
-        assert!(md.contains("quick mode"));
+        assert!(md.contains("quick mode") && md.contains(SMOKE_TEST));
     }
 
     /// A run with a teacher, runtime rows, a training curve and a loss-scale trace.

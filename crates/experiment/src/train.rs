@@ -134,25 +134,36 @@ pub fn train_with(
     vs: &nn::VarStore,
     data: &DeviceSplit,
     config: &TrainConfig,
-    mut options: TrainOptions<'_>,
+    options: TrainOptions<'_>,
     progress: &Progress,
     label: &str,
 ) -> Result<TrainStats> {
+    let TrainOptions {
+        mut scaler,
+        max_steps,
+        mut audit,
+        distill,
+        pruner,
+    } = options;
+    let mut hooks: Vec<&mut dyn StepHook> = Vec::new();
+    if let Some(pruner) = pruner {
+        hooks.push(pruner);
+    }
+    if let Some(sampling) = audit.as_mut() {
+        hooks.push(sampling);
+    }
     let batcher = Batcher::new(data.len(), config.batch_size, config.seed)?;
     let mut optimizer = nn::Adam::default().build(vs, config.learning_rate)?;
     let planned_steps = config.epochs * batcher.batches_per_epoch();
-    let planned_steps = options
-        .max_steps
-        .map_or(planned_steps, |max| max.min(planned_steps));
+    let planned_steps = max_steps.map_or(planned_steps, |max| max.min(planned_steps));
     let total_steps = planned_steps.max(1);
-    let skipped_before = options.scaler.as_ref().map_or(0, |s| s.skipped_steps());
+    let skipped_before = scaler.as_ref().map_or(0, |s| s.skipped_steps());
     let device = data.images.device();
     let mut step = 0;
     let mut samples = 0;
     let mut epoch_losses = Vec::with_capacity(config.epochs);
     let mut loss_curve = Vec::new();
-    let mut audit_seconds = 0.0;
-    let mut audited_steps = 0;
+    let mut excluded_seconds = 0.0;
     let start = Instant::now();
     for epoch in 0..config.epochs {
         if step >= planned_steps {
@@ -173,41 +184,8 @@ pub fn train_with(
             let index = Tensor::from_slice(&index).to(device);
             let xs = data.images.index_select(0, &index);
             let ys = data.labels.index_select(0, &index);
-            let hint = options.distill.as_ref().and_then(|d| d.hint.as_ref());
-            let (logits, features) = match hint {
-                None => (net.forward_t(&xs, true), None),
-                Some(h) => {
-                    let (logits, inputs) = net.forward_with_inputs(&xs, true)?;
-                    let feature = inputs
-                        .into_iter()
-                        .find(|(i, _)| *i == h.layer)
-                        .map(|(_, x)| x)
-                        .with_context(|| format!("layer {} has no input to hint", h.layer))?;
-                    (logits, Some(feature))
-                }
-            };
-            let loss = match &options.distill {
-                None => logits.cross_entropy_for_logits(&ys),
-                Some(d) => distillation::distillation_loss(
-                    &logits,
-                    &d.teacher_logits.index_select(0, &index),
-                    &ys,
-                    &d.config,
-                )?,
-            };
-            let loss = match (hint, features) {
-                (Some(h), Some(feature)) => {
-                    let [c, height, width] = h.shape;
-                    let adapted = feature
-                        .view([-1, c, height, width])
-                        .apply(h.adapter)
-                        .flatten(1, -1);
-                    let target = h.teacher_features.index_select(0, &index);
-                    loss + distillation::hint_loss(&adapted, &target)? * h.weight
-                }
-                _ => loss,
-            };
-            match options.scaler.as_deref_mut() {
+            let (logits, loss) = batch_loss(net, &xs, &ys, &index, distill.as_ref())?;
+            match scaler.as_deref_mut() {
                 None => optimizer.backward_step(&loss),
                 Some(scaler) => {
                     optimizer.zero_grad();
@@ -217,28 +195,8 @@ pub fn train_with(
                         .with_context(|| format!("loss scaling at step {step}"))?;
                 }
             }
-            if let Some(pruner) = options.pruner.as_deref_mut() {
-                let updated = pruner
-                    .update(step as u64)
-                    .with_context(|| format!("pruning at step {step}"))?;
-                if !updated {
-                    pruner.apply();
-                }
-            }
-            if let Some(sampling) = options.audit.as_mut()
-                && step % sampling.every.max(1) == 0
-            {
-                // Queued device work belongs to the training time, not to the audit's.
-                if let Device::Cuda(index) = device {
-                    tch::Cuda::synchronize(index as i64);
-                }
-                let audit_start = Instant::now();
-                sampling
-                    .auditor
-                    .record_variable_grads(&vs.trainable_variables())
-                    .context("recording gradients for the underflow audit")?;
-                audited_steps += 1;
-                audit_seconds += audit_start.elapsed().as_secs_f64();
+            for hook in &mut hooks {
+                excluded_seconds += hook.after_step(step, vs)?;
             }
             tch::no_grad(|| {
                 loss_sum += loss.detach() * batch.len() as f64;
@@ -256,7 +214,7 @@ pub fn train_with(
                 (curve_sum, curve_seen) = (total, seen);
                 let loss = total / seen as f64;
                 let accuracy = correct.int64_value(&[]) as f64 / seen as f64;
-                let rate = samples as f64 / (start.elapsed().as_secs_f64() - audit_seconds);
+                let rate = samples as f64 / (start.elapsed().as_secs_f64() - excluded_seconds);
                 bar.update(i + 1, loss, accuracy, rate);
             }
         }
@@ -268,8 +226,11 @@ pub fn train_with(
         ));
         epoch_losses.push(loss);
     }
-    let seconds = start.elapsed().as_secs_f64() - audit_seconds;
-    let scaler = options.scaler.as_deref();
+    drop(hooks);
+    let seconds = start.elapsed().as_secs_f64() - excluded_seconds;
+    let scaler = scaler.as_deref();
+    // Steps 0, every, 2 every, ... of those that ran.
+    let audited_steps = audit.map_or(0, |a| step.div_ceil(a.every.max(1)));
     Ok(TrainStats {
         policy: net.policy(),
         steps: step,
@@ -282,6 +243,84 @@ pub fn train_with(
         scale_history: scaler.map_or_else(Vec::new, |s| s.history().to_vec()),
         audited_steps,
     })
+}
+
+/// The loss of one batch (cross-entropy, or the distillation loss with the hint on top when
+/// `distill` says so) and the student's logits.
+fn batch_loss(
+    net: &Network,
+    xs: &Tensor,
+    ys: &Tensor,
+    index: &Tensor,
+    distill: Option<&Distill<'_>>,
+) -> Result<(Tensor, Tensor)> {
+    let Some(d) = distill else {
+        let logits = net.forward_t(xs, true);
+        let loss = logits.cross_entropy_for_logits(ys);
+        return Ok((logits, loss));
+    };
+    let (logits, features) = match &d.hint {
+        None => (net.forward_t(xs, true), None),
+        Some(h) => {
+            let (logits, inputs) = net.forward_with_inputs(xs, true)?;
+            let feature = inputs
+                .into_iter()
+                .find(|(i, _)| *i == h.layer)
+                .map(|(_, x)| x)
+                .with_context(|| format!("layer {} has no input to hint", h.layer))?;
+            (logits, Some((h, feature)))
+        }
+    };
+    let teacher = d.teacher_logits.index_select(0, index);
+    let loss = distillation::distillation_loss(&logits, &teacher, ys, &d.config)?;
+    let Some((h, feature)) = features else {
+        return Ok((logits, loss));
+    };
+    let [c, height, width] = h.shape;
+    let adapted = feature
+        .view([-1, c, height, width])
+        .apply(h.adapter)
+        .flatten(1, -1);
+    let target = h.teacher_features.index_select(0, index);
+    let hint = distillation::hint_loss(&adapted, &target)? * h.weight;
+    Ok((logits, loss + hint))
+}
+
+/// What the loop runs after every optimizer step: pruning, the gradient audit. Returns the
+/// seconds it took that do not count as training time.
+trait StepHook {
+    fn after_step(&mut self, step: usize, vs: &nn::VarStore) -> Result<f64>;
+}
+
+impl StepHook for pruning::Pruner {
+    /// New masks on schedule steps, the masks re-applied after every other step.
+    fn after_step(&mut self, step: usize, _: &nn::VarStore) -> Result<f64> {
+        let updated = self
+            .update(step as u64)
+            .with_context(|| format!("pruning at step {step}"))?;
+        if !updated {
+            self.apply();
+        }
+        Ok(0.0)
+    }
+}
+
+impl StepHook for GradientSampling<'_> {
+    /// Records the gradients of the sampled steps; its time is not training time.
+    fn after_step(&mut self, step: usize, vs: &nn::VarStore) -> Result<f64> {
+        if !step.is_multiple_of(self.every.max(1)) {
+            return Ok(0.0);
+        }
+        // Queued device work belongs to the training time, not to the audit's.
+        if let Device::Cuda(index) = vs.device() {
+            tch::Cuda::synchronize(index as i64);
+        }
+        let start = Instant::now();
+        self.auditor
+            .record_variable_grads(&vs.trainable_variables())
+            .context("recording gradients for the underflow audit")?;
+        Ok(start.elapsed().as_secs_f64())
+    }
 }
 
 impl TrainStats {

@@ -89,6 +89,31 @@ fn every_artifact_records_the_input_normalisation() {
 }
 
 #[test]
+fn every_row_names_a_file_on_disk_with_its_size() {
+    let (out, report) = run();
+    let rows = report["rows"].as_array().unwrap();
+    let mut named = 0;
+    for row in rows {
+        let Some(artifact) = row["artifact"].as_str() else {
+            continue;
+        };
+        let path = out.join(artifact);
+        let size = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{} {}: {artifact}: {e}", row["stage"], row["variant"]))
+            .len();
+        assert_eq!(
+            Some(size),
+            row["size_bytes"].as_u64(),
+            "{} {}",
+            row["stage"],
+            row["variant"]
+        );
+        named += 1;
+    }
+    assert!(named >= 20, "{named} rows name an artifact");
+}
+
+#[test]
 fn quick_distillation_compares_two_students() {
     let (out, report) = run();
     assert_eq!(report["stages"]["distillation"]["status"], "ok");
