@@ -2,13 +2,12 @@
 //! runtime on the full test set.
 
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 
 use mnist_data::{Normalization, Split};
 use model_spec::{InputLayout, InputNormalization};
-use ndarray::{Array4, Axis, s};
+use ndarray::{Array4, Axis};
 
 use crate::context::{Context, RunFile};
 use crate::fsutil;
@@ -149,10 +148,6 @@ impl RuntimeTest {
             normalization: input_normalization(norm),
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
 }
 
 /// An artifact on disk and how the runtime does with it.
@@ -234,30 +229,13 @@ fn execution_name(e: &runtime::Execution) -> &'static str {
     }
 }
 
-/// Accuracy and throughput (batch [`INFER_BATCH`], after one warm-up batch) of `model`.
+/// Accuracy and throughput (batch [`INFER_BATCH`]) of `model`, by the runtime's one rule
+/// ([`runtime::Model::score`], which `infer` reports too).
 pub fn evaluate(model: &runtime::Model, test: &RuntimeTest) -> Result<(f64, f64)> {
-    let n = test.len();
-    let first = INFER_BATCH.min(n);
-    model.run(test.images.slice(s![..first, .., .., ..]))?;
-    let start = Instant::now();
-    let mut correct = 0usize;
-    for (chunk, labels) in test
-        .images
-        .axis_chunks_iter(Axis(0), INFER_BATCH)
-        .zip(test.labels.chunks(INFER_BATCH))
-    {
-        let logits = model.run(chunk)?;
-        for (row, &label) in logits.outer_iter().zip(labels) {
-            let predicted = row
-                .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 { (i, v) } else { best }
-                })
-                .0;
-            correct += usize::from(predicted == usize::from(label));
-        }
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    Ok((correct as f64 / n.max(1) as f64, n as f64 / seconds))
+    let score = model.score(
+        test.images
+            .axis_chunks_iter(Axis(0), INFER_BATCH)
+            .zip(test.labels.chunks(INFER_BATCH)),
+    )?;
+    Ok((score.accuracy(), score.images_per_second()))
 }

@@ -3,14 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use mnist_data::{Dataset, NUM_CLASSES, Normalization, Split};
 use model_spec::{InputLayout, InputNormalization};
 use ndarray::Array4;
-use runtime::{Execution, Model};
+use runtime::{Execution, Model, Score};
 use serde_json::json;
 
 /// Runs an exported artifact (`.safetensors`, docs/FORMAT.md) on the MNIST test split with
@@ -69,13 +68,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// What a run measured.
-struct Score {
-    images: usize,
-    correct: usize,
-    seconds: f64,
-}
-
 fn run(args: &Args) -> Result<()> {
     if let Some(out) = &args.export_onnx {
         onnx_export::export_file(&args.artifact, out).with_context(|| {
@@ -110,8 +102,8 @@ fn run(args: &Args) -> Result<()> {
             (index, kind, describe(execution))
         })
         .collect();
-    let accuracy = score.correct as f64 / score.images.max(1) as f64;
-    let images_per_second = score.images as f64 / score.seconds.max(f64::MIN_POSITIVE);
+    let accuracy = score.accuracy();
+    let images_per_second = score.images_per_second();
     let (norm, source) = input_normalization(&model);
     if args.json {
         let layers: Vec<_> = layers
@@ -194,8 +186,8 @@ fn check_fit(model: &Model, test: &Split) -> Result<()> {
     Ok(())
 }
 
-/// Accuracy and the time spent in the runtime, batch by batch (preparing the input is not
-/// timed); one batch runs first, untimed, to warm the buffers up.
+/// Accuracy and the time spent in the runtime, by the runtime's one rule ([`Model::score`]:
+/// preparing the input is not timed, one batch runs first, untimed, to warm the buffers up).
 fn score(model: &Model, test: &Split, batch: usize) -> Result<Score> {
     let norm = input_normalization(model).0;
     let indices: Vec<usize> = (0..test.len()).collect();
@@ -210,31 +202,15 @@ fn score(model: &Model, test: &Split, batch: usize) -> Result<Score> {
                 .context("normalising the images")
         })
         .collect::<Result<Vec<_>>>()?;
-    if let Some(first) = inputs.first() {
-        model.run(first.view()).context("running the model")?;
-    }
-    let mut correct = 0;
-    let mut seconds = 0.0;
-    for (input, split) in inputs.iter().zip(&batches) {
-        let start = Instant::now();
-        let logits = model.run(input.view()).context("running the model")?;
-        seconds += start.elapsed().as_secs_f64();
-        for (row, &label) in logits.outer_iter().zip(split.labels.iter()) {
-            let predicted = row
+    let labels: Vec<Vec<u8>> = batches.iter().map(|b| b.labels.to_vec()).collect();
+    model
+        .score(
+            inputs
                 .iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 { (i, v) } else { best }
-                })
-                .0;
-            correct += usize::from(predicted == usize::from(label));
-        }
-    }
-    Ok(Score {
-        images: test.len(),
-        correct,
-        seconds,
-    })
+                .zip(&labels)
+                .map(|(input, labels)| (input.view(), &labels[..])),
+        )
+        .context("running the model")
 }
 
 /// The normalisation the artifact records, or MNIST's for an artifact that records none

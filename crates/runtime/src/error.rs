@@ -153,6 +153,15 @@ pub enum Error {
         /// The shape that was passed.
         found: Vec<usize>,
     },
+    /// A batch handed to [`Model::score`](crate::Model::score) has another number of labels
+    /// than of images.
+    #[error("a batch of {images} images comes with {labels} labels")]
+    Labels {
+        /// Images in the batch.
+        images: usize,
+        /// Labels that came with it.
+        labels: usize,
+    },
 }
 
 /// The crate's result type.

@@ -69,6 +69,7 @@ mod error;
 pub mod kernels;
 mod parameters;
 mod quant;
+mod score;
 mod team;
 
 pub use artifact::{
@@ -82,6 +83,7 @@ pub use parameters::{Artifact, LayerParameters, WeightValues};
 /// The quantization parameter type, shared with the `quantization` crate: an activation
 /// layer's input quantization is one on the u8 grid ([`QParams::u8`]).
 pub use quantization::QParams;
+pub use score::Score;
 
 /// Whether a pruned weight matrix of `rows x cols` with `nnz` nonzero entries should be
 /// stored (and run) as CSR rather than dense: true when the CSR product is faster than the
