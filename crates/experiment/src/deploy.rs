@@ -1,6 +1,7 @@
 //! Deployed models: write an artifact, measure its size, and score it with the pure-Rust
 //! runtime on the full test set.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -12,6 +13,7 @@ use ndarray::{Array4, Axis};
 use crate::context::{Context, RunFile};
 use crate::fsutil;
 use crate::report::Row;
+use crate::report::detail::{Deployment, Detail};
 use crate::train::{DeviceSplit, INFER_BATCH};
 
 /// Test images scored in `--quick` mode (a full run scores all 10 000).
@@ -60,42 +62,35 @@ impl<'a> TestSets<'a> {
 pub fn sparse_artifact(
     spec: &model_spec::NetworkSpec,
     params: &[models::export::DeployedParameter],
-) -> Result<(runtime::ArtifactBuilder, serde_json::Value)> {
+) -> Result<(runtime::ArtifactBuilder, BTreeMap<String, String>)> {
     let mut builder = runtime::ArtifactBuilder::new(spec.clone());
-    let mut storage = serde_json::Map::new();
+    let mut storage = BTreeMap::new();
     for p in params {
         let rows = p.shape[0];
         let cols = p.data.len() / rows.max(1);
         let nnz = p.data.iter().filter(|&&w| w != 0.0).count();
         if p.name.ends_with(".weight") && runtime::csr_pays_off(rows, cols, nnz) {
             builder.add(&p.name, &p.data, &p.shape, runtime::Storage::Csr)?;
-            storage.insert(p.name.clone(), serde_json::json!("csr"));
+            storage.insert(p.name.clone(), "csr".to_string());
         } else {
             builder.add(&p.name, &p.data, &p.shape, runtime::Storage::F32)?;
             if p.name.ends_with(".weight") {
-                storage.insert(p.name.clone(), serde_json::json!("dense"));
+                storage.insert(p.name.clone(), "dense".to_string());
             }
         }
     }
-    Ok((builder, serde_json::Value::Object(storage)))
+    Ok((builder, storage))
 }
 
-/// A report row for an artifact scored by the runtime; `extra` (a JSON object) and the
-/// execution modes go into the row's extra fields.
+/// A report row for an artifact scored by the runtime, with `detail`.
 pub fn runtime_row(
     stage: &str,
     model: &str,
     variant: &str,
     params: &[models::export::DeployedParameter],
     d: &Deployed,
-    extra: serde_json::Value,
+    detail: Detail,
 ) -> Row {
-    let mut map = match extra {
-        serde_json::Value::Object(map) => map,
-        _ => serde_json::Map::new(),
-    };
-    map.retain(|_, v| !v.is_null());
-    map.insert("execution".into(), serde_json::json!(d.execution));
     Row {
         stage: stage.into(),
         variant: variant.into(),
@@ -110,7 +105,21 @@ pub fn runtime_row(
         infer_samples_per_second: Some(d.samples_per_second),
         engine: Some("tch-mot runtime".into()),
         artifact: Some(d.artifact.clone()),
-        extra: map,
+        loss_curve: Vec::new(),
+        detail,
+    }
+}
+
+impl Deployed {
+    /// This artifact against `reference`: accuracy, size and speed ratios.
+    pub fn against(&self, reference: &Deployed) -> Deployment {
+        Deployment {
+            execution: self.execution.clone(),
+            accuracy_delta_pp: (self.accuracy - reference.accuracy) * 100.0,
+            size_ratio: reference.size_bytes as f64 / self.size_bytes as f64,
+            gzip_ratio: reference.gzip_bytes as f64 / self.gzip_bytes as f64,
+            speedup: self.samples_per_second / reference.samples_per_second,
+        }
     }
 }
 

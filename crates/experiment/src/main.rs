@@ -132,15 +132,15 @@ fn run(args: &Args) -> Result<bool> {
         ctx.inputs = stages::inputs(stage);
         let outcome = stages::run(stage, &ctx, &settings);
         let seconds = start.elapsed().as_secs_f64();
-        let error = match outcome {
-            Ok(rows) => {
-                report.rows.extend(rows);
-                None
+        let (error, section) = match outcome {
+            Ok(stage_report) => {
+                report.rows.extend(stage_report.rows);
+                (None, stage_report.section)
             }
             Err(err) => {
                 all_ok = false;
                 eprintln!("error: stage {stage} failed: {err:#}");
-                Some(format!("{err:#}"))
+                (Some(format!("{err:#}")), None)
             }
         };
         report.stages.insert(
@@ -151,6 +151,7 @@ fn run(args: &Args) -> Result<bool> {
                 error,
                 config_hash: Some(config_hash),
                 resumed: false,
+                section,
                 settings: settings.of(stage),
                 options: settings.options(&defaults, stage),
             },

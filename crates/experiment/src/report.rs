@@ -5,6 +5,7 @@
 //! report is written, so that a partial run has them too), the stages' own sections and the
 //! stages' outcomes.
 
+pub mod detail;
 mod figures;
 mod teacher;
 
@@ -15,6 +16,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use detail::Detail;
+
 /// What a `--quick` run is, said wherever its numbers appear.
 pub const SMOKE_TEST: &str = "Smoke test (`--quick`): small subsets and few steps check that \
     every stage runs end to end; the accuracies below are not results, and a technique's \
@@ -22,11 +25,6 @@ pub const SMOKE_TEST: &str = "Smoke test (`--quick`): small subsets and few step
 
 /// Version of the `report.json` layout.
 pub const SCHEMA_VERSION: u32 = 2;
-
-/// A [`Row`]'s extra field that may hold Markdown for what a table row cannot show (a
-/// comparison, a trace, an audit): [`Report::markdown`] prints it under a heading of the
-/// row's stage, after the results table.
-pub const SECTION_EXTRA: &str = "markdown_section";
 
 /// The whole report of one run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +60,10 @@ pub struct StageOutcome {
     /// Kept from an earlier invocation by `--resume` (`seconds` is that run's).
     #[serde(default)]
     pub resumed: bool,
+    /// The stage's own part of report.md (a comparison, a trace, an audit, its charts):
+    /// what a table row cannot show.
+    #[serde(default)]
+    pub section: Option<String>,
     /// The stage's settings (`crate::settings`), as hashed into `config_hash`.
     #[serde(default)]
     pub settings: serde_json::Value,
@@ -93,9 +95,19 @@ pub struct Row {
     pub engine: Option<String>,
     /// Artifact path relative to the report.
     pub artifact: Option<String>,
-    /// Stage-specific fields.
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The training curve: `(step, mean loss of the steps since the previous point)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_curve: Vec<(usize, f64)>,
+    /// What the row's stage measured besides.
+    #[serde(default)]
+    pub detail: Detail,
+}
+
+/// What a stage returns: its rows, and its own part of report.md.
+#[derive(Debug, Default)]
+pub struct StageReport {
+    pub rows: Vec<Row>,
+    pub section: Option<String>,
 }
 
 impl Report {
@@ -138,9 +150,9 @@ impl Report {
         if !plots.trim().is_empty() {
             let _ = writeln!(md, "\n## Plots\n\n{}", plots.trim_end());
         }
-        for row in &self.rows {
-            if let Some(section) = row.extra.get(SECTION_EXTRA).and_then(|v| v.as_str()) {
-                let _ = writeln!(md, "\n## Stage {}\n\n{}", row.stage, section.trim_end());
+        for (name, outcome) in &self.stages {
+            if let Some(section) = &outcome.section {
+                let _ = writeln!(md, "\n## Stage {name}\n\n{}", section.trim_end());
             }
         }
         let _ = writeln!(md, "\n## Stages\n");
@@ -232,6 +244,7 @@ mod tests {
                     error: None,
                     config_hash: None,
                     resumed: false,
+                    section: None,
                     settings: serde_json::json!({}),
                     options: Vec::new(),
                 },
@@ -249,18 +262,22 @@ mod tests {
     }
 
     #[test]
-    fn missing_fields_serialise_as_null_and_extras_inline() {
+    fn missing_fields_serialise_as_null_and_details_round_trip() {
         let mut report = sample();
-        report.rows[0]
-            .extra
-            .insert("skipped_steps".into(), serde_json::json!(3));
+        report.rows[0].detail = Detail::Training(detail::TrainingDetail {
+            policy: "float32".into(),
+            train_steps: 3,
+            ..Default::default()
+        });
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         let row = &json["rows"][0];
         assert!(row["gzip_bytes"].is_null());
-        assert_eq!(row["skipped_steps"], 3);
+        assert_eq!(row["detail"]["kind"], "training");
+        assert_eq!(row["detail"]["train_steps"], 3);
         assert_eq!(json["schema_version"], SCHEMA_VERSION);
         let back: Report = serde_json::from_value(json).unwrap();
-        assert_eq!(back.rows[0].extra["skipped_steps"], 3);
+        assert_eq!(back.rows[0].detail, report.rows[0].detail);
+        assert_eq!(back.rows[0].detail.train_steps(), Some(3));
     }
 
     #[test]
@@ -296,10 +313,7 @@ mod tests {
             Some(901_672),
             5000.0,
         );
-        teacher.extra.insert(
-            "loss_curve".into(),
-            serde_json::json!([[0, 2.3], [100, 0.4], [200, 0.08]]),
-        );
+        teacher.loss_curve = vec![(0, 2.3), (100, 0.4), (200, 0.08)];
         let mut mixed = measured(
             "precision",
             "mixed_float16",
@@ -309,16 +323,20 @@ mod tests {
             None,
             7500.0,
         );
-        mixed
-            .extra
-            .insert("train_steps".into(), serde_json::json!(200));
-        mixed
-            .extra
-            .insert("skipped_steps".into(), serde_json::json!(1));
-        mixed.extra.insert(
-            "loss_scale_history".into(),
-            serde_json::json!([{"step": 0, "scale": 65536.0}, {"step": 7, "scale": 32768.0}]),
-        );
+        mixed.detail = Detail::Training(detail::TrainingDetail {
+            policy: "mixed_float16".into(),
+            train_steps: 200,
+            scaling: Some(detail::Scaling {
+                config: loss_scaling::LossScaleConfig::Dynamic(loss_scaling::DynamicConfig::keras()),
+                skipped_steps: 1,
+                final_loss_scale: Some(32768.0),
+                history: serde_json::from_value(serde_json::json!(
+                    [{"step": 0, "scale": 65536.0}, {"step": 7, "scale": 32768.0}]
+                ))
+                .unwrap(),
+            }),
+            ..Default::default()
+        });
         let mut report = sample();
         report.rows = vec![
             teacher,
@@ -466,12 +484,10 @@ mod tests {
     }
 
     #[test]
-    fn a_rows_markdown_section_follows_the_table_under_its_stage() {
+    fn a_stages_section_follows_the_table_under_its_stage() {
         let mut report = sample();
-        report.rows[0].extra.insert(
-            SECTION_EXTRA.into(),
-            serde_json::json!("| step | scale |\n|---:|---:|\n| 0 | 65536 |\n"),
-        );
+        report.stages["baseline"].section =
+            Some("| step | scale |\n|---:|---:|\n| 0 | 65536 |\n".into());
         let md = report.markdown("");
         let section = md.find("## Stage baseline\n\n| step | scale |").expect(&md);
         assert!(section > md.find("## Results").unwrap(), "{md}");

@@ -9,7 +9,7 @@
 
 use clap::ValueEnum;
 use distillation::{Alpha, Temperature};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::stage::Stage;
 
@@ -116,7 +116,7 @@ fn alpha<S: Serializer>(a: &Alpha, s: S) -> Result<S::Ok, S::Error> {
 }
 
 /// The activation calibrators of full-integer quantization (`--calibrator`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Calibrator {
     /// The observed minimum and maximum.

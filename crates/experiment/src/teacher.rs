@@ -10,6 +10,7 @@ use tensor_precision::GradientAudit;
 
 use crate::context::Context;
 use crate::report::Row;
+use crate::report::detail::{Detail, TrainingDetail};
 use crate::stage::{Product, Stage};
 use crate::train::{DeviceSplit, Evaluation, TrainConfig, TrainStats};
 
@@ -87,7 +88,7 @@ pub fn run_row(
     stats: &TrainStats,
     eval: Evaluation,
 ) -> Row {
-    let mut row = Row {
+    Row {
         stage: stage.name().into(),
         variant: variant.into(),
         model: spec.name.clone(),
@@ -98,17 +99,15 @@ pub fn run_row(
         train_samples_per_second: Some(stats.samples_per_second),
         infer_samples_per_second: Some(eval.samples_per_second),
         engine: Some("libtorch".into()),
+        loss_curve: stats.loss_curve.clone(),
+        detail: Detail::Training(TrainingDetail {
+            policy: stats.policy.name().into(),
+            train_steps: stats.steps,
+            train_loss_per_epoch: stats.epoch_losses.clone(),
+            ..TrainingDetail::default()
+        }),
         ..Row::default()
-    };
-    row.extra
-        .insert("policy".into(), stats.policy.name().into());
-    row.extra.insert("train_steps".into(), stats.steps.into());
-    row.extra.insert(
-        "train_loss_per_epoch".into(),
-        serde_json::json!(stats.epoch_losses),
-    );
-    row.extra.insert("loss_curve".into(), stats.curve_json());
-    row
+    }
 }
 
 /// What [`RUN`] holds.

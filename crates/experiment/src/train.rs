@@ -324,16 +324,11 @@ impl StepHook for GradientSampling<'_> {
 }
 
 impl TrainStats {
-    /// The training curve as a row's extra field: `[[step, loss], ...]`.
-    pub fn curve_json(&self) -> serde_json::Value {
-        serde_json::json!(self.loss_curve)
-    }
-
     /// Records the run in `row`: training time, throughput and curve.
     pub fn record(&self, row: &mut Row) {
         row.train_seconds = Some(self.seconds);
         row.train_samples_per_second = Some(self.samples_per_second);
-        row.extra.insert("loss_curve".into(), self.curve_json());
+        row.loss_curve.clone_from(&self.loss_curve);
     }
 }
 

@@ -125,7 +125,7 @@ fn quick_distillation_compares_two_students() {
     };
     let (scratch, distilled) = (row("student_scratch"), row("student_distilled"));
     let hinted = row("student_distilled_hint");
-    let hint_gain = f(hinted, "gain_over_distilled_mean");
+    let hint_gain = f(&hinted["detail"]["hint"], "gain_over_distilled_mean");
     let expected = f(hinted, "test_accuracy") - f(distilled, "test_accuracy");
     assert!(
         (hint_gain - expected).abs() < 1e-12,
@@ -136,9 +136,11 @@ fn quick_distillation_compares_two_students() {
         let accuracy = r["test_accuracy"].as_f64().unwrap();
         assert!(accuracy > 0.1 && accuracy <= 1.0, "{r}");
         assert!(r["params"].as_u64().unwrap() * 10 <= teacher_params, "{r}");
-        assert_eq!(r["seeds"].as_array().unwrap().len(), 1);
+        assert_eq!(r["detail"]["seeds"].as_array().unwrap().len(), 1);
     }
-    let gain = distilled["accuracy_gain_mean"].as_f64().unwrap();
+    let gain = distilled["detail"]["distilled"]["accuracy_gain_mean"]
+        .as_f64()
+        .unwrap();
     let expected =
         distilled["test_accuracy"].as_f64().unwrap() - scratch["test_accuracy"].as_f64().unwrap();
     assert!((gain - expected).abs() < 1e-12, "{gain} vs {expected}");
@@ -182,13 +184,13 @@ fn quantization_rows_cover_every_scheme_for_both_models() {
                 "dynamic_int8" => "int8-dynamic",
                 _ => "int8-static",
             };
-            let execution = row["execution"].as_array().unwrap();
+            let execution = row["detail"]["deployment"]["execution"].as_array().unwrap();
             assert!(!execution.is_empty());
             assert!(
                 execution.iter().all(|e| e == expected),
                 "{variant}: {execution:?}"
             );
-            let ratio = f(row, "size_ratio_vs_float32");
+            let ratio = f(&row["detail"]["deployment"], "size_ratio");
             let (min_float16, min_int8) = if model == "teacher_cnn" {
                 (MIN_FLOAT16_SIZE_RATIO, MIN_INT8_SIZE_RATIO)
             } else {
@@ -202,12 +204,12 @@ fn quantization_rows_cover_every_scheme_for_both_models() {
         }
         let selected: Vec<&str> = rows
             .iter()
-            .filter(|r| r["selected"] == true)
+            .filter(|r| r["detail"]["calibration"]["selected"] == true)
             .map(|r| r["variant"].as_str().unwrap())
             .collect();
         assert_eq!(selected, ["static_int8_percentile"], "{model}");
         let qat = rows.last().unwrap();
-        let gap = (f(qat, "test_accuracy") - f(qat, "fake_quant_accuracy")).abs();
+        let gap = (f(qat, "test_accuracy") - f(&qat["detail"]["qat"], "fake_quant_accuracy")).abs();
         assert!(
             gap <= QAT_ACCURACY_TOLERANCE,
             "{model}: runtime vs fake quantization {gap}"
@@ -236,11 +238,12 @@ fn pruning_rows_reach_their_sparsity_and_shrink() {
         // The first convolution stays dense; one magnitude threshold across the other
         // layers zeros round(s * their size) weights, where s makes the network's share the
         // target.
-        let layers = r["layers"].as_array().unwrap();
+        let target_detail = &r["detail"]["target"];
+        let layers = target_detail["layers"].as_array().unwrap();
         assert_eq!(layers.len(), 3, "{r}");
         assert!(layers.iter().all(|l| l["name"] != "0.weight"));
-        assert_eq!(r["scope"], "Global");
-        let s = f(&r["schedule"]["PolynomialDecay"], "final_");
+        assert_eq!(target_detail["scope"], "Global");
+        let s = f(&target_detail["schedule"]["PolynomialDecay"], "final_");
         assert!(s > target && s < target + 0.01, "{s}");
         let total: f64 = layers.iter().map(|l| f(l, "total")).sum();
         let zeros: f64 = layers.iter().map(|l| f(l, "zeros")).sum();
@@ -248,7 +251,10 @@ fn pruning_rows_reach_their_sparsity_and_shrink() {
             (zeros - (s * total).round()).abs() <= 1.0,
             "{variant}: {zeros} of {total}"
         );
-        assert!((f(r, "weight_sparsity") - target).abs() < 1e-3, "{r}");
+        assert!(
+            (f(&r["detail"], "weight_sparsity") - target).abs() < 1e-3,
+            "{r}"
+        );
         assert!(r["nonzero_params"].as_u64() < dense["nonzero_params"].as_u64());
         assert!(
             r["gzip_bytes"].as_u64() < dense["gzip_bytes"].as_u64(),
@@ -258,19 +264,26 @@ fn pruning_rows_reach_their_sparsity_and_shrink() {
     }
     // At 90% the large layers are stored as CSR and executed sparse.
     let r90 = row("sparsity_90");
-    assert_eq!(r90["storage"]["8.weight"], "csr", "{r90}");
+    assert_eq!(
+        r90["detail"]["target"]["storage"]["8.weight"], "csr",
+        "{r90}"
+    );
     assert!(
-        r90["execution"]
+        r90["detail"]["deployment"]["execution"]
             .as_array()
             .unwrap()
             .iter()
             .any(|e| e == "csr")
     );
     // Sparse and int8 together: TF-MOT's tutorial reaches 10x on MNIST.
-    assert!(f(r90, "int8_gzip_ratio_vs_dense_float32") >= 12.0, "{r90}");
+    let r90_int8 = row("sparsity_90_int8");
+    assert!(
+        f(&r90_int8["detail"]["deployment"], "gzip_ratio") >= 12.0,
+        "{r90_int8}"
+    );
     // 2:4: every pruned layer keeps exactly half its weights.
     let n2m4 = row("n2m4");
-    for layer in n2m4["layers"].as_array().unwrap() {
+    for layer in n2m4["detail"]["target"]["layers"].as_array().unwrap() {
         assert_eq!(f(layer, "zeros") * 2.0, f(layer, "total"), "{layer}");
     }
     let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -301,32 +314,35 @@ fn quick_pipeline_keeps_its_zeros_through_qat_and_ships_sparse_int8() {
     let (pruned, int8) = (rows[1], rows[2]);
     // The default target, 82% of all weights, is hit exactly by the pruning step...
     assert!(
-        (f(pruned, "weight_sparsity") - 0.82).abs() < 1e-3,
+        (f(&pruned["detail"], "weight_sparsity") - 0.82).abs() < 1e-3,
         "{pruned}"
     );
     // ...and quantization-aware training loses none of the zeros (it may add a few codes
     // that round to zero, never fewer).
-    assert!(f(int8, "weight_sparsity") >= f(pruned, "weight_sparsity"));
+    assert!(f(&int8["detail"], "weight_sparsity") >= f(&pruned["detail"], "weight_sparsity"));
     assert!(int8["nonzero_params"].as_u64() <= pruned["nonzero_params"].as_u64());
     // Sparse int8 storage: a bit per weight and a byte per kept code, so more than 100x
     // smaller than the float32 teacher whatever the accuracy of a quick run.
-    assert!(f(int8, "size_ratio_vs_teacher_float32") >= 100.0, "{int8}");
+    assert!(
+        f(&int8["detail"]["deployment"], "size_ratio") >= 100.0,
+        "{int8}"
+    );
     let artifact = std::fs::read(out.join(int8["artifact"].as_str().unwrap())).unwrap();
     assert_eq!(artifact.len() as u64, int8["size_bytes"].as_u64().unwrap());
     assert!(String::from_utf8_lossy(&artifact).contains("int8_sparse"));
     // Full-integer execution, and the runtime agrees with the fake-quantized network.
     assert!(
-        int8["execution"]
+        int8["detail"]["deployment"]["execution"]
             .as_array()
             .unwrap()
             .iter()
             .all(|e| e == "int8-static"),
         "{int8}"
     );
-    let delta = (f(int8, "test_accuracy") - f(int8, "fake_quant_accuracy")).abs();
+    let delta = (f(int8, "test_accuracy") - f(&int8["detail"], "fake_quant_accuracy")).abs();
     assert!(delta <= QAT_ACCURACY_TOLERANCE, "{int8}");
     assert_eq!(
-        int8["target"]["met"], false,
+        int8["detail"]["target"]["met"], false,
         "a quick run never claims the target"
     );
 }

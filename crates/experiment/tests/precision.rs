@@ -44,7 +44,10 @@ fn quick_precision_stage_reports_both_policies_the_demo_and_the_audit() {
         let variant = row["variant"].as_str().unwrap();
         assert_eq!(row["stage"], "precision", "{variant}");
         assert_eq!(row["engine"], "libtorch", "{variant}");
-        assert_eq!(row["policy"], variant.trim_end_matches("_small_demo"));
+        assert_eq!(
+            row["detail"]["policy"],
+            variant.trim_end_matches("_small_demo")
+        );
         let accuracy = row["test_accuracy"].as_f64().unwrap();
         assert!(
             accuracy > MIN_QUICK_ACCURACY && accuracy <= 1.0,
@@ -63,34 +66,41 @@ fn quick_precision_stage_reports_both_policies_the_demo_and_the_audit() {
     assert_eq!(float32["params"], 225_226);
     assert_eq!(bfloat16["params"], 225_226);
     // bfloat16 needs no loss scaling, so no scaler ran.
-    assert!(bfloat16.get("skipped_steps").is_none());
-    assert!(bfloat16["train_speedup_over_float32"].as_f64().unwrap() > 0.0);
-    assert!(bfloat16["accuracy_difference_pp"].is_f64());
+    assert!(bfloat16["detail"].get("scaling").is_none());
+    let against = &bfloat16["detail"]["against_float32"];
+    assert!(against["train_speedup"].as_f64().unwrap() > 0.0);
+    assert!(against["accuracy_difference_pp"].is_f64());
 
     // The demonstration starts at 2^24, where the first gradients overflow float16: the
     // scaler must have skipped steps and backed off, and still trained.
     assert_eq!(demo["model"], "mlp_784_64_10");
     assert!(
-        demo["note"]
+        demo["detail"]["note"]
             .as_str()
             .unwrap()
             .contains("not a speed result")
     );
-    assert_eq!(demo["train_steps"], 100);
-    let skipped = demo["skipped_steps"].as_u64().unwrap();
+    assert_eq!(demo["detail"]["train_steps"], 100);
+    let scaling = &demo["detail"]["scaling"];
+    let skipped = scaling["skipped_steps"].as_u64().unwrap();
     assert!((1..100).contains(&skipped), "skipped {skipped}");
-    let final_scale = demo["final_loss_scale"].as_f64().unwrap();
+    let final_scale = scaling["final_loss_scale"].as_f64().unwrap();
     assert!((1.0..16_777_216.0).contains(&final_scale), "{final_scale}");
-    let history = demo["loss_scale_history"].as_array().unwrap();
+    let history = scaling["history"].as_array().unwrap();
     assert_eq!(history[0]["step"], 0);
     assert_eq!(history[0]["scale"], 16_777_216.0);
     assert_eq!(history.last().unwrap()["scale"].as_f64(), Some(final_scale));
 
     // The audit of the float32 gradients, with a recommendation.
-    let audit = &float32["gradient_audit"];
+    let audit = &float32["detail"]["gradient_audit"]["audit"];
     assert_eq!(audit["scales"].as_array().unwrap().len(), 5);
     assert!(audit["values"].as_u64().unwrap() > 225_226);
-    assert!(float32["gradient_audit_steps"].as_u64().unwrap() >= 2);
+    assert!(
+        float32["detail"]["gradient_audit"]["steps"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     for expected in [

@@ -164,7 +164,7 @@ fn killed_runs_resume_to_the_uninterrupted_result() {
     assert_eq!(changed["stages"]["pipeline"]["resumed"], false);
     let last = changed["rows"].as_array().unwrap().last().unwrap().clone();
     assert_eq!(last["variant"], "distilled_pruned_int8");
-    let sparsity = last["weight_sparsity"].as_f64().unwrap();
+    let sparsity = last["detail"]["weight_sparsity"].as_f64().unwrap();
     assert!((sparsity - 0.5).abs() < 0.01, "{sparsity}");
 }
 

@@ -1,6 +1,6 @@
 //! The pruner a training loop drives.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -56,7 +56,7 @@ pub struct PruningConfig {
 }
 
 /// Sparsity of one pruned layer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerSparsity {
     /// Variable name.
     pub name: String,

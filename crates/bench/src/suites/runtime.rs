@@ -243,15 +243,18 @@ fn discover(run: &Path) -> Result<Vec<(Subject, Scheme, PathBuf, PathBuf)>> {
     Ok(found)
 }
 
-/// The calibrator the run's report marks as selected for `model`'s static int8, or the
+/// The calibrator the run's report marks as selected for `model`'s static int8 (the row
+/// whose calibration is selected; a schema 1 report flagged the row itself), or the
 /// experiment's default.
 fn selected_calibrator(report: Option<&Value>, model: &str) -> String {
     let prefix = "static_int8_";
+    let selected =
+        |row: &Value| row["selected"] == true || row["detail"]["calibration"]["selected"] == true;
     report
         .and_then(|r| r["rows"].as_array())
         .into_iter()
         .flatten()
-        .filter(|row| row["model"] == model && row["selected"] == true)
+        .filter(|row| row["model"] == model && selected(row))
         .find_map(|row| {
             row["variant"]
                 .as_str()?
@@ -911,6 +914,11 @@ mod tests {
             {"model": "student_cnn", "variant": "static_int8_mse", "selected": true},
             {"model": "teacher_cnn", "variant": "static_int8_entropy", "selected": true},
         ]});
+        let schema_2 = json!({"rows": [
+            {"model": "teacher_cnn", "variant": "static_int8_mse",
+             "detail": {"kind": "quantization", "calibration": {"selected": true}}},
+        ]});
+        assert_eq!(selected_calibrator(Some(&schema_2), "teacher_cnn"), "mse");
         assert_eq!(selected_calibrator(Some(&report), "teacher_cnn"), "entropy");
         assert_eq!(selected_calibrator(Some(&report), "student_cnn"), "mse");
         assert_eq!(selected_calibrator(Some(&report), "other"), "percentile");

@@ -14,11 +14,6 @@ use crate::charts::{FOLDER, Figure};
 pub const ACCURACY_SIZE: &str = "accuracy_size.svg";
 /// File of the loss-scale chart.
 pub const LOSS_SCALE: &str = "precision_loss_scale.svg";
-/// The row field holding a training curve: `[[step, loss], ...]`.
-pub const LOSS_CURVE: &str = "loss_curve";
-/// The precision rows' loss-scale trace: `[{"step": s, "scale": v}, ...]`, the initial scale
-/// and every change of it.
-pub const LOSS_SCALE_HISTORY: &str = "loss_scale_history";
 
 /// Charts the stages draw themselves, with their titles and captions: shown when their files
 /// exist.
@@ -180,16 +175,10 @@ fn accuracy_size(rows: &[Row]) -> Option<Plot> {
 
 /// A row's training curve: its `[step, loss]` pairs with a positive, finite loss.
 fn loss_curve(row: &Row) -> Vec<(f64, f64)> {
-    let Some(points) = row.extra.get(LOSS_CURVE).and_then(|v| v.as_array()) else {
-        return Vec::new();
-    };
-    points
+    row.loss_curve
         .iter()
-        .filter_map(|p| {
-            let pair = p.as_array()?;
-            let (step, loss) = (pair.first()?.as_f64()?, pair.get(1)?.as_f64()?);
-            (step.is_finite() && loss.is_finite() && loss > 0.0).then_some((step, loss))
-        })
+        .map(|&(step, loss)| (step as f64, loss))
+        .filter(|&(_, loss)| loss.is_finite() && loss > 0.0)
         .collect()
 }
 
@@ -235,13 +224,14 @@ fn training_curves(rows: &[Row]) -> Vec<Plot> {
 /// A precision row's loss scale as a step function: each value held until the next change,
 /// the last one until the row's final step.
 fn scale_steps(row: &Row) -> Vec<(f64, f64)> {
-    let Some(history) = row.extra.get(LOSS_SCALE_HISTORY).and_then(|v| v.as_array()) else {
+    let Some(scaling) = row.detail.scaling() else {
         return Vec::new();
     };
-    let changes: Vec<(f64, f64)> = history
+    let changes: Vec<(f64, f64)> = scaling
+        .history
         .iter()
-        .filter_map(|p| Some((p.get("step")?.as_f64()?, p.get("scale")?.as_f64()?)))
-        .filter(|&(step, scale)| step.is_finite() && scale.is_finite() && scale > 0.0)
+        .map(|p| (p.step as f64, f64::from(p.scale)))
+        .filter(|&(_, scale)| scale.is_finite() && scale > 0.0)
         .collect();
     let mut points = Vec::with_capacity(2 * changes.len() + 1);
     for (i, &(step, scale)) in changes.iter().enumerate() {
@@ -250,7 +240,7 @@ fn scale_steps(row: &Row) -> Vec<(f64, f64)> {
         }
         points.push((step, scale));
     }
-    let last_step = row.extra.get("train_steps").and_then(|v| v.as_f64());
+    let last_step = row.detail.train_steps().map(|s| s as f64);
     if let (Some(end), Some(&(step, scale))) = (last_step, changes.last())
         && end > step
     {
@@ -289,7 +279,7 @@ fn loss_scale(rows: &[Row]) -> Option<Plot> {
          is skipped), doubled after a run of finite steps. Skipped steps:",
     );
     for row in &scaled {
-        let skipped = row.extra.get("skipped_steps").and_then(|v| v.as_u64());
+        let skipped = row.detail.scaling().map(|s| s.skipped_steps);
         let _ = write!(
             caption,
             " {} {};",
@@ -309,42 +299,43 @@ fn loss_scale(rows: &[Row]) -> Option<Plot> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::detail::{Detail, Scaling, TrainingDetail};
 
-    fn row(stage: &str, variant: &str, extra: serde_json::Value) -> Row {
+    fn row(stage: &str, variant: &str) -> Row {
         Row {
             stage: stage.into(),
             variant: variant.into(),
             model: "m".into(),
-            extra: extra.as_object().cloned().unwrap_or_default(),
             ..Row::default()
         }
     }
 
     #[test]
     fn loss_curves_skip_points_a_log_axis_cannot_show() {
-        let r = row(
-            "baseline",
-            "t",
-            serde_json::json!({"loss_curve": [[0, 2.3], [10, 0.0], [20, 0.5], ["x", 1], [30]]}),
-        );
+        let mut r = row("baseline", "t");
+        r.loss_curve = vec![(0, 2.3), (10, 0.0), (20, 0.5), (30, f64::NAN)];
         assert_eq!(loss_curve(&r), [(0.0, 2.3), (20.0, 0.5)]);
-        assert!(loss_curve(&row("s", "v", serde_json::json!({}))).is_empty());
+        assert!(loss_curve(&row("s", "v")).is_empty());
     }
 
     #[test]
     fn the_loss_scale_is_a_step_function_to_the_last_step() {
-        let r = row(
-            "precision",
-            "mixed_float16",
-            serde_json::json!({
-                "train_steps": 100,
-                "loss_scale_history": [
+        let mut r = row("precision", "mixed_float16");
+        r.detail = Detail::Training(TrainingDetail {
+            train_steps: 100,
+            scaling: Some(Scaling {
+                config: loss_scaling::LossScaleConfig::Fixed { scale: 1.0 },
+                skipped_steps: 1,
+                final_loss_scale: None,
+                history: serde_json::from_value(serde_json::json!([
                     {"step": 0, "scale": 65536.0},
                     {"step": 3, "scale": 32768.0},
                     {"step": 50, "scale": 65536.0},
-                ],
+                ]))
+                .unwrap(),
             }),
-        );
+            ..TrainingDetail::default()
+        });
         assert_eq!(
             scale_steps(&r),
             [
@@ -361,9 +352,9 @@ mod tests {
     #[test]
     fn legends_name_the_model_only_when_variants_repeat() {
         let (a, mut b, c) = (
-            row("q", "qat_int8", serde_json::json!({})),
-            row("q", "qat_int8", serde_json::json!({})),
-            row("q", "float16", serde_json::json!({})),
+            row("q", "qat_int8"),
+            row("q", "qat_int8"),
+            row("q", "float16"),
         );
         b.model = "student".into();
         let all = [&a, &b, &c];

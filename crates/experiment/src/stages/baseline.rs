@@ -6,13 +6,13 @@ use tch::nn;
 use tensor_precision::GradientAuditor;
 
 use crate::context::Context;
-use crate::report::Row;
+use crate::report::StageReport;
 use crate::stage::Stage;
 use crate::teacher::{self, TeacherRun};
 use crate::train::{self, GradientSampling, TrainOptions};
 use crate::{deploy, fsutil};
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+pub fn run(ctx: &Context) -> Result<StageReport> {
     let (data, config) = teacher::training(ctx)?;
     ctx.progress.info(&format!(
         "training the float32 teacher on {} images for {} epochs",
@@ -70,5 +70,8 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
     row.size_bytes = Some(size);
     row.gzip_bytes = Some(gzip);
     row.artifact = Some(teacher::ARTIFACT.file.into());
-    Ok(vec![row])
+    Ok(StageReport {
+        rows: vec![row],
+        section: None,
+    })
 }

@@ -10,14 +10,15 @@ use tch::{Tensor, nn};
 
 use crate::charts::Figure;
 use crate::context::Context;
-use crate::report::{Row, SECTION_EXTRA};
+use crate::report::detail::{Detail, DistillationDetail, Distilled, Hinted};
+use crate::report::{Row, StageReport};
 use crate::settings::DistillationSettings;
 use crate::stage::{Product, Stage};
 use crate::teacher;
 use crate::train::{self, DeviceSplit, Distill, Hint, TrainConfig, TrainOptions};
 use crate::{deploy, fsutil};
 
-/// Share of each class the students train on (the seed's "smaller subset of MNIST").
+/// Share of each class the students train on: a small, stratified subset of MNIST.
 const SUBSET_FRACTION: f64 = 0.1;
 /// Epochs of a full run ("fewer epochs").
 const EPOCHS: usize = 5;
@@ -37,13 +38,13 @@ pub const STUDENT_CHECKPOINT: Product = Product {
 
 struct Outcome {
     accuracy: f64,
-    loss_curve: serde_json::Value,
+    loss_curve: Vec<(usize, f64)>,
     infer_samples_per_second: f64,
     train_seconds: f64,
     train_samples_per_second: f64,
 }
 
-pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
+pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport> {
     let (_teacher_vs, teacher) = teacher::load(ctx)?;
     let config = settings.config();
     let (seeds, epochs, fraction) = if ctx.quick {
@@ -58,7 +59,6 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
     let teacher_hint = hint_point(&teacher::spec())?;
     let mut cache_seconds = 0.0;
     let mut sweep = Vec::new();
-    let mut sweep_points = Vec::new();
     let mut last_distilled: Option<(nn::VarStore, Network)> = None;
     for k in 0..seeds {
         let seed = ctx.seed + k;
@@ -131,9 +131,7 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
                     None,
                     &label,
                 )?;
-                sweep
-                    .push(serde_json::json!({"temperature": t, "test_accuracy": outcome.accuracy}));
-                sweep_points.push((t, outcome.accuracy * 100.0));
+                sweep.push((t, outcome.accuracy));
             }
         }
     }
@@ -169,14 +167,12 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
         let (mean, std) = mean_std(&accuracies);
         let mean_of =
             |f: fn(&Outcome) -> f64| mean_std(&outcomes.iter().map(f).collect::<Vec<_>>()).0;
-        let mut extra = serde_json::Map::new();
-        extra.insert("test_accuracy_std".into(), serde_json::json!(std));
-        extra.insert("seeds".into(), serde_json::json!(seeds_used));
-        extra.insert("per_seed_accuracy".into(), serde_json::json!(accuracies));
-        // The first seed's training curve.
-        if let Some(first) = outcomes.first() {
-            extra.insert("loss_curve".into(), first.loss_curve.clone());
-        }
+        let detail = DistillationDetail {
+            seeds: seeds_used.clone(),
+            per_seed_accuracy: accuracies,
+            test_accuracy_std: std,
+            ..DistillationDetail::default()
+        };
         Row {
             stage: "distillation".into(),
             variant: variant.into(),
@@ -191,7 +187,12 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
             infer_samples_per_second: Some(mean_of(|o| o.infer_samples_per_second)),
             engine: Some("libtorch".into()),
             artifact: artifact.map(|_| STUDENT_ARTIFACT.to_string()),
-            extra,
+            // The first seed's training curve.
+            loss_curve: outcomes
+                .first()
+                .map(|o| o.loss_curve.clone())
+                .unwrap_or_default(),
+            detail: Detail::Distillation(detail),
         }
     };
     let scratch_row = row("student_scratch", &scratch, None);
@@ -202,59 +203,67 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<Vec<Row>> {
         .map(|(h, d)| h.accuracy - d.accuracy)
         .collect();
     let (hint_gain_mean, hint_gain_std) = mean_std(&hint_gains);
-    hinted_row.extra.insert(
-        "gain_over_distilled_mean".into(),
-        serde_json::json!(hint_gain_mean),
-    );
-    hinted_row.extra.insert(
-        "gain_over_distilled_std".into(),
-        serde_json::json!(hint_gain_std),
-    );
-    hinted_row
-        .extra
-        .insert("hint_weight".into(), serde_json::json!(HINT_WEIGHT));
-    let mut distilled_row = row("student_distilled", &distilled, Some((size, gzip)));
-    let extra = &mut distilled_row.extra;
-    extra.insert(
-        "temperature".into(),
-        serde_json::json!(config.temperature.get()),
-    );
-    extra.insert("alpha".into(), serde_json::json!(config.alpha.get()));
-    extra.insert("accuracy_gain_mean".into(), serde_json::json!(gain_mean));
-    extra.insert("accuracy_gain_std".into(), serde_json::json!(gain_std));
-    if !sweep_points.is_empty() {
-        // The scratch student of the sweep's seed, for reference across the axis.
-        let scratch_accuracy = scratch[0].accuracy * 100.0;
-        let (lo, hi) = (SWEEP[0], SWEEP[SWEEP.len() - 1]);
-        let figure = Figure::lines(
-            "distillation_temperature.svg",
-            "Distilled student: test accuracy against temperature",
-            "temperature T",
-            "test accuracy (%)",
-            vec![
-                plots::Series::new("distilled", sweep_points),
-                plots::Series::new(
-                    "from scratch",
-                    vec![(lo, scratch_accuracy), (hi, scratch_accuracy)],
-                ),
-            ],
-        );
-        let markdown = format!(
-            "Temperature sweep on seed {} (alpha {}):\n\n{}",
-            ctx.seed,
-            config.alpha.get(),
-            figure.write(&ctx.out)?
-        );
-        extra.insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
+    if let Detail::Distillation(detail) = &mut hinted_row.detail {
+        detail.hint = Some(Hinted {
+            weight: HINT_WEIGHT,
+            gain_over_distilled_mean: hint_gain_mean,
+            gain_over_distilled_std: hint_gain_std,
+        });
     }
-    extra.insert("temperature_sweep".into(), serde_json::json!(sweep));
-    // The cache runs the teacher once instead of once per epoch.
-    extra.insert(
-        "teacher_cache_seconds_saved".into(),
-        serde_json::json!(cache_seconds * (epochs.saturating_sub(1)) as f64),
-    );
+    let mut distilled_row = row("student_distilled", &distilled, Some((size, gzip)));
     distilled_row.nonzero_params = Some(student.nonzero_param_count());
-    Ok(vec![scratch_row, distilled_row, hinted_row])
+    if let Detail::Distillation(detail) = &mut distilled_row.detail {
+        detail.distilled = Some(Distilled {
+            temperature: config.temperature.get(),
+            alpha: config.alpha.get(),
+            accuracy_gain_mean: gain_mean,
+            accuracy_gain_std: gain_std,
+            temperature_sweep: sweep.clone(),
+            // The cache runs the teacher once instead of once per epoch.
+            teacher_cache_seconds_saved: cache_seconds * (epochs.saturating_sub(1)) as f64,
+        });
+    }
+    let section = sweep_section(ctx, &sweep, scratch[0].accuracy, config.alpha.get())?;
+    Ok(StageReport {
+        rows: vec![scratch_row, distilled_row, hinted_row],
+        section,
+    })
+}
+
+/// The temperature sweep's chart and its Markdown, when the sweep ran.
+fn sweep_section(
+    ctx: &Context,
+    sweep: &[(f64, f64)],
+    scratch_accuracy: f64,
+    alpha: f64,
+) -> Result<Option<String>> {
+    if sweep.is_empty() {
+        return Ok(None);
+    }
+    // The scratch student of the sweep's seed, for reference across the axis.
+    let (lo, hi) = (SWEEP[0], SWEEP[SWEEP.len() - 1]);
+    let points = sweep.iter().map(|&(t, a)| (t, a * 100.0)).collect();
+    let figure = Figure::lines(
+        "distillation_temperature.svg",
+        "Distilled student: test accuracy against temperature",
+        "temperature T",
+        "test accuracy (%)",
+        vec![
+            plots::Series::new("distilled", points),
+            plots::Series::new(
+                "from scratch",
+                vec![
+                    (lo, scratch_accuracy * 100.0),
+                    (hi, scratch_accuracy * 100.0),
+                ],
+            ),
+        ],
+    );
+    Ok(Some(format!(
+        "Temperature sweep on seed {} (alpha {alpha}):\n\n{}",
+        ctx.seed,
+        figure.write(&ctx.out)?
+    )))
 }
 
 fn train_student(
@@ -307,7 +316,7 @@ fn train_student(
     Ok((
         Outcome {
             accuracy: eval.accuracy,
-            loss_curve: stats.curve_json(),
+            loss_curve: stats.loss_curve.clone(),
             infer_samples_per_second: eval.samples_per_second,
             train_seconds: stats.seconds,
             train_samples_per_second: stats.samples_per_second,

@@ -1,4 +1,5 @@
-//! What each stage does: it trains or converts models and returns report rows. What it reads
+//! What each stage does: it trains or converts models and returns report rows and its own
+//! section of report.md. What it reads
 //! from earlier stages is declared here ([`inputs`]), and what it is configured by is its own
 //! settings type (`crate::settings`), not the command line.
 
@@ -12,7 +13,7 @@ mod quantization;
 use anyhow::Result;
 
 use crate::context::Context;
-use crate::report::Row;
+use crate::report::StageReport;
 use crate::settings::Settings;
 use crate::stage::{Product, Stage};
 use crate::teacher;
@@ -40,7 +41,7 @@ pub fn dependencies(stage: Stage) -> Vec<Stage> {
 }
 
 /// Runs `stage` with its own settings.
-pub fn run(stage: Stage, ctx: &Context, settings: &Settings) -> Result<Vec<Row>> {
+pub fn run(stage: Stage, ctx: &Context, settings: &Settings) -> Result<StageReport> {
     match stage {
         Stage::Baseline => baseline::run(ctx),
         Stage::Precision => precision::run(ctx, &settings.precision),

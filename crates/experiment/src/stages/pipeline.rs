@@ -18,7 +18,8 @@ use tch::nn;
 
 use crate::context::Context;
 use crate::deploy::{self, Deployed, RuntimeTest, TestSets};
-use crate::report::{Row, SECTION_EXTRA};
+use crate::report::detail::{Deployment, Detail, PipelineDetail, PipelineTarget, PruningTarget};
+use crate::report::{Row, StageReport};
 use crate::settings::PipelineSettings;
 use crate::teacher;
 use crate::train::{self, DeviceSplit, Distill, TrainConfig, TrainOptions, TrainStats};
@@ -52,7 +53,7 @@ const DENSE_LAYER: &str = "0.weight";
 pub const TARGET_SIZE_RATIO: f64 = 100.0;
 pub const TARGET_ACCURACY: f64 = 0.988;
 
-pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<Vec<Row>> {
+pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<StageReport> {
     let tests = TestSets::new(ctx)?;
     let reference = Reference::measure(ctx, &tests.runtime)?;
     let (data, _) = teacher::training(ctx)?;
@@ -82,12 +83,10 @@ pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<Vec<Row>> {
     rows.push(row);
     rows.push(pipeline.quantize(pruned)?);
     let markdown = section(&rows, &reference, settings.sparsity);
-    if let Some(first) = rows.first_mut() {
-        first
-            .extra
-            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
-    }
-    Ok(rows)
+    Ok(StageReport {
+        rows,
+        section: Some(markdown),
+    })
 }
 
 /// What the pipeline's steps share.
@@ -170,7 +169,7 @@ impl Pipeline<'_> {
         variant: &str,
         params: &[DeployedParameter],
         stats: &TrainStats,
-        extra: serde_json::Value,
+        detail: PipelineDetail,
     ) -> Result<(Deployed, Row)> {
         let file = self.ctx.file(FOLDER, &format!("{variant}.safetensors"))?;
         let deployed = deploy::deploy(builder, &file, &self.tests.runtime)?;
@@ -180,7 +179,7 @@ impl Pipeline<'_> {
             params,
             &deployed,
             self.reference,
-            extra,
+            detail,
         );
         stats.record(&mut row);
         Ok((deployed, row))
@@ -204,9 +203,13 @@ impl Pipeline<'_> {
             &params,
             WeightFormat::F32,
         )?;
-        let extra = serde_json::json!({"step": "distillation", "weights": "f32"});
+        let detail = PipelineDetail {
+            step: "distillation".into(),
+            weights: "f32".into(),
+            ..PipelineDetail::default()
+        };
         let (distilled, row) =
-            self.deploy(&builder, "distilled_float32", &params, &stats, extra)?;
+            self.deploy(&builder, "distilled_float32", &params, &stats, detail)?;
         self.ctx.progress.info(&format!(
             "distilled student: {:.2}%",
             distilled.accuracy * 100.0
@@ -265,17 +268,25 @@ impl Pipeline<'_> {
         let pruned_params = export::deployed_parameters(&net, &vs)?;
         let zeros = deploy::weight_zeros(&pruned_params);
         let (builder, storage) = deploy::sparse_artifact(&self.deployed_spec, &pruned_params)?;
-        let extra = serde_json::json!({
-            "step": "pruning",
-            "target_sparsity": target,
-            "weight_sparsity": zeros as f64 / total as f64,
-            "layers": layers,
-            "storage": storage,
-            "schedule": schedule,
-            "dense_layers": [DENSE_LAYER],
-        });
+        let detail = PipelineDetail {
+            step: "pruning".into(),
+            weights: "f32, each layer dense or CSR".into(),
+            weight_sparsity: Some(zeros as f64 / total as f64),
+            pruning: Some(PruningTarget {
+                sparsity: target,
+                granularity: format!("{:?}", Granularity::Unstructured),
+                scope: format!("{:?}", Scope::PerLayer),
+                dense_layers: vec![DENSE_LAYER.into()],
+                fine_tune_steps: stats.steps,
+                libtorch_accuracy: None,
+                schedule,
+                layers,
+                storage,
+            }),
+            ..PipelineDetail::default()
+        };
         let variant = "distilled_pruned_float32";
-        let (deployed, row) = self.deploy(&builder, variant, &pruned_params, &stats, extra)?;
+        let (deployed, row) = self.deploy(&builder, variant, &pruned_params, &stats, detail)?;
         self.ctx.progress.info(&format!(
             "pruned student: {:.2}% of weights zero, {:.2}%",
             zeros as f64 / total as f64 * 100.0,
@@ -337,25 +348,26 @@ impl Pipeline<'_> {
         let int8 = deploy::deploy(&builder, &file, &self.tests.runtime)?;
         let size_ratio = self.reference.size_bytes as f64 / int8.size_bytes as f64;
         let met = size_ratio >= TARGET_SIZE_RATIO && int8.accuracy >= TARGET_ACCURACY && !quick;
-        let extra = serde_json::json!({
-            "step": "pruning-preserving quantization-aware training",
-            "weights": "int8 per-channel, bitmask-sparse where smaller",
-            "activations": "u8 per-tensor, observed during training",
-            "weight_sparsity": qat_zeros as f64 / total as f64,
-            "fake_quant_accuracy": fake_quant.accuracy,
-            "target": {
-                "size_ratio_at_least": TARGET_SIZE_RATIO,
-                "accuracy_at_least": TARGET_ACCURACY,
-                "met": met,
-            },
-        });
+        let detail = PipelineDetail {
+            step: "pruning-preserving quantization-aware training".into(),
+            weights: "int8 per-channel, bitmask-sparse where smaller".into(),
+            activations: Some("u8 per-tensor, observed during training".into()),
+            weight_sparsity: Some(qat_zeros as f64 / total as f64),
+            fake_quant_accuracy: Some(fake_quant.accuracy),
+            target: Some(PipelineTarget {
+                size_ratio_at_least: TARGET_SIZE_RATIO,
+                accuracy_at_least: TARGET_ACCURACY,
+                met,
+            }),
+            ..PipelineDetail::default()
+        };
         let mut row = pipeline_row(
             &self.model,
             variant,
             &qat_params,
             &int8,
             self.reference,
-            extra,
+            detail,
         );
         stats.record(&mut row);
         self.ctx.progress.info(&format!(
@@ -400,27 +412,18 @@ fn pipeline_row(
     params: &[DeployedParameter],
     d: &Deployed,
     teacher: &Reference,
-    extra: serde_json::Value,
+    mut detail: PipelineDetail,
 ) -> Row {
-    let mut row = deploy::runtime_row("pipeline", model, variant, params, d, extra);
+    detail.deployment = Deployment {
+        execution: d.execution.clone(),
+        accuracy_delta_pp: (d.accuracy - teacher.accuracy) * 100.0,
+        size_ratio: teacher.size_bytes as f64 / d.size_bytes as f64,
+        gzip_ratio: teacher.gzip_bytes as f64 / d.gzip_bytes as f64,
+        speedup: d.samples_per_second / teacher.samples_per_second,
+    };
+    let detail = Detail::Pipeline(detail);
+    let mut row = deploy::runtime_row("pipeline", model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
-    let extra = &mut row.extra;
-    extra.insert(
-        "accuracy_delta_vs_teacher_pp".into(),
-        serde_json::json!((d.accuracy - teacher.accuracy) * 100.0),
-    );
-    extra.insert(
-        "size_ratio_vs_teacher_float32".into(),
-        serde_json::json!(teacher.size_bytes as f64 / d.size_bytes as f64),
-    );
-    extra.insert(
-        "gzip_ratio_vs_teacher_float32".into(),
-        serde_json::json!(teacher.gzip_bytes as f64 / d.gzip_bytes as f64),
-    );
-    extra.insert(
-        "speedup_vs_teacher_float32".into(),
-        serde_json::json!(d.samples_per_second / teacher.samples_per_second),
-    );
     row
 }
 
@@ -438,26 +441,26 @@ fn section(rows: &[Row], teacher: &Reference, target: f64) -> String {
         teacher.samples_per_second,
     );
     for row in rows {
-        let get = |k: &str| row.extra.get(k).and_then(serde_json::Value::as_f64);
+        let Some(deployment) = row.detail.deployment() else {
+            continue;
+        };
         let _ = writeln!(
             md,
             "| {} | {:.2}% | {:+.2} | {} | {:.1}x | {:.1}x | {:.2}x |",
             row.variant,
             row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            get("accuracy_delta_vs_teacher_pp").unwrap_or(f64::NAN),
+            deployment.accuracy_delta_pp,
             row.size_bytes.unwrap_or(0),
-            get("size_ratio_vs_teacher_float32").unwrap_or(f64::NAN),
-            get("gzip_ratio_vs_teacher_float32").unwrap_or(f64::NAN),
-            get("speedup_vs_teacher_float32").unwrap_or(f64::NAN),
+            deployment.size_ratio,
+            deployment.gzip_ratio,
+            deployment.speedup,
         );
     }
     if let Some(last) = rows.last() {
-        let met = last
-            .extra
-            .get("target")
-            .and_then(|t| t.get("met"))
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false);
+        let met = match &last.detail {
+            Detail::Pipeline(detail) => detail.target.as_ref().is_some_and(|t| t.met),
+            _ => false,
+        };
         let _ = writeln!(
             md,
             "\nTarget: at least {TARGET_SIZE_RATIO:.0}x smaller than the float32 teacher with at \

@@ -14,7 +14,8 @@ use tch::{Device, nn};
 use tensor_precision::{GradientAudit, GradientAuditor};
 
 use crate::context::Context;
-use crate::report::{Row, SECTION_EXTRA};
+use crate::report::detail::{AgainstFloat32, Audit, Scaling};
+use crate::report::{Row, StageReport};
 use crate::settings::PrecisionSettings;
 use crate::stage::Stage;
 use crate::teacher::{self, TeacherRun};
@@ -90,7 +91,7 @@ fn teacher_policies(device: Device) -> Vec<(Policy, bool)> {
     }
 }
 
-pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<Vec<Row>> {
+pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
     let seed = ctx.seed;
     // The baseline's recipe, so the float32 row reproduces the baseline teacher.
     let (data, config) = teacher::training(ctx)?;
@@ -113,8 +114,9 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<Vec<Row>> {
             );
             let mut row = run.row.clone();
             row.stage = Stage::Precision.name().into();
-            row.extra
-                .insert("trained_by".into(), serde_json::json!("baseline"));
+            if let Some(training) = row.detail.training_mut() {
+                training.trained_by = Some(Stage::Baseline.name().into());
+            }
             rows.push(row);
             audited_steps += run.audited_steps;
             baseline_audit = Some(run.audit.clone());
@@ -161,7 +163,7 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<Vec<Row>> {
         ));
         let mut row = teacher::run_row(Stage::Precision, policy.name(), &spec, &net, &stats, eval);
         if let Some(scaler) = &scaler {
-            add_scaling_extras(&mut row, scaler, &stats)?;
+            add_scaling(&mut row, scaler, &stats);
             traces.push(Trace::of(policy.name(), &stats));
         }
         rows.push(row);
@@ -181,36 +183,27 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<Vec<Row>> {
     }
 
     let section = section(ctx, &rows, &traces, &audit, audited_steps);
-    if let Some(first) = rows.first_mut() {
-        first
-            .extra
-            .insert("gradient_audit".into(), serde_json::to_value(&audit)?);
-        first
-            .extra
-            .insert("gradient_audit_steps".into(), audited_steps.into());
-        first
-            .extra
-            .insert(SECTION_EXTRA.into(), serde_json::Value::String(section));
+    if let Some(training) = rows.first_mut().and_then(|r| r.detail.training_mut()) {
+        training.gradient_audit = Some(Audit {
+            audit,
+            steps: audited_steps,
+        });
     }
-    Ok(rows)
+    Ok(StageReport {
+        rows,
+        section: Some(section),
+    })
 }
 
-fn add_scaling_extras(row: &mut Row, scaler: &LossScaler, stats: &TrainStats) -> Result<()> {
-    row.extra.insert(
-        "loss_scale_config".into(),
-        serde_json::to_value(scaler.config())?,
-    );
-    row.extra
-        .insert("skipped_steps".into(), stats.skipped_steps.into());
-    row.extra.insert(
-        "final_loss_scale".into(),
-        serde_json::json!(stats.final_loss_scale),
-    );
-    row.extra.insert(
-        "loss_scale_history".into(),
-        serde_json::to_value(&stats.scale_history)?,
-    );
-    Ok(())
+fn add_scaling(row: &mut Row, scaler: &LossScaler, stats: &TrainStats) {
+    if let Some(training) = row.detail.training_mut() {
+        training.scaling = Some(Scaling {
+            config: *scaler.config(),
+            skipped_steps: stats.skipped_steps,
+            final_loss_scale: stats.final_loss_scale,
+            history: stats.scale_history.clone(),
+        });
+    }
 }
 
 /// Adds each mixed row's speed-up over the float32 row and its accuracy difference.
@@ -224,19 +217,17 @@ fn compare_with_float32(rows: &mut [Row]) {
         reference.test_accuracy,
     );
     for row in rows.iter_mut().filter(|r| r.variant != "float32") {
-        if let (Some(ours), Some(base)) = (row.train_samples_per_second, train_rate) {
-            row.extra
-                .insert("train_speedup_over_float32".into(), (ours / base).into());
-        }
-        if let (Some(ours), Some(base)) = (row.infer_samples_per_second, infer_rate) {
-            row.extra
-                .insert("infer_speedup_over_float32".into(), (ours / base).into());
-        }
-        if let (Some(ours), Some(base)) = (row.test_accuracy, accuracy) {
-            row.extra.insert(
-                "accuracy_difference_pp".into(),
-                ((ours - base) * 100.0).into(),
-            );
+        let ratio = |ours: Option<f64>, base: Option<f64>| Some(ours? / base?);
+        let against = AgainstFloat32 {
+            train_speedup: ratio(row.train_samples_per_second, train_rate),
+            infer_speedup: ratio(row.infer_samples_per_second, infer_rate),
+            accuracy_difference_pp: row
+                .test_accuracy
+                .zip(accuracy)
+                .map(|(ours, base)| (ours - base) * 100.0),
+        };
+        if let Some(training) = row.detail.training_mut() {
+            training.against_float32 = Some(against);
         }
     }
 }
@@ -291,8 +282,10 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row,
         eval.accuracy * 100.0
     ));
     let mut row = teacher::run_row(Stage::Precision, DEMO_VARIANT, &spec, &net, &stats, eval);
-    add_scaling_extras(&mut row, &scaler, &stats)?;
-    row.extra.insert("note".into(), DEMO_NOTE.into());
+    add_scaling(&mut row, &scaler, &stats);
+    if let Some(training) = row.detail.training_mut() {
+        training.note = Some(DEMO_NOTE.into());
+    }
     Ok((row, stats))
 }
 
@@ -320,22 +313,24 @@ fn section(
         "| policy | test accuracy | difference | train samples/s | train speed-up | infer samples/s | infer speed-up |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     for row in rows.iter().filter(|r| r.variant != DEMO_VARIANT) {
-        let number = |key: &str, show: &dyn Fn(f64) -> String| {
-            row.extra
-                .get(key)
-                .and_then(serde_json::Value::as_f64)
-                .map_or_else(|| "-".into(), show)
+        let against = row
+            .detail
+            .training()
+            .and_then(|t| t.against_float32.clone())
+            .unwrap_or_default();
+        let number = |value: Option<f64>, show: &dyn Fn(f64) -> String| {
+            value.map_or_else(|| "-".into(), show)
         };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {:.0} | {} | {:.0} | {} |",
             row.variant,
             percent(row.test_accuracy),
-            number("accuracy_difference_pp", &|v| format!("{v:+.2} pp")),
+            number(against.accuracy_difference_pp, &|v| format!("{v:+.2} pp")),
             row.train_samples_per_second.unwrap_or(f64::NAN),
-            number("train_speedup_over_float32", &|v| format!("{v:.2}x")),
+            number(against.train_speedup, &|v| format!("{v:.2}x")),
             row.infer_samples_per_second.unwrap_or(f64::NAN),
-            number("infer_speedup_over_float32", &|v| format!("{v:.2}x")),
+            number(against.infer_speedup, &|v| format!("{v:.2}x")),
         );
     }
     md.push('\n');
@@ -343,13 +338,13 @@ fn section(
         .iter()
         .filter(|r| r.variant != "float32" && r.variant != DEMO_VARIANT)
     {
+        let against = row
+            .detail
+            .training()
+            .and_then(|t| t.against_float32.as_ref());
         let (Some(speedup), Some(difference)) = (
-            row.extra
-                .get("train_speedup_over_float32")
-                .and_then(serde_json::Value::as_f64),
-            row.extra
-                .get("accuracy_difference_pp")
-                .and_then(serde_json::Value::as_f64),
+            against.and_then(|a| a.train_speedup),
+            against.and_then(|a| a.accuracy_difference_pp),
         ) else {
             continue;
         };

@@ -7,6 +7,7 @@
 //! faster and dense otherwise, and once more with int8 weights; every row is scored by the
 //! pure-Rust runtime on the test set.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
@@ -19,7 +20,8 @@ use tch::nn;
 use crate::charts::Figure;
 use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, TestSets};
-use crate::report::{Row, SECTION_EXTRA};
+use crate::report::detail::{Detail, PrunedWeights, PruningDetail, PruningTarget};
+use crate::report::{Row, StageReport};
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
 
@@ -79,7 +81,7 @@ const TARGETS: [Target; 4] = [
     },
 ];
 
-pub fn run(ctx: &Context) -> Result<Vec<Row>> {
+pub fn run(ctx: &Context) -> Result<StageReport> {
     let spec = teacher::spec();
     let (vs, net) = teacher::load(ctx)?;
     let params = export::deployed_parameters(&net, &vs)?;
@@ -105,7 +107,7 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         &params,
         &dense,
         &dense,
-        serde_json::json!({"weight_sparsity": 0.0}),
+        PruningDetail::default(),
     )];
     stage.dense = Some(dense);
     let mut schedules = Vec::new();
@@ -120,12 +122,10 @@ pub fn run(ctx: &Context) -> Result<Vec<Row>> {
         markdown.push('\n');
         markdown.push_str(&figure.write(&ctx.out)?);
     }
-    if let Some(first) = rows.first_mut() {
-        first
-            .extra
-            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
-    }
-    Ok(rows)
+    Ok(StageReport {
+        rows,
+        section: Some(markdown),
+    })
 }
 
 /// A variant's schedule and the steps it ran, for the schedule chart.
@@ -289,22 +289,21 @@ impl Pruning<'_> {
             &pruned_params,
             &deployed,
             dense,
-            serde_json::json!({
-                "target_sparsity": target.sparsity,
-                "granularity": format!("{:?}", target.granularity),
-                "dense_layers": [DENSE_LAYER],
-                "scope": format!("{:?}", target.scope),
-                "weight_sparsity": sparsity,
-                "layers": layers,
-                "storage": storage,
-                "libtorch_accuracy": libtorch_accuracy,
-                "fine_tune_steps": stats.steps,
-                "schedule": schedule.1,
-                "int8_accuracy": int8.accuracy,
-                "int8_size_bytes": int8.size_bytes,
-                "int8_gzip_bytes": int8.gzip_bytes,
-                "int8_gzip_ratio_vs_dense_float32": dense.gzip_bytes as f64 / int8.gzip_bytes as f64,
-            }),
+            PruningDetail {
+                weight_sparsity: sparsity,
+                target: Some(PruningTarget {
+                    sparsity: target.sparsity,
+                    granularity: format!("{:?}", target.granularity),
+                    scope: format!("{:?}", target.scope),
+                    dense_layers: vec![DENSE_LAYER.into()],
+                    fine_tune_steps: stats.steps,
+                    libtorch_accuracy: Some(libtorch_accuracy),
+                    schedule: schedule.1,
+                    layers: layers.clone(),
+                    storage,
+                }),
+                ..PruningDetail::default()
+            },
         );
         stats.record(&mut row);
         let int8_row = pruning_row(
@@ -313,11 +312,22 @@ impl Pruning<'_> {
             &pruned_params,
             &int8,
             dense,
-            serde_json::json!({
-                "target_sparsity": target.sparsity,
-                "weight_sparsity": sparsity,
-                "weights": "int8 per-channel (zeros stay zero)",
-            }),
+            PruningDetail {
+                weights: PrunedWeights::Int8,
+                weight_sparsity: sparsity,
+                target: Some(PruningTarget {
+                    sparsity: target.sparsity,
+                    granularity: format!("{:?}", target.granularity),
+                    scope: format!("{:?}", target.scope),
+                    dense_layers: vec![DENSE_LAYER.into()],
+                    fine_tune_steps: stats.steps,
+                    libtorch_accuracy: Some(libtorch_accuracy),
+                    schedule: schedule.1,
+                    layers,
+                    storage: BTreeMap::new(),
+                }),
+                ..PruningDetail::default()
+            },
         );
         Ok((vec![row, int8_row], schedule))
     }
@@ -329,23 +339,12 @@ fn pruning_row(
     params: &[DeployedParameter],
     d: &Deployed,
     dense: &Deployed,
-    extra: serde_json::Value,
+    mut detail: PruningDetail,
 ) -> Row {
-    let mut row = deploy::runtime_row("pruning", model, variant, params, d, extra);
+    detail.deployment = d.against(dense);
+    let detail = Detail::Pruning(detail);
+    let mut row = deploy::runtime_row("pruning", model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
-    let extra = &mut row.extra;
-    extra.insert(
-        "accuracy_drop_pp".into(),
-        serde_json::json!((dense.accuracy - d.accuracy) * 100.0),
-    );
-    extra.insert(
-        "gzip_ratio_vs_dense_float32".into(),
-        serde_json::json!(dense.gzip_bytes as f64 / d.gzip_bytes as f64),
-    );
-    extra.insert(
-        "speedup_vs_dense_float32".into(),
-        serde_json::json!(d.samples_per_second / dense.samples_per_second),
-    );
     row
 }
 
@@ -358,58 +357,71 @@ fn section(rows: &[Row]) -> String {
          |---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
-        let get = |k: &str| row.extra.get(k).and_then(serde_json::Value::as_f64);
+        let Detail::Pruning(detail) = &row.detail else {
+            continue;
+        };
         let _ = writeln!(
             md,
             "| {} | {:.1}% | {} | {:.2}% | {:+.2} | {:.1} KiB | {:.1}x | {:.2}x |",
             row.variant,
-            get("weight_sparsity").unwrap_or(0.0) * 100.0,
+            detail.weight_sparsity * 100.0,
             row.nonzero_params.unwrap_or(0),
             row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            -get("accuracy_drop_pp").unwrap_or(f64::NAN),
+            detail.deployment.accuracy_delta_pp,
             row.gzip_bytes.unwrap_or(0) as f64 / 1024.0,
-            get("gzip_ratio_vs_dense_float32").unwrap_or(f64::NAN),
-            get("speedup_vs_dense_float32").unwrap_or(f64::NAN),
+            detail.deployment.gzip_ratio,
+            detail.deployment.speedup,
         );
     }
     md
 }
 
 fn figures(rows: &[Row], schedules: &[(&str, Schedule, u64)]) -> Vec<Figure> {
-    let point = |row: &Row| {
+    let pruned: Vec<(&Row, &PruningDetail)> = rows
+        .iter()
+        .filter_map(|r| match &r.detail {
+            Detail::Pruning(detail) => Some((r, detail)),
+            _ => None,
+        })
+        .collect();
+    let point = |&(row, detail): &(&Row, &PruningDetail)| {
         (
-            row.extra
-                .get("weight_sparsity")
-                .and_then(serde_json::Value::as_f64)
-                .unwrap_or(0.0)
-                * 100.0,
+            detail.weight_sparsity * 100.0,
             row.test_accuracy.unwrap_or(0.0) * 100.0,
         )
     };
-    let float: Vec<&Row> = rows
-        .iter()
-        .filter(|r| {
-            r.variant == "dense"
-                || r.variant.starts_with("sparsity_") && !r.variant.ends_with("_int8")
-        })
-        .collect();
-    let int8: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.variant.starts_with("sparsity_") && r.variant.ends_with("_int8"))
-        .collect();
-    let n2m4: Vec<&Row> = rows.iter().filter(|r| r.variant == "n2m4").collect();
+    // Dense, or pruned without structure; 2:4 apart.
+    let unstructured = |d: &PruningDetail| {
+        d.target
+            .as_ref()
+            .is_none_or(|t| t.granularity == format!("{:?}", Granularity::Unstructured))
+    };
+    let of = |weights: PrunedWeights,
+              keep: &dyn Fn(&PruningDetail) -> bool|
+     -> Vec<(&Row, &PruningDetail)> {
+        pruned
+            .iter()
+            .filter(|(_, d)| d.weights == weights && keep(d))
+            .copied()
+            .collect()
+    };
+    let float = of(PrunedWeights::F32, &unstructured);
+    let int8 = of(PrunedWeights::Int8, &|d| {
+        d.target.is_some() && unstructured(d)
+    });
+    let n2m4 = of(PrunedWeights::F32, &|d| !unstructured(d));
     let mut accuracy = vec![Series::new(
         "unstructured, f32",
-        float.iter().map(|r| point(r)).collect(),
+        float.iter().map(point).collect(),
     )];
     if !int8.is_empty() {
         accuracy.push(Series::new(
             "unstructured, int8 weights",
-            int8.iter().map(|r| point(r)).collect(),
+            int8.iter().map(point).collect(),
         ));
     }
     if !n2m4.is_empty() {
-        accuracy.push(Series::new("2:4", n2m4.iter().map(|r| point(r)).collect()));
+        accuracy.push(Series::new("2:4", n2m4.iter().map(point).collect()));
     }
     let schedule_series = schedules
         .iter()

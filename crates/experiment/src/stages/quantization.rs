@@ -3,6 +3,7 @@
 //! the four activation calibrators, and int8 after quantization-aware training; every row is
 //! scored by the pure-Rust runtime on the test set.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
@@ -10,19 +11,21 @@ use models::calibrate::Calibrator as Taps;
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{FakeQuantConfig, Network, NetworkSpec};
 use quantization::{BitWidth, Observer};
-use serde_json::{Value, json};
 use tch::nn;
 
 use super::distillation::STUDENT_CHECKPOINT;
 use crate::charts::Figure;
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
-use crate::report::{Row, SECTION_EXTRA};
+use crate::report::detail::{Calibration, Detail, Qat, QuantizationDetail};
+use crate::report::{Row, StageReport};
 use crate::settings::{Calibrator, QuantizationSettings};
 use crate::stage::Product;
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
 
+/// How every int8 row stores its weights.
+const INT8_WEIGHTS: &str = "int8 per-channel";
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "quantization";
 /// Images of the calibration set: a stratified sample of the training set.
@@ -48,7 +51,7 @@ struct Subject {
     label: &'static str,
 }
 
-pub fn run(ctx: &Context, settings: &QuantizationSettings) -> Result<Vec<Row>> {
+pub fn run(ctx: &Context, settings: &QuantizationSettings) -> Result<StageReport> {
     ctx.input(teacher::CHECKPOINT)?;
     let mut subjects = vec![Subject {
         spec: teacher::spec(),
@@ -91,12 +94,10 @@ pub fn run(ctx: &Context, settings: &QuantizationSettings) -> Result<Vec<Row>> {
     let mut markdown = section(&rows);
     markdown.push('\n');
     markdown.push_str(&size_figure(&rows).write(&ctx.out)?);
-    if let Some(first) = rows.first_mut() {
-        first
-            .extra
-            .insert(SECTION_EXTRA.into(), serde_json::json!(markdown));
-    }
-    Ok(rows)
+    Ok(StageReport {
+        rows,
+        section: Some(markdown),
+    })
 }
 
 /// One subject's trained parameters and where its rows go.
@@ -138,15 +139,15 @@ fn quantize(
         subject.label
     ));
     let float32 = q.deploy(&q.builder(&q.params, WeightFormat::F32)?, "float32")?;
-    let mut rows = vec![q.row("float32", &float32, &float32, json!({"weights": "f32"}))];
+    let mut rows = vec![q.row("float32", &float32, &float32, q.detail("f32", None))];
     let float16 = q.deploy(&q.builder(&q.params, WeightFormat::F16)?, "float16")?;
-    rows.push(q.row("float16", &float16, &float32, json!({"weights": "f16"})));
+    rows.push(q.row("float16", &float16, &float32, q.detail("f16", None)));
     let dynamic = q.deploy(
         &q.builder(&q.params, WeightFormat::Int8DynamicRange)?,
         "dynamic_int8",
     )?;
-    let extra = json!({"weights": "int8 per-channel", "activations": "per batch"});
-    rows.push(q.row("dynamic_int8", &dynamic, &float32, extra));
+    let detail = q.detail(INT8_WEIGHTS, Some("per batch"));
+    rows.push(q.row("dynamic_int8", &dynamic, &float32, detail));
 
     // Full-integer: calibrate every quantized layer's input on the deployed network.
     let deployed_vs = nn::VarStore::new(ctx.device.device);
@@ -185,8 +186,33 @@ impl Quantizing<'_> {
         deploy::deploy(builder, &file, &self.tests.runtime)
     }
 
-    fn row(&self, variant: &str, d: &Deployed, float32: &Deployed, extra: Value) -> Row {
-        quant_row(&self.model, variant, &self.params, d, float32, extra)
+    /// A row's detail: how weights and activations are quantized.
+    fn detail(&self, weights: &str, activations: Option<&str>) -> QuantizationDetail {
+        QuantizationDetail {
+            weights: weights.into(),
+            activations: activations.map(Into::into),
+            ..QuantizationDetail::default()
+        }
+    }
+
+    /// The row of `d`, compared with the same model's float32 artifact.
+    fn row(
+        &self,
+        variant: &str,
+        d: &Deployed,
+        float32: &Deployed,
+        mut detail: QuantizationDetail,
+    ) -> Row {
+        detail.deployment = d.against(float32);
+        let detail = Detail::Quantization(detail);
+        deploy::runtime_row(
+            "quantization",
+            &self.model,
+            variant,
+            &self.params,
+            d,
+            detail,
+        )
     }
 
     /// Full-integer int8 with the input ranges `calibrator` picks from `observers`.
@@ -200,14 +226,14 @@ impl Quantizing<'_> {
         let percentile = self.settings.percentile;
         let method = calibrator.method(percentile);
         let mut builder = self.builder(&self.params, WeightFormat::Int8DynamicRange)?;
-        let mut ranges = serde_json::Map::new();
+        let mut ranges = BTreeMap::new();
         for (layer, observer) in observers {
             let p = observer
                 .qparams(method, BitWidth::INT8)
                 .with_context(|| format!("calibrating layer {layer} ({calibrator})"))?;
             builder.set_input_quantization(*layer, p);
             let (lo, hi) = p.range();
-            ranges.insert(layer.to_string(), json!([lo, hi]));
+            ranges.insert(*layer, (lo, hi));
         }
         let variant = format!("static_int8_{calibrator}");
         let d = self.deploy(&builder, &variant)?;
@@ -216,16 +242,15 @@ impl Quantizing<'_> {
             self.label,
             d.accuracy * 100.0
         ));
-        let extra = json!({
-            "weights": "int8 per-channel",
-            "activations": "u8 per-tensor, calibrated",
-            "calibrator": calibrator.name(),
-            "percentile": (calibrator == Calibrator::Percentile).then_some(percentile),
-            "selected": calibrator == self.settings.calibrator,
-            "calibration_images": calibration_images,
-            "input_ranges": ranges,
+        let mut detail = self.detail(INT8_WEIGHTS, Some("u8 per-tensor, calibrated"));
+        detail.calibration = Some(Calibration {
+            calibrator,
+            percentile: (calibrator == Calibrator::Percentile).then_some(percentile),
+            selected: calibrator == self.settings.calibrator,
+            images: calibration_images,
+            input_ranges: ranges,
         });
-        Ok(self.row(&variant, &d, float32, extra))
+        Ok(self.row(&variant, &d, float32, detail))
     }
 
     /// Quantization-aware training from the float model in its deployed form, then
@@ -281,15 +306,17 @@ impl Quantizing<'_> {
             qat.accuracy * 100.0,
             fake_quant.accuracy * 100.0
         ));
-        let extra = json!({
-            "weights": "int8 per-channel",
-            "activations": "u8 per-tensor, observed during training",
-            "fake_quant_accuracy": fake_quant.accuracy,
-            "qat_steps": stats.steps,
-            "observer_steps": observer_steps,
-            "learning_rate": QAT_LEARNING_RATE,
+        let mut detail = self.detail(
+            INT8_WEIGHTS,
+            Some("u8 per-tensor, observed during training"),
+        );
+        detail.qat = Some(Qat {
+            fake_quant_accuracy: fake_quant.accuracy,
+            steps: stats.steps,
+            observer_steps,
+            learning_rate: QAT_LEARNING_RATE,
         });
-        let mut row = self.row("qat_int8", &qat, float32, extra);
+        let mut row = self.row("qat_int8", &qat, float32, detail);
         stats.record(&mut row);
         Ok(row)
     }
@@ -324,32 +351,6 @@ fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> 
         .collect()
 }
 
-fn quant_row(
-    model: &str,
-    variant: &str,
-    params: &[DeployedParameter],
-    d: &Deployed,
-    reference: &Deployed,
-    extra: serde_json::Value,
-) -> Row {
-    let mut row = deploy::runtime_row("quantization", model, variant, params, d, extra);
-    let extra = &mut row.extra;
-    extra.insert(
-        "accuracy_drop_pp".into(),
-        serde_json::json!((reference.accuracy - d.accuracy) * 100.0),
-    );
-    extra.insert(
-        "size_ratio_vs_float32".into(),
-        serde_json::json!(reference.size_bytes as f64 / d.size_bytes as f64),
-    );
-    extra.insert(
-        "gzip_ratio_vs_float32".into(),
-        serde_json::json!(reference.gzip_bytes as f64 / d.gzip_bytes as f64),
-    );
-    row
-}
-
-/// The stage's markdown: accuracy drop and compression of every row against float32.
 fn section(rows: &[Row]) -> String {
     let mut md = String::from(
         "Every row is an artifact executed by the pure-Rust runtime; drops and ratios are \
@@ -358,21 +359,20 @@ fn section(rows: &[Row]) -> String {
          |---|---|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
-        let get = |k: &str| row.extra.get(k).and_then(serde_json::Value::as_f64);
+        let Detail::Quantization(detail) = &row.detail else {
+            continue;
+        };
+        let selected = detail.calibration.as_ref().is_some_and(|c| c.selected);
         let _ = writeln!(
             md,
             "| {} | {}{} | {:.2}% | {:+.2} | {:.2}x | {:.2}x | {:.0} |",
             row.model,
             row.variant,
-            if row.extra.get("selected") == Some(&serde_json::json!(true)) {
-                " (selected)"
-            } else {
-                ""
-            },
+            if selected { " (selected)" } else { "" },
             row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            -get("accuracy_drop_pp").unwrap_or(f64::NAN),
-            get("size_ratio_vs_float32").unwrap_or(f64::NAN),
-            get("gzip_ratio_vs_float32").unwrap_or(f64::NAN),
+            detail.deployment.accuracy_delta_pp,
+            detail.deployment.size_ratio,
+            detail.deployment.gzip_ratio,
             row.infer_samples_per_second.unwrap_or(f64::NAN),
         );
     }
