@@ -53,86 +53,37 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
         (FULL_SEEDS, EPOCHS, SUBSET_FRACTION)
     };
     let spec = NetworkSpec::student_cnn();
-    let mut scratch = Vec::new();
-    let mut distilled = Vec::new();
-    let mut hinted = Vec::new();
-    let teacher_hint = hint_point(&teacher::spec())?;
+    let (mut scratch, mut distilled, mut hinted) = (Vec::new(), Vec::new(), Vec::new());
     let mut cache_seconds = 0.0;
     let mut sweep = Vec::new();
-    let mut last_distilled: Option<(nn::VarStore, Network)> = None;
+    let mut last_distilled = None;
     for k in 0..seeds {
-        let seed = ctx.seed + k;
-        let subset = ctx.dataset.train.stratified_subset(fraction, seed)?;
-        let data = DeviceSplit::new(&subset, ctx.normalization, ctx.device.device)?;
+        let data = ctx
+            .dataset
+            .train
+            .stratified_subset(fraction, ctx.seed + k)?;
+        let data = DeviceSplit::new(&data, ctx.normalization, ctx.device.device)?;
         let train_config = TrainConfig {
             epochs,
             batch_size: 64,
             learning_rate: 3e-3,
-            seed,
+            seed: ctx.seed + k,
         };
-        let start = Instant::now();
-        let cache = TeacherCache::compute(&teacher, &data.images, 512)?;
-        cache_seconds = start.elapsed().as_secs_f64();
-
-        ctx.progress.info(&format!(
-            "seed {seed}: students on {} images for {epochs} epochs",
-            data.len()
-        ));
-        let (outcome, _) = train_student(ctx, &spec, &data, &train_config, None, None, "scratch")?;
-        scratch.push(outcome);
-        let distill = Distill {
-            teacher_logits: cache.logits(),
-            config,
-            hint: None,
-        };
-        let (outcome, trained) = train_student(
+        let students = Students {
             ctx,
-            &spec,
-            &data,
-            &train_config,
-            Some(distill),
-            None,
-            "distilled",
-        )?;
-        distilled.push(outcome);
-        last_distilled = Some(trained);
-        // Hint distillation on top (FitNets), measured but off by default.
-        let features = teacher_features(&teacher, &data.images, teacher_hint.0)?;
-        let distill = Distill {
-            teacher_logits: cache.logits(),
-            config,
-            hint: None,
+            teacher: &teacher,
+            spec: &spec,
+            data: &data,
+            config: &train_config,
         };
-        let (outcome, _) = train_student(
-            ctx,
-            &spec,
-            &data,
-            &train_config,
-            Some(distill),
-            Some((&features, teacher_hint.1[0])),
-            "distilled + hint",
-        )?;
-        hinted.push(outcome);
-        // The temperature sweep, on the first seed's data and teacher logits.
-        if k == 0 && !ctx.quick {
-            for t in SWEEP {
-                let distill = Distill {
-                    teacher_logits: cache.logits(),
-                    config: DistillationConfig::new(Temperature::new(t)?, config.alpha),
-                    hint: None,
-                };
-                let label = format!("T={t}");
-                let (outcome, _) = train_student(
-                    ctx,
-                    &spec,
-                    &data,
-                    &train_config,
-                    Some(distill),
-                    None,
-                    &label,
-                )?;
-                sweep.push((t, outcome.accuracy));
-            }
+        let run = students.train(settings, k == 0 && !ctx.quick)?;
+        scratch.push(run.scratch);
+        distilled.push(run.distilled);
+        hinted.push(run.hinted);
+        last_distilled = Some(run.student);
+        cache_seconds = run.cache_seconds;
+        if !run.sweep.is_empty() {
+            sweep = run.sweep;
         }
     }
 
@@ -162,38 +113,9 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
         gains.len()
     ));
     let seeds_used: Vec<u64> = (0..seeds).map(|k| ctx.seed + k).collect();
+    let params = student.param_count();
     let row = |variant: &str, outcomes: &[Outcome], artifact: Option<(u64, u64)>| {
-        let accuracies: Vec<f64> = outcomes.iter().map(|o| o.accuracy).collect();
-        let (mean, std) = mean_std(&accuracies);
-        let mean_of =
-            |f: fn(&Outcome) -> f64| mean_std(&outcomes.iter().map(f).collect::<Vec<_>>()).0;
-        let detail = DistillationDetail {
-            seeds: seeds_used.clone(),
-            per_seed_accuracy: accuracies,
-            test_accuracy_std: std,
-            ..DistillationDetail::default()
-        };
-        Row {
-            stage: "distillation".into(),
-            variant: variant.into(),
-            model: spec.name.clone(),
-            params: Some(student.param_count()),
-            nonzero_params: None,
-            test_accuracy: Some(mean),
-            size_bytes: artifact.map(|a| a.0),
-            gzip_bytes: artifact.map(|a| a.1),
-            train_seconds: Some(mean_of(|o| o.train_seconds)),
-            train_samples_per_second: Some(mean_of(|o| o.train_samples_per_second)),
-            infer_samples_per_second: Some(mean_of(|o| o.infer_samples_per_second)),
-            engine: Some("libtorch".into()),
-            artifact: artifact.map(|_| STUDENT_ARTIFACT.to_string()),
-            // The first seed's training curve.
-            loss_curve: outcomes
-                .first()
-                .map(|o| o.loss_curve.clone())
-                .unwrap_or_default(),
-            detail: Detail::Distillation(detail),
-        }
+        students_row(&spec.name, params, &seeds_used, variant, outcomes, artifact)
     };
     let scratch_row = row("student_scratch", &scratch, None);
     let mut hinted_row = row("student_distilled_hint", &hinted, None);
@@ -230,6 +152,48 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
     })
 }
 
+/// The row of one kind of student over the seeds: mean accuracy and speeds, the first
+/// seed's training curve; `artifact`: the deployed file's size and gzip size.
+fn students_row(
+    model: &str,
+    params: usize,
+    seeds: &[u64],
+    variant: &str,
+    outcomes: &[Outcome],
+    artifact: Option<(u64, u64)>,
+) -> Row {
+    let accuracies: Vec<f64> = outcomes.iter().map(|o| o.accuracy).collect();
+    let (mean, std) = mean_std(&accuracies);
+    let mean_of = |f: fn(&Outcome) -> f64| mean_std(&outcomes.iter().map(f).collect::<Vec<_>>()).0;
+    let detail = DistillationDetail {
+        seeds: seeds.to_vec(),
+        per_seed_accuracy: accuracies,
+        test_accuracy_std: std,
+        ..DistillationDetail::default()
+    };
+    Row {
+        stage: Stage::Distillation.name().into(),
+        variant: variant.into(),
+        model: model.into(),
+        params: Some(params),
+        nonzero_params: None,
+        test_accuracy: Some(mean),
+        size_bytes: artifact.map(|a| a.0),
+        gzip_bytes: artifact.map(|a| a.1),
+        train_seconds: Some(mean_of(|o| o.train_seconds)),
+        train_samples_per_second: Some(mean_of(|o| o.train_samples_per_second)),
+        infer_samples_per_second: Some(mean_of(|o| o.infer_samples_per_second)),
+        engine: Some("libtorch".into()),
+        artifact: artifact.map(|_| STUDENT_ARTIFACT.to_string()),
+        // The first seed's training curve.
+        loss_curve: outcomes
+            .first()
+            .map(|o| o.loss_curve.clone())
+            .unwrap_or_default(),
+        detail: Detail::Distillation(detail),
+    }
+}
+
 /// The temperature sweep's chart and its Markdown, when the sweep ran.
 fn sweep_section(
     ctx: &Context,
@@ -264,6 +228,91 @@ fn sweep_section(
         ctx.seed,
         figure.write(&ctx.out)?
     )))
+}
+
+/// The students of one seed, on its subset and with its initial weights.
+struct Students<'a> {
+    ctx: &'a Context,
+    teacher: &'a Network,
+    spec: &'a NetworkSpec,
+    data: &'a DeviceSplit,
+    config: &'a TrainConfig,
+}
+
+/// What one seed's students gave.
+struct SeedRun {
+    scratch: Outcome,
+    distilled: Outcome,
+    hinted: Outcome,
+    /// The distilled student.
+    student: (nn::VarStore, Network),
+    /// (temperature, test accuracy), when the sweep ran on this seed.
+    sweep: Vec<(f64, f64)>,
+    /// Time to compute the teacher's logits once.
+    cache_seconds: f64,
+}
+
+impl Students<'_> {
+    /// From scratch, distilled, distilled with the hint, and the temperature sweep when
+    /// `sweep` says so.
+    fn train(&self, settings: DistillationSettings, sweep: bool) -> Result<SeedRun> {
+        let (ctx, data) = (self.ctx, self.data);
+        let config = settings.config();
+        let start = Instant::now();
+        let cache = TeacherCache::compute(self.teacher, &data.images, 512)?;
+        let cache_seconds = start.elapsed().as_secs_f64();
+        ctx.progress.info(&format!(
+            "seed {}: students on {} images for {} epochs",
+            self.config.seed,
+            data.len(),
+            self.config.epochs
+        ));
+        let distill = |config| Distill {
+            teacher_logits: cache.logits(),
+            config,
+            hint: None,
+        };
+        let (scratch, _) = self.student(None, None, "scratch")?;
+        let (distilled, student) = self.student(Some(distill(config)), None, "distilled")?;
+        // Hint distillation on top (FitNets), measured but off by default.
+        let (layer, shape) = hint_point(&teacher::spec())?;
+        let features = teacher_features(self.teacher, &data.images, layer)?;
+        let hint = Some((&features, shape[0]));
+        let (hinted, _) = self.student(Some(distill(config)), hint, "distilled + hint")?;
+        let mut temperatures = Vec::new();
+        if sweep {
+            for t in SWEEP {
+                let config = DistillationConfig::new(Temperature::new(t)?, config.alpha);
+                let (outcome, _) = self.student(Some(distill(config)), None, &format!("T={t}"))?;
+                temperatures.push((t, outcome.accuracy));
+            }
+        }
+        Ok(SeedRun {
+            scratch,
+            distilled,
+            hinted,
+            student,
+            sweep: temperatures,
+            cache_seconds,
+        })
+    }
+
+    fn student(
+        &self,
+        distill: Option<Distill<'_>>,
+        hint: Option<(&Tensor, i64)>,
+        label: &str,
+    ) -> Result<(Outcome, (nn::VarStore, Network))> {
+        train_student(
+            self.ctx,
+            self.spec,
+            self.data,
+            self.config,
+            distill,
+            hint,
+            label,
+        )
+    }
 }
 
 fn train_student(
