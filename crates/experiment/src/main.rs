@@ -111,16 +111,7 @@ fn run(args: &Args) -> Result<bool> {
             progress.info(&format!(
                 "== stage {stage}: kept from the earlier run (same settings) =="
             ));
-            let mut outcome = previous.stages[stage.name()].clone();
-            outcome.resumed = true;
-            report.rows.extend(
-                previous
-                    .rows
-                    .iter()
-                    .filter(|r| r.stage == stage.name())
-                    .cloned(),
-            );
-            report.stages.insert(stage.name().into(), outcome);
+            report.keep(previous, stage);
             report.write(&out)?;
             continue;
         }

@@ -120,6 +120,18 @@ impl Report {
         crate::fsutil::write_atomic(&dir.join("report.md"), self.markdown(&plots).as_bytes())
     }
 
+    /// Takes `stage`'s outcome and rows from `previous`, marked as kept by `--resume`.
+    pub fn keep(&mut self, previous: &Report, stage: crate::stage::Stage) {
+        let name = stage.name();
+        if let Some(outcome) = previous.stages.get(name) {
+            let mut outcome = outcome.clone();
+            outcome.resumed = true;
+            self.stages.insert(name.into(), outcome);
+        }
+        let rows = previous.rows.iter().filter(|r| r.stage == name).cloned();
+        self.rows.extend(rows);
+    }
+
     /// The report as a Markdown document, with `plots` (Markdown showing the charts) as its
     /// "Plots" section; no such section when it is empty.
     pub fn markdown(&self, plots: &str) -> String {
