@@ -52,7 +52,6 @@ mod error;
 mod range;
 mod render;
 
-use std::io::Write as _;
 use std::path::Path;
 
 pub use error::{Axis, PlotError};
@@ -158,36 +157,20 @@ impl Chart {
         render::svg(self)
     }
 
-    /// Renders the chart and writes it to `path`, through a temporary file in the same folder
-    /// and a rename: the file at `path` is either left as it was or replaced by the complete
-    /// new chart. Nothing is written when the chart is invalid.
+    /// Renders the chart and writes it to `path` atomically ([`atomic_file::write`]: a
+    /// temporary file in the same folder, flushed and renamed): the file at `path` is either
+    /// left as it was or replaced by the complete new chart. Nothing is written when the
+    /// chart is invalid.
     ///
     /// # Errors
     /// Those of [`Chart::to_svg_string`], and [`PlotError::Io`] naming `path` when the file
     /// cannot be written (a missing folder, say).
     pub fn write_svg(&self, path: &Path) -> Result<(), PlotError> {
         let svg = self.to_svg_string()?;
-        let io = |source| PlotError::Io {
+        atomic_file::write(path, svg).map_err(|e| PlotError::Io {
             path: path.to_path_buf(),
-            source,
-        };
-        let folder = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(path.file_name().unwrap_or_default());
-        prefix.push(".");
-        let mut temporary = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(".tmp")
-            .tempfile_in(folder)
-            .map_err(io)?;
-        temporary.write_all(svg.as_bytes()).map_err(io)?;
-        temporary.as_file().sync_all().map_err(io)?;
-        // On failure the temporary file is removed when the error drops it.
-        temporary.persist(path).map_err(|e| io(e.error))?;
-        Ok(())
+            source: e.into_io_error(),
+        })
     }
 
     fn validate(&self) -> Result<(), PlotError> {
