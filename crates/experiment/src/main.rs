@@ -11,7 +11,7 @@ mod resume;
 mod stages;
 mod train;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -49,7 +49,7 @@ fn run(args: &Args) -> Result<bool> {
         tch::set_num_threads(i32::try_from(threads).context("--threads is too large")?);
     }
     let device = RunDevice::resolve(args.device)?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(bundled_mnist);
+    let data_dir = mnist_data::data_dir(args.data_dir.as_deref())?;
     let dataset = Dataset::load(&data_dir)
         .with_context(|| format!("loading the dataset from {}", data_dir.display()))?;
     let normalization = Normalization::default();
@@ -168,11 +168,6 @@ fn run(args: &Args) -> Result<bool> {
     }
     println!("report: {}", out.join("report.md").display());
     Ok(all_ok)
-}
-
-/// The MNIST copy that ships with the project.
-fn bundled_mnist() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist")
 }
 
 /// Makes `results/latest` a relative link to the run folder `out` (Unix only).
