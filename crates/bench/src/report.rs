@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 /// Version of the bench JSON layout.
@@ -91,13 +91,10 @@ impl BenchReport {
         }
     }
 
-    /// Writes the JSON through a temporary file and a rename.
+    /// Writes the JSON atomically ([`atomic_file::write`]).
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;
-        let temporary = path.with_extension("json.tmp");
-        std::fs::write(&temporary, json)
-            .and_then(|()| std::fs::rename(&temporary, path))
-            .with_context(|| format!("writing {}", path.display()))
+        Ok(atomic_file::write(path, json)?)
     }
 
     /// The results as a Markdown table.

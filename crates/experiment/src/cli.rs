@@ -45,7 +45,8 @@ pub struct Args {
     pub stages: Vec<Stage>,
 
     /// Folder with the four MNIST-layout IDX files (gzip), checked against its
-    /// SHA256SUMS when present [default: the bundled MNIST].
+    /// SHA256SUMS when present [default: $TCH_MOT_MNIST_DIR, else datasets/mnist under the
+    /// current folder].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 

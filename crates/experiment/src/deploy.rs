@@ -183,17 +183,18 @@ pub fn input_normalization(norm: Normalization) -> InputNormalization {
 }
 
 /// Writes `net` (built in `vs` at its root) as an f32 artifact at `path`, batch norm folded,
-/// with the input normalisation recorded.
+/// with the input normalisation recorded. The file is written in place: `path` is the
+/// temporary file of [`fsutil::create_atomic`], which makes the artifact appear atomically.
 pub fn export_f32(
     net: &models::Network,
     vs: &tch::nn::VarStore,
     norm: Normalization,
     path: &Path,
 ) -> Result<()> {
-    models::export::artifact(net, vs, models::WeightFormat::F32)?
+    let bytes = models::export::artifact(net, vs, models::WeightFormat::F32)?
         .set_input_normalization(input_normalization(norm))
-        .write(path)?;
-    Ok(())
+        .to_bytes()?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Writes `builder` to `file` atomically, with the input normalisation of `test` recorded,

@@ -1,4 +1,5 @@
-//! File helpers: atomic writes and artifact sizes.
+//! File helpers: atomic writes (through `atomic_file`, with the errors as `anyhow` context)
+//! and artifact sizes.
 
 use std::io::Write as _;
 use std::path::Path;
@@ -7,28 +8,18 @@ use anyhow::{Context, Result};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename,
-/// so readers see either the old file or the complete new one, never a partial one.
+/// Writes `bytes` to `path` atomically ([`atomic_file::write`]): readers see either the old
+/// file or the complete new one, never a partial one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = temporary_path(path);
-    std::fs::write(&temporary, bytes)
-        .and_then(|()| std::fs::rename(&temporary, path))
-        .with_context(|| format!("writing {}", path.display()))
+    Ok(atomic_file::write(path, bytes)?)
 }
 
-/// Creates `path` by letting `write` produce a temporary file, then renaming it.
+/// Creates `path` atomically ([`atomic_file::create`]) by letting `write` fill a temporary
+/// file in the same folder, whose name ends with `path`'s file name (writers that pick the
+/// format from the extension see the real one). `write` should write the path it is given
+/// directly, not through another temporary file.
 pub fn create_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let temporary = temporary_path(path);
-    write(&temporary).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("writing {}", path.display()))
-}
-
-fn temporary_path(path: &Path) -> std::path::PathBuf {
-    // A prefix, not a suffix: writers that pick the format from the extension
-    // (safetensors, for one) must see the real one.
-    let mut name = std::ffi::OsString::from(".tmp-");
-    name.push(path.file_name().unwrap_or_default());
-    path.with_file_name(name)
+    atomic_file::create(path, write).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Size of a file and of its gzip (level 9) compression.
@@ -56,6 +47,23 @@ mod tests {
         write_atomic(&path, b"second").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_failed_creation_names_the_file_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let err = create_atomic(&path, |temporary| {
+            std::fs::write(temporary, b"half")?;
+            anyhow::bail!("the writer failed")
+        })
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("model.safetensors") && text.contains("the writer failed"),
+            "{text}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -54,7 +54,7 @@ fn run(args: &Args) -> Result<bool> {
         tch::set_num_threads(i32::try_from(threads).context("--threads is too large")?);
     }
     let device = RunDevice::resolve(args.device)?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(bundled_mnist);
+    let data_dir = mnist_data::data_dir(args.data_dir.as_deref())?;
     let dataset = Dataset::load(&data_dir)
         .with_context(|| format!("loading the dataset from {}", data_dir.display()))?;
     let normalization = Normalization::default();
@@ -188,11 +188,6 @@ fn out_folder(args: &Args, started: &chrono::DateTime<chrono::Utc>) -> Result<Pa
         );
     }
     Ok(out)
-}
-
-/// The MNIST copy that ships with the project.
-fn bundled_mnist() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist")
 }
 
 /// Makes `results/latest` a relative link to the run folder `out` (Unix only).

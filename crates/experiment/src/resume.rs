@@ -165,8 +165,8 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Removes the temporary files an interrupted run may have left in `out` and its
-/// subfolders (`.tmp-*` from [`crate::fsutil`], `.*.tmp` from the plots); the files they
-/// were to replace are intact.
+/// subfolders (those [`atomic_file::is_temporary`] recognises: every file of a run is
+/// written through it); the files they were to replace are intact.
 pub fn remove_leftovers(out: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(out) else {
         return Ok(());
@@ -176,16 +176,12 @@ pub fn remove_leftovers(out: &Path) -> Result<()> {
         let name = entry.file_name();
         if path.is_dir() && !path.is_symlink() {
             remove_leftovers(&path)?;
-        } else if is_temporary(&name.to_string_lossy()) {
+        } else if atomic_file::is_temporary(&name) {
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing the leftover {}", path.display()))?;
         }
     }
     Ok(())
-}
-
-fn is_temporary(name: &str) -> bool {
-    name.starts_with(".tmp-") || (name.len() > 5 && name.starts_with('.') && name.ends_with(".tmp"))
 }
 
 #[cfg(test)]
@@ -197,10 +193,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("plots");
         std::fs::create_dir(&sub).unwrap();
-        for name in [".tmp-report.json", "report.json", ".tmp"] {
+        for name in [".tmp-a1B2c3-report.json", "report.json", ".tmp"] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
-        std::fs::write(sub.join(".a.svg.x1Y2.tmp"), b"x").unwrap();
+        std::fs::write(sub.join(".tmp-x1Y2z3-a.svg"), b"x").unwrap();
         std::fs::write(sub.join("a.svg"), b"x").unwrap();
         remove_leftovers(dir.path()).unwrap();
         let mut left: Vec<String> = walk(dir.path());

@@ -44,6 +44,9 @@ struct Case {
     code: i32,
     /// Substrings the error message must contain.
     expect: Vec<String>,
+    /// Run from the case's folder without `TCH_MOT_MNIST_DIR`, where no default dataset is
+    /// found; other cases get the bundled MNIST through that variable.
+    isolated: bool,
 }
 
 impl Case {
@@ -54,8 +57,20 @@ impl Case {
             args: args.iter().map(|s| (*s).to_owned()).collect(),
             code,
             expect: expect.iter().map(|s| (*s).to_owned()).collect(),
+            isolated: false,
         }
     }
+
+    /// The case run where no dataset is found unless named.
+    fn isolated(mut self) -> Self {
+        self.isolated = true;
+        self
+    }
+}
+
+/// The MNIST copy of the source tree.
+fn bundled_mnist() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist")
 }
 
 /// The experiment binary, which Cargo builds for this package's tests.
@@ -121,8 +136,16 @@ fn check(case: &Case, root: &Path) -> Result<(), String> {
         Bin::Experiment => experiment_bin(),
         Bin::Infer => infer_bin().to_path_buf(),
     };
-    let output = Command::new(&bin)
-        .args(&case.args)
+    let mut command = Command::new(&bin);
+    command.args(&case.args);
+    if case.isolated {
+        command
+            .current_dir(root)
+            .env_remove(mnist_data::DATA_DIR_VAR);
+    } else {
+        command.env(mnist_data::DATA_DIR_VAR, bundled_mnist());
+    }
+    let output = command
         .output()
         .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -313,7 +336,7 @@ fn damaged_data_files() {
     let root = dir.path();
     let out = text(&earlier_results(root));
     let artifact = root.join("earlier-run/teacher_float32.safetensors");
-    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist");
+    let bundled = bundled_mnist();
 
     // The bundled MNIST with one bit flipped: its SHA256SUMS catches it.
     let flipped = root.join("flipped");
@@ -722,6 +745,7 @@ fn unusable_environment() {
     let blocker = root.join("a-file");
     std::fs::write(&blocker, b"not a folder").unwrap();
     let unwritable = text(&blocker.join("run"));
+    let artifact = text(&root.join("earlier-run/teacher_float32.safetensors"));
     let cases = [
         Case::new(
             "output folder that cannot be created",
@@ -763,6 +787,33 @@ fn unusable_environment() {
             RUN_ERROR,
             &["a-file", "is not a folder"],
         ),
+        Case::new(
+            "no dataset named and none in the current folder",
+            Bin::Experiment,
+            &[
+                "--quick",
+                "--device",
+                "cpu",
+                "--out",
+                &text(&root.join("new-run")),
+            ],
+            RUN_ERROR,
+            &[
+                "no dataset folder found",
+                "TCH_MOT_MNIST_DIR is not set",
+                &text(&root.join("datasets/mnist")),
+                "--data-dir DIR",
+            ],
+        )
+        .isolated(),
+        Case::new(
+            "infer: no dataset named and none in the current folder",
+            Bin::Infer,
+            &[&artifact],
+            RUN_ERROR,
+            &["no dataset folder found", "TCH_MOT_MNIST_DIR=DIR"],
+        )
+        .isolated(),
         Case::new(
             "no artifact argument",
             Bin::Infer,

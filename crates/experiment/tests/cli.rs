@@ -5,9 +5,13 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// The MNIST copy of the source tree.
+const BUNDLED_MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../datasets/mnist");
+
 fn experiment(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_experiment"))
         .args(args)
+        .env(mnist_data::DATA_DIR_VAR, BUNDLED_MNIST)
         .output()
         .expect("the experiment binary starts")
 }

@@ -16,12 +16,16 @@ const MIN_FLOAT16_SIZE_RATIO: f64 = 1.95;
 /// images; a few may flip where a logit sits within a rounding step of another.
 const QAT_ACCURACY_TOLERANCE: f64 = 0.01;
 
+/// The MNIST copy of the source tree.
+const BUNDLED_MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../datasets/mnist");
+
 fn run() -> &'static (PathBuf, Value) {
     static RUN: OnceLock<(PathBuf, Value)> = OnceLock::new();
     RUN.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep();
         let out = dir.join("run");
         let output = Command::new(env!("CARGO_BIN_EXE_experiment"))
+            .env(mnist_data::DATA_DIR_VAR, BUNDLED_MNIST)
             .args(["--quick", "--quiet", "--device", "cpu", "--stages"])
             .arg("baseline,distillation,quantization,pruning,pipeline")
             .arg("--out")

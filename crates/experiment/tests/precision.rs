@@ -8,11 +8,15 @@ use serde_json::Value;
 /// float16 steps of the small network) is far from converged but far above chance (10%).
 const MIN_QUICK_ACCURACY: f64 = 0.5;
 
+/// The MNIST copy of the source tree.
+const BUNDLED_MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../datasets/mnist");
+
 #[test]
 fn quick_precision_stage_reports_both_policies_the_demo_and_the_audit() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let output = Command::new(env!("CARGO_BIN_EXE_experiment"))
+        .env(mnist_data::DATA_DIR_VAR, BUNDLED_MNIST)
         .args([
             "--quick",
             "--quiet",

@@ -12,9 +12,13 @@ const STAGES: &str = "baseline,pipeline";
 /// How long a kill point may take to come (a slow machine, a loaded one).
 const PATIENCE: Duration = Duration::from_secs(600);
 
+/// The MNIST copy of the source tree.
+const BUNDLED_MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../datasets/mnist");
+
 fn command(out: &Path, resume: bool) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_experiment"));
     command
+        .env(mnist_data::DATA_DIR_VAR, BUNDLED_MNIST)
         .args(["--quick", "--quiet", "--device", "cpu", "--seed", "5"])
         .args(["--stages", STAGES])
         .arg("--out")

@@ -1,7 +1,7 @@
 //! `infer`: scores an exported artifact on the MNIST test split with the pure-Rust runtime,
 //! without LibTorch. `cargo run -p infer -- --help`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
@@ -22,7 +22,8 @@ struct Args {
     artifact: PathBuf,
 
     /// Folder with the MNIST-layout IDX files (gzip), checked against its SHA256SUMS when
-    /// present; only the test split (`t10k-*`) is read [default: the bundled MNIST].
+    /// present; only the test split (`t10k-*`) is read [default: $TCH_MOT_MNIST_DIR, else
+    /// datasets/mnist under the current folder].
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
 
@@ -84,7 +85,7 @@ fn run(args: &Args) -> Result<()> {
         .with_context(|| format!("cannot access the artifact {}", args.artifact.display()))?
         .len();
     let model = Model::load(&args.artifact).context("loading the artifact")?;
-    let data_dir = args.data_dir.clone().unwrap_or_else(bundled_mnist);
+    let data_dir = mnist_data::data_dir(args.data_dir.as_deref())?;
     let mut test = Dataset::load_test(&data_dir)
         .with_context(|| format!("loading the test split from {}", data_dir.display()))?;
     if let Some(limit) = args.limit {
@@ -249,9 +250,4 @@ fn describe(execution: Execution) -> String {
         Execution::Int8Static { u8_output: true } => "int8, full integer (u8 output)".into(),
         Execution::Int8Static { u8_output: false } => "int8, full integer (f32 output)".into(),
     }
-}
-
-/// The MNIST copy that ships with the project.
-fn bundled_mnist() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist")
 }

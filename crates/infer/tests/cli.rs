@@ -58,9 +58,13 @@ fn write_artifact_with(path: &Path, normalization: Option<InputNormalization>) {
     builder.write(path).unwrap();
 }
 
+/// The MNIST copy of the source tree.
+const BUNDLED_MNIST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../datasets/mnist");
+
 fn infer(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_infer"))
         .args(args)
+        .env(mnist_data::DATA_DIR_VAR, BUNDLED_MNIST)
         .output()
         .expect("the infer binary starts")
 }

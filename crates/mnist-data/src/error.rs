@@ -15,6 +15,15 @@ pub enum Error {
         /// The folder that was looked for.
         path: PathBuf,
     },
+    /// No dataset folder was named and none was found where [`crate::data_dir`] looks; the
+    /// message names every place looked at and how to name the folder.
+    #[error("{}", crate::location::no_data_dir_message(variable.as_deref(), default.as_deref()))]
+    NoDataDir {
+        /// The folder [`crate::DATA_DIR_VAR`] names, when it is set (and is not a folder).
+        variable: Option<PathBuf>,
+        /// The default folder under the current folder, when it was looked for.
+        default: Option<PathBuf>,
+    },
     /// The dataset path exists but is not a folder.
     #[error("the dataset path {} is not a folder", path.display())]
     NotAFolder {

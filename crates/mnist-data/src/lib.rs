@@ -6,6 +6,9 @@
 //! present and validates every header and label; no input bytes can make it panic or allocate
 //! more than the data justifies. The bundled MNIST copy lives in `datasets/mnist/` at the
 //! workspace root; folders without a manifest (e.g. Fashion-MNIST) load unverified.
+//! [`data_dir`] is how the programs find their dataset folder when not told: an explicit
+//! `--data-dir`, else the [`DATA_DIR_VAR`] environment variable (`TCH_MOT_MNIST_DIR`), else
+//! [`DEFAULT_DATA_DIR`] under the current folder.
 //!
 //! ```
 //! use mnist_data::{Batcher, Dataset, Normalization, Split};
@@ -43,6 +46,7 @@ mod batch;
 mod dataset;
 mod error;
 mod idx;
+mod location;
 mod split;
 
 pub use batch::Batcher;
@@ -52,6 +56,7 @@ pub use idx::{
     IMAGES_MAGIC, LABELS_MAGIC, MAX_DECOMPRESSED_BYTES, MAX_SIDE, NUM_CLASSES, encode_images,
     encode_labels, gunzip, parse_images, parse_labels,
 };
+pub use location::{DATA_DIR_VAR, DEFAULT_DATA_DIR, data_dir, resolve_data_dir};
 pub use split::{Normalization, Split};
 
 /// The image side of MNIST (28x28). Parsing accepts any rows/cols from the header, but

@@ -107,26 +107,16 @@ pub fn export(artifact_bytes: &[u8]) -> Result<Vec<u8>> {
     serialize(&artifact)
 }
 
-/// Converts the artifact at `src` into an ONNX file at `dst`, written atomically (a
-/// sibling temporary file renamed into place, so `dst` is never seen half-written, and an
-/// existing `dst` is left as it was when anything fails).
+/// Converts the artifact at `src` into an ONNX file at `dst`, written atomically
+/// ([`atomic_file::write`]: a temporary file in the same folder, flushed and renamed, so
+/// `dst` is never seen half-written, and an existing `dst` is left as it was when anything
+/// fails).
 pub fn export_file(src: &Path, dst: &Path) -> Result<()> {
     let artifact = runtime::Artifact::load(src)?;
     let bytes = serialize(&artifact)?;
-    let io = |source| Error::Io {
+    atomic_file::write(dst, bytes).map_err(|e| Error::Io {
         path: dst.to_owned(),
-        source,
-    };
-    let mut tmp_name = dst.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dst.with_file_name(tmp_name);
-    std::fs::write(&tmp, &bytes).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
-    })?;
-    std::fs::rename(&tmp, dst).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io(e)
+        source: e.into_io_error(),
     })
 }
 

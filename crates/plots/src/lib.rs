@@ -9,6 +9,24 @@
 //! is more than one series, and each series may override the chart's [`Kind`]. [`Chart::write_svg`]
 //! replaces its file atomically. No input makes drawing panic: invalid data is a [`PlotError`].
 //!
+//! What the charts do so that they read at a glance:
+//!
+//! - **Tick labels** carry no digit that does not matter: no trailing `.0` (`500`, `97.5`);
+//!   a linear axis gives them the digits its span needs, a logarithmic one three significant
+//!   digits. Magnitudes from 0.001 to below 10 000 are plain numbers (`0.05`, `2000`); from
+//!   10 000 to below 10^15, thousands, millions, billions and trillions with a suffix
+//!   (`10k`, `12.5k`, `200k`, `1M`, `2.5G`); the rest, scientific notation (`2.5e-7`).
+//! - **Coincident markers** stay visible: where a marker would cover one of an earlier
+//!   series (within 3 pixels) and either is a scatter marker, it is drawn as a ring around
+//!   the widest marker there, 3 pixels wider (a dot, a ring around it, a wider ring...). Two
+//!   line charts' markers on one spot stay dots: the curves then run together anyway.
+//! - **Point labels** do not overlap: after every marker is drawn they are placed in series
+//!   and point order, each in the first free place nearest its marker (just above and to the
+//!   right of it, or to the left near the right edge; just below; the other side; then one
+//!   line further up or down each time), inside the plot and clear of every label placed
+//!   before it, and of other markers where there is room. Text size is estimated (about 6
+//!   pixels a character), since no font is measured.
+//!
 //! ```
 //! use plots::{Chart, Kind, Scale, Series};
 //!
@@ -49,10 +67,10 @@
 #![warn(missing_docs)]
 
 mod error;
+mod labels;
 mod range;
 mod render;
 
-use std::io::Write as _;
 use std::path::Path;
 
 pub use error::{Axis, PlotError};
@@ -158,36 +176,20 @@ impl Chart {
         render::svg(self)
     }
 
-    /// Renders the chart and writes it to `path`, through a temporary file in the same folder
-    /// and a rename: the file at `path` is either left as it was or replaced by the complete
-    /// new chart. Nothing is written when the chart is invalid.
+    /// Renders the chart and writes it to `path` atomically ([`atomic_file::write`]: a
+    /// temporary file in the same folder, flushed and renamed): the file at `path` is either
+    /// left as it was or replaced by the complete new chart. Nothing is written when the
+    /// chart is invalid.
     ///
     /// # Errors
     /// Those of [`Chart::to_svg_string`], and [`PlotError::Io`] naming `path` when the file
     /// cannot be written (a missing folder, say).
     pub fn write_svg(&self, path: &Path) -> Result<(), PlotError> {
         let svg = self.to_svg_string()?;
-        let io = |source| PlotError::Io {
+        atomic_file::write(path, svg).map_err(|e| PlotError::Io {
             path: path.to_path_buf(),
-            source,
-        };
-        let folder = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        let mut prefix = std::ffi::OsString::from(".");
-        prefix.push(path.file_name().unwrap_or_default());
-        prefix.push(".");
-        let mut temporary = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(".tmp")
-            .tempfile_in(folder)
-            .map_err(io)?;
-        temporary.write_all(svg.as_bytes()).map_err(io)?;
-        temporary.as_file().sync_all().map_err(io)?;
-        // On failure the temporary file is removed when the error drops it.
-        temporary.persist(path).map_err(|e| io(e.error))?;
-        Ok(())
+            source: e.into_io_error(),
+        })
     }
 
     fn validate(&self) -> Result<(), PlotError> {

@@ -168,12 +168,37 @@ fn log_axes_label_every_decade() {
     .to_svg_string()
     .unwrap();
     let labels = texts(&svg);
-    for tick in ["1", "10", "100", "1000", "1e4", "1e5"] {
+    for tick in ["1", "10", "100", "1000", "10k", "100k"] {
         assert!(
             labels.iter().any(|t| t == tick),
             "no tick {tick}: {labels:?}"
         );
     }
+}
+
+#[test]
+fn tick_labels_have_no_trailing_zero_decimals() {
+    // Optimizer steps against a loss: plotters' own labels would read 0.0, 500.0, ...
+    let svg = Chart {
+        y_scale: Scale::Log10,
+        ..chart(vec![Series::new(
+            "s",
+            vec![(0.0, 2.0), (1000.0, 0.3), (3800.0, 0.05)],
+        )])
+    }
+    .to_svg_string()
+    .unwrap();
+    let labels = texts(&svg);
+    for tick in ["0", "1000", "2000", "0.05", "0.1", "1"] {
+        assert!(
+            labels.iter().any(|t| t == tick),
+            "no tick {tick}: {labels:?}"
+        );
+    }
+    assert!(
+        !labels.iter().any(|t| t.ends_with(".0")),
+        "a label ends with .0: {labels:?}"
+    );
 }
 
 #[test]

@@ -461,22 +461,19 @@ impl ArtifactBuilder {
         canonical(bytes)
     }
 
-    /// Writes the artifact to `path`, atomically: a sibling temporary file renamed into
-    /// place, so the file is never seen half-written.
+    /// Writes the artifact to `path` atomically ([`atomic_file::write`]): a temporary file
+    /// in the same folder, flushed and renamed over `path`, so the file is never seen
+    /// half-written and is left as it was when writing fails.
+    ///
+    /// # Errors
+    /// Those of [`ArtifactBuilder::to_bytes`], and [`Error::Io`] naming `path` when the file
+    /// cannot be written.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bytes = self.to_bytes()?;
-        let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let io = |source| Error::Io {
+        atomic_file::write(path, &bytes).map_err(|e| Error::Io {
             path: path.to_owned(),
-            source,
-        };
-        std::fs::write(&tmp, &bytes).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
+            source: e.into_io_error(),
         })
     }
 }

@@ -279,8 +279,9 @@ fn write_f32(path: &Path, values: &Array4<f32>) -> Result<()> {
 }
 
 fn load_data(dir: &Path) -> Result<Data> {
-    let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/mnist");
-    let data = Dataset::load(&data_dir).context("loading the bundled MNIST")?;
+    let data_dir = mnist_data::data_dir(None)?;
+    let data = Dataset::load(&data_dir)
+        .with_context(|| format!("loading the test images from {}", data_dir.display()))?;
     let norm = Normalization::default();
     let test = data.test.normalized(norm);
     let labels = data.test.labels.to_vec();

@@ -182,6 +182,45 @@ fn loss_curve(row: &Row) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Stages whose rows are phases run one after another on one model (distillation, pruning,
+/// quantization-aware training): their curves continue one step axis.
+const SEQUENTIAL_STAGES: [&str; 1] = ["pipeline"];
+
+/// The last step a row's training curve records, 0 without one.
+fn last_step(row: &Row) -> f64 {
+    row.loss_curve
+        .iter()
+        .map(|&(step, _)| step as f64)
+        .fold(0.0, f64::max)
+}
+
+/// The training curves of `trained`, rows of `stage` in report order. A stage of
+/// [`SEQUENTIAL_STAGES`] restarts its step count at every phase: each phase's curve is moved
+/// by the steps of the phases before it (`train_steps` where a row records it, else the last
+/// step of its curve), so that the phases follow one another.
+fn stage_curves(stage: &str, trained: &[&Row]) -> Vec<Vec<(f64, f64)>> {
+    let sequential = SEQUENTIAL_STAGES.contains(&stage);
+    let mut offset = 0.0;
+    trained
+        .iter()
+        .map(|row| {
+            let curve = loss_curve(row);
+            if !sequential {
+                return curve;
+            }
+            let moved = curve
+                .iter()
+                .map(|&(step, loss)| (step + offset, loss))
+                .collect();
+            let steps = row.detail.train_steps().map(|s| s as f64);
+            offset += steps
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .unwrap_or_else(|| last_step(row));
+            moved
+        })
+        .collect()
+}
+
 /// One chart per stage with training curves, one line per row.
 fn training_curves(rows: &[Row]) -> Vec<Plot> {
     stages(rows, |r| !loss_curve(r).is_empty())
@@ -193,7 +232,8 @@ fn training_curves(rows: &[Row]) -> Vec<Plot> {
                 .collect();
             let series = trained
                 .iter()
-                .map(|r| Series::new(legend_name(r, &trained), loss_curve(r)))
+                .zip(stage_curves(stage, &trained))
+                .map(|(r, curve)| Series::new(legend_name(r, &trained), curve))
                 .collect();
             // A lone series has no legend: the title names it.
             let title = match trained.as_slice() {
@@ -208,13 +248,20 @@ fn training_curves(rows: &[Row]) -> Vec<Plot> {
                 series,
             );
             figure.chart.y_scale = Scale::Log10;
+            let mut caption = format!(
+                "The training loss of every model the {stage} stage trained, against the \
+                 optimizer step (each the loss it minimises: cross-entropy, or the \
+                 distillation loss for distilled students)."
+            );
+            if SEQUENTIAL_STAGES.contains(&stage) {
+                caption.push_str(
+                    " Its phases trained one model one after another, so they follow one \
+                     another on one step axis, in the order they ran.",
+                );
+            }
             Plot {
                 figure,
-                caption: format!(
-                    "The training loss of every model the {stage} stage trained, against the \
-                     optimizer step (each the loss it minimises: cross-entropy, or the \
-                     distillation loss for distilled students)."
-                ),
+                caption,
                 notes: String::new(),
             }
         })
@@ -316,6 +363,45 @@ mod tests {
         r.loss_curve = vec![(0, 2.3), (10, 0.0), (20, 0.5), (30, f64::NAN)];
         assert_eq!(loss_curve(&r), [(0.0, 2.3), (20.0, 0.5)]);
         assert!(loss_curve(&row("s", "v")).is_empty());
+    }
+
+    #[test]
+    fn the_pipeline_phases_continue_one_step_axis() {
+        let curve_row = |stage: &str, variant: &str, curve: Vec<(usize, f64)>| {
+            let mut r = row(stage, variant);
+            r.loss_curve = curve;
+            r
+        };
+        let phase = |variant: &str, curve| curve_row("pipeline", variant, curve);
+        let rows = [
+            phase("distilled_float32", vec![(20, 3.0), (40, 1.0)]),
+            phase("distilled_pruned_float32", vec![(20, 0.5), (40, 0.4)]),
+            phase("distilled_pruned_int8", vec![(10, 0.45), (20, 0.4)]),
+            row("pipeline", "no_training"),
+            curve_row("baseline", "t", vec![(20, 2.0), (40, 1.0)]),
+        ];
+        let plots = training_curves(&rows);
+        let pipeline = &plots[0].figure.chart;
+        let steps: Vec<Vec<f64>> = pipeline
+            .series
+            .iter()
+            .map(|s| s.points.iter().map(|p| p.0).collect())
+            .collect();
+        assert_eq!(steps, [[20.0, 40.0], [60.0, 80.0], [90.0, 100.0]]);
+        assert_eq!(pipeline.series[1].points[1].1, 0.4);
+        // A phase that records its step count is moved by it, not by its last logged step.
+        let mut counted = rows[0].clone();
+        counted.detail = Detail::Training(TrainingDetail {
+            train_steps: 50,
+            ..TrainingDetail::default()
+        });
+        let curves = stage_curves("pipeline", &[&counted, &rows[1]]);
+        assert_eq!(curves[1][0].0, 70.0);
+        // Other stages' rows are separate runs: each starts at its own first step.
+        let baseline = &plots[1].figure.chart;
+        assert_eq!(baseline.series[0].points[0].0, 20.0);
+        assert!(plots[0].caption.contains("one step axis"));
+        assert!(!plots[1].caption.contains("one step axis"));
     }
 
     #[test]
