@@ -7,6 +7,10 @@
 //! tch implementation of a spec inside a [`tch::nn::Path`]; its variables are named
 //! like a PyTorch `nn.Sequential` (`"0.weight"`, `"0.bias"`, `"3.weight"`, ...).
 //!
+//! Convolutions and dense layers start from tch's default initialisation, or from Keras's
+//! (`glorot_uniform` weights, zero biases, batch-norm scales 1) with [`Network::with_init`] and
+//! [`Initializer::GlorotUniform`].
+//!
 //! A network computes under a precision [`Policy`] (Keras's names: `float32`,
 //! `mixed_float16`, `mixed_bfloat16`; [`Network::new`] means float32): the variables stay
 //! float32, convolutions and dense layers compute in the policy's 16-bit type, and the
@@ -44,5 +48,5 @@ pub use error::{Error, Result};
 pub use export::{ExportError, WeightFormat, export_f32, export_int8_dynamic};
 pub use fake_quant::{ActivationFakeQuant, ActivationRange, FakeQuantConfig};
 pub use model_spec::{LayerSpec, NetworkSpec, SpecError};
-pub use network::Network;
+pub use network::{Initializer, Network};
 pub use tensor_precision::Policy;

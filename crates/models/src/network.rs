@@ -55,6 +55,45 @@ enum Layer {
     },
 }
 
+/// How [`Network`] initialises its variables. Batch-norm shifts always start at 0 and the
+/// running statistics at mean 0 and variance 1. The fans of a convolution count its window: `fan_in = in_channels * k * k`,
+/// `fan_out = out_channels * k * k`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Initializer {
+    /// tch's defaults: weights Kaiming-uniform with the ReLU gain (uniform in
+    /// `±sqrt(6 / fan_in)`), convolution biases zero, dense biases uniform in
+    /// `±1 / sqrt(fan_in)`, batch-norm scales uniform in `[0, 1)`.
+    #[default]
+    Torch,
+    /// Keras's defaults (`glorot_uniform` kernels, `zeros` biases, `ones` batch-norm
+    /// scales): weights uniform in `±sqrt(6 / (fan_in + fan_out))`, every bias zero,
+    /// batch-norm scales 1 (as PyTorch's, too). Smaller convolution weights than
+    /// [`Initializer::Torch`], so batch norm after them lets Adam turn them faster, no
+    /// random offsets in the dense layers and no channel that starts nearly switched off.
+    GlorotUniform,
+}
+
+impl Initializer {
+    /// The weight and bias initialisation of a layer with these fans; `None` for the bias:
+    /// tch's own default of the layer.
+    fn inits(self, fan_in: usize, fan_out: usize) -> (nn::Init, Option<nn::Init>) {
+        match self {
+            Self::Torch => (nn::init::DEFAULT_KAIMING_UNIFORM, None),
+            Self::GlorotUniform => {
+                // Fans of validated layers are small; f64 holds them exactly.
+                let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                (
+                    nn::Init::Uniform {
+                        lo: -bound,
+                        up: bound,
+                    },
+                    Some(nn::Init::Const(0.0)),
+                )
+            }
+        }
+    }
+}
+
 /// PyTorch's batch-norm momentum (weight of a new batch in the running statistics).
 const BATCH_NORM_MOMENTUM: f64 = 0.1;
 
@@ -63,14 +102,39 @@ fn dim(value: usize) -> i64 {
 }
 
 impl Network {
-    /// Creates the variables of `spec` under `path` (PyTorch's default initialisation)
-    /// after validating the spec; computes in float32.
+    /// Creates the variables of `spec` under `path` (tch's default initialisation,
+    /// [`Initializer::Torch`]) after validating the spec; computes in float32.
     pub fn new(path: &nn::Path, spec: &NetworkSpec) -> Result<Self> {
         Self::with_policy(path, spec, Policy::Float32)
     }
 
     /// Like [`Network::new`], computing under `policy`; the variables are float32.
     pub fn with_policy(path: &nn::Path, spec: &NetworkSpec, policy: Policy) -> Result<Self> {
+        Self::with_init(path, spec, policy, Initializer::default())
+    }
+
+    /// Like [`Network::with_policy`], with the variables initialised by `init` (the same
+    /// variables and names whatever `init` is).
+    ///
+    /// ```
+    /// use models::{Initializer, Network, NetworkSpec, Policy};
+    /// use tch::{nn, Device};
+    ///
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let spec = NetworkSpec::student_cnn();
+    /// let net = Network::with_init(&vs.root(), &spec, Policy::Float32, Initializer::GlorotUniform)?;
+    /// assert_eq!(net.param_count(), spec.param_count());
+    /// // Keras's zero biases, where tch draws those of dense layers at random.
+    /// let bias = &vs.variables()["9.bias"];
+    /// assert_eq!(bias.abs().max().double_value(&[]), 0.0);
+    /// # Ok::<(), models::Error>(())
+    /// ```
+    pub fn with_init(
+        path: &nn::Path,
+        spec: &NetworkSpec,
+        policy: Policy,
+        init: Initializer,
+    ) -> Result<Self> {
         spec.validate()?;
         let layers = spec
             .layers
@@ -86,12 +150,21 @@ impl Network {
                         stride,
                         padding,
                     } => {
+                        let window = kernel * kernel;
+                        let (ws_init, bs_init) =
+                            init.inits(in_channels * window, out_channels * window);
+                        let defaults = nn::ConvConfig::default();
+                        let config = nn::ConvConfig {
+                            ws_init,
+                            bs_init: bs_init.unwrap_or(defaults.bs_init),
+                            ..defaults
+                        };
                         let conv = nn::conv2d(
                             &path,
                             dim(in_channels),
                             dim(out_channels),
                             dim(kernel),
-                            Default::default(),
+                            config,
                         );
                         Layer::Conv2d {
                             weight: conv.ws,
@@ -104,12 +177,13 @@ impl Network {
                         in_features,
                         out_features,
                     } => {
-                        let linear = nn::linear(
-                            &path,
-                            dim(in_features),
-                            dim(out_features),
-                            Default::default(),
-                        );
+                        let (ws_init, bs_init) = init.inits(in_features, out_features);
+                        let config = nn::LinearConfig {
+                            ws_init,
+                            bs_init,
+                            ..Default::default()
+                        };
+                        let linear = nn::linear(&path, dim(in_features), dim(out_features), config);
                         Layer::Linear {
                             weight: linear.ws,
                             bias: linear.bs.expect("linear is created with a bias"),
@@ -117,13 +191,19 @@ impl Network {
                     }
                     LayerSpec::BatchNorm2d { features, eps } => {
                         let momentum = BATCH_NORM_MOMENTUM;
+                        let defaults = nn::BatchNormConfig::default();
+                        let ws_init = match init {
+                            Initializer::Torch => defaults.ws_init,
+                            Initializer::GlorotUniform => nn::Init::Const(1.0),
+                        };
                         let bn = nn::batch_norm2d(
                             &path,
                             dim(features),
                             nn::BatchNormConfig {
                                 eps,
                                 momentum,
-                                ..Default::default()
+                                ws_init,
+                                ..defaults
                             },
                         );
                         Layer::BatchNorm2d { bn, eps, momentum }
@@ -393,6 +473,65 @@ mod tests {
             ]
         );
         assert_eq!(net.param_count(), NetworkSpec::teacher_cnn().param_count());
+    }
+
+    #[test]
+    fn glorot_uniform_draws_within_keras_bounds_and_zeroes_biases() {
+        tch::manual_seed(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec = NetworkSpec::student_cnn();
+        let net = Network::with_init(
+            &vs.root(),
+            &spec,
+            Policy::Float32,
+            Initializer::GlorotUniform,
+        )
+        .unwrap();
+        assert_eq!(net.param_count(), spec.param_count());
+        let variables = vs.variables();
+        // (layer, fan_in, fan_out) of the student's convolutions and dense layers.
+        for (layer, fan_in, fan_out) in [
+            (0, 9, 8 * 9),
+            (4, 8 * 9, 16 * 9),
+            (9, 400, 32),
+            (11, 32, 10),
+        ] {
+            let bound = (6.0 / f64::from(fan_in + fan_out)).sqrt();
+            let largest = variables[&format!("{layer}.weight")]
+                .abs()
+                .max()
+                .double_value(&[]);
+            // At least 72 uniform draws per layer: the largest stays below 0.8 of the
+            // bound with probability 0.8^72 < 1e-6.
+            assert!(largest <= bound, "{layer}: {largest} > {bound}");
+            assert!(largest > 0.8 * bound, "{layer}: {largest} <= 0.8 * {bound}");
+            let bias = &variables[&format!("{layer}.bias")];
+            assert_eq!(bias.abs().max().double_value(&[]), 0.0, "{layer}");
+        }
+        // Batch norm starts as the identity.
+        assert_eq!(variables["1.weight"].min().double_value(&[]), 1.0);
+        assert_eq!(variables["5.weight"].min().double_value(&[]), 1.0);
+        assert_eq!(variables["1.bias"].abs().max().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn the_default_initializer_is_torch() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _net = Network::new(&vs.root(), &NetworkSpec::student_cnn()).unwrap();
+        let variables = vs.variables();
+        // Kaiming-uniform with the ReLU gain: the first convolution (fan_in 9) draws in
+        // ±sqrt(6/9), three times Glorot's bound; all 72 within a third has odds 3^-72.
+        let largest = variables["0.weight"].abs().max().double_value(&[]);
+        let bound = (6.0f64 / 9.0).sqrt();
+        assert!(largest <= bound && largest > bound / 3.0, "{largest}");
+        assert_eq!(variables["0.bias"].abs().max().double_value(&[]), 0.0);
+        // tch draws dense biases in ±1/sqrt(fan_in), fan_in 400 here.
+        let largest = variables["9.bias"].abs().max().double_value(&[]);
+        assert!(largest > 0.0 && largest <= 1.0 / 20.0, "{largest}");
+        // And batch-norm scales in [0, 1).
+        let scale = &variables["5.weight"];
+        assert!(scale.min().double_value(&[]) >= 0.0);
+        assert!(scale.max().double_value(&[]) < 1.0);
     }
 
     #[test]

