@@ -204,16 +204,19 @@ pub fn deploy(
     file: &RunFile,
     test: &RuntimeTest,
 ) -> Result<Deployed> {
-    let path = &file.path;
     let bytes = builder
         .clone()
         .set_input_normalization(test.normalization.clone())
         .to_bytes()
-        .with_context(|| format!("serialising {}", path.display()))?;
-    fsutil::write_atomic(path, &bytes)?;
-    let (size_bytes, gzip_bytes) = (bytes.len() as u64, fsutil::gzip_len(&bytes)?);
-    let model = runtime::Model::from_bytes(&bytes)
-        .with_context(|| format!("loading {}", path.display()))?;
+        .with_context(|| format!("serialising {}", file.path.display()))?;
+    fsutil::write_atomic(&file.path, &bytes)?;
+    measure(&bytes, file, test)
+}
+
+/// Scores the artifact `bytes` (the contents of `file`) with the runtime on `test`.
+pub fn measure(bytes: &[u8], file: &RunFile, test: &RuntimeTest) -> Result<Deployed> {
+    let model = runtime::Model::from_bytes(bytes)
+        .with_context(|| format!("loading {}", file.path.display()))?;
     let (accuracy, samples_per_second) = evaluate(&model, test)?;
     let execution = model
         .execution()
@@ -222,8 +225,8 @@ pub fn deploy(
         .collect();
     Ok(Deployed {
         artifact: file.relative.clone(),
-        size_bytes,
-        gzip_bytes,
+        size_bytes: bytes.len() as u64,
+        gzip_bytes: fsutil::gzip_len(bytes)?,
         accuracy,
         samples_per_second,
         execution,

@@ -16,9 +16,9 @@ use models::{FakeQuantConfig, Network, NetworkSpec};
 use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 use tch::nn;
 
-use crate::context::Context;
+use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, RuntimeTest, TestSets};
-use crate::report::detail::{Deployment, Detail, PipelineDetail, PipelineTarget, PruningTarget};
+use crate::report::detail::{Detail, PipelineDetail, PipelineTarget, PruningTarget};
 use crate::report::{Row, StageReport};
 use crate::settings::PipelineSettings;
 use crate::teacher;
@@ -55,7 +55,7 @@ pub const TARGET_ACCURACY: f64 = 0.988;
 
 pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<StageReport> {
     let tests = TestSets::new(ctx)?;
-    let reference = Reference::measure(ctx, &tests.runtime)?;
+    let reference = reference(ctx, &tests.runtime)?;
     let (data, _) = teacher::training(ctx)?;
     let cache = {
         let (_teacher_vs, teacher) = teacher::load(ctx)?;
@@ -98,7 +98,7 @@ struct Pipeline<'a> {
     /// The teacher's logits for it.
     cache: &'a TeacherCache,
     tests: &'a TestSets<'a>,
-    reference: &'a Reference,
+    reference: &'a Deployed,
     /// The student with batch norm folded: what is pruned, quantized and deployed.
     deployed_spec: NetworkSpec,
     model: String,
@@ -382,28 +382,14 @@ impl Pipeline<'_> {
 }
 
 /// The float32 teacher as the runtime runs it: what every pipeline row is compared with.
-struct Reference {
-    accuracy: f64,
-    size_bytes: u64,
-    gzip_bytes: u64,
-    samples_per_second: f64,
-}
-
-impl Reference {
-    /// The baseline's float32 artifact, scored on `test`.
-    fn measure(ctx: &Context, test: &RuntimeTest) -> Result<Self> {
-        let path = ctx.input(teacher::ARTIFACT)?;
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let model = runtime::Model::from_bytes(&bytes)
-            .with_context(|| format!("loading {}", path.display()))?;
-        let (accuracy, samples_per_second) = deploy::evaluate(&model, test)?;
-        Ok(Self {
-            accuracy,
-            size_bytes: bytes.len() as u64,
-            gzip_bytes: crate::fsutil::gzip_len(&bytes)?,
-            samples_per_second,
-        })
-    }
+fn reference(ctx: &Context, test: &RuntimeTest) -> Result<Deployed> {
+    let path = ctx.input(teacher::ARTIFACT)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file = RunFile {
+        path,
+        relative: teacher::ARTIFACT.file.into(),
+    };
+    deploy::measure(&bytes, &file, test)
 }
 
 fn pipeline_row(
@@ -411,23 +397,17 @@ fn pipeline_row(
     variant: &str,
     params: &[DeployedParameter],
     d: &Deployed,
-    teacher: &Reference,
+    teacher: &Deployed,
     mut detail: PipelineDetail,
 ) -> Row {
-    detail.deployment = Deployment {
-        execution: d.execution.clone(),
-        accuracy_delta_pp: (d.accuracy - teacher.accuracy) * 100.0,
-        size_ratio: teacher.size_bytes as f64 / d.size_bytes as f64,
-        gzip_ratio: teacher.gzip_bytes as f64 / d.gzip_bytes as f64,
-        speedup: d.samples_per_second / teacher.samples_per_second,
-    };
+    detail.deployment = d.against(teacher);
     let detail = Detail::Pipeline(detail);
     let mut row = deploy::runtime_row("pipeline", model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
     row
 }
 
-fn section(rows: &[Row], teacher: &Reference, target: f64) -> String {
+fn section(rows: &[Row], teacher: &Deployed, target: f64) -> String {
     let mut md = format!(
         "The student distilled from the teacher, pruned to {:.0}% of its weights, then \
          fine-tuned with fake quantization while its zeros are kept; every row is an artifact \

@@ -283,6 +283,17 @@ impl Pruning<'_> {
             deployed.accuracy * 100.0,
             int8.accuracy * 100.0
         ));
+        let how = PruningTarget {
+            sparsity: target.sparsity,
+            granularity: format!("{:?}", target.granularity),
+            scope: format!("{:?}", target.scope),
+            dense_layers: vec![DENSE_LAYER.into()],
+            fine_tune_steps: stats.steps,
+            libtorch_accuracy: Some(libtorch_accuracy),
+            schedule: schedule.1,
+            layers,
+            storage,
+        };
         let mut row = pruning_row(
             &self.model,
             target.variant,
@@ -291,17 +302,7 @@ impl Pruning<'_> {
             dense,
             PruningDetail {
                 weight_sparsity: sparsity,
-                target: Some(PruningTarget {
-                    sparsity: target.sparsity,
-                    granularity: format!("{:?}", target.granularity),
-                    scope: format!("{:?}", target.scope),
-                    dense_layers: vec![DENSE_LAYER.into()],
-                    fine_tune_steps: stats.steps,
-                    libtorch_accuracy: Some(libtorch_accuracy),
-                    schedule: schedule.1,
-                    layers: layers.clone(),
-                    storage,
-                }),
+                target: Some(how.clone()),
                 ..PruningDetail::default()
             },
         );
@@ -315,16 +316,10 @@ impl Pruning<'_> {
             PruningDetail {
                 weights: PrunedWeights::Int8,
                 weight_sparsity: sparsity,
+                // Every weight is int8: the f32 row's dense-or-CSR choice does not apply.
                 target: Some(PruningTarget {
-                    sparsity: target.sparsity,
-                    granularity: format!("{:?}", target.granularity),
-                    scope: format!("{:?}", target.scope),
-                    dense_layers: vec![DENSE_LAYER.into()],
-                    fine_tune_steps: stats.steps,
-                    libtorch_accuracy: Some(libtorch_accuracy),
-                    schedule: schedule.1,
-                    layers,
                     storage: BTreeMap::new(),
+                    ..how
                 }),
                 ..PruningDetail::default()
             },
