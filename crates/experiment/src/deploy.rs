@@ -14,6 +14,7 @@ use crate::context::{Context, RunFile};
 use crate::fsutil;
 use crate::report::Row;
 use crate::report::detail::{Deployment, Detail};
+use crate::stage::Stage;
 use crate::train::{DeviceSplit, INFER_BATCH};
 
 /// Test images scored in `--quick` mode (a full run scores all 10 000).
@@ -84,16 +85,16 @@ pub fn sparse_artifact(
 
 /// A report row for an artifact scored by the runtime, with `detail`.
 pub fn runtime_row(
-    stage: &str,
+    stage: Stage,
     model: &str,
-    variant: &str,
+    variant: impl std::fmt::Display,
     params: &[models::export::DeployedParameter],
     d: &Deployed,
     detail: Detail,
 ) -> Row {
     Row {
-        stage: stage.into(),
-        variant: variant.into(),
+        stage: stage.name().into(),
+        variant: variant.to_string(),
         model: model.into(),
         params: Some(params.iter().map(|p| p.data.len()).sum()),
         nonzero_params: None,

@@ -14,6 +14,7 @@ mod stage;
 mod stages;
 mod teacher;
 mod train;
+mod variant;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -16,6 +16,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::stage::Stage;
+
 pub use detail::Detail;
 
 /// What a `--quick` run is, said wherever its numbers appear.
@@ -101,6 +103,13 @@ pub struct Row {
     /// What the row's stage measured besides.
     #[serde(default)]
     pub detail: Detail,
+}
+
+impl Row {
+    /// Whether this is `stage`'s row of `variant`.
+    pub fn is(&self, stage: Stage, variant: impl std::fmt::Display) -> bool {
+        self.stage == stage.name() && self.variant == variant.to_string()
+    }
 }
 
 /// What a stage returns: its rows, and its own part of report.md.

@@ -30,7 +30,7 @@ impl Stage {
     }
 
     /// The stage's name on the command line and in the report.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Self::Baseline => "baseline",
             Self::Precision => "precision",

@@ -82,7 +82,7 @@ pub fn load(ctx: &Context) -> Result<(nn::VarStore, Network)> {
 /// network, accuracy and speeds, the policy and the training curve.
 pub fn run_row(
     stage: Stage,
-    variant: &str,
+    variant: impl std::fmt::Display,
     spec: &NetworkSpec,
     net: &Network,
     stats: &TrainStats,
@@ -90,7 +90,7 @@ pub fn run_row(
 ) -> Row {
     Row {
         stage: stage.name().into(),
-        variant: variant.into(),
+        variant: variant.to_string(),
         model: spec.name.clone(),
         params: Some(net.param_count()),
         nonzero_params: Some(net.nonzero_param_count()),

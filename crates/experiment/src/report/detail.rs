@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tensor_precision::GradientAudit;
 
 use crate::settings::Calibrator;
+use crate::variant::PrunedWeights;
 
 /// A row's stage-specific measurements, tagged with their kind in `report.json`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -198,17 +199,6 @@ pub struct Qat {
     pub steps: usize,
     pub observer_steps: usize,
     pub learning_rate: f64,
-}
-
-/// How a pruned model's weights are stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PrunedWeights {
-    /// f32, each layer dense or CSR.
-    #[default]
-    F32,
-    /// int8 per channel, zeros kept.
-    Int8,
 }
 
 /// A pruned teacher (the reference: the dense float32 artifact).

@@ -9,6 +9,7 @@ use plots::{Kind, Scale, Series};
 use super::teacher::pareto_front;
 use super::{Report, Row, human_bytes};
 use crate::charts::{FOLDER, Figure};
+use crate::stage::Stage;
 
 /// File of the accuracy-against-size chart.
 pub const ACCURACY_SIZE: &str = "accuracy_size.svg";
@@ -184,7 +185,7 @@ fn loss_curve(row: &Row) -> Vec<(f64, f64)> {
 
 /// Stages whose rows are phases run one after another on one model (distillation, pruning,
 /// quantization-aware training): their curves continue one step axis.
-const SEQUENTIAL_STAGES: [&str; 1] = ["pipeline"];
+const SEQUENTIAL_STAGES: [&str; 1] = [Stage::Pipeline.name()];
 
 /// The last step a row's training curve records, 0 without one.
 fn last_step(row: &Row) -> f64 {
@@ -299,7 +300,7 @@ fn scale_steps(row: &Row) -> Vec<(f64, f64)> {
 fn loss_scale(rows: &[Row]) -> Option<Plot> {
     let scaled: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.stage == "precision" && !scale_steps(r).is_empty())
+        .filter(|r| r.stage == Stage::Precision.name() && !scale_steps(r).is_empty())
         .collect();
     if scaled.is_empty() {
         return None;

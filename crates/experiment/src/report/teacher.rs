@@ -3,29 +3,27 @@
 use std::fmt::Write as _;
 
 use super::{Row, human_bytes, opt};
-
-/// The stage and variant of the row every "against the teacher" delta is taken from.
-pub const TEACHER: (&str, &str) = ("baseline", "teacher_float32");
+use crate::stage::Stage;
+use crate::variant::{self, Pruned, PrunedWeights, Quantized, Sparsity};
 
 /// Rows that measure the float32 teacher itself, each with the engine that ran it: the
 /// baseline (libtorch), the quantization stage's float32 teacher and the pruning stage's
 /// dense teacher (both run by the runtime). A row's speed is compared with one of these
 /// measured by the same engine.
 fn measures_the_teacher(row: &Row, teacher: &Row) -> bool {
-    let (stage, variant) = TEACHER;
-    (row.stage == stage && row.variant == variant)
+    let dense = Pruned {
+        sparsity: Sparsity::Dense,
+        weights: PrunedWeights::F32,
+    };
+    row.is(Stage::Baseline, variant::TEACHER)
         || (row.model == teacher.model
-            && matches!(
-                (row.stage.as_str(), row.variant.as_str()),
-                ("quantization", "float32") | ("pruning", "dense")
-            ))
+            && (row.is(Stage::Quantization, Quantized::Float32) || row.is(Stage::Pruning, dense)))
 }
 
 /// The baseline teacher row, if the run has one.
 pub fn teacher(rows: &[Row]) -> Option<&Row> {
-    let (stage, variant) = TEACHER;
     rows.iter()
-        .find(|r| r.stage == stage && r.variant == variant)
+        .find(|r| r.is(Stage::Baseline, variant::TEACHER))
 }
 
 /// A row against the teacher. `None` fields could not be computed (a missing size, say).
@@ -85,7 +83,7 @@ fn speed_reference<'a>(rows: &'a [Row], teacher: &Row, row: &Row) -> Option<&'a 
 /// The "against the teacher" section's body: what it compares, then one table row per
 /// report row; without a baseline row, a sentence saying so.
 pub fn section(rows: &[Row]) -> String {
-    let (stage, variant) = TEACHER;
+    let (stage, variant) = (Stage::Baseline, variant::TEACHER);
     let Some(teacher) = teacher(rows) else {
         return format!(
             "This run has no `{stage}`/`{variant}` row, so there is no teacher to compare with: \

@@ -10,6 +10,7 @@ use crate::report::StageReport;
 use crate::stage::Stage;
 use crate::teacher::{self, TeacherRun};
 use crate::train::{self, GradientSampling, TrainOptions};
+use crate::variant;
 use crate::{deploy, fsutil};
 
 pub fn run(ctx: &Context) -> Result<StageReport> {
@@ -66,7 +67,7 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
         serde_json::to_string_pretty(&run)?.as_bytes(),
     )?;
     let mut row = run.row;
-    row.variant = "teacher_float32".into();
+    row.variant = variant::TEACHER.into();
     row.size_bytes = Some(size);
     row.gzip_bytes = Some(gzip);
     row.artifact = Some(teacher::ARTIFACT.file.into());

@@ -16,6 +16,7 @@ use crate::settings::DistillationSettings;
 use crate::stage::{Product, Stage};
 use crate::teacher;
 use crate::train::{self, DeviceSplit, Distill, Hint, TrainConfig, TrainOptions};
+use crate::variant::Student;
 use crate::{deploy, fsutil};
 
 /// Share of each class the students train on: a small, stratified subset of MNIST.
@@ -120,11 +121,11 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
     ));
     let seeds_used: Vec<u64> = (0..seeds).map(|k| ctx.seed + k).collect();
     let params = student.param_count();
-    let row = |variant: &str, outcomes: &[Outcome], artifact: Option<(u64, u64)>| {
+    let row = |variant: Student, outcomes: &[Outcome], artifact: Option<(u64, u64)>| {
         students_row(&spec.name, params, &seeds_used, variant, outcomes, artifact)
     };
-    let scratch_row = row("student_scratch", &scratch, None);
-    let mut hinted_row = row("student_distilled_hint", &hinted, None);
+    let scratch_row = row(Student::Scratch, &scratch, None);
+    let mut hinted_row = row(Student::DistilledHint, &hinted, None);
     let hint_gains: Vec<f64> = hinted
         .iter()
         .zip(&distilled)
@@ -138,7 +139,7 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
             gain_over_distilled_std: hint_gain_std,
         });
     }
-    let mut distilled_row = row("student_distilled", &distilled, Some((size, gzip)));
+    let mut distilled_row = row(Student::Distilled, &distilled, Some((size, gzip)));
     distilled_row.nonzero_params = Some(student.nonzero_param_count());
     if let Detail::Distillation(detail) = &mut distilled_row.detail {
         detail.distilled = Some(Distilled {
@@ -164,7 +165,7 @@ fn students_row(
     model: &str,
     params: usize,
     seeds: &[u64],
-    variant: &str,
+    variant: Student,
     outcomes: &[Outcome],
     artifact: Option<(u64, u64)>,
 ) -> Row {
@@ -179,7 +180,7 @@ fn students_row(
     };
     Row {
         stage: Stage::Distillation.name().into(),
-        variant: variant.into(),
+        variant: variant.to_string(),
         model: model.into(),
         params: Some(params),
         nonzero_params: None,

@@ -21,8 +21,10 @@ use crate::deploy::{self, Deployed, RuntimeTest, TestSets};
 use crate::report::detail::{Detail, PipelineDetail, PipelineTarget, PruningTarget};
 use crate::report::{Row, StageReport};
 use crate::settings::PipelineSettings;
+use crate::stage::Stage;
 use crate::teacher;
 use crate::train::{self, DeviceSplit, Distill, TrainConfig, TrainOptions, TrainStats};
+use crate::variant::PipelineStep;
 
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "pipeline";
@@ -166,7 +168,7 @@ impl Pipeline<'_> {
     fn deploy(
         &self,
         builder: &runtime::ArtifactBuilder,
-        variant: &str,
+        variant: PipelineStep,
         params: &[DeployedParameter],
         stats: &TrainStats,
         detail: PipelineDetail,
@@ -204,12 +206,12 @@ impl Pipeline<'_> {
             WeightFormat::F32,
         )?;
         let detail = PipelineDetail {
-            step: "distillation".into(),
+            step: PipelineStep::Distilled.step().into(),
             weights: "f32".into(),
             ..PipelineDetail::default()
         };
         let (distilled, row) =
-            self.deploy(&builder, "distilled_float32", &params, &stats, detail)?;
+            self.deploy(&builder, PipelineStep::Distilled, &params, &stats, detail)?;
         self.ctx.progress.info(&format!(
             "distilled student: {:.2}%",
             distilled.accuracy * 100.0
@@ -269,7 +271,7 @@ impl Pipeline<'_> {
         let zeros = deploy::weight_zeros(&pruned_params);
         let (builder, storage) = deploy::sparse_artifact(&self.deployed_spec, &pruned_params)?;
         let detail = PipelineDetail {
-            step: "pruning".into(),
+            step: PipelineStep::Pruned.step().into(),
             weights: "f32, each layer dense or CSR".into(),
             weight_sparsity: Some(zeros as f64 / total as f64),
             pruning: Some(PruningTarget {
@@ -285,7 +287,7 @@ impl Pipeline<'_> {
             }),
             ..PipelineDetail::default()
         };
-        let variant = "distilled_pruned_float32";
+        let variant = PipelineStep::Pruned;
         let (deployed, row) = self.deploy(&builder, variant, &pruned_params, &stats, detail)?;
         self.ctx.progress.info(&format!(
             "pruned student: {:.2}% of weights zero, {:.2}%",
@@ -343,13 +345,13 @@ impl Pipeline<'_> {
         for range in net.activation_ranges() {
             builder.set_input_quantization(range.layer, range.qparams());
         }
-        let variant = "distilled_pruned_int8";
+        let variant = PipelineStep::PrunedInt8;
         let file = self.ctx.file(FOLDER, &format!("{variant}.safetensors"))?;
         let int8 = deploy::deploy(&builder, &file, &self.tests.runtime)?;
         let size_ratio = self.reference.size_bytes as f64 / int8.size_bytes as f64;
         let met = size_ratio >= TARGET_SIZE_RATIO && int8.accuracy >= TARGET_ACCURACY && !quick;
         let detail = PipelineDetail {
-            step: "pruning-preserving quantization-aware training".into(),
+            step: variant.step().into(),
             weights: "int8 per-channel, bitmask-sparse where smaller".into(),
             activations: Some("u8 per-tensor, observed during training".into()),
             weight_sparsity: Some(qat_zeros as f64 / total as f64),
@@ -394,7 +396,7 @@ fn reference(ctx: &Context, test: &RuntimeTest) -> Result<Deployed> {
 
 fn pipeline_row(
     model: &str,
-    variant: &str,
+    variant: PipelineStep,
     params: &[DeployedParameter],
     d: &Deployed,
     teacher: &Deployed,
@@ -402,7 +404,7 @@ fn pipeline_row(
 ) -> Row {
     detail.deployment = d.against(teacher);
     let detail = Detail::Pipeline(detail);
-    let mut row = deploy::runtime_row("pipeline", model, variant, params, d, detail);
+    let mut row = deploy::runtime_row(Stage::Pipeline, model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
     row
 }

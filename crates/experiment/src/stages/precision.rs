@@ -20,6 +20,7 @@ use crate::settings::PrecisionSettings;
 use crate::stage::Stage;
 use crate::teacher::{self, TeacherRun};
 use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions, TrainStats};
+use crate::variant::PrecisionRun;
 
 /// A mixed policy counts as accurate when its test accuracy is at most this many
 /// percentage points below float32's (meaningful for full runs only).
@@ -33,24 +34,25 @@ const DEMO_STEPS_QUICK: usize = 100;
 /// the Keras preset (2^15, growth every 2000 steps) would show a flat line.
 const DEMO_INITIAL_SCALE: f32 = 16_777_216.0;
 const DEMO_GROWTH_INTERVAL: u32 = 50;
-const DEMO_VARIANT: &str = "mixed_float16_small_demo";
 const DEMO_NOTE: &str = "correctness demonstration of loss scaling on CPU, not a speed result";
 /// Scale-trace points shown in report.md (the JSON has them all).
 const TRACE_ROWS: usize = 12;
+/// The reference run every policy is compared with.
+const FLOAT32: PrecisionRun = PrecisionRun::Teacher(Policy::Float32);
 
 /// A loss scaler's trace for report.md.
 #[derive(Debug)]
 struct Trace {
-    variant: String,
+    run: PrecisionRun,
     history: Vec<ScalePoint>,
     skipped_steps: u64,
     steps: usize,
 }
 
 impl Trace {
-    fn of(variant: &str, stats: &TrainStats) -> Self {
+    fn of(run: PrecisionRun, stats: &TrainStats) -> Self {
         Self {
-            variant: variant.into(),
+            run,
             history: stats.scale_history.clone(),
             skipped_steps: stats.skipped_steps,
             steps: stats.steps,
@@ -161,10 +163,17 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
             eval.accuracy * 100.0,
             stats.seconds
         ));
-        let mut row = teacher::run_row(Stage::Precision, policy.name(), &spec, &net, &stats, eval);
+        let mut row = teacher::run_row(
+            Stage::Precision,
+            PrecisionRun::Teacher(policy),
+            &spec,
+            &net,
+            &stats,
+            eval,
+        );
         if let Some(scaler) = &scaler {
             add_scaling(&mut row, scaler, &stats);
-            traces.push(Trace::of(policy.name(), &stats));
+            traces.push(Trace::of(PrecisionRun::Teacher(policy), &stats));
         }
         rows.push(row);
     }
@@ -178,7 +187,7 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
             DEMO_STEPS
         };
         let (demo, stats) = float16_demo(ctx, &data, steps)?;
-        traces.push(Trace::of(DEMO_VARIANT, &stats));
+        traces.push(Trace::of(PrecisionRun::Float16Demo, &stats));
         rows.push(demo);
     }
 
@@ -208,7 +217,7 @@ fn add_scaling(row: &mut Row, scaler: &LossScaler, stats: &TrainStats) {
 
 /// Adds each mixed row's speed-up over the float32 row and its accuracy difference.
 fn compare_with_float32(rows: &mut [Row]) {
-    let Some(reference) = rows.iter().find(|r| r.variant == Policy::Float32.name()) else {
+    let Some(reference) = rows.iter().find(|r| r.is(Stage::Precision, FLOAT32)) else {
         return;
     };
     let (train_rate, infer_rate, accuracy) = (
@@ -216,7 +225,7 @@ fn compare_with_float32(rows: &mut [Row]) {
         reference.infer_samples_per_second,
         reference.test_accuracy,
     );
-    for row in rows.iter_mut().filter(|r| r.variant != "float32") {
+    for row in rows.iter_mut().filter(|r| !r.is(Stage::Precision, FLOAT32)) {
         let ratio = |ours: Option<f64>, base: Option<f64>| Some(ours? / base?);
         let against = AgainstFloat32 {
             train_speedup: ratio(row.train_samples_per_second, train_rate),
@@ -281,7 +290,14 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row,
         scaler.current_scale(),
         eval.accuracy * 100.0
     ));
-    let mut row = teacher::run_row(Stage::Precision, DEMO_VARIANT, &spec, &net, &stats, eval);
+    let mut row = teacher::run_row(
+        Stage::Precision,
+        PrecisionRun::Float16Demo,
+        &spec,
+        &net,
+        &stats,
+        eval,
+    );
     add_scaling(&mut row, &scaler, &stats);
     if let Some(training) = row.detail.training_mut() {
         training.note = Some(DEMO_NOTE.into());
@@ -302,7 +318,7 @@ fn section(
     audited_steps: usize,
 ) -> String {
     let mut md = String::new();
-    let reference = rows.iter().find(|r| r.variant == "float32");
+    let reference = rows.iter().find(|r| r.is(Stage::Precision, FLOAT32));
     let _ = writeln!(
         md,
         "Mixed precision against float32 on {} (same seed, data order and recipe):\n",
@@ -312,7 +328,10 @@ fn section(
         md,
         "| policy | test accuracy | difference | train samples/s | train speed-up | infer samples/s | infer speed-up |\n|---|---:|---:|---:|---:|---:|---:|"
     );
-    for row in rows.iter().filter(|r| r.variant != DEMO_VARIANT) {
+    for row in rows
+        .iter()
+        .filter(|r| !r.is(Stage::Precision, PrecisionRun::Float16Demo))
+    {
         let against = row
             .detail
             .training()
@@ -334,10 +353,9 @@ fn section(
         );
     }
     md.push('\n');
-    for row in rows
-        .iter()
-        .filter(|r| r.variant != "float32" && r.variant != DEMO_VARIANT)
-    {
+    for row in rows.iter().filter(|r| {
+        !r.is(Stage::Precision, FLOAT32) && !r.is(Stage::Precision, PrecisionRun::Float16Demo)
+    }) {
         let against = row
             .detail
             .training()
@@ -374,8 +392,8 @@ fn section(
             md,
             "\nLoss-scale trace of {}{} ({} of {} steps skipped; \
              from step `step` on the scale was `scale`):\n",
-            trace.variant,
-            if trace.variant == DEMO_VARIANT {
+            trace.run,
+            if trace.run == PrecisionRun::Float16Demo {
                 format!(", {}: {DEMO_NOTE}", small_mlp().name)
             } else {
                 String::new()

@@ -20,10 +20,12 @@ use tch::nn;
 use crate::charts::Figure;
 use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, TestSets};
-use crate::report::detail::{Detail, PrunedWeights, PruningDetail, PruningTarget};
+use crate::report::detail::{Detail, PruningDetail, PruningTarget};
 use crate::report::{Row, StageReport};
+use crate::stage::Stage;
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
+use crate::variant::{Pruned, PrunedWeights, Sparsity};
 
 /// Folder of the stage's artifacts, inside the run's output folder.
 const FOLDER: &str = "pruning";
@@ -43,37 +45,44 @@ const QUICK_FREQUENCY: u64 = 5;
 
 /// One pruned variant.
 struct Target {
-    variant: &'static str,
+    variant: Sparsity,
     epochs: usize,
     sparsity: f64,
     granularity: Granularity,
     scope: Scope,
 }
 
+/// The unpruned teacher, every variant's reference. Its artifact is named
+/// `..._dense_float32`.
+const DENSE: Pruned = Pruned {
+    sparsity: Sparsity::Dense,
+    weights: PrunedWeights::F32,
+};
+
 const TARGETS: [Target; 4] = [
     Target {
-        variant: "sparsity_50",
+        variant: Sparsity::Percent(50),
         epochs: EPOCHS,
         sparsity: 0.5,
         granularity: Granularity::Unstructured,
         scope: Scope::Global,
     },
     Target {
-        variant: "sparsity_75",
+        variant: Sparsity::Percent(75),
         epochs: EPOCHS,
         sparsity: 0.75,
         granularity: Granularity::Unstructured,
         scope: Scope::Global,
     },
     Target {
-        variant: "sparsity_90",
+        variant: Sparsity::Percent(90),
         epochs: EPOCHS_90,
         sparsity: 0.9,
         granularity: Granularity::Unstructured,
         scope: Scope::Global,
     },
     Target {
-        variant: "n2m4",
+        variant: Sparsity::NOutOfM { n: 2, m: 4 },
         epochs: EPOCHS,
         sparsity: 0.5,
         granularity: Granularity::NOutOfM { n: 2, m: 4 },
@@ -103,7 +112,7 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
     let dense = deploy::deploy(&builder, &dense_file, &tests.runtime)?;
     let mut rows = vec![pruning_row(
         &stage.model,
-        "dense",
+        DENSE,
         &params,
         &dense,
         &dense,
@@ -129,7 +138,7 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
 }
 
 /// A variant's schedule and the steps it ran, for the schedule chart.
-type ScheduleRun = (&'static str, Schedule, u64);
+type ScheduleRun = (String, Schedule, u64);
 
 /// A fine-tuned, pruned teacher.
 struct Tuned {
@@ -159,8 +168,18 @@ struct Pruning<'a> {
     dense: Option<Deployed>,
 }
 
+impl Target {
+    /// The variant of this target's weights stored as `weights`.
+    fn name(&self, weights: PrunedWeights) -> Pruned {
+        Pruned {
+            sparsity: self.variant,
+            weights,
+        }
+    }
+}
+
 impl Pruning<'_> {
-    fn file(&self, variant: &str) -> Result<RunFile> {
+    fn file(&self, variant: impl std::fmt::Display) -> Result<RunFile> {
         self.ctx
             .file(FOLDER, &format!("{}_{variant}.safetensors", self.model))
     }
@@ -224,7 +243,7 @@ impl Pruning<'_> {
         tch::manual_seed(ctx.seed as i64);
         ctx.progress.info(&format!(
             "{}: fine-tuning for {steps} steps, sparsity reached at step {end_step}",
-            target.variant
+            target.name(PrunedWeights::F32)
         ));
         let options = TrainOptions {
             max_steps: Some(steps),
@@ -238,14 +257,18 @@ impl Pruning<'_> {
             &config,
             options,
             &ctx.progress,
-            target.variant,
+            &target.name(PrunedWeights::F32).to_string(),
         )?;
         Ok(Tuned {
             layers: pruner.strip(),
             libtorch_accuracy: train::evaluate(&pruned, self.tests.libtorch()).accuracy,
             params: export::deployed_parameters(&pruned, &pruned_vs)?,
             stats,
-            schedule: (target.variant, schedule, steps as u64),
+            schedule: (
+                target.name(PrunedWeights::F32).to_string(),
+                schedule,
+                steps as u64,
+            ),
             prunable_total,
         })
     }
@@ -267,18 +290,20 @@ impl Pruning<'_> {
         } = self.fine_tune(target)?;
         let (builder, storage) = deploy::sparse_artifact(&self.deployed_spec, &pruned_params)?;
         let test = &self.tests.runtime;
-        let deployed = deploy::deploy(&builder, &self.file(target.variant)?, test)?;
-        let int8_variant = format!("{}_int8", target.variant);
+        let (f32_variant, int8_variant) = (
+            target.name(PrunedWeights::F32),
+            target.name(PrunedWeights::Int8),
+        );
+        let deployed = deploy::deploy(&builder, &self.file(f32_variant)?, test)?;
         let int8_builder = export::artifact_from_parameters(
             self.deployed_spec.clone(),
             &pruned_params,
             WeightFormat::Int8DynamicRange,
         )?;
-        let int8 = deploy::deploy(&int8_builder, &self.file(&int8_variant)?, test)?;
+        let int8 = deploy::deploy(&int8_builder, &self.file(int8_variant)?, test)?;
         let sparsity = deploy::weight_zeros(&pruned_params) as f64 / prunable_total as f64;
         self.ctx.progress.info(&format!(
-            "{}: {:.2}% of weights zero, {:.2}% test accuracy ({:.2}% with int8 weights)",
-            target.variant,
+            "{f32_variant}: {:.2}% of weights zero, {:.2}% test accuracy ({:.2}% with int8 weights)",
             sparsity * 100.0,
             deployed.accuracy * 100.0,
             int8.accuracy * 100.0
@@ -296,7 +321,7 @@ impl Pruning<'_> {
         };
         let mut row = pruning_row(
             &self.model,
-            target.variant,
+            f32_variant,
             &pruned_params,
             &deployed,
             dense,
@@ -309,7 +334,7 @@ impl Pruning<'_> {
         stats.record(&mut row);
         let int8_row = pruning_row(
             &self.model,
-            &int8_variant,
+            int8_variant,
             &pruned_params,
             &int8,
             dense,
@@ -330,7 +355,7 @@ impl Pruning<'_> {
 
 fn pruning_row(
     model: &str,
-    variant: &str,
+    variant: Pruned,
     params: &[DeployedParameter],
     d: &Deployed,
     dense: &Deployed,
@@ -338,7 +363,7 @@ fn pruning_row(
 ) -> Row {
     detail.deployment = d.against(dense);
     let detail = Detail::Pruning(detail);
-    let mut row = deploy::runtime_row("pruning", model, variant, params, d, detail);
+    let mut row = deploy::runtime_row(Stage::Pruning, model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
     row
 }
@@ -371,7 +396,7 @@ fn section(rows: &[Row]) -> String {
     md
 }
 
-fn figures(rows: &[Row], schedules: &[(&str, Schedule, u64)]) -> Vec<Figure> {
+fn figures(rows: &[Row], schedules: &[ScheduleRun]) -> Vec<Figure> {
     let pruned: Vec<(&Row, &PruningDetail)> = rows
         .iter()
         .filter_map(|r| match &r.detail {
@@ -420,7 +445,8 @@ fn figures(rows: &[Row], schedules: &[(&str, Schedule, u64)]) -> Vec<Figure> {
     }
     let schedule_series = schedules
         .iter()
-        .map(|&(name, schedule, steps)| {
+        .map(|(name, schedule, steps)| {
+            let (schedule, steps) = (*schedule, *steps);
             let mut points = Vec::new();
             let mut current = 0.0;
             for step in 0..steps {
@@ -429,7 +455,7 @@ fn figures(rows: &[Row], schedules: &[(&str, Schedule, u64)]) -> Vec<Figure> {
                 }
                 points.push((step as f64, current * 100.0));
             }
-            Series::new(name, points)
+            Series::new(name.as_str(), points)
         })
         .collect();
     vec![

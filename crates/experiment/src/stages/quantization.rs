@@ -20,9 +20,10 @@ use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Calibration, Detail, Qat, QuantizationDetail};
 use crate::report::{Row, StageReport};
 use crate::settings::{Calibrator, QuantizationSettings};
-use crate::stage::Product;
+use crate::stage::{Product, Stage};
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
+use crate::variant::Quantized;
 
 /// How every int8 row stores its weights.
 const INT8_WEIGHTS: &str = "int8 per-channel";
@@ -138,16 +139,24 @@ fn quantize(
         "{}: float32, float16 and dynamic int8",
         subject.label
     ));
-    let float32 = q.deploy(&q.builder(&q.params, WeightFormat::F32)?, "float32")?;
-    let mut rows = vec![q.row("float32", &float32, &float32, q.detail("f32", None))];
-    let float16 = q.deploy(&q.builder(&q.params, WeightFormat::F16)?, "float16")?;
-    rows.push(q.row("float16", &float16, &float32, q.detail("f16", None)));
+    let float32 = q.deploy(
+        &q.builder(&q.params, WeightFormat::F32)?,
+        Quantized::Float32,
+    )?;
+    let detail = q.detail("f32", None);
+    let mut rows = vec![q.row(Quantized::Float32, &float32, &float32, detail)];
+    let float16 = q.deploy(
+        &q.builder(&q.params, WeightFormat::F16)?,
+        Quantized::Float16,
+    )?;
+    let detail = q.detail("f16", None);
+    rows.push(q.row(Quantized::Float16, &float16, &float32, detail));
     let dynamic = q.deploy(
         &q.builder(&q.params, WeightFormat::Int8DynamicRange)?,
-        "dynamic_int8",
+        Quantized::DynamicInt8,
     )?;
     let detail = q.detail(INT8_WEIGHTS, Some("per batch"));
-    rows.push(q.row("dynamic_int8", &dynamic, &float32, detail));
+    rows.push(q.row(Quantized::DynamicInt8, &dynamic, &float32, detail));
 
     // Full-integer: calibrate every quantized layer's input on the deployed network.
     let deployed_vs = nn::VarStore::new(ctx.device.device);
@@ -179,7 +188,7 @@ impl Quantizing<'_> {
         )?)
     }
 
-    fn deploy(&self, builder: &runtime::ArtifactBuilder, variant: &str) -> Result<Deployed> {
+    fn deploy(&self, builder: &runtime::ArtifactBuilder, variant: Quantized) -> Result<Deployed> {
         let file = self
             .ctx
             .file(FOLDER, &format!("{}_{variant}.safetensors", self.model))?;
@@ -198,7 +207,7 @@ impl Quantizing<'_> {
     /// The row of `d`, compared with the same model's float32 artifact.
     fn row(
         &self,
-        variant: &str,
+        variant: Quantized,
         d: &Deployed,
         float32: &Deployed,
         mut detail: QuantizationDetail,
@@ -206,7 +215,7 @@ impl Quantizing<'_> {
         detail.deployment = d.against(float32);
         let detail = Detail::Quantization(detail);
         deploy::runtime_row(
-            "quantization",
+            Stage::Quantization,
             &self.model,
             variant,
             &self.params,
@@ -235,8 +244,8 @@ impl Quantizing<'_> {
             let (lo, hi) = p.range();
             ranges.insert(*layer, (lo, hi));
         }
-        let variant = format!("static_int8_{calibrator}");
-        let d = self.deploy(&builder, &variant)?;
+        let variant = Quantized::StaticInt8(calibrator);
+        let d = self.deploy(&builder, variant)?;
         self.ctx.progress.info(&format!(
             "{}: {variant}: {:.2}%",
             self.label,
@@ -250,7 +259,7 @@ impl Quantizing<'_> {
             images: calibration_images,
             input_ranges: ranges,
         });
-        Ok(self.row(&variant, &d, float32, detail))
+        Ok(self.row(variant, &d, float32, detail))
     }
 
     /// Quantization-aware training from the float model in its deployed form, then
@@ -299,10 +308,11 @@ impl Quantizing<'_> {
         for range in &ranges {
             builder.set_input_quantization(range.layer, range.qparams());
         }
-        let qat = self.deploy(&builder, "qat_int8")?;
+        let qat = self.deploy(&builder, Quantized::QatInt8)?;
         ctx.progress.info(&format!(
-            "{}: qat_int8: {:.2}% in the runtime, {:.2}% with fake quantization",
+            "{}: {}: {:.2}% in the runtime, {:.2}% with fake quantization",
             self.label,
+            Quantized::QatInt8,
             qat.accuracy * 100.0,
             fake_quant.accuracy * 100.0
         ));
@@ -316,7 +326,7 @@ impl Quantizing<'_> {
             observer_steps,
             learning_rate: QAT_LEARNING_RATE,
         });
-        let mut row = self.row("qat_int8", &qat, float32, detail);
+        let mut row = self.row(Quantized::QatInt8, &qat, float32, detail);
         stats.record(&mut row);
         Ok(row)
     }
