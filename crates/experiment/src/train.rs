@@ -35,6 +35,17 @@ impl DeviceSplit {
     pub fn len(&self) -> usize {
         self.labels.size()[0] as usize
     }
+
+    /// Consecutive batches of at most `size` images with their labels, in order: views,
+    /// nothing copied. The one batched pass over a split that evaluation, calibration and
+    /// the teacher's features share.
+    pub fn batches(&self, size: usize) -> impl Iterator<Item = (Tensor, Tensor)> {
+        let size = i64::try_from(size.max(1)).unwrap_or(i64::MAX);
+        self.images
+            .split(size, 0)
+            .into_iter()
+            .zip(self.labels.split(size, 0))
+    }
 }
 
 /// How to train.
@@ -349,21 +360,16 @@ pub struct Evaluation {
 /// Evaluates under the network's precision policy.
 pub fn evaluate(net: &impl ModuleT, data: &DeviceSplit) -> Evaluation {
     tch::no_grad(|| {
-        let n = data.len() as i64;
-        let batch = INFER_BATCH as i64;
+        let n = data.len();
         // One warm-up batch: first calls allocate and pick kernels.
-        let _ = net.forward_t(&data.images.narrow(0, 0, batch.min(n)), false);
+        if let Some((images, _)) = data.batches(INFER_BATCH).next() {
+            let _ = net.forward_t(&images, false);
+        }
         let mut correct = Tensor::zeros([], (Kind::Int64, data.images.device()));
         let start = Instant::now();
-        let mut offset = 0;
-        while offset < n {
-            let len = batch.min(n - offset);
-            let logits = net.forward_t(&data.images.narrow(0, offset, len), false);
-            correct += logits
-                .argmax(-1, false)
-                .eq_tensor(&data.labels.narrow(0, offset, len))
-                .sum(Kind::Int64);
-            offset += len;
+        for (images, labels) in data.batches(INFER_BATCH) {
+            let logits = net.forward_t(&images, false);
+            correct += logits.argmax(-1, false).eq_tensor(&labels).sum(Kind::Int64);
         }
         let correct = correct.int64_value(&[]);
         let seconds = start.elapsed().as_secs_f64();

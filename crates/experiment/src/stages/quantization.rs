@@ -43,7 +43,7 @@ const QUICK_QAT_STEPS: usize = 30;
 /// Steps the activation observers run before their ranges freeze, in `--quick` mode.
 const QUICK_OBSERVER_STEPS: usize = 10;
 /// Batch of calibration forward passes.
-const CALIBRATION_BATCH: i64 = 250;
+const CALIBRATION_BATCH: usize = 250;
 
 /// One model the stage quantizes.
 struct Subject {
@@ -336,13 +336,9 @@ impl Quantizing<'_> {
 /// the same `Calibrator` a model of one's own uses.
 fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> {
     let mut calibrator = Taps::new();
-    let n = data.len() as i64;
-    let mut offset = 0;
-    while offset < n {
-        let len = CALIBRATION_BATCH.min(n - offset);
-        net.calibrate(&data.images.narrow(0, offset, len), &mut calibrator)
+    for (images, _) in data.batches(CALIBRATION_BATCH) {
+        net.calibrate(&images, &mut calibrator)
             .context("observing the calibration set")?;
-        offset += len;
     }
     let observers = calibrator
         .into_observers()
