@@ -49,6 +49,16 @@ pub enum Granularity {
     PerChannel,
 }
 
+impl Granularity {
+    /// What one group is, for messages.
+    pub(crate) fn group(self) -> &'static str {
+        match self {
+            Self::PerTensor => "the tensor",
+            Self::PerChannel => "each output channel",
+        }
+    }
+}
+
 impl fmt::Display for Granularity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

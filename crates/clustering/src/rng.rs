@@ -17,6 +17,21 @@ impl SplitMix64 {
         Self { state: seed }
     }
 
+    /// A generator for one group of one variable: the same seed gives every group its
+    /// own stream, and a group's stream does not depend on which other variables are
+    /// clustered.
+    pub(crate) fn for_group(seed: u64, name: &str, group: usize) -> Self {
+        // FNV-1a of the name, then the group index and the seed mixed through the output
+        // function, so that neighbouring seeds and groups give unrelated streams.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in name.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let mut mixer = Self::new(seed ^ mix(hash ^ mix(group as u64)));
+        Self::new(mixer.next_u64())
+    }
+
     pub(crate) fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         mix(self.state)
@@ -77,5 +92,17 @@ mod tests {
             seen[rng.below(5)] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn groups_and_names_get_different_streams() {
+        let first = |name: &str, group| SplitMix64::for_group(3, name, group).next_u64();
+        assert_eq!(first("0.weight", 0), first("0.weight", 0));
+        assert_ne!(first("0.weight", 0), first("0.weight", 1));
+        assert_ne!(first("0.weight", 0), first("1.weight", 0));
+        assert_ne!(
+            SplitMix64::for_group(3, "0.weight", 0).next_u64(),
+            SplitMix64::for_group(4, "0.weight", 0).next_u64()
+        );
     }
 }
