@@ -178,6 +178,7 @@ const LAYERS: [&[&str]; 5] = [
         "loss-scaling",
         "distillation",
         "pruning",
+        "clustering",
     ],
     // What bridges a trained tch model and the runtime, or the runtime and other formats.
     &["models", "onnx-export"],
