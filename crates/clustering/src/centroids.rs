@@ -17,7 +17,8 @@
 //! ```
 
 use crate::CentroidInit;
-use crate::rng::SplitMix64;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// Points of the grid on which [`CentroidInit::DensityBased`] evaluates the cumulative
 /// distribution (TF-MOT's 30).
@@ -47,7 +48,7 @@ pub fn initial_centroids(
     preserve_sparsity: bool,
     seed: u64,
 ) -> Vec<f32> {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     if !preserve_sparsity {
         return interval(weights, clusters, init, false, &mut rng);
     }
@@ -77,7 +78,7 @@ fn interval(
     clusters: usize,
     init: CentroidInit,
     preserve_sparsity: bool,
-    rng: &mut SplitMix64,
+    rng: &mut ChaCha8Rng,
 ) -> Vec<f32> {
     if clusters == 0 {
         return Vec::new();
@@ -88,7 +89,9 @@ fn interval(
     match init {
         CentroidInit::Linear => linspace(min, max, clusters),
         CentroidInit::Random => (0..clusters)
-            .map(|_| (f64::from(min) + rng.next_f64() * (f64::from(max) - f64::from(min))) as f32)
+            .map(|_| {
+                (f64::from(min) + rng.random::<f64>() * (f64::from(max) - f64::from(min))) as f32
+            })
             .collect(),
         CentroidInit::DensityBased => density_based(weights, min, max, clusters, preserve_sparsity),
         CentroidInit::KMeansPlusPlus => kmeans_plus_plus(weights, clusters, rng),
@@ -163,7 +166,7 @@ fn density_based(
 /// so far, "best" meaning the smallest sum of those distances once it is added;
 /// `retries = 2 + floor(ln(clusters))`. When every distinct weight is already a
 /// centroid, the remaining centroids repeat the first (their clusters stay empty).
-fn kmeans_plus_plus(points: &[f32], clusters: usize, rng: &mut SplitMix64) -> Vec<f32> {
+fn kmeans_plus_plus(points: &[f32], clusters: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
     let n = points.len();
     let retries = 2 + (clusters as f64).ln().floor() as usize;
     let mut min_distances = vec![f64::INFINITY; n];
@@ -212,23 +215,23 @@ fn half_squared(d: f64) -> f64 {
 /// One candidate index: uniform for the first centroid, else with probability
 /// proportional to the distance whose running sums are `cumulative`, never an index
 /// already picked (those have distance 0).
-fn draw(first: bool, cumulative: &[f64], sampled: &[bool], rng: &mut SplitMix64) -> usize {
+fn draw(first: bool, cumulative: &[f64], sampled: &[bool], rng: &mut ChaCha8Rng) -> usize {
     let n = sampled.len();
     if first {
-        return rng.below(n);
+        return rng.random_range(0..n);
     }
     let total = cumulative[n - 1];
     // Rounding can land a draw on the total or on a zero-length segment; redraw then,
     // and after many misses fall back to a uniform pick among the weights not picked.
     for _ in 0..64 {
-        let v = rng.next_f64() * total;
+        let v = rng.random::<f64>() * total;
         let index = cumulative.partition_point(|&c| c <= v);
         if index < n && !sampled[index] {
             return index;
         }
     }
     let free: Vec<usize> = (0..n).filter(|&i| !sampled[i]).collect();
-    free[rng.below(free.len())]
+    free[rng.random_range(0..free.len())]
 }
 
 #[cfg(test)]

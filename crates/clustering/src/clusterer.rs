@@ -2,12 +2,13 @@
 
 use std::collections::HashSet;
 
+use rand::Rng;
 use tch::nn::{self, OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::assignment::{centroid_gradients, nearest};
 use crate::centroids::initial_centroids;
-use crate::rng::SplitMix64;
+use crate::rng;
 use crate::{CentroidOptimizer, ClusteringConfig, Error, Granularity, Result, Variables};
 
 /// What a clustered variable looks like, from its values.
@@ -128,7 +129,7 @@ impl Clustered {
             .chunks(per_group as usize)
             .enumerate()
             .flat_map(|(group, weights)| {
-                let seed = SplitMix64::for_group(config.seed, &name, group).next_u64();
+                let seed = rng::for_group(config.seed, &name, group).random::<u64>();
                 initial_centroids(
                     weights,
                     config.clusters,
