@@ -67,6 +67,7 @@ mod builder;
 mod engine;
 mod error;
 pub mod kernels;
+mod palette;
 mod parameters;
 mod quant;
 mod score;
@@ -79,6 +80,7 @@ pub use artifact::{
 pub use builder::{ArtifactBuilder, Encoded, Storage, bias_name, weight_name};
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
+pub use palette::{MAX_PALETTE_CLUSTERS, MAX_RICE_PARAMETER, palette_index_bits};
 pub use parameters::{Artifact, LayerParameters, WeightValues};
 /// The quantization parameter type, shared with the `quantization` crate: an activation
 /// layer's input quantization is one on the u8 grid ([`QParams::u8`]).
