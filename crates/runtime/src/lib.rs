@@ -75,7 +75,7 @@ mod team;
 
 pub use artifact::{
     FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM, MAX_LAYERS,
-    READABLE_VERSIONS, Scheme,
+    MAX_SPARSE_ELEMENTS, PositionCode, READABLE_VERSIONS, Scheme,
 };
 pub use builder::{ArtifactBuilder, Encoded, Storage, bias_name, weight_name};
 pub use engine::{Execution, Model};
