@@ -599,12 +599,12 @@ fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -
             let packed = r.u8s(&indices_name, &[packed_bytes(r, name, len, *bits)?])?;
             let indices = palette::unpack_indices(packed, *bits, len, clusters)
                 .map_err(|reason| r.invalid(&indices_name, reason))?;
-            let group = group_of(*granularity, k);
-            let values = indices
-                .iter()
-                .enumerate()
-                .map(|(i, &index)| codebook[group(i) * clusters + usize::from(index)])
-                .collect();
+            let mut values = Vec::with_capacity(len);
+            for (row, indices) in indices.chunks(k.max(1)).enumerate() {
+                let group = group_of(*granularity, k)(row * k);
+                let centroids = &codebook[group * clusters..][..clusters];
+                values.extend(indices.iter().map(|&index| centroids[usize::from(index)]));
+            }
             Ok(dense_or_csr(values, out, k))
         }
         Scheme::PaletteSparse {

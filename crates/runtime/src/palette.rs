@@ -102,10 +102,16 @@ impl<'a> BitReader<'a> {
     /// The next 57 or more bits (zeros past the end), without consuming them.
     fn peek(&self) -> u64 {
         let start = self.at / 8;
-        let mut word = [0u8; 8];
-        let available = self.bytes.len().saturating_sub(start).min(8);
-        word[..available].copy_from_slice(&self.bytes[start..start + available]);
-        u64::from_le_bytes(word) >> (self.at % 8)
+        let word = match self.bytes.get(start..start + 8) {
+            Some(eight) => u64::from_le_bytes(eight.try_into().unwrap_or_default()),
+            None => {
+                let mut word = [0u8; 8];
+                let tail = self.bytes.get(start..).unwrap_or_default();
+                word[..tail.len()].copy_from_slice(tail);
+                u64::from_le_bytes(word)
+            }
+        };
+        word >> (self.at % 8)
     }
 
     /// The next `bits` bits (`bits <= 32`) as a number; `None` past the end.
@@ -195,19 +201,37 @@ pub(crate) fn unpack_indices(
             bytes.len()
         ));
     }
-    let mut r = BitReader::new(bytes);
+    // Whole bytes into a bit buffer, fields out of it; the range check is one maximum.
+    let mask = (1u64 << bits) - 1;
+    let (mut pending, mut filled) = (0u64, 0u32);
+    let mut next = bytes.iter();
     let mut out = Vec::with_capacity(count);
-    for i in 0..count {
-        // The length was checked above.
-        let index = r.read(u32::from(bits)).unwrap_or(0);
-        if index >= clusters as u64 {
-            return Err(format!(
-                "index {i} is {index}, beyond the codebook's {clusters} entries"
-            ));
+    let mut largest = 0u8;
+    for _ in 0..count {
+        while filled < u32::from(bits) {
+            // The length was checked above.
+            pending |= u64::from(next.next().copied().unwrap_or(0)) << filled;
+            filled += 8;
         }
-        out.push(index as u8);
+        let index = (pending & mask) as u8;
+        pending >>= bits;
+        filled -= u32::from(bits);
+        largest = largest.max(index);
+        out.push(index);
     }
-    r.finish("indices")?;
+    if usize::from(largest) >= clusters {
+        let i = out
+            .iter()
+            .position(|&index| usize::from(index) >= clusters)
+            .unwrap_or(0);
+        return Err(format!(
+            "index {i} is {}, beyond the codebook's {clusters} entries",
+            out[i]
+        ));
+    }
+    if pending != 0 {
+        return Err("padding bits after the indices are set".to_owned());
+    }
     Ok(out)
 }
 
