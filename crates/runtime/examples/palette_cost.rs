@@ -63,6 +63,29 @@ fn measure(
     Ok((bytes, times[times.len() / 2], model))
 }
 
+/// The bytes of the weight's tensors (`1.weight` and `1.weight.*`): their total, then each.
+fn weight_tensors(bytes: &[u8]) -> String {
+    let Ok((_, metadata)) = safetensors::SafeTensors::read_metadata(bytes) else {
+        return "?".into();
+    };
+    let mut parts: Vec<(String, usize)> = metadata
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("1.weight"))
+        .map(|(name, info)| (name, info.data_offsets.1 - info.data_offsets.0))
+        .collect();
+    parts.sort();
+    let total: usize = parts.iter().map(|(_, n)| n).sum();
+    if parts.len() == 1 {
+        return total.to_string();
+    }
+    let each: Vec<String> = parts
+        .iter()
+        .map(|(name, n)| format!("{} {n}", name.trim_start_matches("1.weight.")))
+        .collect();
+    format!("{total} ({})", each.join(", "))
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let mut dims = Vec::new();
@@ -105,8 +128,8 @@ fn main() -> ExitCode {
         "linear {out} x {inputs} ({} weights), 16 clusters per tensor; median of {loads} loads",
         out * inputs
     );
-    println!("| weights | scheme | file bytes | load ms | runs as |");
-    println!("|---|---|---:|---:|---|");
+    println!("| weights | scheme | weight tensors (bytes) | file bytes | load ms | runs as |");
+    println!("|---|---|---|---:|---:|---|");
     let cases = [
         ("dense", &dense, Storage::F32),
         ("dense", &dense, Storage::Palette(Granularity::PerTensor)),
@@ -124,7 +147,8 @@ fn main() -> ExitCode {
                     .weight_scheme(1)
                     .map_or_else(String::new, ToString::to_string);
                 println!(
-                    "| {what} | {scheme} | {} | {ms:.2} | {:?} |",
+                    "| {what} | {scheme} | {} | {} | {ms:.2} | {:?} |",
+                    weight_tensors(&bytes),
                     bytes.len(),
                     model.execution()[0].1
                 );
