@@ -2,7 +2,9 @@
 //!
 //! An artifact is one safetensors file (specified in `docs/FORMAT.md`) holding the network
 //! description ([`model_spec::NetworkSpec`]) and every parameter in its storage scheme: f32,
-//! f16, int8 (per-channel or per-tensor scales and zero points) or CSR-sparse. [`Model`]
+//! f16, int8 (per-channel or per-tensor scales and zero points), CSR-sparse, or palettized
+//! (clustered weights as a codebook and bit-packed indices, pruned ones without their zeros;
+//! decoded to f32 at load). [`Model`]
 //! loads and validates one and runs batches of inputs ([`Artifact`] gives the same file's
 //! decoded parameters to tools that convert rather than run it):
 //!
