@@ -1,7 +1,8 @@
-//! The artifact round trip: a briefly trained teacher exported by `models::export`, read by
-//! the Python reader printed in `docs/FORMAT.md` (taken from the document itself, so the two
-//! cannot drift), gives the Rust runtime's logits on raw MNIST images, normalised by both
-//! as the artifact records.
+//! The artifact round trip: a briefly trained teacher exported by `models::export` (and, with
+//! its weights clustered, by `runtime::ArtifactBuilder` as palettes), read by the Python
+//! reader printed in `docs/FORMAT.md` (taken from the document itself, so the two cannot
+//! drift), gives the Rust runtime's logits on raw MNIST images, normalised by both as the
+//! artifact records.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,8 +11,10 @@ use anyhow::{Context as _, Result, bail};
 use integration_tests::bundled_mnist;
 use mnist_data::{Batcher, Dataset, Normalization};
 use model_spec::InputNormalization;
+use models::export::DeployedParameter;
 use models::{Network, NetworkSpec, WeightFormat};
 use ndarray::{Array4, Axis};
+use runtime::{Artifact, ArtifactBuilder, Granularity, Scheme, Storage, WeightValues};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
@@ -34,6 +37,8 @@ const F32_LOGIT_TOLERANCE: f32 = 1e-5;
 const INT8_LOGIT_TOLERANCE: f32 = 1e-2;
 /// Test images sent through both engines.
 const IMAGES: usize = 32;
+/// Clusters per group of the palettized weights.
+const CLUSTERS: usize = 16;
 
 /// The Python code block under [`READER_HEADING`] in `docs/FORMAT.md`.
 fn python_reader() -> Result<&'static str> {
@@ -117,6 +122,71 @@ fn reader_logits(child: Child) -> Result<Vec<f32>> {
     Ok(rows.into_iter().flatten().collect())
 }
 
+/// Weight clustering as a deployment tool hands it over: every non-zero weight moved to the
+/// nearest of [`CLUSTERS`] evenly spaced values between the extremes of its group's non-zero
+/// weights (per output channel or per tensor); zeros stay zero, biases are left as they are.
+fn clustered(params: &[DeployedParameter], granularity: Granularity) -> Vec<DeployedParameter> {
+    let mut params = params.to_vec();
+    for p in params.iter_mut().filter(|p| p.name.ends_with(".weight")) {
+        let group = match granularity {
+            Granularity::PerChannel => p.data.len() / p.shape[0],
+            Granularity::PerTensor => p.data.len(),
+        };
+        for values in p.data.chunks_mut(group) {
+            let nonzero = values.iter().filter(|&&w| w != 0.0);
+            let lo = nonzero.clone().fold(f32::INFINITY, |m, &w| m.min(w));
+            let hi = nonzero.fold(f32::NEG_INFINITY, |m, &w| m.max(w));
+            let step = (hi - lo) / (CLUSTERS - 1) as f32;
+            for w in values.iter_mut().filter(|w| **w != 0.0) {
+                let level = if step > 0.0 {
+                    ((*w - lo) / step).round()
+                } else {
+                    0.0
+                };
+                *w = lo + level * step;
+            }
+        }
+    }
+    params
+}
+
+/// An artifact of `params` with every weight in [`Storage::Palette`], biases in f32.
+fn palette_artifact(
+    network: NetworkSpec,
+    params: &[DeployedParameter],
+    granularity: Granularity,
+) -> Result<ArtifactBuilder> {
+    let mut builder = ArtifactBuilder::new(network);
+    for p in params {
+        let storage = if p.name.ends_with(".weight") {
+            Storage::Palette(granularity)
+        } else {
+            Storage::F32
+        };
+        builder.add(&p.name, &p.data, &p.shape, storage)?;
+    }
+    Ok(builder)
+}
+
+/// Checks that `bytes` stores every weight in `scheme` and decodes to `params` exactly;
+/// returns the weights' schemes.
+fn check_palette(bytes: &[u8], params: &[DeployedParameter], scheme: &str) -> Result<Vec<Scheme>> {
+    let artifact = Artifact::from_bytes(bytes)?;
+    let mut schemes = Vec::new();
+    for p in params.iter().filter(|p| p.name.ends_with(".weight")) {
+        let index: usize = p.name.trim_end_matches(".weight").parse()?;
+        let layer = artifact.layer(index).context("a layer with parameters")?;
+        assert_eq!(layer.weight_scheme.name(), scheme, "{}", p.name);
+        let WeightValues::Float(values) = &layer.weight else {
+            bail!("{}: a palette decodes to real values", p.name);
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(values), bits(&p.data), "{}", p.name);
+        schemes.push(layer.weight_scheme.clone());
+    }
+    Ok(schemes)
+}
+
 fn relative_difference(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let diff = a
@@ -156,31 +226,53 @@ fn python_reader_of_the_format_doc_matches_the_runtime() -> Result<()> {
             .filter(|w| w.abs() < threshold)
             .for_each(|w| *w = 0.0);
     }
+    let deployed = models::export::deployed_parameters(&net, &vs)?;
+    let spec = net.spec().without_batch_norm();
+    let compact =
+        models::export::artifact_from_parameters(spec.clone(), &pruned, WeightFormat::Int8Compact)?;
+    assert!(String::from_utf8_lossy(&compact.to_bytes()?).contains("int8_sparse"));
+    // Clustered weights: dense, per channel; pruned, per tensor, without their zeros.
+    let clustered_dense = clustered(&deployed, Granularity::PerChannel);
+    let palette = palette_artifact(spec.clone(), &clustered_dense, Granularity::PerChannel)?;
+    check_palette(&palette.to_bytes()?, &clustered_dense, "palette")?;
+    let clustered_pruned = clustered(&pruned, Granularity::PerTensor);
+    let palette_sparse = palette_artifact(spec, &clustered_pruned, Granularity::PerTensor)?;
+    let schemes = check_palette(
+        &palette_sparse.to_bytes()?,
+        &clustered_pruned,
+        "palette_sparse",
+    )?;
+    // Four in five weights are zero: the Rice code beats the bitmask.
+    assert!(
+        schemes.iter().all(|s| matches!(
+            s,
+            Scheme::PaletteSparse {
+                positions: runtime::PositionCode::Rice { .. },
+                ..
+            }
+        )),
+        "{schemes:?}"
+    );
     let cases = [
-        (WeightFormat::F32, F32_LOGIT_TOLERANCE, None),
-        (WeightFormat::Int8DynamicRange, INT8_LOGIT_TOLERANCE, None),
         (
-            WeightFormat::Int8Compact,
-            INT8_LOGIT_TOLERANCE,
-            Some(&pruned),
+            "f32",
+            models::export::artifact(&net, &vs, WeightFormat::F32)?,
+            F32_LOGIT_TOLERANCE,
         ),
+        (
+            "int8",
+            models::export::artifact(&net, &vs, WeightFormat::Int8DynamicRange)?,
+            INT8_LOGIT_TOLERANCE,
+        ),
+        ("int8_sparse", compact, INT8_LOGIT_TOLERANCE),
+        // Palettes decode to f32 weights: the f32 tolerance.
+        ("palette", palette, F32_LOGIT_TOLERANCE),
+        ("palette_sparse", palette_sparse, F32_LOGIT_TOLERANCE),
     ];
     // The readers run at once: importing torch is most of their time.
     let mut runs = Vec::new();
-    for (format, tolerance, params) in cases {
-        let path = dir.join(format!("{format:?}.safetensors"));
-        let mut builder = match params {
-            None => models::export::artifact(&net, &vs, format)?,
-            Some(params) => models::export::artifact_from_parameters(
-                net.spec().without_batch_norm(),
-                params,
-                format,
-            )?,
-        };
-        if params.is_some() {
-            let bytes = builder.to_bytes()?;
-            assert!(String::from_utf8_lossy(&bytes).contains("int8_sparse"));
-        }
+    for (format, mut builder, tolerance) in cases {
+        let path = dir.join(format!("{format}.safetensors"));
         builder.set_input_normalization(recorded.clone());
         builder.write(&path)?;
         let model = runtime::Model::load(&path)?;
@@ -193,11 +285,11 @@ fn python_reader_of_the_format_doc_matches_the_runtime() -> Result<()> {
     for (format, tolerance, ours, reader) in runs {
         let theirs = reader_logits(reader)?;
         let ours = ours.as_slice().context("standard layout")?;
-        assert_eq!(theirs.len(), ours.len(), "{format:?}");
+        assert_eq!(theirs.len(), ours.len(), "{format}");
         let difference = relative_difference(ours, &theirs);
         assert!(
             difference < tolerance,
-            "{format:?}: relative difference {difference}"
+            "{format}: relative difference {difference}"
         );
     }
     std::fs::remove_dir_all(&dir)?;

@@ -33,7 +33,8 @@ Commands:
                         --workspace (doc tests included); ARGS go to `cargo test`
   fuzz <TARGET> [--runs N] [ARGS...]
                         run a cargo-fuzz target of fuzz/ (idx_parser, artifact_loader) for N
-                        executions (default 1000000) on its corpus; ARGS go to libFuzzer
+                        executions (default 1000000) on its corpus (artifact_loader's
+                        seeded first with the runtime's fuzz_corpus example); ARGS go to libFuzzer
                         (needs the nightly toolchain and `cargo install cargo-fuzz`)
   setup                 make sure LibTorch is available (installs it on first use)
   env                   print the shell exports for using plain `cargo build/test/run`
@@ -137,7 +138,9 @@ const FUZZ_TARGETS: [&str; 2] = ["idx_parser", "artifact_loader"];
 const DEFAULT_FUZZ_RUNS: u64 = 1_000_000;
 
 /// `fuzz <TARGET> [--runs N] [ARGS...]`: `cargo +nightly fuzz run` with one job, stopping
-/// after N executions; crashes land in `fuzz/artifacts/<TARGET>/`.
+/// after N executions; crashes land in `fuzz/artifacts/<TARGET>/`. The artifact loader's
+/// corpus gets its seeds first (the runtime's `fuzz_corpus` example: a valid artifact in
+/// every storage scheme), beside what earlier runs left there.
 fn fuzz(args: &[OsString]) -> Result<ExitCode> {
     let mut args = args.iter().map(|a| a.to_string_lossy().into_owned());
     let target = match args.next() {
@@ -167,6 +170,23 @@ fn fuzz(args: &[OsString]) -> Result<ExitCode> {
             .and_then(|v| v.parse().ok())
             .filter(|&n: &u64| n >= 1)
             .with_context(|| format!("--runs needs a whole number of at least 1, got {value:?}"))?;
+    }
+    if target == "artifact_loader" {
+        let seeds = cargo(&workspace_root(), None)
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "runtime",
+                "--example",
+                "fuzz_corpus",
+                "--",
+            ])
+            .arg(Path::new("fuzz").join("corpus").join(&target))
+            .status();
+        if !step("seeding the artifact loader's corpus", seeds)? {
+            return Ok(ExitCode::FAILURE);
+        }
     }
     // `+nightly` is understood by rustup's `cargo` proxy, not by the toolchain's cargo
     // binary that `CARGO` names.

@@ -2,7 +2,7 @@
 
 For every model it builds a Keras model (tf-keras, the legacy Keras the TFLite converter
 takes) holding the artifact's float weights (batch norm is already folded in; an int8
-artifact's weights are dequantized), converts it with the TFLite converter once per bench run
+artifact's weights are dequantized, palettes decoded), converts it with the TFLite converter once per bench run
 (cached in the request's folder) and times `tf.lite.Interpreter(model_content=...,
 num_threads=T)` on the bench's normalized test images. Schemes:
 
@@ -68,6 +68,28 @@ def read_artifact(path):
     return tensors, network, schemes
 
 
+def unpack(raw, count, bits):
+    """`count` unsigned integers of `bits` bits packed least significant bit first."""
+    fields = np.unpackbits(raw, bitorder="little")[:count * bits].reshape(count, bits)
+    return (fields.astype(np.int64) << np.arange(bits)).sum(axis=1)
+
+
+def rice_positions(raw, n, r):
+    """The stored positions of a Rice-coded palette_sparse weight of n elements."""
+    stream = np.unpackbits(raw, bitorder="little").tolist()
+    positions, at, position = [], 0, -1
+    while True:
+        q = 0
+        while stream[at]:
+            q, at = q + 1, at + 1
+        gap = q << r | sum(stream[at + 1 + j] << j for j in range(r))
+        at += 1 + r
+        position += gap + 1
+        if position == n:
+            return np.array(positions, dtype=np.int64)
+        positions.append(position)
+
+
 def dense(name, scheme, tensors, shape):
     """One parameter of logical shape `shape` as dense f32, whatever its storage scheme."""
     kind = scheme["scheme"]
@@ -92,6 +114,19 @@ def dense(name, scheme, tensors, shape):
         row_ptr = tensors[name + ".row_ptr"].astype(np.int64)
         w = np.zeros((rows, n // rows), dtype=np.float32)
         w[np.repeat(np.arange(rows), np.diff(row_ptr)), tensors[name + ".col_idx"]] = tensors[name + ".values"]
+        return w.reshape(shape)
+    if kind in ("palette", "palette_sparse"):
+        codebook = tensors[name + ".codebook"]
+        per_group = n // codebook.shape[0]
+        if kind == "palette":
+            positions = np.arange(n)
+        elif scheme["positions"]["code"] == "bitmask":
+            positions = np.flatnonzero(np.unpackbits(tensors[name + ".positions"], bitorder="little")[:n])
+        else:
+            positions = rice_positions(tensors[name + ".positions"], n, scheme["positions"]["parameter"])
+        index = unpack(tensors[name + ".indices"], positions.size, scheme["bits"])
+        w = np.zeros(n, dtype=np.float32)
+        w[positions] = codebook[positions // per_group, index]
         return w.reshape(shape)
     raise ValueError(f"unknown scheme {kind}")
 

@@ -95,12 +95,16 @@ fn run(args: &Args) -> Result<()> {
     check_fit(&model, &test)?;
     let score = score(&model, &test, args.batch)?;
 
-    let layers: Vec<(usize, String, String)> = model
+    // Index, kind, how the weight is stored, how the layer runs.
+    let layers: Vec<(usize, String, String, String)> = model
         .execution()
         .iter()
         .map(|&(index, execution)| {
             let kind = layer_kind(&model, index);
-            (index, kind, describe(execution))
+            let stored = model
+                .weight_scheme(index)
+                .map_or_else(String::new, ToString::to_string);
+            (index, kind, stored, describe(execution))
         })
         .collect();
     let accuracy = score.accuracy();
@@ -109,8 +113,8 @@ fn run(args: &Args) -> Result<()> {
     if args.json {
         let layers: Vec<_> = layers
             .iter()
-            .map(|(index, kind, execution)| {
-                json!({ "index": index, "layer": kind, "execution": execution })
+            .map(|(index, kind, stored, execution)| {
+                json!({ "index": index, "layer": kind, "stored": stored, "execution": execution })
             })
             .collect();
         let report = json!({
@@ -145,8 +149,8 @@ fn run(args: &Args) -> Result<()> {
             norm.raw_max, norm.mean, norm.std
         );
         println!("layers:");
-        for (index, kind, execution) in &layers {
-            println!("  {index:>3}  {kind:<8} {execution}");
+        for (index, kind, stored, execution) in &layers {
+            println!("  {index:>3}  {kind:<8} {execution}, stored as {stored}");
         }
         println!(
             "accuracy: {:.2}% ({} of {} test images)",

@@ -103,8 +103,10 @@ fn scores_an_artifact_as_json() {
     assert_eq!(layers[0]["index"], 1);
     assert_eq!(layers[0]["layer"], "linear");
     assert_eq!(layers[0]["execution"], "int8, dynamic-range activations");
+    assert_eq!(layers[0]["stored"], "int8 (per channel)");
     assert_eq!(layers[1]["index"], 3);
     assert_eq!(layers[1]["execution"], "f32 (dense)");
+    assert_eq!(layers[1]["stored"], "f32");
 }
 
 #[test]
@@ -123,7 +125,7 @@ fn prints_a_text_summary() {
         "network:  tiny_mlp",
         "of 10 test images",
         "images/s",
-        "linear   int8, dynamic-range activations",
+        "linear   int8, dynamic-range activations, stored as int8 (per channel)",
     ] {
         assert!(stdout.contains(needle), "{needle}: {stdout}");
     }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::kernels::{ConvGeometry, CsrMatrix, MAX_INT8_K};
+use crate::palette;
 
 /// Whether an int8 weight has one scale and zero point per output channel (axis 0,
 /// auxiliary tensors of shape `[out]`) or one in all (shape `[1]`).
@@ -42,6 +43,9 @@ pub const MAX_LAYERS: usize = 1 << 12;
 /// Largest number of elements of one sample's activation (or im2col matrix) accepted: keeps
 /// a hostile file from making a single-sample run allocate without bound.
 pub const MAX_ACTIVATION_ELEMENTS: usize = 1 << 26;
+/// Largest number of elements of a `palette_sparse` weight accepted: its position code can
+/// describe long runs of zeros in a few bits, so the file does not bound the decoded size.
+pub const MAX_SPARSE_ELEMENTS: usize = 1 << 26;
 
 /// How one parameter is stored: the `tensors` metadata entry maps every parameter name to one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,6 +76,54 @@ pub enum Scheme {
         /// The dense shape, which must be the parameter's shape.
         shape: Vec<usize>,
     },
+    /// Palettized (clustered) values: `name.codebook` (F32 `[G, k]`, `1 <= k <= 256`, finite)
+    /// and `name.indices` (U8, `ceil(numel * bits / 8)` bytes): one index per element,
+    /// row-major, packed at `bits` bits least significant bit first, padding bits zero;
+    /// `w = codebook[g, index]`.
+    Palette {
+        /// One codebook per tensor or per output channel.
+        granularity: Granularity,
+        /// Bits per index: the smallest `b >= 1` with `2^b >= k`.
+        bits: u8,
+    },
+    /// Palettized values of a pruned weight: exact zeros are not stored and are not a
+    /// cluster. `name.positions` (U8) says which elements are stored, in the code
+    /// `positions` names; `name.indices` holds one index per stored element, in order,
+    /// packed as for `Palette`; `name.codebook` as for `Palette`.
+    PaletteSparse {
+        /// One codebook per tensor or per output channel.
+        granularity: Granularity,
+        /// Bits per index: the smallest `b >= 1` with `2^b >= k`.
+        bits: u8,
+        /// How the positions of the stored elements are coded.
+        positions: PositionCode,
+    },
+}
+
+/// How a `palette_sparse` weight codes the positions of its stored elements
+/// (`docs/FORMAT.md` specifies both bit by bit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "code", rename_all = "snake_case")]
+pub enum PositionCode {
+    /// One bit per element, row-major, least significant bit first, padding bits zero:
+    /// `ceil(numel / 8)` bytes.
+    Bitmask,
+    /// Golomb-Rice coded gaps: before each stored element the number of elements skipped
+    /// since the previous one, then the number after the last one; a gap `d` is `d >> parameter`
+    /// one bits, a zero bit and the low `parameter` bits of `d`, least significant first.
+    Rice {
+        /// The Rice parameter, `0..=31`.
+        parameter: u8,
+    },
+}
+
+impl std::fmt::Display for PositionCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Bitmask => write!(f, "bitmask positions"),
+            Self::Rice { parameter } => write!(f, "Rice-coded positions (parameter {parameter})"),
+        }
+    }
 }
 
 impl Scheme {
@@ -83,6 +135,38 @@ impl Scheme {
             Self::Int8 { .. } => "int8",
             Self::Int8Sparse { .. } => "int8_sparse",
             Self::Csr { .. } => "csr",
+            Self::Palette { .. } => "palette",
+            Self::PaletteSparse { .. } => "palette_sparse",
+        }
+    }
+}
+
+/// The scheme as a short description: its name, then what it records (granularity, index
+/// width, position code).
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let granularity = |g: &Granularity| match g {
+            Granularity::PerTensor => "per tensor",
+            Granularity::PerChannel => "per channel",
+        };
+        match self {
+            Self::F32 | Self::F16 | Self::Csr { .. } => write!(f, "{}", self.name()),
+            Self::Int8 { granularity: g } | Self::Int8Sparse { granularity: g } => {
+                write!(f, "{} ({})", self.name(), granularity(g))
+            }
+            Self::Palette {
+                granularity: g,
+                bits,
+            } => write!(f, "palette ({bits}-bit indices, {})", granularity(g)),
+            Self::PaletteSparse {
+                granularity: g,
+                bits,
+                positions,
+            } => write!(
+                f,
+                "palette_sparse ({bits}-bit indices, {}, {positions})",
+                granularity(g)
+            ),
         }
     }
 }
@@ -508,7 +592,177 @@ fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -
                 .map(Weight::Csr)
                 .map_err(|reason| r.invalid(name, reason))
         }
+        Scheme::Palette { granularity, bits } => {
+            let len = out * k;
+            let (codebook, clusters) = palette_codebook(r, name, *granularity, *bits, out)?;
+            let indices_name = format!("{name}.indices");
+            let packed = r.u8s(&indices_name, &[packed_bytes(r, name, len, *bits)?])?;
+            let indices = palette::unpack_indices(packed, *bits, len, clusters)
+                .map_err(|reason| r.invalid(&indices_name, reason))?;
+            let mut values = Vec::with_capacity(len);
+            for (row, indices) in indices.chunks(k.max(1)).enumerate() {
+                let group = group_of(*granularity, k)(row * k);
+                let centroids = &codebook[group * clusters..][..clusters];
+                values.extend(indices.iter().map(|&index| centroids[usize::from(index)]));
+            }
+            Ok(dense_or_csr(values, out, k))
+        }
+        Scheme::PaletteSparse {
+            granularity,
+            bits,
+            positions: code,
+        } => {
+            let len = out * k;
+            if len > MAX_SPARSE_ELEMENTS {
+                return Err(Error::Unsupported {
+                    file: r.file.to_owned(),
+                    reason: format!(
+                        "palette_sparse weight `{name}` has {len} elements, above the limit of {MAX_SPARSE_ELEMENTS}"
+                    ),
+                });
+            }
+            let (codebook, clusters) = palette_codebook(r, name, *granularity, *bits, out)?;
+            let positions_name = format!("{name}.positions");
+            let positions = match *code {
+                PositionCode::Bitmask => {
+                    let mask = r.u8s(&positions_name, &[len.div_ceil(8)])?;
+                    palette::decode_bitmask(mask, len)
+                }
+                PositionCode::Rice { parameter } => {
+                    if parameter > palette::MAX_RICE_PARAMETER {
+                        return Err(malformed(
+                            r.file,
+                            "tensors",
+                            format!(
+                                "`{name}`: Rice parameter {parameter} is above {}",
+                                palette::MAX_RICE_PARAMETER
+                            ),
+                        ));
+                    }
+                    let stored = r.shape(&positions_name)?;
+                    let bytes = r.u8s(&positions_name, &[stored.first().copied().unwrap_or(0)])?;
+                    palette::decode_rice(bytes, len, parameter)
+                }
+            }
+            .map_err(|reason| r.invalid(&positions_name, reason))?;
+            let indices_name = format!("{name}.indices");
+            let packed = r.u8s(
+                &indices_name,
+                &[packed_bytes(r, name, positions.len(), *bits)?],
+            )?;
+            let indices = palette::unpack_indices(packed, *bits, positions.len(), clusters)
+                .map_err(|reason| r.invalid(&indices_name, reason))?;
+            // Positions ascend, so the rows fill in order.
+            let group = group_of(*granularity, k);
+            let mut row_ptr = vec![0usize; out + 1];
+            let mut col_idx = Vec::with_capacity(positions.len());
+            let mut values = Vec::with_capacity(positions.len());
+            for (&p, &index) in positions.iter().zip(&indices) {
+                let p = p as usize;
+                row_ptr[p / k + 1] += 1;
+                col_idx.push((p % k) as u32);
+                values.push(codebook[group(p) * clusters + usize::from(index)]);
+            }
+            for i in 0..out {
+                row_ptr[i + 1] += row_ptr[i];
+            }
+            let stored = values.len();
+            let matrix = CsrMatrix::new(out, k, row_ptr, col_idx, values)
+                .map_err(|reason| r.invalid(name, reason))?;
+            Ok(if crate::csr_pays_off(out, k, stored) {
+                Weight::Csr(matrix)
+            } else {
+                Weight::Dense(matrix.to_dense())
+            })
+        }
     }
+}
+
+/// Which codebook row element `i` of a weight with rows of `k` elements uses.
+fn group_of(granularity: Granularity, k: usize) -> impl Fn(usize) -> usize {
+    move |i| match granularity {
+        Granularity::PerTensor => 0,
+        Granularity::PerChannel => i / k,
+    }
+}
+
+/// A decoded weight of `rows x cols` real values as the engine runs it: CSR where
+/// [`crate::csr_pays_off`] says so for its non-zero count, else dense.
+fn dense_or_csr(values: Vec<f32>, rows: usize, cols: usize) -> Weight {
+    let nonzero = values.iter().filter(|&&v| v != 0.0).count();
+    if crate::csr_pays_off(rows, cols, nonzero) {
+        Weight::Csr(CsrMatrix::from_dense(&values, rows, cols))
+    } else {
+        Weight::Dense(values)
+    }
+}
+
+/// The byte length of `count` packed indices of `bits` bits of parameter `name`.
+fn packed_bytes(r: &Reader, name: &str, count: usize, bits: u8) -> Result<usize> {
+    palette::packed_len(count, bits).ok_or_else(|| Error::Unsupported {
+        file: r.file.to_owned(),
+        reason: format!("`{name}` has too many indices to address"),
+    })
+}
+
+/// The codebook of a palette weight (`name.codebook`, F32 `[G, k]`), checked against the
+/// scheme's `bits` and for finite values; returns it row-major with `k`.
+fn palette_codebook(
+    r: &mut Reader,
+    name: &str,
+    granularity: Granularity,
+    bits: u8,
+    out: usize,
+) -> Result<(Vec<f32>, usize)> {
+    if !(1..=8).contains(&bits) {
+        return Err(malformed(
+            r.file,
+            "tensors",
+            format!("`{name}`: bits {bits} is not in 1..=8"),
+        ));
+    }
+    let groups = match granularity {
+        Granularity::PerTensor => 1,
+        Granularity::PerChannel => out,
+    };
+    let codebook_name = format!("{name}.codebook");
+    let shape = r.shape(&codebook_name)?;
+    let [_, clusters] = shape[..] else {
+        return Err(r.invalid(
+            &codebook_name,
+            format!("has shape {shape:?}, a codebook is [groups, clusters]"),
+        ));
+    };
+    let codebook = r.f32s(&codebook_name, &[groups, clusters])?;
+    let Some(needed) = palette::palette_index_bits(clusters) else {
+        return Err(r.invalid(
+            &codebook_name,
+            format!(
+                "has {clusters} entries per group, a codebook has 1 to {}",
+                palette::MAX_PALETTE_CLUSTERS
+            ),
+        ));
+    };
+    if needed != bits {
+        return Err(malformed(
+            r.file,
+            "tensors",
+            format!(
+                "`{name}` has bits {bits}, but its codebook of {clusters} entries per group needs {needed}"
+            ),
+        ));
+    }
+    if let Some((i, v)) = codebook.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(r.invalid(
+            &codebook_name,
+            format!(
+                "entry {} of group {} is {v}, not finite",
+                i % clusters,
+                i / clusters
+            ),
+        ));
+    }
+    Ok((codebook, clusters))
 }
 
 /// The scales and zero points of an int8 weight (`name.scale`, `name.zero_point`), checked

@@ -11,9 +11,13 @@ use serde::Serialize;
 
 use quantization::{BitWidth, QParams, quantize_weights};
 
-use crate::artifact::{FORMAT, FORMAT_VERSION, Granularity, Scheme, StoredActivation};
+use crate::artifact::{
+    FORMAT, FORMAT_VERSION, Granularity, MAX_SPARSE_ELEMENTS, PositionCode, Scheme,
+    StoredActivation,
+};
 use crate::error::{Error, Result};
 use crate::kernels::CsrMatrix;
+use crate::palette;
 
 /// How [`ArtifactBuilder::add`] stores real values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +37,15 @@ pub enum Storage {
     /// The non-zero values in compressed sparse rows (scheme `csr`) over
     /// `[shape[0], product(shape[1..])]`.
     Csr,
+    /// Values that take few distinct values per group (clustered weights) as a palette,
+    /// exactly: each group's distinct values, ascending, are its codebook (padded with
+    /// zeros to the largest group's count), each element stored as its index. Stored in
+    /// `palette`, or in `palette_sparse` (exact zeros left out of the codebook and not
+    /// stored; a negative zero comes back as zero) when that is smaller, as for pruned and
+    /// clustered weights. Fails when a value is not finite or a group has more than
+    /// [`MAX_PALETTE_CLUSTERS`](crate::MAX_PALETTE_CLUSTERS) distinct values (256: cluster
+    /// the weights first).
+    Palette(Granularity),
 }
 
 /// A weight already in its stored form, for [`ArtifactBuilder::add_encoded`]: codes that
@@ -62,6 +75,23 @@ pub enum Encoded<'a> {
         col_idx: &'a [i32],
         /// The stored values.
         values: &'a [f32],
+    },
+    /// Cluster indices into a codebook computed elsewhere (by a clustering library, say),
+    /// stored in `palette`, or in `palette_sparse` when `kept` is given (the positions in
+    /// the smaller of a bitmask and the best Rice code). The indices are packed at the
+    /// smallest width that holds `k = codebook.len() / groups` clusters, and every stored
+    /// index must fit that width; whether it is below `k` is left to the loader.
+    Palette {
+        /// One index per element, row-major, into its group's row of `codebook` (the
+        /// indices of elements that `kept` leaves out are ignored).
+        indices: &'a [u8],
+        /// `[groups, k]`, row-major: one row of `k` centroids (1 to 256) per group.
+        codebook: &'a [f32],
+        /// One codebook for the tensor, or one per output channel.
+        granularity: Granularity,
+        /// `None` stores every element (`palette`); `Some(kept)`, one flag per element,
+        /// stores the kept ones only, the others being exact zeros (`palette_sparse`).
+        kept: Option<&'a [bool]>,
     },
 }
 
@@ -266,6 +296,23 @@ impl ArtifactBuilder {
                     },
                 )?;
             }
+            Storage::Palette(granularity) => {
+                let rows = shape.first().copied().unwrap_or(1);
+                if rows == 0 {
+                    return Err(builder_error(format!("`{name}` has no output channels")));
+                }
+                let palette = Palettized::choose(name, values, rows, granularity)?;
+                self.add_encoded(
+                    name,
+                    shape,
+                    Encoded::Palette {
+                        indices: &palette.indices,
+                        codebook: &palette.codebook,
+                        granularity,
+                        kept: palette.kept.as_deref(),
+                    },
+                )?;
+            }
             Storage::Csr => {
                 let rows = shape.first().copied().unwrap_or(1);
                 let cols = values.len().checked_div(rows).unwrap_or(0);
@@ -375,6 +422,90 @@ impl ArtifactBuilder {
                     le_bytes(values, f32::to_le_bytes),
                 )?;
             }
+            Encoded::Palette {
+                indices,
+                codebook,
+                granularity,
+                kept,
+            } => {
+                check_len(name, "indices", indices.len(), len)?;
+                let groups = match granularity {
+                    Granularity::PerTensor => 1,
+                    Granularity::PerChannel => shape.first().copied().unwrap_or(1),
+                };
+                let clusters = codebook.len().checked_div(groups).unwrap_or(0);
+                let bits = palette::palette_index_bits(clusters)
+                    .filter(|_| clusters * groups == codebook.len())
+                    .ok_or_else(|| {
+                        builder_error(format!(
+                            "`{name}`: a codebook of {} values is not {groups} rows of 1 to {} \
+                             clusters",
+                            codebook.len(),
+                            palette::MAX_PALETTE_CLUSTERS
+                        ))
+                    })?;
+                let fits = |i: usize| {
+                    let index = indices[i];
+                    if u16::from(index) < 1 << bits {
+                        Ok(index)
+                    } else {
+                        Err(builder_error(format!(
+                            "`{name}`: index {index} of element {i} does not fit the {bits} bits \
+                             of a {clusters}-cluster codebook"
+                        )))
+                    }
+                };
+                let (scheme, positions, stored) = match kept {
+                    None => {
+                        let stored = (0..len).map(fits).collect::<Result<Vec<u8>>>()?;
+                        (Scheme::Palette { granularity, bits }, None, stored)
+                    }
+                    Some(kept) => {
+                        check_len(name, "kept flags", kept.len(), len)?;
+                        if len > MAX_SPARSE_ELEMENTS {
+                            return Err(builder_error(format!(
+                                "`{name}` has {len} elements, palette_sparse holds at most \
+                                 {MAX_SPARSE_ELEMENTS}"
+                            )));
+                        }
+                        let positions: Vec<u32> =
+                            (0..len as u32).filter(|&i| kept[i as usize]).collect();
+                        let stored = positions
+                            .iter()
+                            .map(|&p| fits(p as usize))
+                            .collect::<Result<Vec<u8>>>()?;
+                        let (code, bytes) = position_code(&positions, len);
+                        let scheme = Scheme::PaletteSparse {
+                            granularity,
+                            bits,
+                            positions: code,
+                        };
+                        (scheme, Some(bytes), stored)
+                    }
+                };
+                self.describe(name, scheme)?;
+                if let Some(bytes) = positions {
+                    self.put(
+                        &format!("{name}.positions"),
+                        Dtype::U8,
+                        &[bytes.len()],
+                        bytes,
+                    )?;
+                }
+                let packed = palette::pack_indices(stored, bits);
+                self.put(
+                    &format!("{name}.indices"),
+                    Dtype::U8,
+                    &[packed.len()],
+                    packed,
+                )?;
+                self.put(
+                    &format!("{name}.codebook"),
+                    Dtype::F32,
+                    &[groups, clusters],
+                    le_bytes(codebook, f32::to_le_bytes),
+                )?;
+            }
         }
         Ok(self)
     }
@@ -475,6 +606,123 @@ impl ArtifactBuilder {
             path: path.to_owned(),
             source: e.into_io_error(),
         })
+    }
+}
+
+/// The smaller code of the stored `positions` (ascending) among `numel` elements: the
+/// bitmask, or the Rice code with the parameter that minimises its size when that is
+/// strictly smaller.
+fn position_code(positions: &[u32], numel: usize) -> (PositionCode, Vec<u8>) {
+    let (parameter, rice_bytes) = palette::best_rice_parameter(positions, numel);
+    if rice_bytes < numel.div_ceil(8) {
+        let code = palette::encode_rice(positions, numel, parameter);
+        (PositionCode::Rice { parameter }, code)
+    } else {
+        (
+            PositionCode::Bitmask,
+            palette::encode_bitmask(positions, numel),
+        )
+    }
+}
+
+/// Real values as a palette: indices, codebook and, for `palette_sparse`, the kept flags.
+struct Palettized {
+    indices: Vec<u8>,
+    codebook: Vec<f32>,
+    kept: Option<Vec<bool>>,
+}
+
+impl Palettized {
+    /// The smaller of the dense and the sparse palette of `values` (`rows` output
+    /// channels), the dense one on a tie.
+    fn choose(name: &str, values: &[f32], rows: usize, granularity: Granularity) -> Result<Self> {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(builder_error(format!(
+                "`{name}`: value {i} is {}, a palette stores finite values",
+                values[i]
+            )));
+        }
+        let groups = match granularity {
+            Granularity::PerTensor => 1,
+            Granularity::PerChannel => rows,
+        };
+        let dense = Self::build(values, groups, false);
+        let sparse =
+            (values.len() <= MAX_SPARSE_ELEMENTS).then(|| Self::build(values, groups, true));
+        match (dense, sparse) {
+            (Ok(dense), Some(Ok(sparse))) if sparse.size(groups) < dense.size(groups) => Ok(sparse),
+            (Ok(dense), _) => Ok(dense),
+            (Err(_), Some(Ok(sparse))) => Ok(sparse),
+            (Err((group, count)), _) => Err(builder_error(format!(
+                "`{name}`: group {group} has {count} distinct values, a palette holds at most {} \
+                 per group (cluster the values first)",
+                palette::MAX_PALETTE_CLUSTERS
+            ))),
+        }
+    }
+
+    /// The palette of `values` in `groups` equal groups: every distinct value (by bit
+    /// pattern) of a group, ascending, in its codebook row, zeros left out when `sparse`.
+    /// `Err((group, distinct values))` for a group with more than 256.
+    fn build(
+        values: &[f32],
+        groups: usize,
+        sparse: bool,
+    ) -> std::result::Result<Self, (usize, usize)> {
+        let per_group = values.len() / groups;
+        let stored = |v: f32| !(sparse && v == 0.0);
+        let mut rows = Vec::with_capacity(groups);
+        for (g, group) in values.chunks(per_group.max(1)).enumerate() {
+            let mut distinct: Vec<f32> = group.iter().copied().filter(|&v| stored(v)).collect();
+            distinct.sort_by(f32::total_cmp);
+            distinct.dedup_by(|a, b| a.to_bits() == b.to_bits());
+            if distinct.len() > palette::MAX_PALETTE_CLUSTERS {
+                return Err((g, distinct.len()));
+            }
+            rows.push(distinct);
+        }
+        let clusters = rows.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        let mut codebook = Vec::with_capacity(groups * clusters);
+        for row in &rows {
+            codebook.extend_from_slice(row);
+            codebook.resize(codebook.len() + clusters - row.len(), 0.0);
+        }
+        // Rows beyond the values (an empty weight): all padding.
+        codebook.resize(groups * clusters, 0.0);
+        let indices = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let row = &rows[i / per_group.max(1)];
+                // Every stored value is in its row; the others get index 0, unused.
+                row.binary_search_by(|c| c.total_cmp(&v)).unwrap_or(0) as u8
+            })
+            .collect();
+        let kept = sparse.then(|| values.iter().map(|&v| stored(v)).collect());
+        Ok(Self {
+            indices,
+            codebook,
+            kept,
+        })
+    }
+
+    /// The bytes this palette takes in an artifact.
+    fn size(&self, groups: usize) -> usize {
+        let clusters = self.codebook.len() / groups.max(1);
+        let bits = palette::palette_index_bits(clusters).unwrap_or(8);
+        let (stored, positions) = match &self.kept {
+            None => (self.indices.len(), 0),
+            Some(kept) => {
+                let positions: Vec<u32> = (0..kept.len() as u32)
+                    .filter(|&i| kept[i as usize])
+                    .collect();
+                let bytes = position_code(&positions, kept.len()).1.len();
+                (positions.len(), bytes)
+            }
+        };
+        positions
+            + palette::packed_len(stored, bits).unwrap_or(usize::MAX)
+            + 4 * self.codebook.len()
     }
 }
 

@@ -9,7 +9,7 @@ use ndarray::{Array2, ArrayView, Dimension};
 use quantization::QParams;
 use rayon::prelude::*;
 
-use crate::artifact::{Decoded, Layer, LayerParams, Weight, decode};
+use crate::artifact::{Decoded, Layer, LayerParams, Scheme, Weight, decode};
 use crate::error::{Error, Result};
 use crate::kernels::{
     self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, Patches, SparseConv, U8Matrix,
@@ -23,9 +23,10 @@ use crate::team::Team;
 /// How one conv2d or linear layer executes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Execution {
-    /// Dense f32 GEMM (weights stored as f32 or f16).
+    /// Dense f32 GEMM (weights stored as f32 or f16, or palettized and decoded at load).
     F32,
-    /// CSR-sparse f32 product with this many stored weights.
+    /// CSR-sparse f32 product with this many stored weights (weights stored as CSR, or
+    /// palettized and decoded at load where [`csr_pays_off`](crate::csr_pays_off)).
     Csr {
         /// Stored (non-zero) weights.
         nnz: usize,
@@ -70,6 +71,8 @@ enum Kernel {
 struct Compute {
     /// Its index in the network.
     layer: usize,
+    /// How the artifact stores its weight.
+    scheme: Scheme,
     /// `None` for a linear layer.
     conv: Option<ConvGeometry>,
     out: usize,
@@ -549,6 +552,17 @@ impl Model {
             .collect()
     }
 
+    /// How the artifact stores the weight of layer `layer`, a conv2d or linear layer
+    /// (`None` for other layers and past the end). Storage and execution are separate: the
+    /// schemes that are decoded at load run as [`Execution::F32`] or [`Execution::Csr`]
+    /// (`f16`, `csr`, `palette`, `palette_sparse`) or as int8 (`int8_sparse`).
+    pub fn weight_scheme(&self, layer: usize) -> Option<&Scheme> {
+        self.ops.iter().find_map(|op| match op {
+            Op::Compute(c) if c.layer == layer => Some(&c.scheme),
+            _ => None,
+        })
+    }
+
     /// Runs a batch of raw input (8-bit pixels, `(batch, channels, height, width)` or
     /// `(batch, features)` in C order) through the artifact's recorded input normalization
     /// ([`Model::input_normalization`]), then like [`Model::run`]. Fails with
@@ -785,6 +799,7 @@ fn compile_layer(
         weight,
         bias,
         input_quant,
+        weight_scheme,
         ..
     } = params;
     let perm = permutation(conv.as_ref(), flat_from, k);
@@ -842,6 +857,7 @@ fn compile_layer(
     };
     Compute {
         layer: index,
+        scheme: weight_scheme,
         conv,
         out,
         k,

@@ -2,7 +2,9 @@
 //!
 //! An artifact is one safetensors file (specified in `docs/FORMAT.md`) holding the network
 //! description ([`model_spec::NetworkSpec`]) and every parameter in its storage scheme: f32,
-//! f16, int8 (per-channel or per-tensor scales and zero points) or CSR-sparse. [`Model`]
+//! f16, int8 (per-channel or per-tensor scales and zero points), CSR-sparse, or palettized
+//! (clustered weights as a codebook and bit-packed indices, pruned ones without their zeros;
+//! decoded to f32 at load). [`Model`]
 //! loads and validates one and runs batches of inputs ([`Artifact`] gives the same file's
 //! decoded parameters to tools that convert rather than run it):
 //!
@@ -67,6 +69,7 @@ mod builder;
 mod engine;
 mod error;
 pub mod kernels;
+mod palette;
 mod parameters;
 mod quant;
 mod score;
@@ -74,11 +77,12 @@ mod team;
 
 pub use artifact::{
     FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM, MAX_LAYERS,
-    READABLE_VERSIONS, Scheme,
+    MAX_SPARSE_ELEMENTS, PositionCode, READABLE_VERSIONS, Scheme,
 };
 pub use builder::{ArtifactBuilder, Encoded, Storage, bias_name, weight_name};
 pub use engine::{Execution, Model};
 pub use error::{Error, Result};
+pub use palette::{MAX_PALETTE_CLUSTERS, MAX_RICE_PARAMETER, palette_index_bits};
 pub use parameters::{Artifact, LayerParameters, WeightValues};
 /// The quantization parameter type, shared with the `quantization` crate: an activation
 /// layer's input quantization is one on the u8 grid ([`QParams::u8`]).

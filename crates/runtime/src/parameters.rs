@@ -16,7 +16,9 @@ use crate::error::{Error, Result};
 pub enum WeightValues {
     /// Real values in PyTorch's layout (`[out, in, k, k]` or `[out, in]`, row-major): the
     /// `f32` scheme as stored, the `f16` scheme widened (every value is exactly a half), the
-    /// `csr` scheme as its dense equivalent.
+    /// `csr` scheme as its dense equivalent, the `palette` and `palette_sparse` schemes
+    /// decoded (every value is exactly a codebook entry, or zero where `palette_sparse`
+    /// stores nothing).
     Float(Vec<f32>),
     /// Int8 codes (the `int8` scheme, or `int8_sparse` with the codes that are not stored
     /// filled in with their zero point), dequantized as

@@ -4,4 +4,5 @@
 mod artifact_view;
 mod common;
 mod engine;
+mod palette;
 mod validation;
