@@ -301,6 +301,31 @@ mod tests {
         assert_eq!(back.rows[0].detail.train_steps(), Some(3));
     }
 
+    /// `--resume` reads a report back from its text: layer-keyed maps inside a tagged
+    /// detail included.
+    #[test]
+    fn a_calibrated_row_reads_back_from_json_text() {
+        let mut report = sample();
+        report.rows[0].detail = Detail::Quantization(detail::QuantizationDetail {
+            calibration: Some(detail::Calibration {
+                calibrator: crate::settings::Calibrator::Percentile,
+                percentile: Some(99.99),
+                selected: true,
+                images: 10,
+                input_ranges: [(0, (-1.0, 2.5)), (11, (0.0, 20.75))].into(),
+            }),
+            ..Default::default()
+        });
+        let text = serde_json::to_string_pretty(&report).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.rows[0].detail, report.rows[0].detail);
+        let bad = text.replace("\"11\"", "\"eleven\"");
+        let error = serde_json::from_str::<Report>(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`eleven` is not a layer index"), "{error}");
+    }
+
     #[test]
     fn markdown_shows_rows_and_stages() {
         let md = sample().markdown("");

@@ -26,7 +26,7 @@ impl Settings {
     /// The settings of `stage` as a JSON object (empty for a stage without any).
     pub fn of(&self, stage: Stage) -> serde_json::Value {
         let value = match stage {
-            Stage::Baseline | Stage::Pruning => Ok(serde_json::json!({})),
+            Stage::Baseline | Stage::Pruning | Stage::Clustering => Ok(serde_json::json!({})),
             Stage::Precision => serde_json::to_value(&self.precision),
             Stage::Distillation => serde_json::to_value(self.distillation),
             Stage::Quantization => serde_json::to_value(&self.quantization),

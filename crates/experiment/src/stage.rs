@@ -18,6 +18,9 @@ pub enum Stage {
     Quantization,
     /// Fine-tune the teacher while pruning it to 50, 75, 90% and 2:4 sparsity.
     Pruning,
+    /// Cluster the teacher's weights to 8, 16 and 32 values (dense and 90% sparse), deployed
+    /// palettized and as int8.
+    Clustering,
     /// Distil a student, prune it to `--sparsity`, fine-tune it quantization-aware with its
     /// zeros kept, and ship it as a sparse int8 artifact.
     Pipeline,
@@ -37,6 +40,7 @@ impl Stage {
             Self::Distillation => "distillation",
             Self::Quantization => "quantization",
             Self::Pruning => "pruning",
+            Self::Clustering => "clustering",
             Self::Pipeline => "pipeline",
         }
     }

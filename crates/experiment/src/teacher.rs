@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tch::nn;
 use tensor_precision::GradientAudit;
 
-use crate::context::Context;
+use crate::context::{Context, RunFile};
+use crate::deploy::{self, Deployed, RuntimeTest};
 use crate::report::Row;
 use crate::report::detail::{Detail, TrainingDetail};
 use crate::stage::{Product, Stage};
@@ -130,4 +131,16 @@ impl TeacherRun {
             .map(Some)
             .with_context(|| format!("{} is damaged", path.display()))
     }
+}
+
+/// The float32 teacher artifact as the runtime runs it: the reference of the stages that
+/// compare their artifacts with the teacher's (which must declare [`ARTIFACT`]).
+pub fn deployed(ctx: &Context, test: &RuntimeTest) -> Result<Deployed> {
+    let path = ctx.input(ARTIFACT)?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let file = RunFile {
+        path,
+        relative: ARTIFACT.file.into(),
+    };
+    deploy::measure(&bytes, &file, test)
 }

@@ -77,6 +77,10 @@ pub struct TrainOptions<'a> {
     /// when the step is on its schedule and re-applies them otherwise, so pruned weights
     /// stay exactly zero whatever the optimizer's momentum does.
     pub pruner: Option<&'a mut pruning::Pruner>,
+    /// Clusters while training: after every optimizer step the clusterer trains its
+    /// centroids on the step's gradients, reassigns the weights and writes the clustered
+    /// values back (after the pruner, when both are set).
+    pub clusterer: Option<&'a mut clustering::Clusterer>,
 }
 
 /// Distillation targets for [`TrainOptions::distill`]: the teacher's logits for every
@@ -155,10 +159,14 @@ pub fn train_with(
         mut audit,
         distill,
         pruner,
+        clusterer,
     } = options;
     let mut hooks: Vec<&mut dyn StepHook> = Vec::new();
     if let Some(pruner) = pruner {
         hooks.push(pruner);
+    }
+    if let Some(clusterer) = clusterer {
+        hooks.push(clusterer);
     }
     if let Some(sampling) = audit.as_mut() {
         hooks.push(sampling);
@@ -312,6 +320,15 @@ impl StepHook for pruning::Pruner {
         if !updated {
             self.apply();
         }
+        Ok(0.0)
+    }
+}
+
+impl StepHook for clustering::Clusterer {
+    /// Runs while the step's gradients are still in the variables.
+    fn after_step(&mut self, step: usize, _: &nn::VarStore) -> Result<f64> {
+        self.apply()
+            .with_context(|| format!("clustering at step {step}"))?;
         Ok(0.0)
     }
 }
@@ -507,6 +524,7 @@ mod tests {
             }),
             distill: None,
             pruner: None,
+            clusterer: None,
         };
         let stats = train_with(
             &net,
@@ -543,6 +561,7 @@ mod tests {
             audit: None,
             distill: None,
             pruner: None,
+            clusterer: None,
         };
         let stats = train_with(
             &net,

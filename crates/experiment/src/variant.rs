@@ -129,6 +129,44 @@ impl fmt::Display for Pruned {
     }
 }
 
+/// How the `clustering` stage stores a clustered teacher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusteredStorage {
+    /// Indices into a codebook of the shared values (`palette` or `palette_sparse`).
+    Palette,
+    /// Int8 codes per output channel (`int8`, or `int8_sparse` where smaller).
+    Int8,
+}
+
+/// A deployment of the `clustering` stage: what was clustered, to how many values, stored
+/// how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clustered {
+    /// The dense teacher, or a pruned one (its zeros kept).
+    pub base: Sparsity,
+    /// Shared values per weight tensor.
+    pub clusters: usize,
+    /// How the weights are stored.
+    pub storage: ClusteredStorage,
+}
+
+impl fmt::Display for Clustered {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.base != Sparsity::Dense {
+            let pruned = Pruned {
+                sparsity: self.base,
+                weights: PrunedWeights::F32,
+            };
+            write!(f, "{pruned}_")?;
+        }
+        write!(f, "clusters_{}_", self.clusters)?;
+        f.write_str(match self.storage {
+            ClusteredStorage::Palette => "palette",
+            ClusteredStorage::Int8 => "int8",
+        })
+    }
+}
+
 /// A step of the `pipeline` stage, each deployed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PipelineStep {
@@ -195,6 +233,22 @@ mod tests {
         assert_eq!(
             PipelineStep::PrunedInt8.to_string(),
             "distilled_pruned_int8"
+        );
+        let clustered = |base, storage| {
+            Clustered {
+                base,
+                clusters: 16,
+                storage,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            clustered(Sparsity::Dense, ClusteredStorage::Palette),
+            "clusters_16_palette"
+        );
+        assert_eq!(
+            clustered(Sparsity::Percent(90), ClusteredStorage::Int8),
+            "sparsity_90_clusters_16_int8"
         );
     }
 }

@@ -27,7 +27,7 @@ fn run() -> &'static (PathBuf, Value) {
         let output = Command::new(env!("CARGO_BIN_EXE_experiment"))
             .env(mnist_data::DATA_DIR_VAR, BUNDLED_MNIST)
             .args(["--quick", "--quiet", "--device", "cpu", "--stages"])
-            .arg("baseline,distillation,quantization,pruning,pipeline")
+            .arg("baseline,distillation,quantization,pruning,clustering,pipeline")
             .arg("--out")
             .arg(&out)
             .output()
@@ -219,6 +219,89 @@ fn quantization_rows_cover_every_scheme_for_both_models() {
             "{model}: runtime vs fake quantization {gap}"
         );
     }
+}
+
+/// The runtime's f32 model and LibTorch's classify the same images from the same weights; a
+/// few may flip where two logits nearly tie.
+const F32_ACCURACY_TOLERANCE: f64 = 0.01;
+
+#[test]
+fn clustered_rows_share_few_values_and_keep_the_pruned_zeros() {
+    let (out, report) = run();
+    assert_eq!(report["stages"]["clustering"]["status"], "ok");
+    let rows = rows(report, "clustering", "teacher_cnn");
+    assert_eq!(rows.len(), 12, "two rows per cluster count and base");
+    let row = |variant: &str| {
+        *rows
+            .iter()
+            .find(|r| r["variant"] == variant)
+            .unwrap_or_else(|| panic!("no {variant} row"))
+    };
+    let pruned = rows_of_pruning(report, "sparsity_90");
+    for (prefix, sparse) in [("", false), ("sparsity_90_", true)] {
+        let mut previous_size = 0;
+        for k in [8, 16, 32] {
+            let palette = row(&format!("{prefix}clusters_{k}_palette"));
+            let int8 = row(&format!("{prefix}clusters_{k}_int8"));
+            let detail = &palette["detail"];
+            // Every weight tensor shares at most k values, and zero besides where the
+            // pruned zeros are kept.
+            let most = k + usize::from(sparse);
+            for layer in detail["layers"].as_array().unwrap() {
+                assert!(f(layer, "distinct_values") as usize <= most, "{layer}");
+            }
+            // The artifact holds what was clustered: the same few values per tensor.
+            let artifact = out.join(palette["artifact"].as_str().unwrap());
+            let decoded = runtime::Artifact::load(&artifact).unwrap();
+            for index in 0..decoded.network().layers.len() {
+                let Some(layer) = decoded.layer(index) else {
+                    continue;
+                };
+                let runtime::WeightValues::Float(values) = &layer.weight else {
+                    panic!("layer {index} of {} is not f32", artifact.display());
+                };
+                let mut distinct: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+                distinct.sort_unstable();
+                distinct.dedup();
+                assert!(distinct.len() <= most, "layer {index}: {}", distinct.len());
+                assert!(
+                    layer.weight_scheme.name().starts_with("palette"),
+                    "{}",
+                    layer.weight_scheme.name()
+                );
+            }
+            // Exact values: the runtime scores them as LibTorch does.
+            assert!(
+                (f(palette, "test_accuracy") - f(detail, "libtorch_accuracy")).abs()
+                    <= F32_ACCURACY_TOLERANCE,
+                "{palette}"
+            );
+            // Indices of a few bits beat int8 codes, and more clusters cost more bits.
+            let size = palette["size_bytes"].as_u64().unwrap();
+            assert!(size < int8["size_bytes"].as_u64().unwrap(), "{palette}");
+            assert!(size > previous_size, "{palette}");
+            previous_size = size;
+            if sparse {
+                assert!(
+                    palette["nonzero_params"].as_u64() <= pruned["nonzero_params"].as_u64(),
+                    "{palette}"
+                );
+                assert!(f(detail, "weight_sparsity") > 0.89, "{palette}");
+            }
+        }
+    }
+    let markdown = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let chart = "plots/clustering_accuracy_size.svg";
+    assert!(markdown.contains(chart), "{chart} not linked");
+    let svg = std::fs::read_to_string(out.join(chart)).unwrap();
+    assert!(svg.trim_end().ends_with("</svg>"));
+}
+
+fn rows_of_pruning<'a>(report: &'a Value, variant: &str) -> &'a Value {
+    rows(report, "pruning", "teacher_cnn")
+        .into_iter()
+        .find(|r| r["variant"] == variant)
+        .unwrap_or_else(|| panic!("no pruning {variant} row"))
 }
 
 #[test]

@@ -21,6 +21,7 @@ pub enum Detail {
     Distillation(DistillationDetail),
     Quantization(QuantizationDetail),
     Pruning(PruningDetail),
+    Clustering(ClusteringDetail),
     Pipeline(PipelineDetail),
 }
 
@@ -59,6 +60,7 @@ impl Detail {
         match self {
             Self::Quantization(q) => Some(&q.deployment),
             Self::Pruning(p) => Some(&p.deployment),
+            Self::Clustering(c) => Some(&c.deployment),
             Self::Pipeline(p) => Some(&p.deployment),
             _ => None,
         }
@@ -188,7 +190,27 @@ pub struct Calibration {
     pub selected: bool,
     pub images: usize,
     /// Layer index -> the (low, high) range of its input.
+    #[serde(deserialize_with = "layer_keyed")]
     pub input_ranges: BTreeMap<usize, (f32, f32)>,
+}
+
+/// A map keyed by layer index, as JSON writes it (string keys). Serde's derive cannot read
+/// integer keys inside an internally tagged enum such as [`Detail`] (the content is buffered
+/// and its keys stay strings), so they are read as strings and parsed.
+fn layer_keyed<'de, D, V>(deserializer: D) -> Result<BTreeMap<usize, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    BTreeMap::<String, V>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(key, value)| {
+            let layer = key
+                .parse()
+                .map_err(|_| serde::de::Error::custom(format!("`{key}` is not a layer index")))?;
+            Ok((layer, value))
+        })
+        .collect()
 }
 
 /// Quantization-aware training.
@@ -199,6 +221,37 @@ pub struct Qat {
     pub steps: usize,
     pub observer_steps: usize,
     pub learning_rate: f64,
+}
+
+/// A clustered teacher (the reference: the float32 teacher artifact).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusteringDetail {
+    pub deployment: Deployment,
+    /// Shared values per weight tensor (zeros aside, when they are kept).
+    pub clusters: usize,
+    /// What was clustered: the dense teacher, or the pruning stage's sparse one (its zeros
+    /// kept).
+    pub base: String,
+    /// How the artifact stores the weights.
+    pub weights: String,
+    /// Share of all weights that are zero.
+    pub weight_sparsity: f64,
+    pub fine_tune_steps: usize,
+    /// LibTorch's accuracy of the clustered model before export.
+    pub libtorch_accuracy: f64,
+    pub layers: Vec<ClusteredLayer>,
+}
+
+/// One clustered weight after fine-tuning.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusteredLayer {
+    pub name: String,
+    /// Centroids that some weight uses.
+    pub clusters_used: usize,
+    /// Distinct values in the tensor, zero included.
+    pub distinct_values: usize,
+    pub zeros: usize,
+    pub total: usize,
 }
 
 /// A pruned teacher (the reference: the dense float32 artifact).

@@ -4,6 +4,7 @@
 //! settings type (`crate::settings`), not the command line.
 
 mod baseline;
+mod clustering;
 mod distillation;
 mod pipeline;
 mod precision;
@@ -28,6 +29,11 @@ pub fn inputs(stage: Stage) -> &'static [Product] {
         Stage::Precision => &[teacher::RUN],
         Stage::Distillation | Stage::Pruning => &[teacher::CHECKPOINT],
         Stage::Quantization => &[teacher::CHECKPOINT, distillation::STUDENT_CHECKPOINT],
+        Stage::Clustering => &[
+            teacher::CHECKPOINT,
+            teacher::ARTIFACT,
+            pruning::SPARSE_TEACHER,
+        ],
         Stage::Pipeline => &[teacher::CHECKPOINT, teacher::ARTIFACT],
     }
 }
@@ -48,6 +54,7 @@ pub fn run(stage: Stage, ctx: &Context, settings: &Settings) -> Result<StageRepo
         Stage::Distillation => distillation::run(ctx, settings.distillation),
         Stage::Quantization => quantization::run(ctx, &settings.quantization),
         Stage::Pruning => pruning::run(ctx),
+        Stage::Clustering => clustering::run(ctx),
         Stage::Pipeline => pipeline::run(ctx, &settings.pipeline),
     }
 }

@@ -16,8 +16,8 @@ use models::{FakeQuantConfig, Network, NetworkSpec};
 use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 use tch::nn;
 
-use crate::context::{Context, RunFile};
-use crate::deploy::{self, Deployed, RuntimeTest, TestSets};
+use crate::context::Context;
+use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Detail, PipelineDetail, PipelineTarget, PruningTarget};
 use crate::report::{Row, StageReport};
 use crate::settings::PipelineSettings;
@@ -57,7 +57,7 @@ pub const TARGET_ACCURACY: f64 = 0.988;
 
 pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<StageReport> {
     let tests = TestSets::new(ctx)?;
-    let reference = reference(ctx, &tests.runtime)?;
+    let reference = teacher::deployed(ctx, &tests.runtime)?;
     let (data, _) = teacher::training(ctx)?;
     let cache = {
         let (_teacher_vs, teacher) = teacher::load(ctx)?;
@@ -381,17 +381,6 @@ impl Pipeline<'_> {
         ));
         Ok(row)
     }
-}
-
-/// The float32 teacher as the runtime runs it: what every pipeline row is compared with.
-fn reference(ctx: &Context, test: &RuntimeTest) -> Result<Deployed> {
-    let path = ctx.input(teacher::ARTIFACT)?;
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let file = RunFile {
-        path,
-        relative: teacher::ARTIFACT.file.into(),
-    };
-    deploy::measure(&bytes, &file, test)
 }
 
 fn pipeline_row(

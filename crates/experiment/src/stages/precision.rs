@@ -152,6 +152,7 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
             audit,
             distill: None,
             pruner: None,
+            clusterer: None,
         };
         let label = format!("teacher {policy}");
         let stats = train::train_with(&net, &vs, &data, &config, options, &ctx.progress, &label)
@@ -277,6 +278,7 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row,
             audit: None,
             distill: None,
             pruner: None,
+            clusterer: None,
         },
         &ctx.progress,
         "mlp mixed_float16 demo",

@@ -22,7 +22,7 @@ use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Detail, PruningDetail, PruningTarget};
 use crate::report::{Row, StageReport};
-use crate::stage::Stage;
+use crate::stage::{Product, Stage};
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
 use crate::variant::{Pruned, PrunedWeights, Sparsity};
@@ -51,6 +51,13 @@ struct Target {
     granularity: Granularity,
     scope: Scope,
 }
+
+/// The teacher pruned to 90% in f32 (each layer dense or CSR), which the clustering stage
+/// clusters with its zeros kept.
+pub const SPARSE_TEACHER: Product = Product {
+    stage: Stage::Pruning,
+    file: "pruning/teacher_cnn_sparsity_90.safetensors",
+};
 
 /// The unpruned teacher, every variant's reference. Its artifact is named
 /// `..._dense_float32`.
@@ -474,4 +481,23 @@ fn figures(rows: &[Row], schedules: &[ScheduleRun]) -> Vec<Figure> {
             schedule_series,
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sparse_teacher_product_is_the_file_the_90_percent_target_writes() {
+        let target = TARGETS
+            .iter()
+            .find(|t| t.variant == Sparsity::Percent(90))
+            .expect("a 90% target");
+        let file = format!(
+            "{FOLDER}/{}_{}.safetensors",
+            teacher::spec().name,
+            target.name(PrunedWeights::F32)
+        );
+        assert_eq!(SPARSE_TEACHER.file, file);
+    }
 }

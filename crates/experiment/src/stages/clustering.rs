@@ -1,0 +1,385 @@
+//! `clustering`: TF-MOT's weight clustering. The teacher (batch norm folded) has every
+//! weight tensor clustered to 8, 16 and 32 shared values (k-means++ centroids, one codebook
+//! per tensor), fine-tuned for an epoch while the centroids train on their weights'
+//! gradients, and is deployed twice: palettized (each weight an index into its tensor's
+//! codebook) and as int8. The same on top of the pruning stage's 90%-sparse teacher, its
+//! zeros kept out of the clusters (sparsity-preserving clustering), where the palette stores
+//! only the non-zero weights. Every row is compared with the float32 teacher artifact.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result, bail};
+use clustering::{CentroidOptimizer, ClusterReport, Clusterer, ClusteringConfig, Granularity};
+use models::Network;
+use models::export::{self, DeployedParameter, WeightFormat};
+use plots::Series;
+use runtime::{Artifact, ArtifactBuilder, Storage, WeightValues};
+use tch::nn;
+
+use crate::charts::Figure;
+use crate::context::Context;
+use crate::deploy::{self, Deployed, TestSets};
+use crate::report::detail::{ClusteredLayer, ClusteringDetail, Detail};
+use crate::report::{Row, StageReport};
+use crate::stage::Stage;
+use crate::teacher;
+use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions, TrainStats};
+use crate::variant::{Clustered, ClusteredStorage, Sparsity};
+
+use super::pruning::SPARSE_TEACHER;
+
+/// Folder of the stage's artifacts, inside the run's output folder.
+const FOLDER: &str = "clustering";
+/// Shared values per weight tensor, each a run of its own.
+const CLUSTERS: [usize; 3] = [8, 16, 32];
+/// The sparsity of the pruning stage's artifact that is clustered with its zeros kept.
+const SPARSE_BASE: Sparsity = Sparsity::Percent(90);
+/// Fine-tuning after clustering: one epoch, as TF-MOT's guide, at a learning rate well below
+/// the teacher's (the weights only move between nearby centroids).
+const EPOCHS: usize = 1;
+const LEARNING_RATE: f64 = 1e-4;
+/// The centroids' own optimizer (TF-MOT trains them with the model's: Adam here too).
+const CENTROID_LEARNING_RATE: f64 = 1e-4;
+/// `--quick`: optimizer steps of each fine-tune.
+const QUICK_STEPS: usize = 20;
+
+pub fn run(ctx: &Context) -> Result<StageReport> {
+    let spec = teacher::spec();
+    let (vs, net) = teacher::load(ctx)?;
+    let dense = export::deployed_parameters(&net, &vs)?;
+    let sparse = artifact_parameters(ctx)?;
+    let tests = TestSets::new(ctx)?;
+    let reference = teacher::deployed(ctx, &tests.runtime)?;
+    let (data, teacher_config) = teacher::training(ctx)?;
+    let stage = Clustering {
+        ctx,
+        deployed_spec: spec.without_batch_norm(),
+        model: spec.name.clone(),
+        tests: &tests,
+        reference: &reference,
+        data: &data,
+        config: TrainConfig {
+            epochs: if ctx.quick { 1 } else { EPOCHS },
+            learning_rate: LEARNING_RATE,
+            ..teacher_config
+        },
+    };
+    let mut rows = Vec::new();
+    for (base, params) in [(Sparsity::Dense, &dense), (SPARSE_BASE, &sparse)] {
+        for clusters in CLUSTERS {
+            rows.extend(stage.cluster(base, params, clusters)?);
+        }
+    }
+    let mut markdown = section(&rows, &reference);
+    markdown.push('\n');
+    markdown.push_str(&size_figure(&rows, &reference).write(&ctx.out)?);
+    Ok(StageReport {
+        rows,
+        section: Some(markdown),
+    })
+}
+
+/// The parameters of the pruning stage's sparse teacher, read back from its artifact.
+fn artifact_parameters(ctx: &Context) -> Result<Vec<DeployedParameter>> {
+    let path = ctx.input(SPARSE_TEACHER)?;
+    let artifact = Artifact::load(&path)?;
+    let mut params = Vec::new();
+    let layers = artifact.network().layers.len();
+    for (index, layer) in (0..layers).filter_map(|i| Some((i, artifact.layer(i)?))) {
+        let WeightValues::Float(weight) = &layer.weight else {
+            bail!(
+                "{}: layer {index} holds int8 weights; the pruned teacher is stored in f32",
+                path.display()
+            );
+        };
+        params.push(DeployedParameter {
+            name: runtime::weight_name(index),
+            shape: layer.weight_shape.clone(),
+            data: weight.clone(),
+        });
+        params.push(DeployedParameter {
+            name: runtime::bias_name(index),
+            shape: vec![layer.bias.len()],
+            data: layer.bias.clone(),
+        });
+    }
+    Ok(params)
+}
+
+/// What every clustering run shares.
+struct Clustering<'a> {
+    ctx: &'a Context,
+    /// The teacher with batch norm folded: what is clustered and deployed.
+    deployed_spec: model_spec::NetworkSpec,
+    model: String,
+    tests: &'a TestSets<'a>,
+    /// The float32 teacher artifact, every row's reference.
+    reference: &'a Deployed,
+    /// The teacher's training data, and its recipe at the fine-tuning learning rate.
+    data: &'a DeviceSplit,
+    config: TrainConfig,
+}
+
+/// A clustered, fine-tuned teacher.
+struct Tuned {
+    params: Vec<DeployedParameter>,
+    layers: Vec<ClusterReport>,
+    stats: TrainStats,
+    libtorch_accuracy: f64,
+}
+
+impl Clustering<'_> {
+    /// `params` clustered to `clusters` values per weight tensor and fine-tuned, deployed
+    /// palettized and as int8: two rows.
+    fn cluster(
+        &self,
+        base: Sparsity,
+        params: &[DeployedParameter],
+        clusters: usize,
+    ) -> Result<Vec<Row>> {
+        let name = |storage| Clustered {
+            base,
+            clusters,
+            storage,
+        };
+        let label = name(ClusteredStorage::Palette).to_string();
+        let tuned = self
+            .fine_tune(params, clusters, base != Sparsity::Dense, &label)
+            .with_context(|| format!("clustering the teacher ({label})"))?;
+        let mut palette = ArtifactBuilder::new(self.deployed_spec.clone());
+        for p in &tuned.params {
+            let storage = if p.name.ends_with(".weight") {
+                Storage::Palette(runtime::Granularity::PerTensor)
+            } else {
+                Storage::F32
+            };
+            palette.add(&p.name, &p.data, &p.shape, storage)?;
+        }
+        let int8 = export::artifact_from_parameters(
+            self.deployed_spec.clone(),
+            &tuned.params,
+            WeightFormat::Int8Compact,
+        )?;
+        let mut rows = Vec::new();
+        for (storage, builder, weights) in [
+            (
+                ClusteredStorage::Palette,
+                &palette,
+                "indices into one f32 codebook per tensor (zeros implicit where sparse)",
+            ),
+            (
+                ClusteredStorage::Int8,
+                &int8,
+                "int8 per channel, bitmask-sparse where smaller",
+            ),
+        ] {
+            let variant = name(storage);
+            let file = self
+                .ctx
+                .file(FOLDER, &format!("{}_{variant}.safetensors", self.model))?;
+            let deployed = deploy::deploy(builder, &file, &self.tests.runtime)?;
+            self.ctx.progress.info(&format!(
+                "{variant}: {:.2}%, {} bytes ({:.1}x smaller than the teacher)",
+                deployed.accuracy * 100.0,
+                deployed.size_bytes,
+                self.reference.size_bytes as f64 / deployed.size_bytes as f64
+            ));
+            let detail = ClusteringDetail {
+                deployment: deployed.against(self.reference),
+                clusters,
+                base: base_name(base),
+                weights: weights.into(),
+                weight_sparsity: deploy::weight_zeros(&tuned.params) as f64
+                    / weight_count(&tuned.params) as f64,
+                fine_tune_steps: tuned.stats.steps,
+                libtorch_accuracy: tuned.libtorch_accuracy,
+                layers: tuned.layers.iter().map(clustered_layer).collect(),
+            };
+            let mut row = deploy::runtime_row(
+                Stage::Clustering,
+                &self.model,
+                variant,
+                &tuned.params,
+                &deployed,
+                Detail::Clustering(detail),
+            );
+            row.nonzero_params = Some(deploy::nonzero(&tuned.params));
+            tuned.stats.record(&mut row);
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+
+    /// Clusters `params` and fine-tunes them for an epoch.
+    fn fine_tune(
+        &self,
+        params: &[DeployedParameter],
+        clusters: usize,
+        preserve_sparsity: bool,
+        label: &str,
+    ) -> Result<Tuned> {
+        let ctx = self.ctx;
+        let vs = nn::VarStore::new(ctx.device.device);
+        let net = Network::new(&vs.root(), &self.deployed_spec)?;
+        export::load_parameters(&vs, params)?;
+        let config = ClusteringConfig {
+            granularity: Granularity::PerTensor,
+            preserve_sparsity,
+            optimizer: CentroidOptimizer::Adam {
+                learning_rate: CENTROID_LEARNING_RATE,
+            },
+            seed: ctx.seed,
+            ..ClusteringConfig::new(clusters)
+        };
+        tch::manual_seed(ctx.seed as i64);
+        let mut clusterer = Clusterer::new(&vs, config)?;
+        let options = TrainOptions {
+            max_steps: ctx.quick.then_some(QUICK_STEPS),
+            clusterer: Some(&mut clusterer),
+            ..TrainOptions::default()
+        };
+        let stats = train::train_with(
+            &net,
+            &vs,
+            self.data,
+            &self.config,
+            options,
+            &ctx.progress,
+            label,
+        )?;
+        let layers = clusterer.strip()?;
+        Ok(Tuned {
+            params: export::deployed_parameters(&net, &vs)?,
+            layers,
+            stats,
+            libtorch_accuracy: train::evaluate(&net, self.tests.libtorch()).accuracy,
+        })
+    }
+}
+
+/// The report's name of what was clustered.
+fn base_name(base: Sparsity) -> String {
+    match base {
+        Sparsity::Dense => "dense teacher".into(),
+        other => format!(
+            "{} teacher of the pruning stage, zeros kept",
+            pruned_name(other)
+        ),
+    }
+}
+
+fn pruned_name(sparsity: Sparsity) -> String {
+    match sparsity {
+        Sparsity::Dense => "dense".into(),
+        Sparsity::Percent(p) => format!("{p}%-sparse"),
+        Sparsity::NOutOfM { n, m } => format!("{n}:{m}-sparse"),
+    }
+}
+
+fn weight_count(params: &[DeployedParameter]) -> usize {
+    params
+        .iter()
+        .filter(|p| p.name.ends_with(".weight"))
+        .map(|p| p.data.len())
+        .sum::<usize>()
+        .max(1)
+}
+
+fn clustered_layer(report: &ClusterReport) -> ClusteredLayer {
+    ClusteredLayer {
+        name: report.name.clone(),
+        clusters_used: report.clusters_used,
+        distinct_values: report.distinct_values,
+        zeros: report.zeros,
+        total: report.total,
+    }
+}
+
+fn section(rows: &[Row], reference: &Deployed) -> String {
+    let mut md = format!(
+        "The teacher's weights clustered per tensor (k-means++ centroids, fine-tuned for an \
+         epoch with the centroids trained), dense and on top of the pruning stage's \
+         90%-sparse teacher with its zeros kept; each deployed palettized (indices and a \
+         codebook) and as int8, and run by the runtime. Compared with the float32 teacher \
+         ({:.2}%, {} bytes).\n\n\
+         | variant | clusters | weight sparsity | accuracy | vs teacher (pp) | bytes | smaller | gzip smaller | speed-up |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        reference.accuracy * 100.0,
+        reference.size_bytes,
+    );
+    for row in rows {
+        let Detail::Clustering(detail) = &row.detail else {
+            continue;
+        };
+        let d = &detail.deployment;
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.1}% | {:.2}% | {:+.2} | {} | {:.1}x | {:.1}x | {:.2}x |",
+            row.variant,
+            detail.clusters,
+            detail.weight_sparsity * 100.0,
+            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
+            d.accuracy_delta_pp,
+            row.size_bytes.unwrap_or(0),
+            d.size_ratio,
+            d.gzip_ratio,
+            d.speedup,
+        );
+    }
+    md
+}
+
+/// Accuracy against artifact size, one line per base and storage through the cluster
+/// counts, and the float32 teacher.
+fn size_figure(rows: &[Row], reference: &Deployed) -> Figure {
+    let mut series = Vec::new();
+    for base in [Sparsity::Dense, SPARSE_BASE] {
+        for storage in [ClusteredStorage::Palette, ClusteredStorage::Int8] {
+            let mine: Vec<(usize, &Row)> = CLUSTERS
+                .iter()
+                .filter_map(|&clusters| {
+                    let variant = Clustered {
+                        base,
+                        clusters,
+                        storage,
+                    };
+                    let row = rows.iter().find(|r| r.is(Stage::Clustering, variant))?;
+                    Some((clusters, row))
+                })
+                .collect();
+            let points = mine
+                .iter()
+                .map(|(_, r)| {
+                    (
+                        r.size_bytes.unwrap_or(0) as f64 / 1024.0,
+                        r.test_accuracy.unwrap_or(0.0) * 100.0,
+                    )
+                })
+                .collect();
+            let storage_name = match storage {
+                ClusteredStorage::Palette => "palettized",
+                ClusteredStorage::Int8 => "int8",
+            };
+            let label = format!("{}, {storage_name}", pruned_name(base));
+            let mut s = Series::new(&label, points);
+            s.point_labels = mine.iter().map(|(k, _)| format!("k={k}")).collect();
+            series.push(s);
+        }
+    }
+    series.push(Series::new(
+        "float32 teacher",
+        vec![(
+            reference.size_bytes as f64 / 1024.0,
+            reference.accuracy * 100.0,
+        )],
+    ));
+    let mut figure = Figure::scatter(
+        "clustering_accuracy_size.svg",
+        "Clustered teacher: test accuracy against artifact size",
+        "artifact size (KiB)",
+        "test accuracy (%)",
+        series,
+    );
+    figure.chart.x_scale = plots::Scale::Log10;
+    figure
+}
