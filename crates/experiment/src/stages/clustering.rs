@@ -204,7 +204,10 @@ impl Clustering<'_> {
                 Detail::Clustering(detail),
             );
             row.nonzero_params = Some(deploy::nonzero(&tuned.params));
-            tuned.stats.record(&mut row);
+            // One fine-tune, two deployments: its training is the palettized row's.
+            if storage == ClusteredStorage::Palette {
+                tuned.stats.record(&mut row);
+            }
             rows.push(row);
         }
         Ok(rows)
