@@ -14,6 +14,7 @@ use crate::context::{Context, RunFile};
 use crate::fsutil;
 use crate::report::Row;
 use crate::report::detail::{Deployment, Detail};
+use crate::report::sections::Reference;
 use crate::stage::Stage;
 use crate::train::{DeviceSplit, INFER_BATCH};
 
@@ -112,6 +113,15 @@ pub fn runtime_row(
 }
 
 impl Deployed {
+    /// What the report compares other artifacts with.
+    pub fn reference(&self) -> Reference {
+        Reference {
+            accuracy: self.accuracy,
+            size_bytes: self.size_bytes,
+            samples_per_second: self.samples_per_second,
+        }
+    }
+
     /// This artifact against `reference`: accuracy, size and speed ratios.
     pub fn against(&self, reference: &Deployed) -> Deployment {
         Deployment {

@@ -7,6 +7,7 @@
 
 pub mod detail;
 mod figures;
+pub mod sections;
 mod teacher;
 
 use indexmap::IndexMap;

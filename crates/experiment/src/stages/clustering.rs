@@ -6,21 +6,17 @@
 //! zeros kept out of the clusters (sparsity-preserving clustering), where the palette stores
 //! only the non-zero weights. Every row is compared with the float32 teacher artifact.
 
-use std::fmt::Write as _;
-
 use anyhow::{Context as _, Result, bail};
 use clustering::{CentroidOptimizer, ClusterReport, Clusterer, ClusteringConfig, Granularity};
 use models::Network;
 use models::export::{self, DeployedParameter, WeightFormat};
-use plots::Series;
 use runtime::{Artifact, ArtifactBuilder, Storage, WeightValues};
 use tch::nn;
 
-use crate::charts::Figure;
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{ClusteredLayer, ClusteringDetail, Detail};
-use crate::report::{Row, StageReport};
+use crate::report::{Row, StageReport, sections};
 use crate::stage::Stage;
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions, TrainStats};
@@ -70,12 +66,12 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
             rows.extend(stage.cluster(base, params, clusters)?);
         }
     }
-    let mut markdown = section(&rows, &reference);
-    markdown.push('\n');
-    markdown.push_str(&size_figure(&rows, &reference).write(&ctx.out)?);
+    let bases = [Sparsity::Dense, SPARSE_BASE];
+    let section = sections::clustering::section(&rows, reference.reference(), &bases, &CLUSTERS)
+        .write(&ctx.out)?;
     Ok(StageReport {
         rows,
-        section: Some(markdown),
+        section: Some(section),
     })
 }
 
@@ -187,7 +183,7 @@ impl Clustering<'_> {
             let detail = ClusteringDetail {
                 deployment: deployed.against(self.reference),
                 clusters,
-                base: base_name(base),
+                base: sections::clustering::base_name(base),
                 weights: weights.into(),
                 weight_sparsity: deploy::weight_zeros(&tuned.params) as f64
                     / weight_count(&tuned.params) as f64,
@@ -260,25 +256,6 @@ impl Clustering<'_> {
     }
 }
 
-/// The report's name of what was clustered.
-fn base_name(base: Sparsity) -> String {
-    match base {
-        Sparsity::Dense => "dense teacher".into(),
-        other => format!(
-            "{} teacher of the pruning stage, zeros kept",
-            pruned_name(other)
-        ),
-    }
-}
-
-fn pruned_name(sparsity: Sparsity) -> String {
-    match sparsity {
-        Sparsity::Dense => "dense".into(),
-        Sparsity::Percent(p) => format!("{p}%-sparse"),
-        Sparsity::NOutOfM { n, m } => format!("{n}:{m}-sparse"),
-    }
-}
-
 fn weight_count(params: &[DeployedParameter]) -> usize {
     params
         .iter()
@@ -296,93 +273,4 @@ fn clustered_layer(report: &ClusterReport) -> ClusteredLayer {
         zeros: report.zeros,
         total: report.total,
     }
-}
-
-fn section(rows: &[Row], reference: &Deployed) -> String {
-    let mut md = format!(
-        "The teacher's weights clustered per tensor (k-means++ centroids, fine-tuned for an \
-         epoch with the centroids trained), dense and on top of the pruning stage's \
-         90%-sparse teacher with its zeros kept; each deployed palettized (indices and a \
-         codebook) and as int8, and run by the runtime. Compared with the float32 teacher \
-         ({:.2}%, {} bytes).\n\n\
-         | variant | clusters | weight sparsity | accuracy | vs teacher (pp) | bytes | smaller | gzip smaller | speed-up |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        reference.accuracy * 100.0,
-        reference.size_bytes,
-    );
-    for row in rows {
-        let Detail::Clustering(detail) = &row.detail else {
-            continue;
-        };
-        let d = &detail.deployment;
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.1}% | {:.2}% | {:+.2} | {} | {:.1}x | {:.1}x | {:.2}x |",
-            row.variant,
-            detail.clusters,
-            detail.weight_sparsity * 100.0,
-            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            d.accuracy_delta_pp,
-            row.size_bytes.unwrap_or(0),
-            d.size_ratio,
-            d.gzip_ratio,
-            d.speedup,
-        );
-    }
-    md
-}
-
-/// Accuracy against artifact size, one line per base and storage through the cluster
-/// counts, and the float32 teacher.
-fn size_figure(rows: &[Row], reference: &Deployed) -> Figure {
-    let mut series = Vec::new();
-    for base in [Sparsity::Dense, SPARSE_BASE] {
-        for storage in [ClusteredStorage::Palette, ClusteredStorage::Int8] {
-            let mine: Vec<(usize, &Row)> = CLUSTERS
-                .iter()
-                .filter_map(|&clusters| {
-                    let variant = Clustered {
-                        base,
-                        clusters,
-                        storage,
-                    };
-                    let row = rows.iter().find(|r| r.is(Stage::Clustering, variant))?;
-                    Some((clusters, row))
-                })
-                .collect();
-            let points = mine
-                .iter()
-                .map(|(_, r)| {
-                    (
-                        r.size_bytes.unwrap_or(0) as f64 / 1024.0,
-                        r.test_accuracy.unwrap_or(0.0) * 100.0,
-                    )
-                })
-                .collect();
-            let storage_name = match storage {
-                ClusteredStorage::Palette => "palettized",
-                ClusteredStorage::Int8 => "int8",
-            };
-            let label = format!("{}, {storage_name}", pruned_name(base));
-            let mut s = Series::new(&label, points);
-            s.point_labels = mine.iter().map(|(k, _)| format!("k={k}")).collect();
-            series.push(s);
-        }
-    }
-    series.push(Series::new(
-        "float32 teacher",
-        vec![(
-            reference.size_bytes as f64 / 1024.0,
-            reference.accuracy * 100.0,
-        )],
-    ));
-    let mut figure = Figure::scatter(
-        "clustering_accuracy_size.svg",
-        "Clustered teacher: test accuracy against artifact size",
-        "artifact size (KiB)",
-        "test accuracy (%)",
-        series,
-    );
-    figure.chart.x_scale = plots::Scale::Log10;
-    figure
 }

@@ -8,10 +8,9 @@ use distillation::{DistillationConfig, TeacherCache, Temperature};
 use models::{Initializer, LayerSpec, Network, NetworkSpec, Policy};
 use tch::{Tensor, nn};
 
-use crate::charts::Figure;
 use crate::context::Context;
 use crate::report::detail::{Detail, DistillationDetail, Distilled, Hinted};
-use crate::report::{Row, StageReport};
+use crate::report::{Row, StageReport, sections};
 use crate::settings::DistillationSettings;
 use crate::stage::{Product, Stage};
 use crate::teacher;
@@ -149,16 +148,16 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
             alpha: config.alpha.get(),
             accuracy_gain_mean: gain_mean,
             accuracy_gain_std: gain_std,
-            temperature_sweep: sweep.clone(),
+            temperature_sweep: sweep,
             // The cache runs the teacher once instead of once per epoch.
             teacher_cache_seconds_saved: cache_seconds * (epochs.saturating_sub(1)) as f64,
         });
     }
-    let section = sweep_section(ctx, &sweep, scratch[0].accuracy, config.alpha.get())?;
-    Ok(StageReport {
-        rows: vec![scratch_row, distilled_row, hinted_row],
-        section,
-    })
+    let rows = vec![scratch_row, distilled_row, hinted_row];
+    let section = sections::distillation::section(&rows)
+        .map(|section| section.write(&ctx.out))
+        .transpose()?;
+    Ok(StageReport { rows, section })
 }
 
 /// The row of one kind of student over the seeds: mean accuracy and speeds, the first
@@ -201,42 +200,6 @@ fn students_row(
             .unwrap_or_default(),
         detail: Detail::Distillation(detail),
     }
-}
-
-/// The temperature sweep's chart and its Markdown, when the sweep ran.
-fn sweep_section(
-    ctx: &Context,
-    sweep: &[(f64, f64)],
-    scratch_accuracy: f64,
-    alpha: f64,
-) -> Result<Option<String>> {
-    if sweep.is_empty() {
-        return Ok(None);
-    }
-    // The scratch student of the sweep's seed, for reference across the axis.
-    let (lo, hi) = (SWEEP[0], SWEEP[SWEEP.len() - 1]);
-    let points = sweep.iter().map(|&(t, a)| (t, a * 100.0)).collect();
-    let figure = Figure::lines(
-        "distillation_temperature.svg",
-        "Distilled student: test accuracy against temperature",
-        "temperature T",
-        "test accuracy (%)",
-        vec![
-            plots::Series::new("distilled", points),
-            plots::Series::new(
-                "from scratch",
-                vec![
-                    (lo, scratch_accuracy * 100.0),
-                    (hi, scratch_accuracy * 100.0),
-                ],
-            ),
-        ],
-    );
-    Ok(Some(format!(
-        "Temperature sweep on seed {} (alpha {alpha}):\n\n{}",
-        ctx.seed,
-        figure.write(&ctx.out)?
-    )))
 }
 
 /// The students of one seed, on its subset and with its initial weights.

@@ -7,8 +7,6 @@
 //! the kept codes, scored by the pure-Rust runtime. Every step is a row, compared with the
 //! float32 teacher.
 
-use std::fmt::Write as _;
-
 use anyhow::{Context as _, Result, bail};
 use distillation::TeacherCache;
 use models::export::{self, DeployedParameter, WeightFormat};
@@ -19,7 +17,8 @@ use tch::nn;
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Detail, PipelineDetail, PipelineTarget, PruningTarget};
-use crate::report::{Row, StageReport};
+use crate::report::sections::pipeline::{TARGET_ACCURACY, TARGET_SIZE_RATIO};
+use crate::report::{Row, StageReport, sections};
 use crate::settings::PipelineSettings;
 use crate::stage::Stage;
 use crate::teacher;
@@ -50,10 +49,6 @@ const QUICK_OBSERVER_STEPS: usize = 10;
 /// The layer left dense: the first convolution (144 weights: at 82% a 3x3 filter would keep
 /// about one weight).
 const DENSE_LAYER: &str = "0.weight";
-/// The final row's targets: at least this many times smaller than the float32 teacher, with
-/// at least this accuracy.
-pub const TARGET_SIZE_RATIO: f64 = 100.0;
-pub const TARGET_ACCURACY: f64 = 0.988;
 
 pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<StageReport> {
     let tests = TestSets::new(ctx)?;
@@ -84,10 +79,10 @@ pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<StageReport> {
     let (pruned, row) = pipeline.prune(&params)?;
     rows.push(row);
     rows.push(pipeline.quantize(pruned)?);
-    let markdown = section(&rows, &reference, settings.sparsity);
+    let section = sections::pipeline::section(&rows, reference.reference(), settings.sparsity);
     Ok(StageReport {
         rows,
-        section: Some(markdown),
+        section: Some(section.markdown),
     })
 }
 
@@ -396,49 +391,4 @@ fn pipeline_row(
     let mut row = deploy::runtime_row(Stage::Pipeline, model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
     row
-}
-
-fn section(rows: &[Row], teacher: &Deployed, target: f64) -> String {
-    let mut md = format!(
-        "The student distilled from the teacher, pruned to {:.0}% of its weights, then \
-         fine-tuned with fake quantization while its zeros are kept; every row is an artifact \
-         run by the pure-Rust runtime, compared with the float32 teacher ({:.2}%, {} bytes, \
-         {:.0} images/s).\n\n\
-         | step | accuracy | vs teacher (pp) | bytes | smaller | gzip smaller | speed-up |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
-        target * 100.0,
-        teacher.accuracy * 100.0,
-        teacher.size_bytes,
-        teacher.samples_per_second,
-    );
-    for row in rows {
-        let Some(deployment) = row.detail.deployment() else {
-            continue;
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {:.2}% | {:+.2} | {} | {:.1}x | {:.1}x | {:.2}x |",
-            row.variant,
-            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            deployment.accuracy_delta_pp,
-            row.size_bytes.unwrap_or(0),
-            deployment.size_ratio,
-            deployment.gzip_ratio,
-            deployment.speedup,
-        );
-    }
-    if let Some(last) = rows.last() {
-        let met = match &last.detail {
-            Detail::Pipeline(detail) => detail.target.as_ref().is_some_and(|t| t.met),
-            _ => false,
-        };
-        let _ = writeln!(
-            md,
-            "\nTarget: at least {TARGET_SIZE_RATIO:.0}x smaller than the float32 teacher with at \
-             least {:.1}% accuracy: {}.",
-            TARGET_ACCURACY * 100.0,
-            if met { "met" } else { "not met" }
-        );
-    }
-    md
 }

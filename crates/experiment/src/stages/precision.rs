@@ -5,26 +5,20 @@
 //! is emulated and slow, a short float16 run of a small network that shows the loss
 //! scaler at work.
 
-use std::fmt::Write as _;
-
 use anyhow::{Context as _, Result};
-use loss_scaling::{DynamicConfig, LossScaler, ScalePoint};
+use loss_scaling::{DynamicConfig, LossScaler};
 use models::{LayerSpec, Network, NetworkSpec, Policy};
 use tch::{Device, nn};
-use tensor_precision::{GradientAudit, GradientAuditor};
+use tensor_precision::GradientAuditor;
 
 use crate::context::Context;
 use crate::report::detail::{AgainstFloat32, Audit, Scaling};
-use crate::report::{Row, StageReport};
+use crate::report::{Row, StageReport, sections};
 use crate::settings::PrecisionSettings;
 use crate::stage::Stage;
 use crate::teacher::{self, TeacherRun};
 use crate::train::{self, DeviceSplit, GradientSampling, TrainConfig, TrainOptions, TrainStats};
 use crate::variant::PrecisionRun;
-
-/// A mixed policy counts as accurate when its test accuracy is at most this many
-/// percentage points below float32's (meaningful for full runs only).
-const ACCURACY_TOLERANCE_PP: f64 = 0.2;
 
 /// Steps of the float16 loss-scaling demonstration on the CPU.
 const DEMO_STEPS: usize = 200;
@@ -35,30 +29,8 @@ const DEMO_STEPS_QUICK: usize = 100;
 const DEMO_INITIAL_SCALE: f32 = 16_777_216.0;
 const DEMO_GROWTH_INTERVAL: u32 = 50;
 const DEMO_NOTE: &str = "correctness demonstration of loss scaling on CPU, not a speed result";
-/// Scale-trace points shown in report.md (the JSON has them all).
-const TRACE_ROWS: usize = 12;
 /// The reference run every policy is compared with.
 const FLOAT32: PrecisionRun = PrecisionRun::Teacher(Policy::Float32);
-
-/// A loss scaler's trace for report.md.
-#[derive(Debug)]
-struct Trace {
-    run: PrecisionRun,
-    history: Vec<ScalePoint>,
-    skipped_steps: u64,
-    steps: usize,
-}
-
-impl Trace {
-    fn of(run: PrecisionRun, stats: &TrainStats) -> Self {
-        Self {
-            run,
-            history: stats.scale_history.clone(),
-            skipped_steps: stats.skipped_steps,
-            steps: stats.steps,
-        }
-    }
-}
 
 /// The small network of the CPU float16 demonstration: 784-64-10.
 pub fn small_mlp() -> NetworkSpec {
@@ -102,7 +74,6 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
     let mut rows = Vec::new();
     let mut auditor = GradientAuditor::new();
     let mut audited_steps = 0;
-    let mut traces = Vec::new();
     // The baseline trained the float32 teacher with this very recipe and seed (and audited
     // its gradients): its run is this stage's float32 row.
     let baseline_run = TeacherRun::read(ctx)?;
@@ -174,7 +145,6 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
         );
         if let Some(scaler) = &scaler {
             add_scaling(&mut row, scaler, &stats);
-            traces.push(Trace::of(PrecisionRun::Teacher(policy), &stats));
         }
         rows.push(row);
     }
@@ -187,18 +157,17 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
         } else {
             DEMO_STEPS
         };
-        let (demo, stats) = float16_demo(ctx, &data, steps)?;
-        traces.push(Trace::of(PrecisionRun::Float16Demo, &stats));
+        let demo = float16_demo(ctx, &data, steps)?;
         rows.push(demo);
     }
 
-    let section = section(ctx, &rows, &traces, &audit, audited_steps);
     if let Some(training) = rows.first_mut().and_then(|r| r.detail.training_mut()) {
         training.gradient_audit = Some(Audit {
             audit,
             steps: audited_steps,
         });
     }
+    let section = sections::precision::section(&rows, ctx.device.kind, ctx.quick);
     Ok(StageReport {
         rows,
         section: Some(section),
@@ -245,7 +214,7 @@ fn compare_with_float32(rows: &mut [Row]) {
 /// float16 with dynamic loss scaling on [`small_mlp`] for `steps` steps: shows the
 /// scaler backing off and growing. On the CPU float16 arithmetic is emulated, so its
 /// timings say nothing about float16 speed.
-fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row, TrainStats)> {
+fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<Row> {
     let seed = ctx.seed;
     let (batch_size, learning_rate) = (128, 3e-3);
     let config = TrainConfig {
@@ -304,124 +273,5 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<(Row,
     if let Some(training) = row.detail.training_mut() {
         training.note = Some(DEMO_NOTE.into());
     }
-    Ok((row, stats))
-}
-
-fn percent(value: Option<f64>) -> String {
-    value.map_or_else(|| "-".into(), |v| format!("{:.2}%", v * 100.0))
-}
-
-/// The stage's part of report.md: the comparison, the loss-scale traces and the audit.
-fn section(
-    ctx: &Context,
-    rows: &[Row],
-    traces: &[Trace],
-    audit: &GradientAudit,
-    audited_steps: usize,
-) -> String {
-    let mut md = String::new();
-    let reference = rows.iter().find(|r| r.is(Stage::Precision, FLOAT32));
-    let _ = writeln!(
-        md,
-        "Mixed precision against float32 on {} (same seed, data order and recipe):\n",
-        ctx.device.kind
-    );
-    let _ = writeln!(
-        md,
-        "| policy | test accuracy | difference | train samples/s | train speed-up | infer samples/s | infer speed-up |\n|---|---:|---:|---:|---:|---:|---:|"
-    );
-    for row in rows
-        .iter()
-        .filter(|r| !r.is(Stage::Precision, PrecisionRun::Float16Demo))
-    {
-        let against = row
-            .detail
-            .training()
-            .and_then(|t| t.against_float32.clone())
-            .unwrap_or_default();
-        let number = |value: Option<f64>, show: &dyn Fn(f64) -> String| {
-            value.map_or_else(|| "-".into(), show)
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {:.0} | {} | {:.0} | {} |",
-            row.variant,
-            percent(row.test_accuracy),
-            number(against.accuracy_difference_pp, &|v| format!("{v:+.2} pp")),
-            row.train_samples_per_second.unwrap_or(f64::NAN),
-            number(against.train_speedup, &|v| format!("{v:.2}x")),
-            row.infer_samples_per_second.unwrap_or(f64::NAN),
-            number(against.infer_speedup, &|v| format!("{v:.2}x")),
-        );
-    }
-    md.push('\n');
-    for row in rows.iter().filter(|r| {
-        !r.is(Stage::Precision, FLOAT32) && !r.is(Stage::Precision, PrecisionRun::Float16Demo)
-    }) {
-        let against = row
-            .detail
-            .training()
-            .and_then(|t| t.against_float32.as_ref());
-        let (Some(speedup), Some(difference)) = (
-            against.and_then(|a| a.train_speedup),
-            against.and_then(|a| a.accuracy_difference_pp),
-        ) else {
-            continue;
-        };
-        let verdict = if difference >= -ACCURACY_TOLERANCE_PP {
-            "within"
-        } else {
-            "outside"
-        };
-        let _ = writeln!(
-            md,
-            "- {}: trains {speedup:.2}x as fast as float32; test accuracy {difference:+.2} \
-             percentage points, {verdict} the {ACCURACY_TOLERANCE_PP}-point tolerance{}.",
-            row.variant,
-            if ctx.quick {
-                " (quick mode: accuracy not meaningful)"
-            } else {
-                ""
-            }
-        );
-    }
-    if reference.is_none() {
-        let _ = writeln!(md, "- no float32 row to compare with.");
-    }
-
-    for trace in traces {
-        let _ = writeln!(
-            md,
-            "\nLoss-scale trace of {}{} ({} of {} steps skipped; \
-             from step `step` on the scale was `scale`):\n",
-            trace.run,
-            if trace.run == PrecisionRun::Float16Demo {
-                format!(", {}: {DEMO_NOTE}", small_mlp().name)
-            } else {
-                String::new()
-            },
-            trace.skipped_steps,
-            trace.steps,
-        );
-        let _ = writeln!(md, "| step | scale |\n|---:|---:|");
-        for point in trace.history.iter().take(TRACE_ROWS) {
-            let _ = writeln!(md, "| {} | {} |", point.step, point.scale);
-        }
-        if trace.history.len() > TRACE_ROWS {
-            let _ = writeln!(
-                md,
-                "| ... | {} more in report.json |",
-                trace.history.len() - TRACE_ROWS
-            );
-        }
-    }
-
-    let _ = writeln!(
-        md,
-        "\nGradient-underflow audit: the float32 gradients of {audited_steps} steps spread \
-         over the teacher's float32 run, cast to float16 after multiplication by each \
-         loss scale:\n"
-    );
-    let _ = write!(md, "{audit}");
-    md
+    Ok(row)
 }

@@ -8,20 +8,17 @@
 //! pure-Rust runtime on the test set.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{Network, NetworkSpec};
-use plots::Series;
 use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 use tch::nn;
 
-use crate::charts::Figure;
 use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Detail, PruningDetail, PruningTarget};
-use crate::report::{Row, StageReport};
+use crate::report::{Row, StageReport, sections};
 use crate::stage::{Product, Stage};
 use crate::teacher;
 use crate::train::{self, DeviceSplit, TrainConfig, TrainOptions};
@@ -133,14 +130,10 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
         schedules.push(schedule);
     }
 
-    let mut markdown = section(&rows);
-    for figure in figures(&rows, &schedules) {
-        markdown.push('\n');
-        markdown.push_str(&figure.write(&ctx.out)?);
-    }
+    let section = sections::pruning::section(&rows).write(&ctx.out)?;
     Ok(StageReport {
         rows,
-        section: Some(markdown),
+        section: Some(section),
     })
 }
 
@@ -373,114 +366,6 @@ fn pruning_row(
     let mut row = deploy::runtime_row(Stage::Pruning, model, variant, params, d, detail);
     row.nonzero_params = Some(deploy::nonzero(params));
     row
-}
-
-fn section(rows: &[Row]) -> String {
-    let mut md = String::from(
-        "The teacher with batch norm folded, fine-tuned while pruning; every row is an \
-         artifact executed by the pure-Rust runtime. Ratios are against the dense float32 \
-         artifact.\n\n\
-         | variant | weight sparsity | non-zero params | accuracy | drop (pp) | gzip | gzip ratio | speed-up |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    for row in rows {
-        let Detail::Pruning(detail) = &row.detail else {
-            continue;
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {:.1}% | {} | {:.2}% | {:+.2} | {:.1} KiB | {:.1}x | {:.2}x |",
-            row.variant,
-            detail.weight_sparsity * 100.0,
-            row.nonzero_params.unwrap_or(0),
-            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            detail.deployment.accuracy_delta_pp,
-            row.gzip_bytes.unwrap_or(0) as f64 / 1024.0,
-            detail.deployment.gzip_ratio,
-            detail.deployment.speedup,
-        );
-    }
-    md
-}
-
-fn figures(rows: &[Row], schedules: &[ScheduleRun]) -> Vec<Figure> {
-    let pruned: Vec<(&Row, &PruningDetail)> = rows
-        .iter()
-        .filter_map(|r| match &r.detail {
-            Detail::Pruning(detail) => Some((r, detail)),
-            _ => None,
-        })
-        .collect();
-    let point = |&(row, detail): &(&Row, &PruningDetail)| {
-        (
-            detail.weight_sparsity * 100.0,
-            row.test_accuracy.unwrap_or(0.0) * 100.0,
-        )
-    };
-    // Dense, or pruned without structure; 2:4 apart.
-    let unstructured = |d: &PruningDetail| {
-        d.target
-            .as_ref()
-            .is_none_or(|t| t.granularity == format!("{:?}", Granularity::Unstructured))
-    };
-    let of = |weights: PrunedWeights,
-              keep: &dyn Fn(&PruningDetail) -> bool|
-     -> Vec<(&Row, &PruningDetail)> {
-        pruned
-            .iter()
-            .filter(|(_, d)| d.weights == weights && keep(d))
-            .copied()
-            .collect()
-    };
-    let float = of(PrunedWeights::F32, &unstructured);
-    let int8 = of(PrunedWeights::Int8, &|d| {
-        d.target.is_some() && unstructured(d)
-    });
-    let n2m4 = of(PrunedWeights::F32, &|d| !unstructured(d));
-    let mut accuracy = vec![Series::new(
-        "unstructured, f32",
-        float.iter().map(point).collect(),
-    )];
-    if !int8.is_empty() {
-        accuracy.push(Series::new(
-            "unstructured, int8 weights",
-            int8.iter().map(point).collect(),
-        ));
-    }
-    if !n2m4.is_empty() {
-        accuracy.push(Series::new("2:4", n2m4.iter().map(point).collect()));
-    }
-    let schedule_series = schedules
-        .iter()
-        .map(|(name, schedule, steps)| {
-            let (schedule, steps) = (*schedule, *steps);
-            let mut points = Vec::new();
-            let mut current = 0.0;
-            for step in 0..steps {
-                if schedule.should_prune(step) {
-                    current = schedule.sparsity(step);
-                }
-                points.push((step as f64, current * 100.0));
-            }
-            Series::new(name.as_str(), points)
-        })
-        .collect();
-    vec![
-        Figure::lines(
-            "pruning_accuracy.svg",
-            "Pruned teacher: test accuracy against weight sparsity",
-            "weights that are zero (%)",
-            "test accuracy (%)",
-            accuracy,
-        ),
-        Figure::lines(
-            "pruning_schedule.svg",
-            "Sparsity schedule (mask updates every few steps)",
-            "fine-tuning step",
-            "target sparsity (%)",
-            schedule_series,
-        ),
-    ]
 }
 
 #[cfg(test)]

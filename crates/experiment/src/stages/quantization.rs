@@ -4,7 +4,6 @@
 //! scored by the pure-Rust runtime on the test set.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result, bail};
 use models::calibrate::Calibrator as Taps;
@@ -14,11 +13,10 @@ use quantization::{BitWidth, Observer};
 use tch::nn;
 
 use super::distillation::STUDENT_CHECKPOINT;
-use crate::charts::Figure;
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Calibration, Detail, Qat, QuantizationDetail};
-use crate::report::{Row, StageReport};
+use crate::report::{Row, StageReport, sections};
 use crate::settings::{Calibrator, QuantizationSettings};
 use crate::stage::{Product, Stage};
 use crate::teacher;
@@ -92,12 +90,10 @@ pub fn run(ctx: &Context, settings: &QuantizationSettings) -> Result<StageReport
             &tests,
         )?);
     }
-    let mut markdown = section(&rows);
-    markdown.push('\n');
-    markdown.push_str(&size_figure(&rows).write(&ctx.out)?);
+    let section = sections::quantization::section(&rows).write(&ctx.out)?;
     Ok(StageReport {
         rows,
-        section: Some(markdown),
+        section: Some(section),
     })
 }
 
@@ -355,66 +351,4 @@ fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> 
             Ok((layer, observer))
         })
         .collect()
-}
-
-fn section(rows: &[Row]) -> String {
-    let mut md = String::from(
-        "Every row is an artifact executed by the pure-Rust runtime; drops and ratios are \
-         against the same model's float32 artifact.\n\n\
-         | model | variant | accuracy | drop (pp) | size ratio | gzip ratio | samples/s |\n\
-         |---|---|---:|---:|---:|---:|---:|\n",
-    );
-    for row in rows {
-        let Detail::Quantization(detail) = &row.detail else {
-            continue;
-        };
-        let selected = detail.calibration.as_ref().is_some_and(|c| c.selected);
-        let _ = writeln!(
-            md,
-            "| {} | {}{} | {:.2}% | {:+.2} | {:.2}x | {:.2}x | {:.0} |",
-            row.model,
-            row.variant,
-            if selected { " (selected)" } else { "" },
-            row.test_accuracy.unwrap_or(f64::NAN) * 100.0,
-            detail.deployment.accuracy_delta_pp,
-            detail.deployment.size_ratio,
-            detail.deployment.gzip_ratio,
-            row.infer_samples_per_second.unwrap_or(f64::NAN),
-        );
-    }
-    md
-}
-
-/// Accuracy against artifact size, one series per model, each point named by its variant.
-fn size_figure(rows: &[Row]) -> Figure {
-    let mut models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
-    models.dedup();
-    let series = models
-        .into_iter()
-        .map(|model| {
-            let mine: Vec<&Row> = rows.iter().filter(|r| r.model == model).collect();
-            let mut s = plots::Series::new(
-                model,
-                mine.iter()
-                    .map(|r| {
-                        (
-                            r.size_bytes.unwrap_or(0) as f64 / 1024.0,
-                            r.test_accuracy.unwrap_or(0.0) * 100.0,
-                        )
-                    })
-                    .collect(),
-            );
-            s.point_labels = mine.iter().map(|r| r.variant.clone()).collect();
-            s
-        })
-        .collect();
-    let mut figure = Figure::scatter(
-        "quantization_accuracy_size.svg",
-        "Quantized models: test accuracy against artifact size",
-        "artifact size (KiB)",
-        "test accuracy (%)",
-        series,
-    );
-    figure.chart.x_scale = plots::Scale::Log10;
-    figure
 }

@@ -1,0 +1,47 @@
+//! Each stage's part of report.md, rendered from the stage's typed rows: one home for how a
+//! stage's measurements read, apart from the code that makes them.
+
+pub mod clustering;
+pub mod distillation;
+pub mod pipeline;
+pub mod precision;
+pub mod pruning;
+pub mod quantization;
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::charts::Figure;
+
+/// A stage's section: its Markdown, and the charts it shows after it.
+pub struct Section {
+    pub markdown: String,
+    pub figures: Vec<Figure>,
+}
+
+impl Section {
+    /// Writes the charts into the run folder `out` and returns the Markdown that shows them
+    /// after the section's text.
+    pub fn write(self, out: &Path) -> Result<String> {
+        let mut markdown = self.markdown;
+        for figure in self.figures {
+            markdown.push('\n');
+            markdown.push_str(&figure.write(out)?);
+        }
+        Ok(markdown)
+    }
+}
+
+/// The artifact a stage's rows are compared with, as the runtime measured it.
+#[derive(Debug, Clone, Copy)]
+pub struct Reference {
+    pub accuracy: f64,
+    pub size_bytes: u64,
+    pub samples_per_second: f64,
+}
+
+/// A share as a percentage with two decimals, `-` when unknown.
+fn percent(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{:.2}%", v * 100.0))
+}
