@@ -15,13 +15,17 @@
 //!    (`models::fake_quant`), the zeros kept by the pruner;
 //! 6. **export** from the model's `NetworkSpec` and a name map of its variables
 //!    (`models::export::parameters_of`) to a full-integer int8 artifact that records its input
-//!    normalisation, run by the pure-Rust `runtime` on raw test images.
+//!    normalisation, run by the pure-Rust `runtime` on raw test images;
+//! 7. **clustering** of a copy of the pruned float32 student to 16 shared values per weight
+//!    tensor, its zeros kept (`clustering::Clusterer`), fine-tuned while distilling and
+//!    exported palettized: each kept weight a 4-bit index into its tensor's codebook.
 //!
 //! Every step's numbers come back in a [`Report`] (and are printed as they are measured).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, ensure};
+use clustering::{CentroidOptimizer, Clusterer, ClusteringConfig};
 use distillation::{Alpha, Batch, DistillationConfig, Distiller, TeacherCache, Temperature};
 use loss_scaling::LossScaler;
 use mnist_data::{Batcher, Dataset, Normalization, Split};
@@ -112,6 +116,12 @@ pub struct Report {
     pub artifact_bytes: usize,
     /// How the runtime executes each layer (`Debug` of `runtime::Execution`).
     pub execution: Vec<String>,
+    /// The clustered student's most distinct weight values in one tensor, zero included.
+    pub clustered_values: usize,
+    /// The clustered student's palettized artifact run by the runtime on raw test images.
+    pub clustered_accuracy: f64,
+    /// That artifact's size in bytes.
+    pub clustered_bytes: usize,
 }
 
 /// A plain tch MLP of one's own: `fc1` (784 to `hidden`), ReLU, `fc2` (to 10), computing
@@ -380,6 +390,10 @@ pub fn run(options: &Options) -> Result<Report> {
     }
     let pruned_accuracy = accuracy(&student, &test_x, &test_y)?;
     let sparsity = weight_sparsity(&student_vs)?;
+    // A copy of the pruned float32 student, clustered in step 7.
+    let mut clustered_vs = nn::VarStore::new(Device::Cpu);
+    let clustered = Mlp::new(&clustered_vs.root(), 64, Policy::Float32);
+    clustered_vs.copy(&student_vs)?;
     println!(
         "4. student pruned to {:.0}% sparsity while distilling: {:.2}%",
         100.0 * sparsity,
@@ -450,6 +464,50 @@ pub fn run(options: &Options) -> Result<Report> {
         100.0 * runtime_accuracy,
         100.0 * (runtime_accuracy - pruned_accuracy)
     );
+    // 7. Clustering, sparsity preserved: every weight tensor of the pruned copy shares 16
+    //    values besides its zeros; an epoch of distillation trains the centroids (on their
+    //    weights' summed gradients) and the weights behind them. Exported palettized.
+    let mut clusterer = Clusterer::new(
+        &clustered_vs,
+        ClusteringConfig {
+            preserve_sparsity: true,
+            optimizer: CentroidOptimizer::Adam {
+                learning_rate: 1e-4,
+            },
+            seed: options.seed,
+            ..ClusteringConfig::new(16)
+        },
+    )?;
+    let mut optimizer = nn::Adam::default().build(&clustered_vs, 2e-4)?;
+    for batch in batcher.epoch(400) {
+        let (xs, ys) = (rows(&train_x, &batch)?, rows(&train_y, &batch)?);
+        let distiller = Distiller::new(&cache, &clustered, config);
+        distiller.step(&mut optimizer, Batch::new(&xs, &ys).with_indices(&batch))?;
+        clusterer.apply()?; // the step's gradients are still in the variables
+    }
+    let clustered_values = clusterer
+        .strip()?
+        .iter()
+        .map(|layer| layer.distinct_values)
+        .max()
+        .unwrap_or(0);
+    let (spec, names) = Mlp::spec(64);
+    let params = export::parameters_of(&spec, &clustered_vs, &names)?;
+    let mut builder = export::artifact_from_parameters(spec, &params, WeightFormat::Palette)?;
+    builder.set_input_normalization(InputNormalization::new(
+        255.0,
+        vec![norm.mean],
+        vec![norm.std],
+    )?);
+    let palette = builder.to_bytes()?;
+    let clustered_accuracy = self::runtime_accuracy(&runtime::Model::from_bytes(&palette)?, &test)?;
+    println!(
+        "7. clustered to 16 values per tensor, zeros kept: palettized artifact of {} bytes \
+         ({:.1}x smaller than the int8 one), {:.2}% in the runtime",
+        palette.len(),
+        bytes.len() as f64 / palette.len() as f64,
+        100.0 * clustered_accuracy
+    );
     Ok(Report {
         test_images: test.len(),
         teacher_accuracy,
@@ -464,6 +522,9 @@ pub fn run(options: &Options) -> Result<Report> {
         runtime_accuracy,
         artifact_bytes: bytes.len(),
         execution,
+        clustered_values,
+        clustered_accuracy,
+        clustered_bytes: palette.len(),
     })
 }
 

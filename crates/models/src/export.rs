@@ -99,6 +99,11 @@ pub enum WeightFormat {
     Int8Compact,
     /// Weights and biases stored as IEEE half precision, computed in f32.
     F16,
+    /// Weights that take few values per tensor (clustered) as indices into each tensor's
+    /// codebook, the zeros left out where that is smaller (`runtime::Storage::Palette` per
+    /// tensor); decoded to f32 at load. More than 256 distinct values in a tensor is an
+    /// error: cluster first.
+    Palette,
 }
 
 /// One parameter of the deployed network: batch norm folded, named by its deployed index.
@@ -361,6 +366,12 @@ pub fn artifact_from_parameters(
                 Storage::Int8(Granularity::PerTensor),
             )?,
             WeightFormat::F16 => builder.add(&p.name, &p.data, &p.shape, Storage::F16)?,
+            WeightFormat::Palette if is_weight => builder.add(
+                &p.name,
+                &p.data,
+                &p.shape,
+                Storage::Palette(Granularity::PerTensor),
+            )?,
             _ => builder.add(&p.name, &p.data, &p.shape, Storage::F32)?,
         };
     }

@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result, bail};
 use clustering::{CentroidOptimizer, ClusterReport, Clusterer, ClusteringConfig, Granularity};
 use models::Network;
 use models::export::{self, DeployedParameter, WeightFormat};
-use runtime::{Artifact, ArtifactBuilder, Storage, WeightValues};
+use runtime::{Artifact, WeightValues};
 use tch::nn;
 
 use crate::context::Context;
@@ -142,15 +142,11 @@ impl Clustering<'_> {
         let tuned = self
             .fine_tune(params, clusters, base != Sparsity::Dense, &label)
             .with_context(|| format!("clustering the teacher ({label})"))?;
-        let mut palette = ArtifactBuilder::new(self.deployed_spec.clone());
-        for p in &tuned.params {
-            let storage = if p.name.ends_with(".weight") {
-                Storage::Palette(runtime::Granularity::PerTensor)
-            } else {
-                Storage::F32
-            };
-            palette.add(&p.name, &p.data, &p.shape, storage)?;
-        }
+        let palette = export::artifact_from_parameters(
+            self.deployed_spec.clone(),
+            &tuned.params,
+            WeightFormat::Palette,
+        )?;
         let int8 = export::artifact_from_parameters(
             self.deployed_spec.clone(),
             &tuned.params,
