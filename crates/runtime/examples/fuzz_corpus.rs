@@ -107,9 +107,12 @@ fn seed(values: Values, storage: Storage, salt: u64) -> Result<ArtifactBuilder, 
     Ok(builder)
 }
 
-/// Every seed: name, builder, and the scheme each of its weights must have.
-fn seeds() -> Result<Vec<(String, ArtifactBuilder, fn(&Scheme) -> bool)>, runtime::Error> {
-    let mut out: Vec<(String, ArtifactBuilder, fn(&Scheme) -> bool)> = Vec::new();
+/// A seed: its name, its builder, and the test the scheme of each of its weights must pass.
+type Seed = (String, ArtifactBuilder, fn(&Scheme) -> bool);
+
+/// Every seed.
+fn seeds() -> Result<Vec<Seed>, runtime::Error> {
+    let mut out: Vec<Seed> = Vec::new();
     let per = [
         ("per-channel", Granularity::PerChannel),
         ("per-tensor", Granularity::PerTensor),
