@@ -6,6 +6,7 @@ use std::path::Path;
 
 use plots::{Kind, Scale, Series};
 
+use super::sections::CHARTS;
 use super::teacher::pareto_front;
 use super::{Report, Row, human_bytes};
 use crate::charts::{FOLDER, Figure};
@@ -15,35 +16,6 @@ use crate::stage::Stage;
 pub const ACCURACY_SIZE: &str = "accuracy_size.svg";
 /// File of the loss-scale chart.
 pub const LOSS_SCALE: &str = "precision_loss_scale.svg";
-
-/// Charts the stages draw themselves, with their titles and captions: shown when their files
-/// exist.
-const STAGE_CHARTS: [(&str, &str, &str); 4] = [
-    (
-        "quantization_accuracy_size.svg",
-        "Quantized models: test accuracy against artifact size",
-        "Each quantized variant of the teacher and the student: test accuracy against artifact \
-         size (log scale), one colour per model.",
-    ),
-    (
-        "pruning_accuracy.svg",
-        "Pruned teacher: test accuracy against weight sparsity",
-        "The pruned teacher: test accuracy against the share of weights that are zero, with f32 \
-         and with int8 weights, and 2:4 sparsity.",
-    ),
-    (
-        "pruning_schedule.svg",
-        "Sparsity schedule",
-        "The pruning schedules: the target sparsity at each fine-tuning step (masks are updated \
-         every few steps).",
-    ),
-    (
-        "distillation_temperature.svg",
-        "Distilled student: test accuracy against temperature",
-        "The distilled student's test accuracy against the distillation temperature, with the \
-         student trained from scratch for reference.",
-    ),
-];
 
 /// A chart of the section, its one-line caption and what to list under it.
 struct Plot {
@@ -70,7 +42,9 @@ pub fn section(report: &Report, out: &Path) -> String {
             }
         }
     }
-    for (file, title, caption) in STAGE_CHARTS {
+    // The charts the stages drew, where they did.
+    for chart in CHARTS {
+        let (file, title, caption) = (chart.file, chart.title, chart.caption);
         if out.join(FOLDER).join(file).is_file() {
             let _ = writeln!(md, "![{title}]({FOLDER}/{file})\n\n*{caption}*\n");
         }

@@ -11,7 +11,16 @@ use crate::report::detail::Detail;
 use crate::stage::Stage;
 use crate::variant::{Clustered, ClusteredStorage, Sparsity};
 
-use super::{Reference, Section};
+use super::{Chart, Reference, Section};
+
+/// Accuracy against size, one series per base and storage through the cluster counts.
+pub const ACCURACY_SIZE: Chart = Chart {
+    file: "clustering_accuracy_size.svg",
+    title: "Clustered teacher: test accuracy against artifact size",
+    caption: "The clustered teacher, dense and 90% sparse, palettized and as int8: test \
+              accuracy against artifact size (log scale), each point labelled with its number \
+              of clusters, and the float32 teacher.",
+};
 
 /// The section of the stage's rows: `bases` clustered to each of `clusters`, compared with
 /// `reference`.
@@ -122,8 +131,8 @@ fn size_figure(
         )],
     ));
     let mut figure = Figure::scatter(
-        "clustering_accuracy_size.svg",
-        "Clustered teacher: test accuracy against artifact size",
+        ACCURACY_SIZE.file,
+        ACCURACY_SIZE.title,
         "artifact size (KiB)",
         "test accuracy (%)",
         series,

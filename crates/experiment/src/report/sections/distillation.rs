@@ -6,7 +6,15 @@ use crate::report::detail::{Detail, DistillationDetail};
 use crate::stage::Stage;
 use crate::variant::Student;
 
-use super::Section;
+use super::{Chart, Section};
+
+/// Accuracy against temperature.
+pub const TEMPERATURE: Chart = Chart {
+    file: "distillation_temperature.svg",
+    title: "Distilled student: test accuracy against temperature",
+    caption: "The distilled student's test accuracy against the distillation temperature, \
+              with the student trained from scratch for reference.",
+};
 
 /// The section of the stage's rows; `None` when the sweep did not run (`--quick`).
 pub fn section(rows: &[Row]) -> Option<Section> {
@@ -27,8 +35,8 @@ pub fn section(rows: &[Row]) -> Option<Section> {
     let seed = distilled.seeds.first()?;
     let points = sweep.iter().map(|&(t, a)| (t, a * 100.0)).collect();
     let figure = Figure::lines(
-        "distillation_temperature.svg",
-        "Distilled student: test accuracy against temperature",
+        TEMPERATURE.file,
+        TEMPERATURE.title,
         "temperature T",
         "test accuracy (%)",
         vec![

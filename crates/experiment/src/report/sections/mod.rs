@@ -33,6 +33,23 @@ impl Section {
     }
 }
 
+/// A chart a stage draws: its file in the run's `plots/`, its title, and the caption the
+/// report's "Plots" section shows it with.
+pub struct Chart {
+    pub file: &'static str,
+    pub title: &'static str,
+    pub caption: &'static str,
+}
+
+/// Every chart the stages draw, in the order the "Plots" section lists them.
+pub const CHARTS: [&Chart; 5] = [
+    &quantization::ACCURACY_SIZE,
+    &pruning::ACCURACY,
+    &pruning::SCHEDULE,
+    &distillation::TEMPERATURE,
+    &clustering::ACCURACY_SIZE,
+];
+
 /// The artifact a stage's rows are compared with, as the runtime measured it.
 #[derive(Debug, Clone, Copy)]
 pub struct Reference {

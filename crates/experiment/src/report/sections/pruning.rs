@@ -10,7 +10,22 @@ use crate::report::Row;
 use crate::report::detail::{Detail, PruningDetail};
 use crate::variant::PrunedWeights;
 
-use super::Section;
+use super::{Chart, Section};
+
+/// Accuracy against sparsity.
+pub const ACCURACY: Chart = Chart {
+    file: "pruning_accuracy.svg",
+    title: "Pruned teacher: test accuracy against weight sparsity",
+    caption: "The pruned teacher: test accuracy against the share of weights that are zero, \
+              with f32 and with int8 weights, and 2:4 sparsity.",
+};
+/// The schedules.
+pub const SCHEDULE: Chart = Chart {
+    file: "pruning_schedule.svg",
+    title: "Sparsity schedule",
+    caption: "The pruning schedules: the target sparsity at each fine-tuning step (masks are \
+              updated every few steps).",
+};
 
 /// The section of the stage's rows.
 pub fn section(rows: &[Row]) -> Section {
@@ -114,15 +129,15 @@ fn figures(rows: &[Row]) -> Vec<Figure> {
         .collect();
     vec![
         Figure::lines(
-            "pruning_accuracy.svg",
-            "Pruned teacher: test accuracy against weight sparsity",
+            ACCURACY.file,
+            ACCURACY.title,
             "weights that are zero (%)",
             "test accuracy (%)",
             accuracy,
         ),
         Figure::lines(
-            "pruning_schedule.svg",
-            "Sparsity schedule (mask updates every few steps)",
+            SCHEDULE.file,
+            SCHEDULE.title,
             "fine-tuning step",
             "target sparsity (%)",
             schedule_series,

@@ -7,7 +7,15 @@ use crate::charts::Figure;
 use crate::report::Row;
 use crate::report::detail::Detail;
 
-use super::Section;
+use super::{Chart, Section};
+
+/// Accuracy against size, one colour per model.
+pub const ACCURACY_SIZE: Chart = Chart {
+    file: "quantization_accuracy_size.svg",
+    title: "Quantized models: test accuracy against artifact size",
+    caption: "Each quantized variant of the teacher and the student: test accuracy against \
+              artifact size (log scale), one colour per model.",
+};
 
 /// The section of the stage's rows.
 pub fn section(rows: &[Row]) -> Section {
@@ -69,8 +77,8 @@ fn size_figure(rows: &[Row]) -> Figure {
         })
         .collect();
     let mut figure = Figure::scatter(
-        "quantization_accuracy_size.svg",
-        "Quantized models: test accuracy against artifact size",
+        ACCURACY_SIZE.file,
+        ACCURACY_SIZE.title,
         "artifact size (KiB)",
         "test accuracy (%)",
         series,
