@@ -43,8 +43,9 @@ pub const MAX_LAYERS: usize = 1 << 12;
 /// Largest number of elements of one sample's activation (or im2col matrix) accepted: keeps
 /// a hostile file from making a single-sample run allocate without bound.
 pub const MAX_ACTIVATION_ELEMENTS: usize = 1 << 26;
-/// Largest number of elements of a `palette_sparse` weight accepted: its position code can
-/// describe long runs of zeros in a few bits, so the file does not bound the decoded size.
+/// Largest number of elements of a `palette_sparse` or `csr` weight accepted: a position code
+/// or a row pointer can describe long runs of zeros in a few bits, so the file does not bound
+/// the dense size (which [`Artifact`](crate::Artifact) expands `csr` to).
 pub const MAX_SPARSE_ELEMENTS: usize = 1 << 26;
 
 /// How one parameter is stored: the `tensors` metadata entry maps every parameter name to one.
@@ -561,6 +562,15 @@ fn decode_weight(r: &mut Reader, name: &str, scheme: &Scheme, shape: &[usize]) -
                     tensor: name.to_owned(),
                     expected: shape.to_vec(),
                     found: dense.clone(),
+                });
+            }
+            let len = out * k;
+            if len > MAX_SPARSE_ELEMENTS {
+                return Err(Error::Unsupported {
+                    file: r.file.to_owned(),
+                    reason: format!(
+                        "csr weight `{name}` has {len} elements, above the limit of {MAX_SPARSE_ELEMENTS}"
+                    ),
                 });
             }
             let (rp, ci, vs) = (

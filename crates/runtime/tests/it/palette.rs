@@ -984,3 +984,37 @@ proptest! {
         prop_assert_eq!(bits_of(&decoded), bits_of(&values), "{}", scheme);
     }
 }
+
+/// A CSR weight holds only its non-zeros, so a file of a few bytes could declare a layer
+/// whose dense form does not fit in memory: refused like a sparse palette.
+#[test]
+fn a_csr_weight_has_the_same_size_limit() {
+    let mut b = ArtifactBuilder::new(linear(2, 3));
+    b.add(
+        "1.weight",
+        &[0.0, 1.0, 0.0, 0.0, 0.0, 2.0],
+        &[2, 3],
+        Storage::Csr,
+    )
+    .unwrap()
+    .add("1.bias", &[0.0; 2], &[2], Storage::F32)
+    .unwrap();
+    let small = b.to_bytes().unwrap();
+    assert!(Artifact::from_bytes(&small).is_ok());
+    let inputs = 1 << 14;
+    let out = MAX_SPARSE_ELEMENTS / inputs + 1;
+    let huge = edit_metadata(&small, |m| {
+        let mut spec = linear(out, inputs);
+        spec.input = [1, 128, 128];
+        m.insert("network".into(), serde_json::to_string(&spec).unwrap());
+        let tensors = serde_json::json!({
+            "1.weight": {"scheme": "csr", "shape": [out, inputs]},
+            "1.bias": {"scheme": "f32"},
+        });
+        m.insert("tensors".into(), tensors.to_string());
+    });
+    let (e, s) = err(&huge);
+    assert!(matches!(e, Error::Unsupported { .. }), "{s}");
+    assert!(s.contains("csr weight `1.weight`"), "{s}");
+    assert!(s.contains("above the limit of 67108864"), "{s}");
+}
