@@ -263,12 +263,9 @@ pub(crate) fn create_venv(venv: &Path, rerun: &str) -> Result<PathBuf> {
     Ok(python)
 }
 
-/// Writes `marker` (with `content`) through a temporary file and a rename.
+/// Writes `marker` (with `content`) atomically.
 pub(crate) fn write_marker(marker: &Path, content: &str) -> Result<()> {
-    let temporary = marker.with_extension("tmp");
-    std::fs::write(&temporary, content.as_bytes())
-        .and_then(|()| std::fs::rename(&temporary, marker))
-        .with_context(|| format!("writing {}", marker.display()))
+    atomic_file::write(marker, content).with_context(|| format!("writing {}", marker.display()))
 }
 
 /// The `torch/` package folder inside a virtual environment.

@@ -24,10 +24,7 @@ pub fn rewrite_readme(readme: &Path, run: &Path, root: &Path) -> Result<()> {
     let section = section(run, root)?;
     let new = replace_section(&text, &section)
         .with_context(|| format!("rewriting the results section of {}", readme.display()))?;
-    let temporary = readme.with_extension("md.tmp");
-    std::fs::write(&temporary, new)
-        .and_then(|()| std::fs::rename(&temporary, readme))
-        .with_context(|| format!("writing {}", readme.display()))
+    atomic_file::write(readme, new).with_context(|| format!("writing {}", readme.display()))
 }
 
 /// `text` with everything between the [`START`] and [`END`] lines replaced by `body`. The
