@@ -11,7 +11,7 @@ use crate::report::detail::Detail;
 use crate::stage::Stage;
 use crate::variant::{Clustered, ClusteredStorage, Sparsity};
 
-use super::{Chart, Reference, Section};
+use super::{Chart, Reference, Section, accuracy_size, size_point};
 
 /// Accuracy against size, one series per base and storage through the cluster counts.
 pub const ACCURACY_SIZE: Chart = Chart {
@@ -104,15 +104,7 @@ fn size_figure(
                     Some((clusters, row))
                 })
                 .collect();
-            let points = mine
-                .iter()
-                .map(|(_, r)| {
-                    (
-                        r.size_bytes.unwrap_or(0) as f64 / 1024.0,
-                        r.test_accuracy.unwrap_or(0.0) * 100.0,
-                    )
-                })
-                .collect();
+            let points = mine.iter().map(|(_, r)| size_point(r)).collect();
             let storage_name = match storage {
                 ClusteredStorage::Palette => "palettized",
                 ClusteredStorage::Int8 => "int8",
@@ -130,15 +122,7 @@ fn size_figure(
             reference.accuracy * 100.0,
         )],
     ));
-    let mut figure = Figure::scatter(
-        ACCURACY_SIZE.file,
-        ACCURACY_SIZE.title,
-        "artifact size (KiB)",
-        "test accuracy (%)",
-        series,
-    );
-    figure.chart.x_scale = plots::Scale::Log10;
-    figure
+    accuracy_size(&ACCURACY_SIZE, series)
 }
 
 fn pruned_name(sparsity: Sparsity) -> String {

@@ -50,6 +50,27 @@ pub const CHARTS: [&Chart; 5] = [
     &clustering::ACCURACY_SIZE,
 ];
 
+/// A scatter chart of test accuracy (%) against artifact size (KiB, log scale).
+fn accuracy_size(chart: &Chart, series: Vec<plots::Series>) -> Figure {
+    let mut figure = Figure::scatter(
+        chart.file,
+        chart.title,
+        "artifact size (KiB)",
+        "test accuracy (%)",
+        series,
+    );
+    figure.chart.x_scale = plots::Scale::Log10;
+    figure
+}
+
+/// A row's point on [`accuracy_size`]: its artifact's size in KiB and its accuracy in %.
+fn size_point(row: &crate::report::Row) -> (f64, f64) {
+    (
+        row.size_bytes.unwrap_or(0) as f64 / 1024.0,
+        row.test_accuracy.unwrap_or(0.0) * 100.0,
+    )
+}
+
 /// The artifact a stage's rows are compared with, as the runtime measured it.
 #[derive(Debug, Clone, Copy)]
 pub struct Reference {

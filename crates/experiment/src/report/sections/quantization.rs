@@ -7,7 +7,7 @@ use crate::charts::Figure;
 use crate::report::Row;
 use crate::report::detail::Detail;
 
-use super::{Chart, Section};
+use super::{Chart, Section, accuracy_size, size_point};
 
 /// Accuracy against size, one colour per model.
 pub const ACCURACY_SIZE: Chart = Chart {
@@ -61,28 +61,10 @@ fn size_figure(rows: &[Row]) -> Figure {
         .into_iter()
         .map(|model| {
             let mine: Vec<&Row> = rows.iter().filter(|r| r.model == model).collect();
-            let mut s = plots::Series::new(
-                model,
-                mine.iter()
-                    .map(|r| {
-                        (
-                            r.size_bytes.unwrap_or(0) as f64 / 1024.0,
-                            r.test_accuracy.unwrap_or(0.0) * 100.0,
-                        )
-                    })
-                    .collect(),
-            );
+            let mut s = plots::Series::new(model, mine.iter().map(|r| size_point(r)).collect());
             s.point_labels = mine.iter().map(|r| r.variant.clone()).collect();
             s
         })
         .collect();
-    let mut figure = Figure::scatter(
-        ACCURACY_SIZE.file,
-        ACCURACY_SIZE.title,
-        "artifact size (KiB)",
-        "test accuracy (%)",
-        series,
-    );
-    figure.chart.x_scale = plots::Scale::Log10;
-    figure
+    accuracy_size(&ACCURACY_SIZE, series)
 }
