@@ -254,7 +254,8 @@ fn write(folder: &Path) -> Result<usize, String> {
     let mut written = 0;
     let seeds = seeds().map_err(|e| e.to_string())?;
     for (name, builder, expected) in seeds {
-        let int8 = name.starts_with("int8");
+        // Int8 weights, and palettes (quantized to int8 at load), run full-integer too.
+        let int8 = name.starts_with("int8") || name.starts_with("palette");
         let mut variants = vec![(name.clone(), builder.clone())];
         let mut with_input = builder.clone();
         with_input.set_input_normalization(normalization.clone());

@@ -698,6 +698,42 @@ fn group_of(granularity: Granularity, k: usize) -> impl Fn(usize) -> usize {
 
 /// A decoded weight of `rows x cols` real values as the engine runs it: CSR where
 /// [`crate::csr_pays_off`] says so for its non-zero count, else dense.
+/// A decoded palette weight as per-channel symmetric int8 codes (scale `max |w| / 127` per
+/// output channel, the builder's `Storage::Int8` rule): exactly the codes of weights that
+/// lie on that grid, as quantization-aware training leaves them.
+fn palette_codes(file: &str, name: &str, weight: Weight, out: usize) -> Result<Weight> {
+    let values = match weight {
+        Weight::Dense(values) => values,
+        Weight::Csr(matrix) => matrix.to_dense(),
+        int8 @ Weight::Int8 { .. } => return Ok(int8),
+    };
+    let k = values.len() / out.max(1);
+    if k > MAX_INT8_K {
+        return Err(Error::Unsupported {
+            file: file.to_owned(),
+            reason: format!(
+                "int8 execution of palette weight `{name}` has k = {k}, above the kernel limit of {MAX_INT8_K}"
+            ),
+        });
+    }
+    let q = quantization::quantize_weights(
+        &values,
+        out,
+        quantization::Granularity::PerChannel,
+        quantization::BitWidth::INT8,
+    )
+    .map_err(|e| Error::InvalidTensor {
+        file: file.to_owned(),
+        tensor: name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(Weight::Int8 {
+        values: q.values,
+        scales: q.scales,
+        zero_points: q.zero_points.into_iter().map(i32::from).collect(),
+    })
+}
+
 fn dense_or_csr(values: Vec<f32>, rows: usize, cols: usize) -> Weight {
     let nonzero = values.iter().filter(|&&v| v != 0.0).count();
     if crate::csr_pays_off(rows, cols, nonzero) {
@@ -923,6 +959,18 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
                 }
             };
             let input_quant = activations.remove(&i.to_string());
+            let palette = matches!(
+                weight_scheme,
+                Scheme::Palette { .. } | Scheme::PaletteSparse { .. }
+            );
+            let weight = match weight {
+                // A palette layer that runs full-integer: its values on the per-channel
+                // symmetric int8 grid, the `int8` scheme's rule.
+                Weight::Dense(_) | Weight::Csr(_) if palette && input_quant.is_some() => {
+                    palette_codes(file, &weight_name, weight, out)?
+                }
+                other => other,
+            };
             if let Some(q) = input_quant {
                 if !matches!(weight, Weight::Int8 { .. }) {
                     return Err(malformed(

@@ -731,25 +731,7 @@ fn bitmask_positions_are_validated() {
 }
 
 #[test]
-fn palette_layers_take_no_input_quantization_and_have_a_size_limit() {
-    let mut b = ArtifactBuilder::new(linear(6, 20));
-    let c = Clustered::random([6, 20], 4, Granularity::PerTensor, None, 2);
-    b.add_encoded("1.weight", &[6, 20], c.encoded())
-        .unwrap()
-        .add("1.bias", &[0.0; 6], &[6], Storage::F32)
-        .unwrap()
-        .set_input_quantization(1, QParams::u8(0.1, 0));
-    let (e, s) = err(&b.to_bytes().unwrap());
-    assert!(
-        matches!(
-            e,
-            Error::MalformedMetadata {
-                key: "activations",
-                ..
-            }
-        ),
-        "{s}"
-    );
+fn palette_layers_have_a_size_limit() {
     // A sparse weight declared larger than the limit is refused before its streams are read.
     let sparse = breakable(4, Some(0.1));
     let huge = edit_metadata(&sparse, |m| {
@@ -1017,4 +999,58 @@ fn a_csr_weight_has_the_same_size_limit() {
     assert!(matches!(e, Error::Unsupported { .. }), "{s}");
     assert!(s.contains("csr weight `1.weight`"), "{s}");
     assert!(s.contains("above the limit of 67108864"), "{s}");
+}
+
+/// A palette layer with input quantization runs full-integer: its decoded values on the
+/// per-channel int8 grid of the `int8` scheme, so it computes what the same values stored
+/// as int8 compute, bit for bit, dense and sparse.
+#[test]
+fn palette_layers_with_input_quantization_run_like_int8() {
+    let spec = crate::common::mlp();
+    let p = params(&spec, 4);
+    let x = images(5, &spec, 6);
+    for density in [None, Some(0.1)] {
+        let mut palette = ArtifactBuilder::new(spec.clone());
+        let mut int8 = ArtifactBuilder::new(spec.clone());
+        for (&i, param) in &p {
+            let c = Clustered::random(
+                [param.shape[0], param.shape[1]],
+                16,
+                Granularity::PerTensor,
+                density,
+                i as u64,
+            );
+            let values = c.values(param.shape[0] * param.shape[1]);
+            let grid = QParams::u8(0.02 * (i + 1) as f32, 3);
+            palette
+                .add_encoded(&format!("{i}.weight"), &param.shape, c.encoded())
+                .unwrap()
+                .add(
+                    &format!("{i}.bias"),
+                    &param.bias,
+                    &[param.shape[0]],
+                    Storage::F32,
+                )
+                .unwrap()
+                .set_input_quantization(i, grid);
+            int8.add_layer(
+                i,
+                &values,
+                &param.bias,
+                Storage::Int8(Granularity::PerChannel),
+            )
+            .unwrap()
+            .set_input_quantization(i, grid);
+        }
+        let palette = Model::from_bytes(&palette.to_bytes().unwrap()).unwrap();
+        let int8 = Model::from_bytes(&int8.to_bytes().unwrap()).unwrap();
+        assert_eq!(palette.execution(), int8.execution(), "density {density:?}");
+        for (layer, execution) in palette.execution() {
+            assert!(
+                matches!(execution, Execution::Int8Static { .. }),
+                "layer {layer}: {execution:?}"
+            );
+        }
+        assert_eq!(palette.run(x.view()).unwrap(), int8.run(x.view()).unwrap());
+    }
 }
