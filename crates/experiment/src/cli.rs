@@ -77,6 +77,12 @@ pub struct Args {
     #[arg(long, default_value_t = 0.82, value_parser = parse_sparsity)]
     pub sparsity: f64,
 
+    /// The pipeline stage's pruning- and cluster-preserving QAT (PCQAT): the shared values
+    /// per weight tensor of the pruned student, reported beside the plain QAT; 0 leaves it
+    /// out, else 2..=256.
+    #[arg(long, default_value_t = 16, value_parser = parse_clusters)]
+    pub pcqat_clusters: usize,
+
     /// The distillation temperature of the distillation stage's distilled student and of
     /// the pipeline's (the temperature sweep tries its own), positive and finite.
     #[arg(
@@ -129,6 +135,7 @@ impl Args {
             },
             pipeline: PipelineSettings {
                 sparsity: self.sparsity,
+                pcqat_clusters: self.pcqat_clusters,
                 temperature: self.temperature,
                 alpha: self.alpha,
             },
@@ -180,6 +187,19 @@ fn parse_sparsity(value: &str) -> Result<f64, String> {
         .map_err(|_| format!("`{value}` is not a number"))?;
     pruning::Sparsity::new(s).map_err(|e| e.to_string())?;
     Ok(s)
+}
+
+fn parse_clusters(value: &str) -> Result<usize, String> {
+    value
+        .parse::<usize>()
+        .ok()
+        .filter(|&k| k == 0 || (2..=runtime::MAX_PALETTE_CLUSTERS).contains(&k))
+        .ok_or_else(|| {
+            format!(
+                "`{value}` is not 0 or a whole number in 2..={}",
+                runtime::MAX_PALETTE_CLUSTERS
+            )
+        })
 }
 
 fn parse_seed(value: &str) -> Result<u64, String> {

@@ -94,6 +94,8 @@ pub struct QuantizationSettings {
 pub struct PipelineSettings {
     /// The share of the student's weights pruned to zero, in [0, 1).
     pub sparsity: f64,
+    /// Shared values per weight tensor of the PCQAT student; 0: no PCQAT.
+    pub pcqat_clusters: usize,
     #[serde(serialize_with = "temperature")]
     pub temperature: Temperature,
     #[serde(serialize_with = "alpha")]

@@ -176,6 +176,9 @@ pub enum PipelineStep {
     Pruned,
     /// The pruned student after quantization-aware training, sparse full-integer int8.
     PrunedInt8,
+    /// The pruned student after pruning- and cluster-preserving quantization-aware training
+    /// (PCQAT), palettized, full-integer int8.
+    PrunedClusteredInt8,
 }
 
 impl PipelineStep {
@@ -185,6 +188,9 @@ impl PipelineStep {
             Self::Distilled => "distillation",
             Self::Pruned => "pruning",
             Self::PrunedInt8 => "pruning-preserving quantization-aware training",
+            Self::PrunedClusteredInt8 => {
+                "pruning- and cluster-preserving quantization-aware training (PCQAT)"
+            }
         }
     }
 }
@@ -195,6 +201,7 @@ impl fmt::Display for PipelineStep {
             Self::Distilled => "distilled_float32",
             Self::Pruned => "distilled_pruned_float32",
             Self::PrunedInt8 => "distilled_pruned_int8",
+            Self::PrunedClusteredInt8 => "distilled_pruned_clustered_int8",
         })
     }
 }

@@ -395,7 +395,8 @@ fn quick_pipeline_keeps_its_zeros_through_qat_and_ships_sparse_int8() {
         [
             "distilled_float32",
             "distilled_pruned_float32",
-            "distilled_pruned_int8"
+            "distilled_pruned_int8",
+            "distilled_pruned_clustered_int8"
         ]
     );
     let (pruned, int8) = (rows[1], rows[2]);
@@ -432,4 +433,32 @@ fn quick_pipeline_keeps_its_zeros_through_qat_and_ships_sparse_int8() {
         int8["detail"]["target"]["met"], false,
         "a quick run never claims the target"
     );
+
+    // PCQAT, from the same pruned student: the zeros kept, at most 16 values per tensor
+    // besides, stored palettized, and still run in integers as the fake-quantized network.
+    let pcqat = rows[3];
+    assert!(f(&pcqat["detail"], "weight_sparsity") >= f(&pruned["detail"], "weight_sparsity"));
+    let clusters = pcqat["detail"]["clusters"].as_object().unwrap();
+    assert_eq!(clusters.len(), 4, "{pcqat}");
+    assert!(
+        clusters.values().all(|v| v.as_u64().unwrap() <= 17),
+        "{pcqat}"
+    );
+    let artifact = std::fs::read(out.join(pcqat["artifact"].as_str().unwrap())).unwrap();
+    assert!(String::from_utf8_lossy(&artifact).contains("palette"));
+    assert!(
+        pcqat["size_bytes"].as_u64() < int8["size_bytes"].as_u64(),
+        "{pcqat}"
+    );
+    assert!(
+        pcqat["detail"]["deployment"]["execution"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e == "int8-static"),
+        "{pcqat}"
+    );
+    let delta = (f(pcqat, "test_accuracy") - f(&pcqat["detail"], "fake_quant_accuracy")).abs();
+    assert!(delta <= QAT_ACCURACY_TOLERANCE, "{pcqat}");
+    assert_eq!(pcqat["detail"]["target"]["met"], false);
 }

@@ -300,7 +300,10 @@ pub struct PipelineDetail {
     pub pruning: Option<PruningTarget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fake_quant_accuracy: Option<f64>,
-    /// For the final row: the size and accuracy it was to reach, and whether it did.
+    /// For PCQAT: each clustered weight's distinct values, zero included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<BTreeMap<String, usize>>,
+    /// For the quantization-aware rows: the size and accuracy to reach, and whether it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<PipelineTarget>,
 }

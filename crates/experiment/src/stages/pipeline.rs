@@ -4,10 +4,13 @@
 //! magnitudes, still learning from the teacher; quantization-aware fine-tuning then keeps the pruning masks
 //! (TF-MOT's pruning-preserving QAT: the zeros stay zero, so they stay zero int8 codes);
 //! the result is a full-integer int8 artifact whose weights are stored as a bitmask and
-//! the kept codes, scored by the pure-Rust runtime. Every step is a row, compared with the
-//! float32 teacher.
+//! the kept codes, scored by the pure-Rust runtime. With `--pcqat-clusters`, the same pruned
+//! student is also fine-tuned with its weights clustered (TF-MOT's PCQAT: zeros and shared
+//! values kept through quantization-aware training) and shipped palettized, still run in
+//! integers. Every step is a row, compared with the float32 teacher.
 
 use anyhow::{Context as _, Result, bail};
+use clustering::{CentroidOptimizer, Clusterer, ClusteringConfig};
 use distillation::TeacherCache;
 use models::export::{self, DeployedParameter, WeightFormat};
 use models::{FakeQuantConfig, Network, NetworkSpec};
@@ -17,7 +20,9 @@ use tch::nn;
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Detail, PipelineDetail, PipelineTarget, PruningTarget};
-use crate::report::sections::pipeline::{TARGET_ACCURACY, TARGET_SIZE_RATIO};
+use crate::report::sections::pipeline::{
+    PCQAT_TARGET_SIZE_RATIO, TARGET_ACCURACY, TARGET_SIZE_RATIO,
+};
 use crate::report::{Row, StageReport, sections};
 use crate::settings::PipelineSettings;
 use crate::stage::Stage;
@@ -41,6 +46,8 @@ const FREQUENCY: u64 = 50;
 const QAT_EPOCHS: usize = 2;
 const QAT_LEARNING_RATE: f64 = 5e-4;
 const QAT_OBSERVER_STEPS: usize = 200;
+/// PCQAT: the centroids' own optimizer (Adam), slower than the weights'.
+const CENTROID_LEARNING_RATE: f64 = 1e-4;
 const BATCH: usize = 64;
 /// `--quick`: steps per phase and mask updates.
 const QUICK_STEPS: usize = 40;
@@ -78,12 +85,40 @@ pub fn run(ctx: &Context, settings: &PipelineSettings) -> Result<StageReport> {
     rows.push(row);
     let (pruned, row) = pipeline.prune(&params)?;
     rows.push(row);
-    rows.push(pipeline.quantize(pruned)?);
+    // PCQAT starts from the same pruned student as the plain QAT.
+    let snapshot = (settings.pcqat_clusters > 0)
+        .then(|| pruned.snapshot())
+        .transpose()?;
+    rows.push(pipeline.quantize(pruned, None)?);
+    if let Some(snapshot) = snapshot {
+        let pruned = pipeline.restore(snapshot)?;
+        rows.push(pipeline.quantize(pruned, Some(settings.pcqat_clusters))?);
+    }
     let section = sections::pipeline::section(&rows, reference.reference(), settings.sparsity);
     Ok(StageReport {
         rows,
         section: Some(section.markdown),
     })
+}
+
+impl Pruned {
+    /// What [`Pipeline::restore`] needs to start another fine-tuning from this state.
+    fn snapshot(&self) -> Result<Snapshot> {
+        Ok(Snapshot {
+            params: export::deployed_parameters(&self.net, &self.vs)?,
+            names: self.names.clone(),
+            zeros: self.zeros,
+            total: self.total,
+        })
+    }
+}
+
+/// The pruned student's parameters and pruning record, for a second fine-tuning.
+struct Snapshot {
+    params: Vec<DeployedParameter>,
+    names: Vec<String>,
+    zeros: usize,
+    total: usize,
 }
 
 /// What the pipeline's steps share.
@@ -130,6 +165,7 @@ impl Pipeline<'_> {
         vs: &nn::VarStore,
         (epochs, learning_rate): (usize, f64),
         pruner: Option<&mut Pruner>,
+        clusterer: Option<&mut Clusterer>,
         label: &str,
     ) -> Result<TrainStats> {
         let config = TrainConfig {
@@ -152,6 +188,7 @@ impl Pipeline<'_> {
                     hint: None,
                 }),
                 pruner,
+                clusterer,
                 ..TrainOptions::default()
             },
             &self.ctx.progress,
@@ -193,7 +230,7 @@ impl Pipeline<'_> {
         let vs = nn::VarStore::new(self.ctx.device.device);
         let student = Network::new(&vs.root(), spec)?;
         let phase = (DISTILL_EPOCHS, DISTILL_LEARNING_RATE);
-        let stats = self.train(&student, &vs, phase, None, "distil")?;
+        let stats = self.train(&student, &vs, phase, None, None, "distil")?;
         let params = export::deployed_parameters(&student, &vs)?;
         let builder = export::artifact_from_parameters(
             self.deployed_spec.clone(),
@@ -260,7 +297,7 @@ impl Pipeline<'_> {
             target * 100.0
         ));
         let phase = (PRUNE_EPOCHS, PRUNE_LEARNING_RATE);
-        let stats = self.train(&net, &vs, phase, Some(&mut pruner), "prune")?;
+        let stats = self.train(&net, &vs, phase, Some(&mut pruner), None, "prune")?;
         let layers = pruner.strip();
         let pruned_params = export::deployed_parameters(&net, &vs)?;
         let zeros = deploy::weight_zeros(&pruned_params);
@@ -299,8 +336,25 @@ impl Pipeline<'_> {
         Ok((pruned, row))
     }
 
+    /// The pruned student of `snapshot`, trainable again.
+    fn restore(&self, snapshot: Snapshot) -> Result<Pruned> {
+        let vs = nn::VarStore::new(self.ctx.device.device);
+        let net = Network::new(&vs.root(), &self.deployed_spec)?;
+        export::load_parameters(&vs, &snapshot.params)?;
+        Ok(Pruned {
+            net,
+            vs,
+            names: snapshot.names,
+            zeros: snapshot.zeros,
+            total: snapshot.total,
+        })
+    }
+
     /// 3. Quantization-aware fine-tuning that keeps the zeros, deployed full-integer.
-    fn quantize(&self, pruned: Pruned) -> Result<Row> {
+    ///
+    /// With `clusters`, PCQAT: the weights clustered to that many values per tensor (zeros
+    /// kept apart) all through the fine-tuning, and shipped palettized.
+    fn quantize(&self, pruned: Pruned, clusters: Option<usize>) -> Result<Row> {
         let Pruned {
             mut net,
             vs,
@@ -309,6 +363,21 @@ impl Pipeline<'_> {
             total,
         } = pruned;
         let quick = self.ctx.quick;
+        let mut clusterer = clusters
+            .map(|k| {
+                Clusterer::new(
+                    &vs,
+                    ClusteringConfig {
+                        preserve_sparsity: true,
+                        optimizer: CentroidOptimizer::Adam {
+                            learning_rate: CENTROID_LEARNING_RATE,
+                        },
+                        seed: self.ctx.seed,
+                        ..ClusteringConfig::new(k)
+                    },
+                )
+            })
+            .transpose()?;
         net.enable_fake_quant(FakeQuantConfig {
             observer_steps: if quick {
                 QUICK_OBSERVER_STEPS
@@ -320,39 +389,70 @@ impl Pipeline<'_> {
         .context("enabling fake quantization")?;
         let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut keeper = Pruner::preserving(&vs, &name_refs)?;
+        let variant = match clusters {
+            None => PipelineStep::PrunedInt8,
+            Some(_) => PipelineStep::PrunedClusteredInt8,
+        };
         self.ctx.progress.info(&format!(
-            "pruning-preserving quantization-aware training for {} steps",
+            "{} for {} steps",
+            variant.step(),
             self.steps(QAT_EPOCHS)
         ));
         let phase = (QAT_EPOCHS, QAT_LEARNING_RATE);
-        let stats = self.train(&net, &vs, phase, Some(&mut keeper), "qat")?;
+        let label = if clusters.is_some() { "pcqat" } else { "qat" };
+        let stats = self.train(
+            &net,
+            &vs,
+            phase,
+            Some(&mut keeper),
+            clusterer.as_mut(),
+            label,
+        )?;
+        let clustered = clusterer.map(Clusterer::strip).transpose()?;
         let fake_quant = train::evaluate(&net, self.tests.libtorch());
         let qat_params = export::deployed_parameters(&net, &vs)?;
         let qat_zeros = deploy::weight_zeros(&qat_params);
         if qat_zeros < zeros {
             bail!("quantization-aware training lost pruned weights: {qat_zeros} zeros of {zeros}");
         }
-        let mut builder = export::artifact_from_parameters(
-            self.deployed_spec.clone(),
-            &qat_params,
-            WeightFormat::Int8Compact,
-        )?;
+        let (format, weights, target_ratio) = match clusters {
+            None => (
+                WeightFormat::Int8Compact,
+                "int8 per-channel, bitmask-sparse where smaller".to_string(),
+                TARGET_SIZE_RATIO,
+            ),
+            Some(k) => (
+                WeightFormat::Palette,
+                format!(
+                    "{k} values per tensor, palettized (zeros implicit where smaller), quantized \
+                     to int8 per channel at load"
+                ),
+                PCQAT_TARGET_SIZE_RATIO,
+            ),
+        };
+        let mut builder =
+            export::artifact_from_parameters(self.deployed_spec.clone(), &qat_params, format)?;
         for range in net.activation_ranges() {
             builder.set_input_quantization(range.layer, range.qparams());
         }
-        let variant = PipelineStep::PrunedInt8;
         let file = self.ctx.file(FOLDER, &format!("{variant}.safetensors"))?;
         let int8 = deploy::deploy(&builder, &file, &self.tests.runtime)?;
         let size_ratio = self.reference.size_bytes as f64 / int8.size_bytes as f64;
-        let met = size_ratio >= TARGET_SIZE_RATIO && int8.accuracy >= TARGET_ACCURACY && !quick;
+        let met = size_ratio >= target_ratio && int8.accuracy >= TARGET_ACCURACY && !quick;
         let detail = PipelineDetail {
             step: variant.step().into(),
-            weights: "int8 per-channel, bitmask-sparse where smaller".into(),
+            weights,
+            clusters: clustered.map(|layers| {
+                layers
+                    .iter()
+                    .map(|l| (l.name.clone(), l.distinct_values))
+                    .collect()
+            }),
             activations: Some("u8 per-tensor, observed during training".into()),
             weight_sparsity: Some(qat_zeros as f64 / total as f64),
             fake_quant_accuracy: Some(fake_quant.accuracy),
             target: Some(PipelineTarget {
-                size_ratio_at_least: TARGET_SIZE_RATIO,
+                size_ratio_at_least: target_ratio,
                 accuracy_at_least: TARGET_ACCURACY,
                 met,
             }),
