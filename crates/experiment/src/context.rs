@@ -38,14 +38,19 @@ impl Context {
     pub fn input(&self, product: Product) -> Result<PathBuf> {
         let path = self.declared(product)?;
         if !path.exists() {
+            // Every stage whose files this one reads, in run order, then this one.
+            let mut stages: Vec<Stage> = self.inputs.iter().map(|p| p.stage).collect();
+            stages.sort_by_key(|s| *s as usize);
+            stages.dedup();
+            stages.push(self.stage);
+            let names: Vec<&str> = stages.iter().map(|s| s.name()).collect();
             bail!(
-                "the {} stage needs {} from the {} stage ({} is missing): run --stages {},{}",
+                "the {} stage needs {} from the {} stage ({} is missing): run --stages {}",
                 self.stage,
                 product.file,
                 product.stage,
                 path.display(),
-                product.stage,
-                self.stage
+                names.join(",")
             );
         }
         Ok(path)
