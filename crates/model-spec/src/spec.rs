@@ -15,6 +15,19 @@ pub enum SpecError {
         /// What is wrong.
         reason: String,
     },
+    /// A node of a graph does not fit its inputs, takes a node that does not come before
+    /// it, or has a nonsensical hyperparameter.
+    #[error("node `{node}` ({op}) of network `{network}`: {reason}")]
+    InvalidNode {
+        /// Name of the network.
+        network: String,
+        /// Name of the node.
+        node: String,
+        /// The node's operation name.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
     /// An input normalisation with unusable values.
     #[error("input normalisation: {reason}")]
     InvalidInput {
@@ -146,7 +159,7 @@ impl LayerSpec {
     }
 
     /// The output shape (without the batch dimension) for an input shape, or why it does not fit.
-    fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
+    pub(crate) fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
         match *self {
             Self::Conv2d {
                 in_channels,

@@ -1,0 +1,777 @@
+//! Networks as graphs: named nodes, each an operation on the outputs of earlier nodes.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LayerSpec, NetworkSpec, SpecError};
+
+/// The name by which a node takes the network's input.
+pub const INPUT: &str = "input";
+
+/// One operation of a graph, with all its hyperparameters. Shapes are per sample, without
+/// the batch dimension: `(C, H, W)` for images, `(F)` for features.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// 2-D convolution with bias, as PyTorch's `Conv2d`: `[height, width]` kernel, stride
+    /// and zero padding, and `groups` (1: dense; `in_channels`: depthwise).
+    Conv2d {
+        /// Input channels, a multiple of `groups`.
+        in_channels: usize,
+        /// Output channels, a multiple of `groups`.
+        out_channels: usize,
+        /// Kernel height and width.
+        kernel: [usize; 2],
+        /// Vertical and horizontal stride.
+        stride: [usize; 2],
+        /// Zero padding above and below, and left and right.
+        padding: [usize; 2],
+        /// Channel groups: each output channel sees `in_channels / groups` inputs.
+        groups: usize,
+    },
+    /// Batch normalisation over the channels of `(C, H, W)` input (see
+    /// [`LayerSpec::BatchNorm2d`]).
+    BatchNorm2d {
+        /// Channels.
+        features: usize,
+        /// Added to the variance for stability; positive.
+        eps: f64,
+    },
+    /// Fully connected layer `y = x W^T + b` over `(F)` input.
+    Linear {
+        /// Input features.
+        in_features: usize,
+        /// Output features.
+        out_features: usize,
+    },
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// `tanh(x)`.
+    Tanh,
+    /// `x * Phi(x)`, with the exact normal CDF (PyTorch's default `GELU`).
+    Gelu,
+    /// `x * sigmoid(x)` (swish).
+    Silu,
+    /// `x * relu6(x + 3) / 6`.
+    HardSwish,
+    /// Max pooling; padded positions never win.
+    MaxPool2d {
+        /// Window height and width.
+        kernel: [usize; 2],
+        /// Vertical and horizontal stride.
+        stride: [usize; 2],
+        /// Padding above and below, and left and right; at most half the window.
+        padding: [usize; 2],
+    },
+    /// Average pooling over windows inside the input (no padding).
+    AvgPool2d {
+        /// Window height and width.
+        kernel: [usize; 2],
+        /// Vertical and horizontal stride.
+        stride: [usize; 2],
+    },
+    /// The mean of each channel: `(C, H, W)` to `(C)`.
+    GlobalAvgPool,
+    /// Everything but the batch dimension into one: `(C, H, W)` to `(C * H * W)`.
+    Flatten,
+    /// Dropout while training, identity at inference.
+    Dropout {
+        /// Probability of zeroing an element, in [0, 1).
+        p: f64,
+    },
+    /// The elementwise sum of two or more inputs of one shape (a residual connection).
+    Add,
+    /// Two or more `(C_i, H, W)` inputs stacked along the channels.
+    Concat,
+}
+
+impl Op {
+    /// The operation's name, as serialised.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Conv2d { .. } => "conv2d",
+            Self::BatchNorm2d { .. } => "batch_norm2d",
+            Self::Linear { .. } => "linear",
+            Self::Relu => "relu",
+            Self::Relu6 => "relu6",
+            Self::Sigmoid => "sigmoid",
+            Self::Tanh => "tanh",
+            Self::Gelu => "gelu",
+            Self::Silu => "silu",
+            Self::HardSwish => "hard_swish",
+            Self::MaxPool2d { .. } => "max_pool2d",
+            Self::AvgPool2d { .. } => "avg_pool2d",
+            Self::GlobalAvgPool => "global_avg_pool",
+            Self::Flatten => "flatten",
+            Self::Dropout { .. } => "dropout",
+            Self::Add => "add",
+            Self::Concat => "concat",
+        }
+    }
+
+    /// The weight shape (PyTorch's layout: `[out, in / groups, kh, kw]` or `[out, in]`) and
+    /// the bias length of an operation whose parameters deployment keeps (conv2d and
+    /// linear); `None` for the others.
+    pub fn weight_shape(&self) -> Option<(Vec<usize>, usize)> {
+        match *self {
+            Self::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                groups,
+                ..
+            } => Some((
+                vec![
+                    out_channels,
+                    in_channels.checked_div(groups).unwrap_or(0),
+                    kernel[0],
+                    kernel[1],
+                ],
+                out_channels,
+            )),
+            Self::Linear {
+                in_features,
+                out_features,
+            } => Some((vec![out_features, in_features], out_features)),
+            _ => None,
+        }
+    }
+
+    /// How many inputs the operation takes: exactly one, or (`None`) two or more.
+    fn arity(&self) -> Option<usize> {
+        match self {
+            Self::Add | Self::Concat => None,
+            _ => Some(1),
+        }
+    }
+
+    /// The output shape for the shapes of the inputs (as many as [`Op::arity`] allows),
+    /// with checked arithmetic, or why they do not fit.
+    fn output_shape(&self, inputs: &[&[usize]]) -> Result<Vec<usize>, String> {
+        let image = |shape: &[usize]| match *shape {
+            [c, h, w] => Ok((c, h, w)),
+            _ => Err(format!("expects a (C, H, W) input, got {shape:?}")),
+        };
+        match (self, inputs) {
+            (Self::Add, [first, rest @ ..]) => match rest.iter().find(|s| *s != first) {
+                Some(other) => Err(format!(
+                    "adds inputs of different shapes: {first:?} and {other:?}"
+                )),
+                None => Ok(first.to_vec()),
+            },
+            (Self::Concat, [first, ..]) => {
+                let (_, h, w) = image(first)?;
+                let mut channels = 0usize;
+                for shape in inputs {
+                    let (c, hi, wi) = image(shape)?;
+                    if (hi, wi) != (h, w) {
+                        return Err(format!("concatenates {h}x{w} and {hi}x{wi} inputs"));
+                    }
+                    channels = channels
+                        .checked_add(c)
+                        .ok_or("the channels overflow usize")?;
+                }
+                Ok(vec![channels, h, w])
+            }
+            (op, [input]) => op.unary_output_shape(input, image),
+            _ => Err(format!("takes one input, got {}", inputs.len())),
+        }
+    }
+
+    fn unary_output_shape(
+        &self,
+        input: &[usize],
+        image: impl Fn(&[usize]) -> Result<(usize, usize, usize), String>,
+    ) -> Result<Vec<usize>, String> {
+        match *self {
+            Self::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                groups,
+            } => {
+                let (c, h, w) = image(input)?;
+                if in_channels != c {
+                    return Err(format!("expects {in_channels} input channels, got {c}"));
+                }
+                if out_channels == 0 || groups == 0 {
+                    return Err("channels and groups must be positive".into());
+                }
+                if in_channels % groups != 0 || out_channels % groups != 0 {
+                    return Err(format!(
+                        "{groups} groups do not divide {in_channels} input and {out_channels} output channels"
+                    ));
+                }
+                Ok(vec![
+                    out_channels,
+                    window(h, kernel[0], stride[0], padding[0])?,
+                    window(w, kernel[1], stride[1], padding[1])?,
+                ])
+            }
+            Self::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+            } => {
+                let (c, h, w) = image(input)?;
+                if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
+                    return Err(format!(
+                        "padding {padding:?} exceeds half the window {kernel:?}"
+                    ));
+                }
+                Ok(vec![
+                    c,
+                    window(h, kernel[0], stride[0], padding[0])?,
+                    window(w, kernel[1], stride[1], padding[1])?,
+                ])
+            }
+            Self::AvgPool2d { kernel, stride } => {
+                let (c, h, w) = image(input)?;
+                Ok(vec![
+                    c,
+                    window(h, kernel[0], stride[0], 0)?,
+                    window(w, kernel[1], stride[1], 0)?,
+                ])
+            }
+            Self::GlobalAvgPool => {
+                let (c, h, w) = image(input)?;
+                if h == 0 || w == 0 {
+                    return Err(format!("averages an empty {h}x{w} input"));
+                }
+                Ok(vec![c])
+            }
+            Self::BatchNorm2d { features, eps } => {
+                LayerSpec::BatchNorm2d { features, eps }.output_shape(input)
+            }
+            Self::Linear {
+                in_features,
+                out_features,
+            } => LayerSpec::Linear {
+                in_features,
+                out_features,
+            }
+            .output_shape(input),
+            Self::Flatten => LayerSpec::Flatten.output_shape(input),
+            Self::Dropout { p } => LayerSpec::Dropout { p }.output_shape(input),
+            Self::Relu
+            | Self::Relu6
+            | Self::Sigmoid
+            | Self::Tanh
+            | Self::Gelu
+            | Self::Silu
+            | Self::HardSwish => Ok(input.to_vec()),
+            Self::Add | Self::Concat => Err("takes two or more inputs".into()),
+        }
+    }
+}
+
+/// The output length of a sliding window over `side` elements padded by `padding` on both
+/// ends, or why it does not fit.
+fn window(side: usize, kernel: usize, stride: usize, padding: usize) -> Result<usize, String> {
+    if kernel == 0 || stride == 0 {
+        return Err("kernel and stride must be positive".into());
+    }
+    padding
+        .checked_mul(2)
+        .and_then(|p| p.checked_add(side))
+        .ok_or_else(|| format!("padding {padding} overflows the input size"))?
+        .checked_sub(kernel)
+        .map(|s| s / stride + 1)
+        .ok_or_else(|| format!("window {kernel} is larger than the padded input of {side}"))
+}
+
+impl From<&LayerSpec> for Op {
+    fn from(layer: &LayerSpec) -> Self {
+        match *layer {
+            LayerSpec::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            } => Self::Conv2d {
+                in_channels,
+                out_channels,
+                kernel: [kernel; 2],
+                stride: [stride; 2],
+                padding: [padding; 2],
+                groups: 1,
+            },
+            LayerSpec::Linear {
+                in_features,
+                out_features,
+            } => Self::Linear {
+                in_features,
+                out_features,
+            },
+            LayerSpec::BatchNorm2d { features, eps } => Self::BatchNorm2d { features, eps },
+            LayerSpec::Relu => Self::Relu,
+            LayerSpec::MaxPool2d { kernel, stride } => Self::MaxPool2d {
+                kernel: [kernel; 2],
+                stride: [stride; 2],
+                padding: [0; 2],
+            },
+            LayerSpec::Flatten => Self::Flatten,
+            LayerSpec::Dropout { p } => Self::Dropout { p },
+        }
+    }
+}
+
+/// One node of a [`GraphSpec`]: a name, an operation, and the names of the nodes (or
+/// [`INPUT`]) it takes, in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique within the graph, not [`INPUT`]; the variables of a node with parameters
+    /// are `<name>.weight` and `<name>.bias`.
+    pub name: String,
+    /// What the node computes.
+    #[serde(flatten)]
+    pub op: Op,
+    /// Earlier nodes or [`INPUT`].
+    pub inputs: Vec<String>,
+}
+
+/// A network as a directed acyclic graph: the nodes in an order where every node comes
+/// after the nodes it takes; the last node is the output, and every other node feeds a
+/// later one.
+///
+/// ```
+/// use model_spec::{GraphSpec, INPUT, Node, Op};
+///
+/// let node = |name: &str, op, inputs: &[&str]| Node {
+///     name: name.into(),
+///     op,
+///     inputs: inputs.iter().map(|s| s.to_string()).collect(),
+/// };
+/// let conv = |c| Op::Conv2d {
+///     in_channels: c,
+///     out_channels: 8,
+///     kernel: [3, 3],
+///     stride: [1, 1],
+///     padding: [1, 1],
+///     groups: 1,
+/// };
+/// // A residual block: the input of the block added to two convolutions of it.
+/// let graph = GraphSpec {
+///     name: "residual".into(),
+///     input: [1, 28, 28],
+///     nodes: vec![
+///         node("stem", conv(1), &[INPUT]),
+///         node("a", conv(8), &["stem"]),
+///         node("a_relu", Op::Relu, &["a"]),
+///         node("b", conv(8), &["a_relu"]),
+///         node("sum", Op::Add, &["b", "stem"]),
+///         node("pool", Op::GlobalAvgPool, &["sum"]),
+///         node("head", Op::Linear { in_features: 8, out_features: 10 }, &["pool"]),
+///     ],
+/// };
+/// assert_eq!(graph.validate()?, vec![10]);
+/// assert_eq!(graph.shapes()?[4], vec![8, 28, 28]);
+/// # Ok::<(), model_spec::SpecError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphSpec {
+    /// Name of the architecture, for reports.
+    pub name: String,
+    /// Input shape without the batch dimension: (channels, height, width).
+    pub input: [usize; 3],
+    /// The nodes, every one after those it takes.
+    pub nodes: Vec<Node>,
+}
+
+impl GraphSpec {
+    /// Checks that the graph holds together and returns the output shape.
+    pub fn validate(&self) -> Result<Vec<usize>, SpecError> {
+        let mut shapes = self.shapes()?;
+        Ok(shapes.pop().unwrap_or_default())
+    }
+
+    /// The output shape of every node, in order, with checked arithmetic: an error, never
+    /// a panic or an overflow, for any graph.
+    pub fn shapes(&self) -> Result<Vec<Vec<usize>>, SpecError> {
+        let network_error = |reason: String| SpecError::InvalidNetwork {
+            network: self.name.clone(),
+            reason,
+        };
+        if self.nodes.is_empty() {
+            return Err(network_error("has no nodes".into()));
+        }
+        if self.input.contains(&0) {
+            return Err(network_error(format!(
+                "has an empty input {:?}",
+                self.input
+            )));
+        }
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut used = vec![false; self.nodes.len()];
+        let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            let node_error = |reason: String| SpecError::InvalidNode {
+                network: self.name.clone(),
+                node: node.name.clone(),
+                op: node.op.name(),
+                reason,
+            };
+            if node.name == INPUT || node.name.is_empty() {
+                return Err(node_error(format!("`{}` is not a node name", node.name)));
+            }
+            if index.insert(&node.name, i).is_some() {
+                return Err(node_error("the name is used twice".into()));
+            }
+            match node.op.arity() {
+                Some(n) if node.inputs.len() != n => {
+                    return Err(node_error(format!(
+                        "takes {n} input, got {}",
+                        node.inputs.len()
+                    )));
+                }
+                None if node.inputs.len() < 2 => {
+                    return Err(node_error(format!(
+                        "takes two or more inputs, got {}",
+                        node.inputs.len()
+                    )));
+                }
+                _ => {}
+            }
+            let mut inputs: Vec<&[usize]> = Vec::with_capacity(node.inputs.len());
+            for name in &node.inputs {
+                if name == INPUT {
+                    inputs.push(&self.input);
+                    continue;
+                }
+                match index.get(name.as_str()) {
+                    Some(&j) if j < i => {
+                        used[j] = true;
+                        inputs.push(&shapes[j]);
+                    }
+                    _ => {
+                        return Err(node_error(format!(
+                            "takes `{name}`, which is not an earlier node"
+                        )));
+                    }
+                }
+            }
+            let shape = node.op.output_shape(&inputs).map_err(node_error)?;
+            shapes.push(shape);
+        }
+        if let Some(unused) = used[..used.len() - 1].iter().position(|u| !u) {
+            return Err(network_error(format!(
+                "node `{}` feeds no later node: the last node is the only output",
+                self.nodes[unused].name
+            )));
+        }
+        Ok(shapes)
+    }
+
+    /// Number of trainable parameters (weights, biases, batch-norm scales and shifts).
+    pub fn param_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|node| match node.op {
+                Op::BatchNorm2d { features, .. } => 2 * features,
+                ref op => op
+                    .weight_shape()
+                    .map_or(0, |(shape, bias)| shape.iter().product::<usize>() + bias),
+            })
+            .sum()
+    }
+}
+
+impl From<&NetworkSpec> for GraphSpec {
+    /// The sequential network as a chain whose nodes are named by layer index, so that
+    /// layer `i`'s variables keep their names `i.weight` and `i.bias`.
+    fn from(network: &NetworkSpec) -> Self {
+        let nodes = network
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| Node {
+                name: i.to_string(),
+                op: Op::from(layer),
+                inputs: vec![if i == 0 {
+                    INPUT.to_string()
+                } else {
+                    (i - 1).to_string()
+                }],
+            })
+            .collect();
+        Self {
+            name: network.name.clone(),
+            input: network.input,
+            nodes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn conv(in_channels: usize, out_channels: usize, groups: usize) -> Op {
+        Op::Conv2d {
+            in_channels,
+            out_channels,
+            kernel: [3, 3],
+            stride: [1, 1],
+            padding: [1, 1],
+            groups,
+        }
+    }
+
+    fn graph(nodes: Vec<Node>) -> GraphSpec {
+        GraphSpec {
+            name: "g".into(),
+            input: [4, 8, 8],
+            nodes,
+        }
+    }
+
+    fn reason(graph: &GraphSpec) -> String {
+        graph.shapes().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn every_preset_is_the_same_network_as_a_graph() {
+        for network in [
+            NetworkSpec::teacher_cnn(),
+            NetworkSpec::student_cnn(),
+            NetworkSpec::compact_cnn(),
+        ] {
+            let graph = GraphSpec::from(&network);
+            assert_eq!(graph.shapes().unwrap(), network.shapes().unwrap()[1..]);
+            assert_eq!(graph.param_count(), network.param_count());
+            for (layer, node) in network.layers.iter().zip(&graph.nodes) {
+                assert_eq!(node.op.weight_shape(), layer.weight_shape());
+            }
+        }
+    }
+
+    #[test]
+    fn residual_depthwise_and_concatenating_graphs_hold_together() {
+        let g = graph(vec![
+            node("stem", conv(4, 8, 1), &[INPUT]),
+            node("depthwise", conv(8, 8, 8), &["stem"]),
+            node("act", Op::Relu6, &["depthwise"]),
+            node("sum", Op::Add, &["act", "stem"]),
+            node("both", Op::Concat, &["sum", "stem", INPUT]),
+            node(
+                "pool",
+                Op::MaxPool2d {
+                    kernel: [3, 3],
+                    stride: [2, 2],
+                    padding: [1, 1],
+                },
+                &["both"],
+            ),
+            node(
+                "avg",
+                Op::AvgPool2d {
+                    kernel: [2, 1],
+                    stride: [2, 1],
+                },
+                &["pool"],
+            ),
+            node("gap", Op::GlobalAvgPool, &["avg"]),
+            node(
+                "head",
+                Op::Linear {
+                    in_features: 20,
+                    out_features: 10,
+                },
+                &["gap"],
+            ),
+        ]);
+        let shapes = g.shapes().unwrap();
+        assert_eq!(shapes[3], [8, 8, 8]);
+        assert_eq!(shapes[4], [20, 8, 8]);
+        assert_eq!(shapes[5], [20, 4, 4]);
+        assert_eq!(shapes[6], [20, 2, 4]);
+        assert_eq!(shapes[7], [20]);
+        assert_eq!(g.validate().unwrap(), [10]);
+        // Depthwise: one input channel per output channel.
+        assert_eq!(g.nodes[1].op.weight_shape(), Some((vec![8, 1, 3, 3], 8)));
+        let convs = 8 * 4 * 9 + 8 + 8 * 9 + 8;
+        assert_eq!(g.param_count(), convs + 20 * 10 + 10);
+    }
+
+    #[test]
+    fn a_graph_that_does_not_hold_together_says_where() {
+        let stem = || node("stem", conv(4, 8, 1), &[INPUT]);
+        let cases = [
+            (
+                graph(vec![
+                    node("a", Op::Relu, &["b"]),
+                    node("b", Op::Relu, &["a"]),
+                ]),
+                "node `a` (relu) of network `g`: takes `b`, which is not an earlier node",
+            ),
+            (
+                graph(vec![stem(), node("x", Op::Relu, &["missing"])]),
+                "takes `missing`, which is not an earlier node",
+            ),
+            (
+                graph(vec![stem(), node("stem", Op::Relu, &["stem"])]),
+                "node `stem` (relu) of network `g`: the name is used twice",
+            ),
+            (
+                graph(vec![node(INPUT, Op::Relu, &[INPUT])]),
+                "`input` is not a node name",
+            ),
+            (
+                graph(vec![stem(), node("r", Op::Relu, &[INPUT])]),
+                "node `stem` feeds no later node",
+            ),
+            (
+                graph(vec![stem(), node("sum", Op::Add, &["stem", INPUT])]),
+                "adds inputs of different shapes: [8, 8, 8] and [4, 8, 8]",
+            ),
+            (
+                graph(vec![stem(), node("one", Op::Add, &["stem"])]),
+                "takes two or more inputs, got 1",
+            ),
+            (
+                graph(vec![stem(), node("two", Op::Relu, &["stem", "stem"])]),
+                "takes 1 input, got 2",
+            ),
+            (
+                graph(vec![node("grouped", conv(4, 6, 4), &[INPUT])]),
+                "4 groups do not divide 4 input and 6 output channels",
+            ),
+            (
+                graph(vec![
+                    stem(),
+                    node(
+                        "small",
+                        Op::AvgPool2d {
+                            kernel: [2, 2],
+                            stride: [2, 2],
+                        },
+                        &["stem"],
+                    ),
+                    node("cat", Op::Concat, &["small", "stem"]),
+                ]),
+                "concatenates 4x4 and 8x8 inputs",
+            ),
+            (
+                graph(vec![node(
+                    "wide",
+                    Op::MaxPool2d {
+                        kernel: [2, 2],
+                        stride: [1, 1],
+                        padding: [2, 0],
+                    },
+                    &[INPUT],
+                )]),
+                "padding [2, 0] exceeds half the window [2, 2]",
+            ),
+            (
+                graph(vec![node(
+                    "huge",
+                    Op::Conv2d {
+                        in_channels: 4,
+                        out_channels: 4,
+                        kernel: [1, 1],
+                        stride: [1, 1],
+                        padding: [usize::MAX, 0],
+                        groups: 1,
+                    },
+                    &[INPUT],
+                )]),
+                "overflows the input size",
+            ),
+            (graph(Vec::new()), "network `g`: has no nodes"),
+        ];
+        for (g, expected) in cases {
+            let got = reason(&g);
+            assert!(got.contains(expected), "{got}\nexpected: {expected}");
+        }
+    }
+
+    #[test]
+    fn graphs_serialise_with_the_op_beside_the_name() {
+        let g = graph(vec![
+            node("stem", conv(4, 8, 2), &[INPUT]),
+            node("sum", Op::Add, &["stem", "stem"]),
+            node("gap", Op::GlobalAvgPool, &["sum"]),
+        ]);
+        let json = serde_json::to_string(&g).unwrap();
+        assert!(
+            json.contains(r#"{"name":"gap","op":"global_avg_pool","inputs":["sum"]}"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""kernel":[3,3]"#), "{json}");
+        let back: GraphSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, g);
+        assert!(
+            serde_json::from_str::<GraphSpec>(&json.replace("global_avg_pool", "pool")).is_err()
+        );
+    }
+
+    /// A random sequential layer, plausible or not.
+    fn layer() -> impl Strategy<Value = LayerSpec> {
+        prop_oneof![
+            (0usize..6, 0usize..6, 0usize..5, 0usize..3, 0usize..3).prop_map(
+                |(in_channels, out_channels, kernel, stride, padding)| LayerSpec::Conv2d {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    padding,
+                }
+            ),
+            (0usize..4, 0usize..3)
+                .prop_map(|(kernel, stride)| LayerSpec::MaxPool2d { kernel, stride }),
+            (0usize..6, 1e-6f64..1.0)
+                .prop_map(|(features, eps)| LayerSpec::BatchNorm2d { features, eps }),
+            (0usize..200, 0usize..12).prop_map(|(in_features, out_features)| {
+                LayerSpec::Linear {
+                    in_features,
+                    out_features,
+                }
+            }),
+            Just(LayerSpec::Relu),
+            Just(LayerSpec::Flatten),
+            (0.0f64..1.2).prop_map(|p| LayerSpec::Dropout { p }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn a_sequential_network_and_its_graph_agree(
+            input in (1usize..6, 1usize..10, 1usize..10),
+            layers in proptest::collection::vec(layer(), 1..6),
+        ) {
+            let network = NetworkSpec {
+                name: "n".into(),
+                input: [input.0, input.1, input.2],
+                layers,
+            };
+            let graph = GraphSpec::from(&network);
+            match (network.shapes(), graph.shapes()) {
+                (Ok(sequential), Ok(nodes)) => {
+                    prop_assert_eq!(&sequential[1..], &nodes[..]);
+                    prop_assert_eq!(network.param_count(), graph.param_count());
+                }
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "sequential {:?}, graph {:?}", a, b),
+            }
+        }
+    }
+}
