@@ -150,18 +150,21 @@ fn clustered(params: &[DeployedParameter], granularity: Granularity) -> Vec<Depl
     params
 }
 
-/// An artifact of `params` with every weight in [`Storage::Palette`], biases in f32.
+/// An artifact of `params` with every weight in [`Storage::Palette`], biases in f32; with
+/// `half`, in [`Storage::PaletteHalf`] with f16 biases.
 fn palette_artifact(
     network: NetworkSpec,
     params: &[DeployedParameter],
     granularity: Granularity,
+    half: bool,
 ) -> Result<ArtifactBuilder> {
     let mut builder = ArtifactBuilder::new(network);
     for p in params {
-        let storage = if p.name.ends_with(".weight") {
-            Storage::Palette(granularity)
-        } else {
-            Storage::F32
+        let storage = match (p.name.ends_with(".weight"), half) {
+            (true, false) => Storage::Palette(granularity),
+            (true, true) => Storage::PaletteHalf(granularity),
+            (false, false) => Storage::F32,
+            (false, true) => Storage::F16,
         };
         builder.add(&p.name, &p.data, &p.shape, storage)?;
     }
@@ -233,10 +236,21 @@ fn python_reader_of_the_format_doc_matches_the_runtime() -> Result<()> {
     assert!(String::from_utf8_lossy(&compact.to_bytes()?).contains("int8_sparse"));
     // Clustered weights: dense, per channel; pruned, per tensor, without their zeros.
     let clustered_dense = clustered(&deployed, Granularity::PerChannel);
-    let palette = palette_artifact(spec.clone(), &clustered_dense, Granularity::PerChannel)?;
+    let palette = palette_artifact(
+        spec.clone(),
+        &clustered_dense,
+        Granularity::PerChannel,
+        false,
+    )?;
     check_palette(&palette.to_bytes()?, &clustered_dense, "palette")?;
     let clustered_pruned = clustered(&pruned, Granularity::PerTensor);
-    let palette_sparse = palette_artifact(spec, &clustered_pruned, Granularity::PerTensor)?;
+    let palette_sparse = palette_artifact(
+        spec.clone(),
+        &clustered_pruned,
+        Granularity::PerTensor,
+        false,
+    )?;
+    let palette_half = palette_artifact(spec, &clustered_pruned, Granularity::PerTensor, true)?;
     let schemes = check_palette(
         &palette_sparse.to_bytes()?,
         &clustered_pruned,
@@ -268,6 +282,8 @@ fn python_reader_of_the_format_doc_matches_the_runtime() -> Result<()> {
         // Palettes decode to f32 weights: the f32 tolerance.
         ("palette", palette, F32_LOGIT_TOLERANCE),
         ("palette_sparse", palette_sparse, F32_LOGIT_TOLERANCE),
+        // F16 codebooks and biases: the reader must widen them as the runtime does.
+        ("palette_half", palette_half, F32_LOGIT_TOLERANCE),
     ];
     // The readers run at once: importing torch is most of their time.
     let mut runs = Vec::new();

@@ -116,7 +116,7 @@ def dense(name, scheme, tensors, shape):
         w[np.repeat(np.arange(rows), np.diff(row_ptr)), tensors[name + ".col_idx"]] = tensors[name + ".values"]
         return w.reshape(shape)
     if kind in ("palette", "palette_sparse"):
-        codebook = tensors[name + ".codebook"]
+        codebook = tensors[name + ".codebook"].astype(np.float32)
         per_group = n // codebook.shape[0]
         if kind == "palette":
             positions = np.arange(n)

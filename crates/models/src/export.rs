@@ -104,6 +104,10 @@ pub enum WeightFormat {
     /// tensor); decoded to f32 at load. More than 256 distinct values in a tensor is an
     /// error: cluster first.
     Palette,
+    /// As [`WeightFormat::Palette`], with the codebooks and the biases in IEEE half precision
+    /// (`runtime::Storage::PaletteHalf`): the smallest form of a clustered network, at
+    /// [`WeightFormat::F16`]'s rounding of the centroids and biases.
+    PaletteHalf,
 }
 
 /// One parameter of the deployed network: batch norm folded, named by its deployed index.
@@ -372,6 +376,13 @@ pub fn artifact_from_parameters(
                 &p.shape,
                 Storage::Palette(Granularity::PerTensor),
             )?,
+            WeightFormat::PaletteHalf if is_weight => builder.add(
+                &p.name,
+                &p.data,
+                &p.shape,
+                Storage::PaletteHalf(Granularity::PerTensor),
+            )?,
+            WeightFormat::PaletteHalf => builder.add(&p.name, &p.data, &p.shape, Storage::F16)?,
             _ => builder.add(&p.name, &p.data, &p.shape, Storage::F32)?,
         };
     }
@@ -641,6 +652,69 @@ mod tests {
         let got = runtime_model.run(input.view()).unwrap();
         let difference = relative_difference(got.as_slice().unwrap(), &expected);
         assert!(difference < FOLDED_LOGIT_TOLERANCE, "{difference}");
+    }
+
+    #[test]
+    fn palette_formats_store_clustered_weights_as_indices() {
+        // The own model's weights clustered to four values per tensor, a third of them zero.
+        let params: Vec<DeployedParameter> = [("0.weight", vec![4, 1, 3, 3]), ("0.bias", vec![4])]
+            .into_iter()
+            .chain([("3.weight", vec![3, 256]), ("3.bias", vec![3])])
+            .map(|(name, shape)| {
+                let len = shape.iter().product::<usize>();
+                let data = (0..len)
+                    .map(|i| match i % 6 {
+                        0 | 1 => 0.0,
+                        2 => -0.4321,
+                        3 => 0.1111,
+                        4 => 0.3333,
+                        _ => 0.7071,
+                    })
+                    .collect();
+                DeployedParameter {
+                    name: name.into(),
+                    shape,
+                    data,
+                }
+            })
+            .collect();
+        let deployed = OwnModel::spec().without_batch_norm();
+        let bytes = |format| {
+            artifact_from_parameters(deployed.clone(), &params, format)
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+        };
+        let (full, half) = (
+            bytes(WeightFormat::Palette),
+            bytes(WeightFormat::PaletteHalf),
+        );
+        let view = runtime::Artifact::from_bytes(&full).unwrap();
+        let half_view = runtime::Artifact::from_bytes(&half).unwrap();
+        for layer in [0, 3] {
+            let (l, h) = (view.layer(layer).unwrap(), half_view.layer(layer).unwrap());
+            assert!(
+                l.weight_scheme.name().starts_with("palette"),
+                "{:?}",
+                l.weight_scheme
+            );
+            assert_eq!(l.weight_scheme, h.weight_scheme);
+            assert_eq!(l.bias_scheme.name(), "f32");
+            assert_eq!(h.bias_scheme.name(), "f16");
+        }
+        // Two bytes fewer per centroid and per bias value: 4 + 4 centroids, 4 + 3 biases.
+        assert_eq!(full.len() - half.len(), 2 * (8 + 7));
+        // Palette is exact; the half form holds the centroids rounded to f16.
+        let runtime::WeightValues::Float(exact) = &view.layer(3).unwrap().weight else {
+            panic!("palette weights decode to real values");
+        };
+        assert_eq!(exact, &params[2].data);
+        let runtime::WeightValues::Float(rounded) = &half_view.layer(3).unwrap().weight else {
+            panic!("palette weights decode to real values");
+        };
+        for (r, e) in rounded.iter().zip(exact) {
+            assert_eq!(*r, half::f16::from_f32(*e).to_f32());
+        }
     }
 
     #[test]

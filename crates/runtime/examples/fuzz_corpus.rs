@@ -205,6 +205,18 @@ fn seeds() -> Result<Vec<Seed>, runtime::Error> {
         )?,
         |s| matches!(s, Scheme::Palette { bits: 1, .. }),
     ));
+    out.push((
+        "palette_sparse-half-codebook".into(),
+        seed(
+            Values::Clustered {
+                levels: 4,
+                zeros: 0.8,
+            },
+            Storage::PaletteHalf(Granularity::PerTensor),
+            33,
+        )?,
+        |s| matches!(s, Scheme::PaletteSparse { .. }),
+    ));
     // Many distinct values: 6-bit indices for the convolution's 36 weights, 8-bit for the
     // linear layer's 150.
     let mut wide = ArtifactBuilder::new(network());

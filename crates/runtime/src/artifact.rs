@@ -77,7 +77,8 @@ pub enum Scheme {
         /// The dense shape, which must be the parameter's shape.
         shape: Vec<usize>,
     },
-    /// Palettized (clustered) values: `name.codebook` (F32 `[G, k]`, `1 <= k <= 256`, finite)
+    /// Palettized (clustered) values: `name.codebook` (F32 or F16 `[G, k]`, `1 <= k <= 256`,
+    /// finite)
     /// and `name.indices` (U8, `ceil(numel * bits / 8)` bytes): one index per element,
     /// row-major, packed at `bits` bits least significant bit first, padding bits zero;
     /// `w = codebook[g, index]`.
@@ -324,6 +325,22 @@ impl<'a> Reader<'a> {
         Ok(bytes
             .chunks_exact(2)
             .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect())
+    }
+
+    /// An F32 tensor, or an F16 one widened to f32.
+    fn f32_or_f16s(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if self
+            .infos
+            .get(name)
+            .is_some_and(|info| info.dtype == Dtype::F16)
+        {
+            return self.f16s(name, shape);
+        }
+        let bytes = self.bytes(name, Dtype::F32, "F32 or F16", shape)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
     }
 
@@ -751,7 +768,7 @@ fn packed_bytes(r: &Reader, name: &str, count: usize, bits: u8) -> Result<usize>
     })
 }
 
-/// The codebook of a palette weight (`name.codebook`, F32 `[G, k]`), checked against the
+/// The codebook of a palette weight (`name.codebook`, F32 or F16 `[G, k]`), checked against the
 /// scheme's `bits` and for finite values; returns it row-major with `k`.
 fn palette_codebook(
     r: &mut Reader,
@@ -779,7 +796,7 @@ fn palette_codebook(
             format!("has shape {shape:?}, a codebook is [groups, clusters]"),
         ));
     };
-    let codebook = r.f32s(&codebook_name, &[groups, clusters])?;
+    let codebook = r.f32_or_f16s(&codebook_name, &[groups, clusters])?;
     let Some(needed) = palette::palette_index_bits(clusters) else {
         return Err(r.invalid(
             &codebook_name,

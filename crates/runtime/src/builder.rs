@@ -46,6 +46,10 @@ pub enum Storage {
     /// [`MAX_PALETTE_CLUSTERS`](crate::MAX_PALETTE_CLUSTERS) distinct values (256: cluster
     /// the weights first).
     Palette(Granularity),
+    /// As [`Storage::Palette`], with the codebook stored in IEEE half precision, rounded to
+    /// nearest: half the codebook's bytes, at [`Storage::F16`]'s rounding of the centroids.
+    /// Fails as `Palette` does, and when a centroid is beyond f16's range (65504).
+    PaletteHalf(Granularity),
 }
 
 /// A weight already in its stored form, for [`ArtifactBuilder::add_encoded`]: codes that
@@ -92,6 +96,9 @@ pub enum Encoded<'a> {
         /// `None` stores every element (`palette`); `Some(kept)`, one flag per element,
         /// stores the kept ones only, the others being exact zeros (`palette_sparse`).
         kept: Option<&'a [bool]>,
+        /// Store the codebook in half precision (rounded to nearest; every centroid must be
+        /// within f16's range) instead of f32.
+        half_codebook: bool,
     },
 }
 
@@ -123,6 +130,26 @@ impl View for &RawTensor {
 
 fn le_bytes<T: Copy, const N: usize>(values: &[T], to: impl Fn(T) -> [u8; N]) -> Vec<u8> {
     values.iter().flat_map(|&v| to(v)).collect()
+}
+
+/// `values` in IEEE half precision, rounded to nearest, little-endian; fails for a value
+/// beyond f16's range or not finite.
+fn half_bytes(name: &str, values: &[f32]) -> Result<Vec<u8>> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let half = f16::from_f32(v);
+            if half.is_finite() {
+                Ok(half.to_le_bytes())
+            } else {
+                Err(builder_error(format!(
+                    "`{name}`: codebook entry {i} ({v}) is beyond half precision's range"
+                )))
+            }
+        })
+        .collect::<Result<Vec<[u8; 2]>>>()
+        .map(|halves| halves.concat())
 }
 
 /// The name of layer `layer`'s weight in an artifact: `"<layer>.weight"`.
@@ -212,7 +239,8 @@ impl ArtifactBuilder {
 
     /// Adds the weight and bias of layer `layer` (a conv2d or linear layer of the network):
     /// the weight in `storage`, in PyTorch's layout (`[out, in, k, k]` or `[out, in]`,
-    /// row-major), the bias as f32 (as f16 when `storage` is [`Storage::F16`]). Fails when
+    /// row-major), the bias as f32 (as f16 when `storage` is [`Storage::F16`] or
+    /// [`Storage::PaletteHalf`]). Fails when
     /// the layer has no parameters or the data does not fit its shapes.
     pub fn add_layer(
         &mut self,
@@ -238,7 +266,7 @@ impl ArtifactBuilder {
             ))
         })?;
         let bias_storage = match storage {
-            Storage::F16 => Storage::F16,
+            Storage::F16 | Storage::PaletteHalf(_) => Storage::F16,
             _ => Storage::F32,
         };
         self.add(&weight_name(layer), weight, &shape, storage)?;
@@ -296,7 +324,7 @@ impl ArtifactBuilder {
                     },
                 )?;
             }
-            Storage::Palette(granularity) => {
+            Storage::Palette(granularity) | Storage::PaletteHalf(granularity) => {
                 let rows = shape.first().copied().unwrap_or(1);
                 if rows == 0 {
                     return Err(builder_error(format!("`{name}` has no output channels")));
@@ -310,6 +338,7 @@ impl ArtifactBuilder {
                         codebook: &palette.codebook,
                         granularity,
                         kept: palette.kept.as_deref(),
+                        half_codebook: matches!(storage, Storage::PaletteHalf(_)),
                     },
                 )?;
             }
@@ -427,6 +456,7 @@ impl ArtifactBuilder {
                 codebook,
                 granularity,
                 kept,
+                half_codebook,
             } => {
                 check_len(name, "indices", indices.len(), len)?;
                 let groups = match granularity {
@@ -499,11 +529,16 @@ impl ArtifactBuilder {
                     &[packed.len()],
                     packed,
                 )?;
+                let (dtype, bytes) = if half_codebook {
+                    (Dtype::F16, half_bytes(name, codebook)?)
+                } else {
+                    (Dtype::F32, le_bytes(codebook, f32::to_le_bytes))
+                };
                 self.put(
                     &format!("{name}.codebook"),
-                    Dtype::F32,
+                    dtype,
                     &[groups, clusters],
-                    le_bytes(codebook, f32::to_le_bytes),
+                    bytes,
                 )?;
             }
         }

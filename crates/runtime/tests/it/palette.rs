@@ -86,6 +86,7 @@ impl Clustered {
             codebook: &self.codebook,
             granularity: self.granularity,
             kept: self.kept.as_deref(),
+            half_codebook: false,
         }
     }
 
@@ -264,6 +265,7 @@ fn clustered_values_are_palettized_exactly() {
             codebook: &rows.concat(),
             granularity: Granularity::PerChannel,
             kept: None,
+            half_codebook: false,
         },
     );
     assert_eq!(bits_of(&decoded_weights(&dense)), bits_of(&pruned));
@@ -279,6 +281,85 @@ fn clustered_values_are_palettized_exactly() {
 
 fn decoded_weights(bytes: &[u8]) -> Vec<f32> {
     decoded(bytes).1
+}
+
+#[test]
+fn half_codebooks_hold_the_centroids_rounded_to_f16() {
+    // Centroids that f16 cannot hold exactly, 90 % of the weights pruned.
+    let shape = [16, 64];
+    let centroids = [-0.7071f32, -0.1234567, 0.333_333_3, 1.000_123];
+    let values: Vec<f32> = (0..shape[0] * shape[1])
+        .map(|i| {
+            if i % 10 == 0 {
+                centroids[i / 10 % 4]
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let bias: Vec<f32> = (0..shape[0]).map(|i| i as f32 / 3.0).collect();
+    let build = |storage| {
+        let mut b = ArtifactBuilder::new(linear(shape[0], shape[1]));
+        b.add_layer(1, &values, &bias, storage).unwrap();
+        b.to_bytes().unwrap()
+    };
+    let full = build(Storage::Palette(Granularity::PerTensor));
+    let half = build(Storage::PaletteHalf(Granularity::PerTensor));
+    let rounded =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    let (scheme, decoded_half) = decoded(&half);
+    assert!(
+        matches!(scheme, Scheme::PaletteSparse { bits: 2, .. }),
+        "{scheme:?}"
+    );
+    assert_eq!(bits_of(&decoded_half), bits_of(&rounded(&values)));
+    assert_ne!(bits_of(&decoded_half), bits_of(&values));
+    assert_eq!(bits_of(&decoded(&full).1), bits_of(&values));
+    let view = Artifact::from_bytes(&half).unwrap();
+    assert_eq!(
+        bits_of(&view.layer(1).unwrap().bias),
+        bits_of(&rounded(&bias))
+    );
+    // The codebook and the bias in two bytes a value instead of four.
+    let (full_sizes, half_sizes) = (stored_bytes(&full, "1"), stored_bytes(&half, "1"));
+    assert_eq!(full_sizes["1.weight.codebook"], 16);
+    assert_eq!(half_sizes["1.weight.codebook"], 8);
+    assert_eq!(half_sizes["1.bias"], 32);
+    assert_eq!(
+        half_sizes["1.weight.indices"],
+        full_sizes["1.weight.indices"]
+    );
+    // Run, the half artifact computes what a full one of the rounded values does.
+    let mut b = ArtifactBuilder::new(linear(shape[0], shape[1]));
+    b.add_layer(
+        1,
+        &rounded(&values),
+        &rounded(&bias),
+        Storage::Palette(Granularity::PerTensor),
+    )
+    .unwrap();
+    let x = images(3, &linear(shape[0], shape[1]), 7);
+    let expected = Model::from_bytes(&b.to_bytes().unwrap())
+        .unwrap()
+        .run(x.view())
+        .unwrap();
+    let got = Model::from_bytes(&half).unwrap().run(x.view()).unwrap();
+    assert_eq!(got, expected);
+    // A centroid beyond f16's range is the builder's error, not an infinite weight.
+    let huge: Vec<f32> = values.iter().map(|v| v * 1e6).collect();
+    let mut b = ArtifactBuilder::new(linear(shape[0], shape[1]));
+    let Error::Builder { reason } = b
+        .add_layer(
+            1,
+            &huge,
+            &bias,
+            Storage::PaletteHalf(Granularity::PerTensor),
+        )
+        .unwrap_err()
+    else {
+        panic!("a builder error");
+    };
+    assert!(reason.contains("beyond half precision's range"), "{reason}");
 }
 
 #[test]
@@ -344,6 +425,7 @@ fn the_builder_refuses_what_a_palette_cannot_hold() {
         codebook: &[0.5; 5],
         granularity: Granularity::PerChannel,
         kept: None,
+        half_codebook: false,
     };
     let e = ArtifactBuilder::new(linear(2, 300))
         .add_encoded("1.weight", &shape, uneven)
@@ -364,6 +446,7 @@ fn the_builder_refuses_what_a_palette_cannot_hold() {
                 codebook: &[0.5, 1.0, 2.0],
                 granularity: Granularity::PerTensor,
                 kept: None,
+                half_codebook: false,
             },
         )
         .unwrap_err()
@@ -753,6 +836,7 @@ fn palette_layers_have_a_size_limit() {
                 codebook: &[1.0],
                 granularity: Granularity::PerTensor,
                 kept: Some(&vec![false; 4097 << 14]),
+                half_codebook: false,
             },
         )
         .unwrap_err()
