@@ -484,6 +484,218 @@ impl GraphSpec {
     }
 }
 
+/// Builds a graph node by node, each taking the previous one unless told otherwise.
+struct Chain {
+    nodes: Vec<Node>,
+    last: String,
+}
+
+impl Chain {
+    fn new() -> Self {
+        Self {
+            nodes: Vec::new(),
+            last: INPUT.into(),
+        }
+    }
+
+    /// Appends `name` computing `op` on `inputs` (the previous node when empty).
+    fn push(&mut self, name: impl Into<String>, op: Op, inputs: &[&str]) -> &mut Self {
+        let name = name.into();
+        let inputs = if inputs.is_empty() {
+            vec![self.last.clone()]
+        } else {
+            inputs.iter().map(|s| s.to_string()).collect()
+        };
+        self.nodes.push(Node {
+            name: name.clone(),
+            op,
+            inputs,
+        });
+        self.last = name;
+        self
+    }
+
+    /// A square convolution padded to keep the size at stride 1, then batch norm.
+    fn conv_bn(
+        &mut self,
+        prefix: &str,
+        names: [&str; 2],
+        conv: Square,
+        inputs: &[&str],
+    ) -> &mut Self {
+        let Square {
+            channels: (cin, cout),
+            kernel,
+            stride,
+            groups,
+        } = conv;
+        self.push(
+            format!("{prefix}{}", names[0]),
+            Op::Conv2d {
+                in_channels: cin,
+                out_channels: cout,
+                kernel: [kernel; 2],
+                stride: [stride; 2],
+                padding: [kernel / 2; 2],
+                groups,
+            },
+            inputs,
+        )
+        .push(
+            format!("{prefix}{}", names[1]),
+            Op::BatchNorm2d {
+                features: cout,
+                eps: 1e-5,
+            },
+            &[],
+        )
+    }
+}
+
+/// A square convolution of a preset: input and output channels, kernel side, stride and
+/// groups.
+#[derive(Clone, Copy)]
+struct Square {
+    channels: (usize, usize),
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+}
+
+fn square(channels: (usize, usize), kernel: usize, stride: usize, groups: usize) -> Square {
+    Square {
+        channels,
+        kernel,
+        stride,
+        groups,
+    }
+}
+
+impl GraphSpec {
+    /// A small residual network for 28x28 images, named as torchvision's ResNets are: a
+    /// 3x3 stem of 16 channels at stride 2 (14x14), then three stages (`layer1` to
+    /// `layer3`, 16, 32 and 64 channels, the last two halving the resolution to 7x7 and
+    /// 4x4) of two basic blocks each (two 3x3 convolutions with batch norm, added to the
+    /// block's input, through a 1x1 projection with batch norm, `downsample`, where the
+    /// shape changes), global average pooling and a dense layer (`fc`): about 175k
+    /// parameters and 5.5 million multiply-adds per image, twice the teacher's.
+    pub fn resnet() -> Self {
+        let mut g = Chain::new();
+        g.conv_bn("", ["conv1", "bn1"], square((1, 16), 3, 2, 1), &[INPUT])
+            .push("relu", Op::Relu, &[]);
+        let mut channels = 16;
+        for (stage, width) in [(1, 16), (2, 32), (3, 64)] {
+            for block in 0..2 {
+                let p = format!("layer{stage}.{block}.");
+                let stride = if stage > 1 && block == 0 { 2 } else { 1 };
+                let input = g.last.clone();
+                g.conv_bn(
+                    &p,
+                    ["conv1", "bn1"],
+                    square((channels, width), 3, stride, 1),
+                    &[],
+                )
+                .push(format!("{p}relu1"), Op::Relu, &[])
+                .conv_bn(
+                    &p,
+                    ["conv2", "bn2"],
+                    square((width, width), 3, 1, 1),
+                    &[],
+                );
+                let residual = g.last.clone();
+                let shortcut = if stride != 1 || channels != width {
+                    g.conv_bn(
+                        &p,
+                        ["downsample.0", "downsample.1"],
+                        square((channels, width), 1, stride, 1),
+                        &[&input],
+                    );
+                    g.last.clone()
+                } else {
+                    input
+                };
+                g.push(format!("{p}add"), Op::Add, &[&residual, &shortcut])
+                    .push(format!("{p}relu2"), Op::Relu, &[]);
+                channels = width;
+            }
+        }
+        g.push("avgpool", Op::GlobalAvgPool, &[]).push(
+            "fc",
+            Op::Linear {
+                in_features: channels,
+                out_features: 10,
+            },
+            &[],
+        );
+        Self {
+            name: "resnet".into(),
+            input: [1, 28, 28],
+            nodes: g.nodes,
+        }
+    }
+
+    /// A small MobileNet for 28x28 images: a 3x3 stem of 16 channels, then five
+    /// depthwise-separable blocks (a 3x3 depthwise convolution, `dw`, and a 1x1 pointwise
+    /// one, `pw`, each with batch norm and ReLU6) to 32, 32, 64, 64 and 128 channels, the
+    /// first and third halving the resolution, then global average pooling, dropout and
+    /// a dense layer (`classifier`): about 21k parameters and 1.3 million multiply-adds
+    /// per image, half the teacher's.
+    pub fn mobilenet() -> Self {
+        let mut g = Chain::new();
+        g.conv_bn("stem.", ["conv", "bn"], square((1, 16), 3, 1, 1), &[INPUT])
+            .push("stem.relu", Op::Relu6, &[]);
+        let mut channels = 16;
+        for (i, (width, stride)) in [(32, 2), (32, 1), (64, 2), (64, 1), (128, 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let p = format!("blocks.{i}.");
+            g.conv_bn(
+                &p,
+                ["dw", "dw_bn"],
+                square((channels, channels), 3, stride, channels),
+                &[],
+            )
+            .push(format!("{p}dw_relu"), Op::Relu6, &[])
+            .conv_bn(&p, ["pw", "pw_bn"], square((channels, width), 1, 1, 1), &[])
+            .push(format!("{p}pw_relu"), Op::Relu6, &[]);
+            channels = width;
+        }
+        g.push("pool", Op::GlobalAvgPool, &[])
+            .push("dropout", Op::Dropout { p: 0.2 }, &[])
+            .push(
+                "classifier",
+                Op::Linear {
+                    in_features: channels,
+                    out_features: 10,
+                },
+                &[],
+            );
+        Self {
+            name: "mobilenet".into(),
+            input: [1, 28, 28],
+            nodes: g.nodes,
+        }
+    }
+
+    /// Multiply-accumulates of one sample's forward pass through the convolutions and dense
+    /// layers (what their cost is); `None` when the graph does not hold together.
+    pub fn multiply_adds(&self) -> Option<usize> {
+        let shapes = self.shapes().ok()?;
+        self.nodes
+            .iter()
+            .zip(&shapes)
+            .try_fold(0usize, |total, (node, out)| {
+                let per_output = match node.op.weight_shape() {
+                    Some((weight, _)) => weight[1..].iter().product::<usize>(),
+                    None => return Some(total),
+                };
+                let outputs = out.iter().product::<usize>();
+                total.checked_add(outputs.checked_mul(per_output)?)
+            })
+    }
+}
+
 impl From<&NetworkSpec> for GraphSpec {
     /// The sequential network as a chain whose nodes are named by layer index, so that
     /// layer `i`'s variables keep their names `i.weight` and `i.bias`.
@@ -702,6 +914,81 @@ mod tests {
             let got = reason(&g);
             assert!(got.contains(expected), "{got}\nexpected: {expected}");
         }
+    }
+
+    #[test]
+    fn the_graph_presets_hold_together_at_their_sizes() {
+        let resnet = GraphSpec::resnet();
+        let shapes = resnet.shapes().unwrap();
+        assert_eq!(resnet.validate().unwrap(), [10]);
+        let shape_of = |g: &GraphSpec, shapes: &[Vec<usize>], name: &str| {
+            let i = g.nodes.iter().position(|n| n.name == name).unwrap();
+            shapes[i].clone()
+        };
+        assert_eq!(shape_of(&resnet, &shapes, "layer1.1.relu2"), [16, 14, 14]);
+        assert_eq!(shape_of(&resnet, &shapes, "layer2.0.add"), [32, 7, 7]);
+        assert_eq!(shape_of(&resnet, &shapes, "layer3.1.relu2"), [64, 4, 4]);
+        let count =
+            |g: &GraphSpec, name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
+        assert_eq!(count(&resnet, "add"), 6);
+        // Projections where the shape changes only: the first blocks of stages 2 and 3.
+        assert_eq!(count(&resnet, "conv2d"), 1 + 12 + 2);
+        assert!(
+            resnet
+                .nodes
+                .iter()
+                .any(|n| n.name == "layer2.0.downsample.0")
+        );
+        assert!(
+            !resnet
+                .nodes
+                .iter()
+                .any(|n| n.name.starts_with("layer1.0.downsample"))
+        );
+        assert!(
+            (150_000..200_000).contains(&resnet.param_count()),
+            "{}",
+            resnet.param_count()
+        );
+
+        let mobilenet = GraphSpec::mobilenet();
+        let shapes = mobilenet.shapes().unwrap();
+        assert_eq!(mobilenet.validate().unwrap(), [10]);
+        assert_eq!(
+            shape_of(&mobilenet, &shapes, "blocks.4.pw_relu"),
+            [128, 7, 7]
+        );
+        assert_eq!(
+            mobilenet
+                .nodes
+                .iter()
+                .find(|n| n.name == "blocks.2.dw")
+                .unwrap()
+                .op
+                .weight_shape(),
+            Some((vec![32, 1, 3, 3], 32))
+        );
+        assert_eq!(count(&mobilenet, "relu6"), 11);
+        assert!(
+            (10_000..25_000).contains(&mobilenet.param_count()),
+            "{}",
+            mobilenet.param_count()
+        );
+        // Their cost against the sequential teacher's 2.63 million multiply-adds.
+        let teacher = GraphSpec::from(&NetworkSpec::teacher_cnn())
+            .multiply_adds()
+            .unwrap();
+        // 32 x 26 x 26 x 9 + 64 x 11 x 11 x 288 + 1600 x 128 + 128 x 10.
+        assert_eq!(teacher, 194_688 + 2_230_272 + 204_800 + 1_280);
+        let resnet_cost = resnet.multiply_adds().unwrap();
+        let mobilenet_cost = mobilenet.multiply_adds().unwrap();
+        // Both sized to train on a CPU: the residual network at about twice the teacher's
+        // cost, the MobileNet at about half.
+        assert!(
+            (4_000_000..7_000_000).contains(&resnet_cost)
+                && (1_000_000..1_500_000).contains(&mobilenet_cost),
+            "{resnet_cost} {mobilenet_cost}"
+        );
     }
 
     #[test]
