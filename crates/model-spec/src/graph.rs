@@ -328,8 +328,9 @@ impl From<&LayerSpec> for Op {
 /// [`INPUT`]) it takes, in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
-    /// Unique within the graph, not [`INPUT`]; the variables of a node with parameters
-    /// are `<name>.weight` and `<name>.bias`.
+    /// Unique within the graph, not [`INPUT`], non-empty parts separated by single dots
+    /// (`layer1.0.conv1`); the variables of a node with parameters are `<name>.weight` and
+    /// `<name>.bias`.
     pub name: String,
     /// What the node computes.
     #[serde(flatten)]
@@ -419,8 +420,11 @@ impl GraphSpec {
                 op: node.op.name(),
                 reason,
             };
-            if node.name == INPUT || node.name.is_empty() {
-                return Err(node_error(format!("`{}` is not a node name", node.name)));
+            if node.name == INPUT || node.name.split('.').any(str::is_empty) {
+                return Err(node_error(format!(
+                    "`{}` is not a node name: parts separated by single dots, not `{INPUT}`",
+                    node.name
+                )));
             }
             if index.insert(&node.name, i).is_some() {
                 return Err(node_error("the name is used twice".into()));
@@ -845,6 +849,14 @@ mod tests {
             (
                 graph(vec![node(INPUT, Op::Relu, &[INPUT])]),
                 "`input` is not a node name",
+            ),
+            (
+                graph(vec![node("layer1..conv", Op::Relu, &[INPUT])]),
+                "`layer1..conv` is not a node name",
+            ),
+            (
+                graph(vec![node(".conv", Op::Relu, &[INPUT])]),
+                "`.conv` is not a node name",
             ),
             (
                 graph(vec![stem(), node("r", Op::Relu, &[INPUT])]),

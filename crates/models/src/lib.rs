@@ -7,6 +7,11 @@
 //! tch implementation of a spec inside a [`tch::nn::Path`]; its variables are named
 //! like a PyTorch `nn.Sequential` (`"0.weight"`, `"0.bias"`, `"3.weight"`, ...).
 //!
+//! A [`GraphSpec`] (named nodes on earlier nodes: residual and concatenating networks, the
+//! `resnet` and `mobilenet` presets) is trained through [`GraphNetwork`], the same way and
+//! under the same policies; its variables are named after the nodes
+//! (`"layer1.0.conv1.weight"`, ...).
+//!
 //! Convolutions and dense layers start from tch's default initialisation, or from Keras's
 //! (`glorot_uniform` weights, zero biases, batch-norm scales 1) with [`Network::with_init`] and
 //! [`Initializer::GlorotUniform`].
@@ -41,12 +46,14 @@ pub mod data;
 mod error;
 pub mod export;
 pub mod fake_quant;
+mod graph;
 mod network;
 
 pub use calibrate::{Calibrator, calibrate};
 pub use error::{Error, Result};
 pub use export::{ExportError, WeightFormat, export_f32, export_int8_dynamic};
 pub use fake_quant::{ActivationFakeQuant, ActivationRange, FakeQuantConfig};
-pub use model_spec::{LayerSpec, NetworkSpec, SpecError};
+pub use graph::GraphNetwork;
+pub use model_spec::{GraphSpec, INPUT, LayerSpec, NetworkSpec, Node, Op, SpecError};
 pub use network::{Initializer, Network};
 pub use tensor_precision::Policy;

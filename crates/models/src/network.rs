@@ -76,7 +76,7 @@ pub enum Initializer {
 impl Initializer {
     /// The weight and bias initialisation of a layer with these fans; `None` for the bias:
     /// tch's own default of the layer.
-    fn inits(self, fan_in: usize, fan_out: usize) -> (nn::Init, Option<nn::Init>) {
+    pub(crate) fn inits(self, fan_in: usize, fan_out: usize) -> (nn::Init, Option<nn::Init>) {
         match self {
             Self::Torch => (nn::init::DEFAULT_KAIMING_UNIFORM, None),
             Self::GlorotUniform => {
@@ -94,8 +94,30 @@ impl Initializer {
     }
 }
 
+impl Initializer {
+    /// The variables of a batch norm over `features` channels under `path`: shifts 0,
+    /// scales as the initialiser says, running mean 0 and variance 1.
+    pub(crate) fn batch_norm(self, path: &nn::Path, features: usize, eps: f64) -> nn::BatchNorm {
+        let defaults = nn::BatchNormConfig::default();
+        let ws_init = match self {
+            Self::Torch => defaults.ws_init,
+            Self::GlorotUniform => nn::Init::Const(1.0),
+        };
+        nn::batch_norm2d(
+            path,
+            dim(features),
+            nn::BatchNormConfig {
+                eps,
+                momentum: BATCH_NORM_MOMENTUM,
+                ws_init,
+                ..defaults
+            },
+        )
+    }
+}
+
 /// PyTorch's batch-norm momentum (weight of a new batch in the running statistics).
-const BATCH_NORM_MOMENTUM: f64 = 0.1;
+pub(crate) const BATCH_NORM_MOMENTUM: f64 = 0.1;
 
 fn dim(value: usize) -> i64 {
     i64::try_from(value).expect("layer sizes validated by NetworkSpec fit in i64")
@@ -189,25 +211,11 @@ impl Network {
                             bias: linear.bs.expect("linear is created with a bias"),
                         }
                     }
-                    LayerSpec::BatchNorm2d { features, eps } => {
-                        let momentum = BATCH_NORM_MOMENTUM;
-                        let defaults = nn::BatchNormConfig::default();
-                        let ws_init = match init {
-                            Initializer::Torch => defaults.ws_init,
-                            Initializer::GlorotUniform => nn::Init::Const(1.0),
-                        };
-                        let bn = nn::batch_norm2d(
-                            &path,
-                            dim(features),
-                            nn::BatchNormConfig {
-                                eps,
-                                momentum,
-                                ws_init,
-                                ..defaults
-                            },
-                        );
-                        Layer::BatchNorm2d { bn, eps, momentum }
-                    }
+                    LayerSpec::BatchNorm2d { features, eps } => Layer::BatchNorm2d {
+                        bn: init.batch_norm(&path, features, eps),
+                        eps,
+                        momentum: BATCH_NORM_MOMENTUM,
+                    },
                     LayerSpec::Relu => Layer::Relu,
                     LayerSpec::MaxPool2d { kernel, stride } => Layer::MaxPool2d {
                         kernel: dim(kernel),

@@ -1,0 +1,455 @@
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+use tensor_precision::{Conv2dOptions, layers};
+
+use crate::network::{BATCH_NORM_MOMENTUM, Initializer};
+use crate::{GraphSpec, INPUT, Op, Policy, Result};
+
+/// The tch implementation of a [`GraphSpec`], computing under a precision [`Policy`] as
+/// [`Network`](crate::Network) does: float32 variables, convolutions and dense layers in
+/// the policy's compute type through [`tensor_precision::layers`], float32 logits.
+///
+/// The variables of node `name` are `<name>.weight` and `<name>.bias` (batch norm also
+/// `<name>.running_mean` and `<name>.running_var`), so a node named `layer1.0.conv1` has
+/// the variable a PyTorch user expects, `layer1.0.conv1.weight`. A graph converted from a
+/// [`NetworkSpec`](crate::NetworkSpec) has the same variables as its `Network`, and computes
+/// the same logits from them.
+///
+/// ```
+/// use models::{GraphNetwork, GraphSpec};
+/// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let net = GraphNetwork::new(&vs.root(), &GraphSpec::resnet())?;
+/// let logits = net.forward_t(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, Device::Cpu)), false);
+/// assert_eq!(logits.size(), [2, 10]);
+/// assert!(vs.variables().contains_key("layer2.0.downsample.0.weight"));
+/// assert_eq!(net.param_count(), GraphSpec::resnet().param_count());
+/// # Ok::<(), models::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct GraphNetwork {
+    spec: GraphSpec,
+    nodes: Vec<NodeImpl>,
+    /// For every node, where each of its inputs comes from: `None` for the network's
+    /// input, else an earlier node's index.
+    sources: Vec<Vec<Option<usize>>>,
+    policy: Policy,
+}
+
+#[derive(Debug)]
+enum NodeImpl {
+    Conv2d {
+        weight: Tensor,
+        bias: Tensor,
+        options: Conv2dOptions,
+    },
+    Linear {
+        weight: Tensor,
+        bias: Tensor,
+    },
+    BatchNorm2d {
+        bn: nn::BatchNorm,
+        eps: f64,
+    },
+    /// Every operation without variables, computed from its spec.
+    Stateless(Op),
+}
+
+fn dim(value: usize) -> i64 {
+    i64::try_from(value).expect("sizes of a validated graph fit in i64")
+}
+
+fn dims(values: [usize; 2]) -> [i64; 2] {
+    values.map(dim)
+}
+
+/// The tch path of node `name`: one level per dot-separated part.
+fn node_path<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
+    name.split('.').fold(root.clone(), |path, part| path / part)
+}
+
+impl GraphNetwork {
+    /// Creates the variables of `spec` under `path` (tch's default initialisation,
+    /// [`Initializer::Torch`]) after validating the graph; computes in float32.
+    pub fn new(path: &nn::Path, spec: &GraphSpec) -> Result<Self> {
+        Self::with_init(path, spec, Policy::Float32, Initializer::default())
+    }
+
+    /// Like [`GraphNetwork::new`], computing under `policy`, with the variables initialised
+    /// by `init` (fans as PyTorch counts them: a grouped convolution's `fan_in` is its
+    /// input channels per group times its window).
+    pub fn with_init(
+        path: &nn::Path,
+        spec: &GraphSpec,
+        policy: Policy,
+        init: Initializer,
+    ) -> Result<Self> {
+        spec.validate()?;
+        let position = |name: &str| spec.nodes.iter().position(|n| n.name == name);
+        let sources = spec
+            .nodes
+            .iter()
+            .map(|node| {
+                node.inputs
+                    .iter()
+                    .map(|input| (input != INPUT).then(|| position(input)).flatten())
+                    .collect()
+            })
+            .collect();
+        let nodes = spec
+            .nodes
+            .iter()
+            .map(|node| {
+                let path = node_path(path, &node.name);
+                match node.op {
+                    Op::Conv2d {
+                        in_channels,
+                        out_channels,
+                        kernel,
+                        stride,
+                        padding,
+                        groups,
+                    } => {
+                        let window = kernel[0] * kernel[1];
+                        let (ws_init, bs_init) =
+                            init.inits(in_channels / groups * window, out_channels * window);
+                        let defaults = nn::ConvConfigND::<[i64; 2]>::default();
+                        let conv = nn::conv(
+                            &path,
+                            dim(in_channels),
+                            dim(out_channels),
+                            dims(kernel),
+                            nn::ConvConfigND {
+                                groups: dim(groups),
+                                ws_init,
+                                bs_init: bs_init.unwrap_or(defaults.bs_init),
+                                ..defaults
+                            },
+                        );
+                        NodeImpl::Conv2d {
+                            weight: conv.ws,
+                            bias: conv.bs.expect("conv2d is created with a bias"),
+                            options: Conv2dOptions {
+                                stride: dims(stride),
+                                padding: dims(padding),
+                                groups: dim(groups),
+                                channels_last: true,
+                                ..Conv2dOptions::default()
+                            },
+                        }
+                    }
+                    Op::Linear {
+                        in_features,
+                        out_features,
+                    } => {
+                        let (ws_init, bs_init) = init.inits(in_features, out_features);
+                        let linear = nn::linear(
+                            &path,
+                            dim(in_features),
+                            dim(out_features),
+                            nn::LinearConfig {
+                                ws_init,
+                                bs_init,
+                                ..Default::default()
+                            },
+                        );
+                        NodeImpl::Linear {
+                            weight: linear.ws,
+                            bias: linear.bs.expect("linear is created with a bias"),
+                        }
+                    }
+                    Op::BatchNorm2d { features, eps } => NodeImpl::BatchNorm2d {
+                        bn: init.batch_norm(&path, features, eps),
+                        eps,
+                    },
+                    ref op => NodeImpl::Stateless(op.clone()),
+                }
+            })
+            .collect();
+        Ok(Self {
+            spec: spec.clone(),
+            nodes,
+            sources,
+            policy,
+        })
+    }
+
+    /// The graph this network implements.
+    pub fn spec(&self) -> &GraphSpec {
+        &self.spec
+    }
+
+    /// The precision policy of the forward pass.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Changes the precision policy of the forward pass; the variables are untouched.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    /// Number of trainable parameters.
+    pub fn param_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .flat_map(|node| match node {
+                NodeImpl::Conv2d { weight, bias, .. } | NodeImpl::Linear { weight, bias } => {
+                    vec![weight, bias]
+                }
+                NodeImpl::BatchNorm2d { bn, .. } => bn.ws.iter().chain(bn.bs.iter()).collect(),
+                NodeImpl::Stateless(_) => Vec::new(),
+            })
+            .map(|t| t.numel())
+            .sum()
+    }
+
+    /// The forward pass, with an error where LibTorch or a building block refuses the input
+    /// (wrong shape or element type, another device).
+    pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let policy = self.policy;
+        let mut outputs: Vec<Tensor> = Vec::with_capacity(self.nodes.len());
+        for (node, sources) in self.nodes.iter().zip(&self.sources) {
+            let inputs: Vec<&Tensor> = sources
+                .iter()
+                .map(|source| source.map_or(xs, |i| &outputs[i]))
+                .collect();
+            let x = inputs[0];
+            let out = match node {
+                NodeImpl::Conv2d {
+                    weight,
+                    bias,
+                    options,
+                } => layers::conv2d(policy, x, weight, Some(bias), *options)?,
+                NodeImpl::Linear { weight, bias } => layers::linear(policy, x, weight, Some(bias))?,
+                // As in `Network`: LibTorch's batch norm takes 16-bit input with float32
+                // parameters and statistics.
+                NodeImpl::BatchNorm2d { bn, eps } => Tensor::f_batch_norm(
+                    x,
+                    bn.ws.as_ref(),
+                    bn.bs.as_ref(),
+                    Some(&bn.running_mean),
+                    Some(&bn.running_var),
+                    train,
+                    BATCH_NORM_MOMENTUM,
+                    *eps,
+                    true,
+                )?,
+                NodeImpl::Stateless(op) => stateless(op, &inputs, train)?,
+            };
+            outputs.push(out);
+        }
+        let logits = outputs.pop().expect("a validated graph has nodes");
+        Ok(layers::output(policy, &logits)?)
+    }
+}
+
+/// The operations without variables, on their inputs.
+fn stateless(op: &Op, inputs: &[&Tensor], train: bool) -> Result<Tensor> {
+    let x = inputs[0];
+    Ok(match *op {
+        Op::Relu => x.f_relu()?,
+        Op::Relu6 => x.f_clamp(0.0, 6.0)?,
+        Op::Sigmoid => x.f_sigmoid()?,
+        Op::Tanh => x.f_tanh()?,
+        Op::Gelu => x.f_gelu("none")?,
+        Op::Silu => x.f_silu()?,
+        Op::HardSwish => x.f_hardswish()?,
+        Op::MaxPool2d {
+            kernel,
+            stride,
+            padding,
+        } => x.f_max_pool2d(dims(kernel), dims(stride), dims(padding), [1, 1], false)?,
+        Op::AvgPool2d { kernel, stride } => {
+            x.f_avg_pool2d(dims(kernel), dims(stride), [0, 0], false, true, None)?
+        }
+        Op::GlobalAvgPool => x.f_mean_dim([2i64, 3].as_slice(), false, None::<Kind>)?,
+        Op::Flatten => x.f_flatten(1, -1)?,
+        Op::Dropout { p } => x.f_dropout(p, train)?,
+        Op::Add => inputs[1..]
+            .iter()
+            .try_fold(x.shallow_clone(), |sum, y| sum.f_add(y))?,
+        Op::Concat => Tensor::f_cat(inputs, 1)?,
+        Op::Conv2d { .. } | Op::Linear { .. } | Op::BatchNorm2d { .. } => {
+            unreachable!("operations with variables have their own node kinds")
+        }
+    })
+}
+
+impl ModuleT for GraphNetwork {
+    /// [`GraphNetwork::f_forward_t`], panicking on its errors.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.f_forward_t(xs, train)
+            .unwrap_or_else(|err| panic!("forward pass of {}: {err}", self.spec.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::*;
+    use crate::{Network, NetworkSpec, Node};
+
+    fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
+        Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn input(shape: [i64; 4], seed: i64) -> Tensor {
+        tch::manual_seed(seed);
+        Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 2.0
+    }
+
+    #[test]
+    fn a_sequential_network_as_a_graph_computes_what_the_network_does() {
+        for policy in [Policy::Float32, Policy::MixedBfloat16] {
+            let spec = NetworkSpec::teacher_cnn();
+            let vs = nn::VarStore::new(Device::Cpu);
+            let mut net = Network::new(&vs.root(), &spec).unwrap();
+            net.set_policy(policy);
+            let mut graph_vs = nn::VarStore::new(Device::Cpu);
+            let graph = GraphNetwork::with_init(
+                &graph_vs.root(),
+                &GraphSpec::from(&spec),
+                policy,
+                Initializer::Torch,
+            )
+            .unwrap();
+            let mut names: Vec<String> = vs.variables().into_keys().collect();
+            let mut graph_names: Vec<String> = graph_vs.variables().into_keys().collect();
+            names.sort();
+            graph_names.sort();
+            assert_eq!(names, graph_names);
+            graph_vs.copy(&vs).unwrap();
+            let xs = input([3, 1, 28, 28], 1);
+            let expected = net.f_forward_t(&xs, false).unwrap();
+            let got = graph.f_forward_t(&xs, false).unwrap();
+            assert_eq!(got.kind(), Kind::Float);
+            assert!(got.equal(&expected), "{policy:?}");
+            assert_eq!(graph.param_count(), net.param_count());
+        }
+    }
+
+    #[test]
+    fn residual_grouped_and_concatenating_nodes_compute_their_definitions() {
+        let spec = GraphSpec {
+            name: "residual".into(),
+            input: [4, 6, 6],
+            nodes: vec![
+                node(
+                    "block.conv",
+                    Op::Conv2d {
+                        in_channels: 4,
+                        out_channels: 4,
+                        kernel: [3, 1],
+                        stride: [1, 1],
+                        padding: [1, 0],
+                        groups: 2,
+                    },
+                    &[INPUT],
+                ),
+                node("block.act", Op::Relu6, &["block.conv"]),
+                node("sum", Op::Add, &["block.act", INPUT]),
+                node("both", Op::Concat, &["sum", INPUT]),
+                node("pool", Op::GlobalAvgPool, &["both"]),
+                node(
+                    "fc",
+                    Op::Linear {
+                        in_features: 8,
+                        out_features: 3,
+                    },
+                    &["pool"],
+                ),
+            ],
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = GraphNetwork::with_init(
+            &vs.root(),
+            &spec,
+            Policy::Float32,
+            Initializer::GlorotUniform,
+        )
+        .unwrap();
+        let vars = vs.variables();
+        assert_eq!(vars["block.conv.weight"].size(), [4, 2, 3, 1]);
+        // Glorot over PyTorch's fans: 2 x 3 in, 4 x 3 out.
+        let bound = (6.0f64 / (6.0 + 12.0)).sqrt();
+        assert!(vars["block.conv.weight"].abs().max().double_value(&[]) <= bound);
+        let xs = input([2, 4, 6, 6], 2);
+        let conv = xs.conv2d(
+            &vars["block.conv.weight"],
+            Some(&vars["block.conv.bias"]),
+            [1, 1],
+            [1, 0],
+            [1, 1],
+            2,
+        );
+        let sum = conv.clamp(0.0, 6.0) + &xs;
+        let pooled = Tensor::cat(&[sum, xs.shallow_clone()], 1).mean_dim(
+            [2i64, 3].as_slice(),
+            false,
+            None::<Kind>,
+        );
+        let expected = pooled.linear(&vars["fc.weight"], Some(&vars["fc.bias"]));
+        let got = net.f_forward_t(&xs, false).unwrap();
+        let difference = (&got - &expected).abs().max().double_value(&[]);
+        assert!(difference < 1e-6, "{difference}");
+        // Gradients reach every variable.
+        got.sum(None::<Kind>).backward();
+        for (name, var) in vars {
+            assert!(var.grad().defined(), "{name}");
+        }
+    }
+
+    #[test]
+    fn activations_compute_their_formulas() {
+        let xs = Tensor::linspace(-8.0, 8.0, 64, (Kind::Float, Device::Cpu)).reshape([1, 1, 8, 8]);
+        let sigmoid = |x: &Tensor| (x.neg().exp() + 1.0).reciprocal();
+        let relu6 = |x: &Tensor| x.clamp(0.0, 6.0);
+        let cases: [(Op, Tensor); 6] = [
+            (Op::Relu6, relu6(&xs)),
+            (Op::Sigmoid, sigmoid(&xs)),
+            (
+                Op::Tanh,
+                (xs.exp() - xs.neg().exp()) / (xs.exp() + xs.neg().exp()),
+            ),
+            (Op::Silu, &xs * sigmoid(&xs)),
+            (Op::HardSwish, &xs * relu6(&(&xs + 3.0)) / 6.0),
+            (Op::Gelu, &xs * 0.5 * ((&xs / 2f64.sqrt()).erf() + 1.0)),
+        ];
+        for (op, expected) in cases {
+            let spec = GraphSpec {
+                name: "act".into(),
+                input: [1, 8, 8],
+                nodes: vec![node("act", op.clone(), &[INPUT])],
+            };
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = GraphNetwork::new(&vs.root(), &spec).unwrap();
+            let got = net.f_forward_t(&xs, false).unwrap();
+            let difference = (&got - &expected).abs().max().double_value(&[]);
+            assert!(difference < 1e-5, "{op:?}: {difference}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_graph_or_input_is_an_error() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut spec = GraphSpec::mobilenet();
+        spec.nodes[1].inputs = vec!["classifier".into()];
+        let err = GraphNetwork::new(&vs.root(), &spec)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("takes `classifier`, which is not an earlier node"),
+            "{err}"
+        );
+        let net = GraphNetwork::new(&vs.root(), &GraphSpec::mobilenet()).unwrap();
+        let wrong = Tensor::zeros([2, 3, 28, 28], (Kind::Float, Device::Cpu));
+        assert!(net.f_forward_t(&wrong, false).is_err());
+    }
+}
