@@ -474,6 +474,64 @@ impl GraphSpec {
         Ok(shapes)
     }
 
+    /// The batch norms that deployment folds into the convolution before them, as pairs of
+    /// node indices (convolution, batch norm): those whose input is a convolution that
+    /// feeds nothing else. Other batch norms (after an `add`, or after a convolution whose
+    /// output is also used elsewhere) cannot be folded and stay a scale and shift.
+    pub fn foldable_batch_norms(&self) -> Vec<(usize, usize)> {
+        let index = |name: &str| self.nodes.iter().position(|n| n.name == name);
+        let uses = |j: usize| {
+            self.nodes
+                .iter()
+                .flat_map(|n| &n.inputs)
+                .filter(|input| **input == self.nodes[j].name)
+                .count()
+        };
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| matches!(node.op, Op::BatchNorm2d { .. }))
+            .filter_map(|(i, node)| {
+                let j = index(node.inputs.first()?)?;
+                let folds = matches!(self.nodes[j].op, Op::Conv2d { .. }) && uses(j) == 1;
+                folds.then_some((j, i))
+            })
+            .collect()
+    }
+
+    /// The graph as deployed: every batch norm of [`GraphSpec::foldable_batch_norms`]
+    /// removed, its consumers taking its convolution instead (to which exporters give the
+    /// folded weights, under the convolution's name); the other batch norms stay.
+    pub fn without_batch_norm(&self) -> Self {
+        let folded: HashMap<&str, &str> = self
+            .foldable_batch_norms()
+            .into_iter()
+            .map(|(conv, bn)| (self.nodes[bn].name.as_str(), self.nodes[conv].name.as_str()))
+            .collect();
+        let nodes = self
+            .nodes
+            .iter()
+            .filter(|node| !folded.contains_key(node.name.as_str()))
+            .map(|node| Node {
+                inputs: node
+                    .inputs
+                    .iter()
+                    .map(|input| {
+                        folded
+                            .get(input.as_str())
+                            .map_or(input.clone(), |c| c.to_string())
+                    })
+                    .collect(),
+                ..node.clone()
+            })
+            .collect();
+        Self {
+            name: self.name.clone(),
+            input: self.input,
+            nodes,
+        }
+    }
+
     /// Number of trainable parameters (weights, biases, batch-norm scales and shifts).
     pub fn param_count(&self) -> usize {
         self.nodes
@@ -1001,6 +1059,52 @@ mod tests {
                 && (1_000_000..1_500_000).contains(&mobilenet_cost),
             "{resnet_cost} {mobilenet_cost}"
         );
+    }
+
+    #[test]
+    fn batch_norm_folds_into_a_convolution_that_feeds_it_alone() {
+        let resnet = GraphSpec::resnet();
+        let norms = resnet
+            .nodes
+            .iter()
+            .filter(|n| n.op.name() == "batch_norm2d")
+            .count();
+        assert_eq!(resnet.foldable_batch_norms().len(), norms);
+        let deployed = resnet.without_batch_norm();
+        assert_eq!(deployed.nodes.len(), resnet.nodes.len() - norms);
+        assert!(deployed.nodes.iter().all(|n| n.op.name() != "batch_norm2d"));
+        assert_eq!(deployed.validate().unwrap(), [10]);
+        let add = deployed
+            .nodes
+            .iter()
+            .find(|n| n.name == "layer2.0.add")
+            .unwrap();
+        assert_eq!(add.inputs, ["layer2.0.conv2", "layer2.0.downsample.0"]);
+        // A sequential network's graph loses its batch norms as the network does.
+        let teacher = NetworkSpec::teacher_cnn();
+        let folded = GraphSpec::from(&teacher).without_batch_norm();
+        let sequential = GraphSpec::from(&teacher.without_batch_norm());
+        assert_eq!(folded.shapes().unwrap(), sequential.shapes().unwrap());
+        assert_eq!(folded.param_count(), sequential.param_count());
+
+        // After an add, or after a convolution that also feeds another node: kept.
+        let bn = |features| Op::BatchNorm2d {
+            features,
+            eps: 1e-5,
+        };
+        let g = graph(vec![
+            node("conv", conv(4, 4, 1), &[INPUT]),
+            node("conv_bn", bn(4), &["conv"]),
+            node("sum", Op::Add, &["conv_bn", "conv"]),
+            node("sum_bn", bn(4), &["sum"]),
+            node("other", conv(4, 4, 1), &["sum_bn"]),
+            node("other_bn", bn(4), &["other"]),
+        ]);
+        assert_eq!(g.foldable_batch_norms(), [(4, 5)]);
+        let deployed = g.without_batch_norm();
+        let names: Vec<&str> = deployed.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["conv", "conv_bn", "sum", "sum_bn", "other"]);
+        assert_eq!(deployed.validate().unwrap(), [4, 8, 8]);
     }
 
     #[test]
