@@ -113,7 +113,8 @@ pub enum WeightFormat {
 /// One parameter of the deployed network: batch norm folded, named by its deployed index.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DeployedParameter {
-    /// `"<deployed layer index>.weight"` or `".bias"`.
+    /// `"<deployed layer index>.weight"` or `".bias"`; for a graph ([`graph_parameters`]),
+    /// `"<node name>.weight"` and so on.
     pub name: String,
     /// PyTorch's shape: `[out, in, k, k]`, `[out, in]` or `[out]`.
     pub shape: Vec<usize>,
@@ -301,18 +302,7 @@ pub fn parameters_of(
         let (_, mut weight) = variable(&vars, &format!("{p}.weight"), &weight_shape)?;
         let (_, mut bias) = variable(&vars, &format!("{p}.bias"), &[out_channels])?;
         if let Some(&LayerSpec::BatchNorm2d { eps, .. }) = layers.get(index + 1) {
-            let bn = prefix(index + 1)?;
-            let channels = [out_channels];
-            let (_, gamma) = variable(&vars, &format!("{bn}.weight"), &channels)?;
-            let (_, beta) = variable(&vars, &format!("{bn}.bias"), &channels)?;
-            let (_, mean) = variable(&vars, &format!("{bn}.running_mean"), &channels)?;
-            let (_, var) = variable(&vars, &format!("{bn}.running_var"), &channels)?;
-            let per_channel = weight.len() / bias.len().max(1);
-            for (c, row) in weight.chunks_exact_mut(per_channel.max(1)).enumerate() {
-                let s = gamma[c] / (var[c] + eps).sqrt();
-                row.iter_mut().for_each(|w| *w *= s);
-                bias[c] = (bias[c] - mean[c]) * s + beta[c];
-            }
+            fold_batch_norm(&vars, &prefix(index + 1)?, eps, &mut weight, &mut bias)?;
         }
         let deployed = index - removed;
         for (name, shape, data) in [
@@ -321,6 +311,83 @@ pub fn parameters_of(
         ] {
             let data = to_f32(&name, &data)?;
             out.push(DeployedParameter { name, shape, data });
+        }
+    }
+    Ok(out)
+}
+
+/// Folds the batch norm whose variables are under `bn` into the weight and bias of the
+/// convolution before it, in f64: `w * s` and `(b - mean) * s + beta` per output channel,
+/// with `s = gamma / sqrt(var + eps)`.
+fn fold_batch_norm(
+    vars: &std::collections::HashMap<String, Tensor>,
+    bn: &str,
+    eps: f64,
+    weight: &mut [f64],
+    bias: &mut [f64],
+) -> Result<(), ExportError> {
+    let channels = [bias.len()];
+    let (_, gamma) = variable(vars, &format!("{bn}.weight"), &channels)?;
+    let (_, beta) = variable(vars, &format!("{bn}.bias"), &channels)?;
+    let (_, mean) = variable(vars, &format!("{bn}.running_mean"), &channels)?;
+    let (_, var) = variable(vars, &format!("{bn}.running_var"), &channels)?;
+    let per_channel = weight.len() / bias.len().max(1);
+    for (c, row) in weight.chunks_exact_mut(per_channel.max(1)).enumerate() {
+        let s = gamma[c] / (var[c] + eps).sqrt();
+        row.iter_mut().for_each(|w| *w *= s);
+        bias[c] = (bias[c] - mean[c]) * s + beta[c];
+    }
+    Ok(())
+}
+
+/// The parameters of a graph's deployed form ([`GraphSpec::without_batch_norm`]) from the
+/// variables of its [`GraphNetwork`](crate::GraphNetwork) in `vs` (at the store's root),
+/// in node order: every convolution and dense layer's `<node>.weight` and `<node>.bias`,
+/// a foldable batch norm folded into its convolution (in f64, rounded once to f32), and a
+/// batch norm that cannot be folded kept as its four tensors (`weight`, `bias`,
+/// `running_mean`, `running_var`). Loaded with [`load_parameters`] into a network of the
+/// deployed graph, they compute what the trained network computes in eval mode.
+///
+/// [`GraphSpec::without_batch_norm`]: crate::GraphSpec::without_batch_norm
+pub fn graph_parameters(
+    spec: &crate::GraphSpec,
+    vs: &nn::VarStore,
+) -> Result<Vec<DeployedParameter>, ExportError> {
+    spec.validate()?;
+    let vars = vs.variables();
+    let folds: std::collections::HashMap<usize, usize> =
+        spec.foldable_batch_norms().into_iter().collect();
+    let folded: std::collections::HashSet<usize> = folds.values().copied().collect();
+    let mut out = Vec::new();
+    for (index, node) in spec.nodes.iter().enumerate() {
+        let name = &node.name;
+        let mut push = |suffix: &str, shape: Vec<usize>, data: &[f64]| -> Result<(), ExportError> {
+            let name = format!("{name}.{suffix}");
+            let data = to_f32(&name, data)?;
+            out.push(DeployedParameter { name, shape, data });
+            Ok(())
+        };
+        match node.op {
+            crate::Op::BatchNorm2d { features, .. } if !folded.contains(&index) => {
+                for suffix in ["weight", "bias", "running_mean", "running_var"] {
+                    let (shape, data) = variable(&vars, &format!("{name}.{suffix}"), &[features])?;
+                    push(suffix, shape, &data)?;
+                }
+            }
+            ref op => {
+                let Some((weight_shape, out_channels)) = op.weight_shape() else {
+                    continue;
+                };
+                let (_, mut weight) = variable(&vars, &format!("{name}.weight"), &weight_shape)?;
+                let (_, mut bias) = variable(&vars, &format!("{name}.bias"), &[out_channels])?;
+                if let Some(&bn) = folds.get(&index)
+                    && let crate::Op::BatchNorm2d { eps, .. } = spec.nodes[bn].op
+                {
+                    fold_batch_norm(&vars, &spec.nodes[bn].name, eps, &mut weight, &mut bias)?;
+                }
+                push("weight", weight_shape, &weight)?;
+                push("bias", vec![out_channels], &bias)?;
+            }
         }
     }
     Ok(out)
@@ -652,6 +719,113 @@ mod tests {
         let got = runtime_model.run(input.view()).unwrap();
         let difference = relative_difference(got.as_slice().unwrap(), &expected);
         assert!(difference < FOLDED_LOGIT_TOLERANCE, "{difference}");
+    }
+
+    #[test]
+    fn a_graph_deploys_with_its_batch_norms_folded_where_they_fold() {
+        use crate::{GraphNetwork, GraphSpec, INPUT, Node, Op};
+        let node = |name: &str, op, inputs: &[&str]| Node {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        };
+        let conv = |in_channels, stride| Op::Conv2d {
+            in_channels,
+            out_channels: 4,
+            kernel: [3, 3],
+            stride: [stride; 2],
+            padding: [1, 1],
+            groups: 1,
+        };
+        let bn = Op::BatchNorm2d {
+            features: 4,
+            eps: 1e-3,
+        };
+        // A residual block whose sum goes through a batch norm, which cannot be folded.
+        let mut nodes = vec![
+            node("stem.conv", conv(1, 2), &[INPUT]),
+            node("stem.bn", bn.clone(), &["stem.conv"]),
+            node("block.conv", conv(4, 1), &["stem.bn"]),
+            node("block.bn", bn.clone(), &["block.conv"]),
+            node("block.add", Op::Add, &["block.bn", "stem.bn"]),
+            node("block.add_bn", bn, &["block.add"]),
+            node("pool", Op::GlobalAvgPool, &["block.add_bn"]),
+        ];
+        nodes.push(node(
+            "fc",
+            Op::Linear {
+                in_features: 4,
+                out_features: 3,
+            },
+            &["pool"],
+        ));
+        let spec = GraphSpec {
+            name: "folded".into(),
+            input: [1, 12, 12],
+            nodes,
+        };
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = GraphNetwork::new(&vs.root(), &spec).unwrap();
+        tch::no_grad(|| {
+            for _ in 0..5 {
+                let xs = Tensor::randn([8, 1, 12, 12], (Kind::Float, Device::Cpu)) * 3.0 + 0.7;
+                let _ = net.f_forward_t(&xs, true).unwrap();
+            }
+            for (name, mut v) in vs.variables() {
+                if name.contains("bn.") && !name.contains("running") {
+                    let noise = Tensor::rand(v.size(), (Kind::Float, Device::Cpu)) + 0.5;
+                    v.copy_(&(&v * noise + 0.1));
+                }
+            }
+        });
+        let params = graph_parameters(&spec, &vs).unwrap();
+        let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "stem.conv.weight",
+                "stem.conv.bias",
+                "block.conv.weight",
+                "block.conv.bias",
+                "block.add_bn.weight",
+                "block.add_bn.bias",
+                "block.add_bn.running_mean",
+                "block.add_bn.running_var",
+                "fc.weight",
+                "fc.bias",
+            ]
+        );
+        let deployed = spec.without_batch_norm();
+        let deployed_vs = nn::VarStore::new(Device::Cpu);
+        let deployed_net = GraphNetwork::new(&deployed_vs.root(), &deployed).unwrap();
+        load_parameters(&deployed_vs, &params).unwrap();
+        let xs = Tensor::randn([6, 1, 12, 12], (Kind::Float, Device::Cpu)) * 2.0;
+        let expected = net.f_forward_t(&xs, false).unwrap();
+        let got = deployed_net.f_forward_t(&xs, false).unwrap();
+        let flat = |t: &Tensor| Vec::<f32>::try_from(&t.view([-1])).unwrap();
+        let difference = relative_difference(&flat(&got), &flat(&expected));
+        assert!(difference < FOLDED_LOGIT_TOLERANCE, "{difference}");
+        // Without the fold (the deployed graph with the trained, unfolded convolutions), the
+        // logits differ: the test sees a missing fold.
+        let unfolded_vs = nn::VarStore::new(Device::Cpu);
+        let unfolded = GraphNetwork::new(&unfolded_vs.root(), &deployed).unwrap();
+        let raw: Vec<DeployedParameter> = ["stem.conv", "block.conv"]
+            .iter()
+            .flat_map(|n| ["weight", "bias"].map(|s| format!("{n}.{s}")))
+            .chain(params[4..].iter().map(|p| p.name.clone()))
+            .map(|name| {
+                let t = &vs.variables()[&name];
+                DeployedParameter {
+                    shape: t.size().iter().map(|&d| d as usize).collect(),
+                    data: Vec::<f32>::try_from(&t.view([-1])).unwrap(),
+                    name,
+                }
+            })
+            .collect();
+        load_parameters(&unfolded_vs, &raw).unwrap();
+        let wrong = unfolded.f_forward_t(&xs, false).unwrap();
+        assert!(relative_difference(&flat(&wrong), &flat(&expected)) > 0.01);
     }
 
     #[test]
