@@ -1,7 +1,9 @@
 //! Export of a trained [`Network`] to the runtime's artifact format (`docs/FORMAT.md`).
 //!
-//! The deployed network is [`NetworkSpec::without_batch_norm`](crate::NetworkSpec::without_batch_norm): every `BatchNorm2d` is folded
-//! into the `Conv2d` right before it, with its running statistics (inference mode):
+//! The deployed network is
+//! [`NetworkSpec::without_batch_norm`](crate::NetworkSpec::without_batch_norm): every
+//! `BatchNorm2d` is folded into the `Conv2d` right before it, with its running statistics
+//! (inference mode):
 //!
 //! ```text
 //! s  = gamma / sqrt(running_var + eps)          (per output channel)
