@@ -2,6 +2,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 use tensor_precision::{Conv2dOptions, layers};
 
+use crate::fake_quant::{self, ActivationRange, FakeQuantConfig, NetworkFakeQuant};
 use crate::network::{BATCH_NORM_MOMENTUM, Initializer};
 use crate::{GraphSpec, INPUT, Op, Policy, Result};
 
@@ -35,6 +36,7 @@ pub struct GraphNetwork {
     /// input, else an earlier node's index.
     sources: Vec<Vec<Option<usize>>>,
     policy: Policy,
+    fake_quant: Option<NetworkFakeQuant>,
 }
 
 #[derive(Debug)]
@@ -172,6 +174,7 @@ impl GraphNetwork {
             nodes,
             sources,
             policy,
+            fake_quant: None,
         })
     }
 
@@ -188,6 +191,35 @@ impl GraphNetwork {
     /// Changes the precision policy of the forward pass; the variables are untouched.
     pub fn set_policy(&mut self, policy: Policy) {
         self.policy = policy;
+    }
+
+    /// Turns on fake quantization of every `conv2d` and `linear` node, as
+    /// [`Network::enable_fake_quant`](crate::Network::enable_fake_quant) does for layers: the
+    /// weights per channel, each node's input per tensor through its own observer, keyed by
+    /// the node's index. Meant for a float32 graph in its deployed form.
+    pub fn enable_fake_quant(&mut self, config: FakeQuantConfig) -> Result<()> {
+        let nodes = self
+            .spec
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n.op, Op::Conv2d { .. } | Op::Linear { .. }))
+            .map(|(i, _)| i);
+        self.fake_quant = Some(NetworkFakeQuant::new(config, nodes)?);
+        Ok(())
+    }
+
+    /// Turns fake quantization off (the observed ranges are dropped).
+    pub fn disable_fake_quant(&mut self) {
+        self.fake_quant = None;
+    }
+
+    /// The input ranges the fake-quantization observers hold, by node index (`layer` is the
+    /// node's position in the graph); empty when fake quantization is off.
+    pub fn activation_ranges(&self) -> Vec<ActivationRange> {
+        self.fake_quant
+            .as_ref()
+            .map_or_else(Vec::new, NetworkFakeQuant::ranges)
     }
 
     /// Number of trainable parameters.
@@ -209,8 +241,14 @@ impl GraphNetwork {
     /// (wrong shape or element type, another device).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let policy = self.policy;
+        let quantized = |index: usize, xs: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            Ok(match &self.fake_quant {
+                None => (xs.shallow_clone(), w.shallow_clone()),
+                Some(fq) => (fq.input(index, xs, train)?, fake_quant::weight(w)?),
+            })
+        };
         let mut outputs: Vec<Tensor> = Vec::with_capacity(self.nodes.len());
-        for (node, sources) in self.nodes.iter().zip(&self.sources) {
+        for (index, (node, sources)) in self.nodes.iter().zip(&self.sources).enumerate() {
             let inputs: Vec<&Tensor> = sources
                 .iter()
                 .map(|source| source.map_or(xs, |i| &outputs[i]))
@@ -221,8 +259,14 @@ impl GraphNetwork {
                     weight,
                     bias,
                     options,
-                } => layers::conv2d(policy, x, weight, Some(bias), *options)?,
-                NodeImpl::Linear { weight, bias } => layers::linear(policy, x, weight, Some(bias))?,
+                } => {
+                    let (x, w) = quantized(index, x, weight)?;
+                    layers::conv2d(policy, &x, &w, Some(bias), *options)?
+                }
+                NodeImpl::Linear { weight, bias } => {
+                    let (x, w) = quantized(index, x, weight)?;
+                    layers::linear(policy, &x, &w, Some(bias))?
+                }
                 // As in `Network`: LibTorch's batch norm takes 16-bit input with float32
                 // parameters and statistics.
                 NodeImpl::BatchNorm2d { bn, eps } => Tensor::f_batch_norm(
@@ -333,6 +377,35 @@ mod tests {
             assert!(got.equal(&expected), "{policy:?}");
             assert_eq!(graph.param_count(), net.param_count());
         }
+    }
+
+    #[test]
+    fn fake_quantization_of_a_sequential_graph_is_the_networks() {
+        let spec = NetworkSpec::compact_cnn().without_batch_norm();
+        let config = FakeQuantConfig {
+            observer_steps: 3,
+            ..FakeQuantConfig::default()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut net = Network::new(&vs.root(), &spec).unwrap();
+        let mut graph_vs = nn::VarStore::new(Device::Cpu);
+        let mut graph = GraphNetwork::new(&graph_vs.root(), &GraphSpec::from(&spec)).unwrap();
+        graph_vs.copy(&vs).unwrap();
+        net.enable_fake_quant(config).unwrap();
+        graph.enable_fake_quant(config).unwrap();
+        for seed in 0..4 {
+            let xs = input([8, 1, 28, 28], seed);
+            let expected = net.f_forward_t(&xs, true).unwrap();
+            let got = graph.f_forward_t(&xs, true).unwrap();
+            assert!(got.equal(&expected), "step {seed}");
+        }
+        let xs = input([5, 1, 28, 28], 9);
+        let expected = net.f_forward_t(&xs, false).unwrap();
+        assert!(graph.f_forward_t(&xs, false).unwrap().equal(&expected));
+        assert_eq!(graph.activation_ranges(), net.activation_ranges());
+        assert_eq!(graph.activation_ranges().len(), 4);
+        graph.disable_fake_quant();
+        assert!(graph.activation_ranges().is_empty());
     }
 
     #[test]
