@@ -2,6 +2,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 use tensor_precision::{Conv2dOptions, layers};
 
+use crate::calibrate::Calibrator;
 use crate::fake_quant::{self, ActivationRange, FakeQuantConfig, NetworkFakeQuant};
 use crate::network::{BATCH_NORM_MOMENTUM, Initializer};
 use crate::{GraphSpec, INPUT, Op, Policy, Result};
@@ -240,6 +241,28 @@ impl GraphNetwork {
     /// The forward pass, with an error where LibTorch or a building block refuses the input
     /// (wrong shape or element type, another device).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_inner(xs, train, &mut |_, _| {})
+    }
+
+    /// Runs `xs` through the graph in eval mode, without gradients, and taps the input of
+    /// every `conv2d` and `linear` node on `calibrator`, named after the node (the prefix
+    /// of its variables), as [`Network::calibrate`](crate::Network::calibrate) does for
+    /// layers. Calibration of a graph is this, batch after batch, then
+    /// [`Calibrator::into_qparams`].
+    pub fn calibrate(&self, xs: &Tensor, calibrator: &mut Calibrator) -> Result<()> {
+        let _logits =
+            tch::no_grad(|| self.forward_inner(xs, false, &mut |name, x| calibrator.tap(name, x)))?;
+        Ok(())
+    }
+
+    /// The forward pass; `record` sees the input of every `conv2d` and `linear` node with
+    /// the node's name.
+    fn forward_inner(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        record: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<Tensor> {
         let policy = self.policy;
         let quantized = |index: usize, xs: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
             Ok(match &self.fake_quant {
@@ -254,6 +277,9 @@ impl GraphNetwork {
                 .map(|source| source.map_or(xs, |i| &outputs[i]))
                 .collect();
             let x = inputs[0];
+            if matches!(node, NodeImpl::Conv2d { .. } | NodeImpl::Linear { .. }) {
+                record(&self.spec.nodes[index].name, x);
+            }
             let out = match node {
                 NodeImpl::Conv2d {
                     weight,
@@ -406,6 +432,38 @@ mod tests {
         assert_eq!(graph.activation_ranges().len(), 4);
         graph.disable_fake_quant();
         assert!(graph.activation_ranges().is_empty());
+    }
+
+    #[test]
+    fn calibrating_a_graph_taps_every_convolution_and_dense_node_by_name() {
+        use quantization::{BitWidth, Method};
+        let spec = NetworkSpec::compact_cnn().without_batch_norm();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let net = Network::new(&vs.root(), &spec).unwrap();
+        let mut graph_vs = nn::VarStore::new(Device::Cpu);
+        let graph = GraphNetwork::new(&graph_vs.root(), &GraphSpec::from(&spec)).unwrap();
+        graph_vs.copy(&vs).unwrap();
+        let (mut ours, mut theirs) = (Calibrator::new(), Calibrator::new());
+        for seed in 0..3 {
+            let xs = input([16, 1, 28, 28], seed);
+            graph.calibrate(&xs, &mut ours).unwrap();
+            net.calibrate(&xs, &mut theirs).unwrap();
+        }
+        let ours = ours.into_qparams(Method::MinMax, BitWidth::INT8).unwrap();
+        let theirs = theirs.into_qparams(Method::MinMax, BitWidth::INT8).unwrap();
+        assert_eq!(ours.len(), 4);
+        assert_eq!(ours, theirs);
+        // A residual graph's taps are its node names.
+        let resnet = GraphSpec::resnet();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let graph = GraphNetwork::new(&vs.root(), &resnet).unwrap();
+        let mut calibrator = Calibrator::new();
+        graph
+            .calibrate(&input([4, 1, 28, 28], 1), &mut calibrator)
+            .unwrap();
+        let names: Vec<&str> = calibrator.observers().map(|(n, _)| n).collect();
+        assert!(names.contains(&"layer2.0.downsample.0"), "{names:?}");
+        assert_eq!(names.len(), 1 + 12 + 2 + 1);
     }
 
     #[test]
