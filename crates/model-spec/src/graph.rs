@@ -274,7 +274,12 @@ impl Op {
 
 /// The output length of a sliding window over `side` elements padded by `padding` on both
 /// ends, or why it does not fit.
-fn window(side: usize, kernel: usize, stride: usize, padding: usize) -> Result<usize, String> {
+pub(crate) fn window(
+    side: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<usize, String> {
     if kernel == 0 || stride == 0 {
         return Err("kernel and stride must be positive".into());
     }

@@ -177,16 +177,11 @@ impl LayerSpec {
                 if out_channels == 0 || kernel == 0 || stride == 0 {
                     return Err("channels, kernel and stride must be positive".into());
                 }
-                let out = |side: usize| {
-                    padding
-                        .checked_mul(2)
-                        .and_then(|p| p.checked_add(side))
-                        .ok_or_else(|| format!("padding {padding} overflows the input size"))?
-                        .checked_sub(kernel)
-                        .map(|s| s / stride + 1)
-                        .ok_or_else(|| format!("kernel {kernel} is larger than the input {h}x{w}"))
-                };
-                Ok(vec![out_channels, out(h)?, out(w)?])
+                Ok(vec![
+                    out_channels,
+                    crate::graph::window(h, kernel, stride, padding)?,
+                    crate::graph::window(w, kernel, stride, padding)?,
+                ])
             }
             Self::Linear {
                 in_features,
