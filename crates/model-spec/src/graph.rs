@@ -344,6 +344,24 @@ pub struct Node {
     pub inputs: Vec<String>,
 }
 
+impl Node {
+    /// Node `name` computing `op` on `inputs` (earlier nodes' names or [`INPUT`]).
+    ///
+    /// ```
+    /// use model_spec::{INPUT, Node, Op};
+    ///
+    /// let relu = Node::new("act", Op::Relu, &[INPUT]);
+    /// assert_eq!(relu.inputs, ["input"]);
+    /// ```
+    pub fn new(name: &str, op: Op, inputs: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            op,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
 /// A network as a directed acyclic graph: the nodes in an order where every node comes
 /// after the nodes it takes; the last node is the output, and every other node feeds a
 /// later one.
@@ -351,11 +369,6 @@ pub struct Node {
 /// ```
 /// use model_spec::{GraphSpec, INPUT, Node, Op};
 ///
-/// let node = |name: &str, op, inputs: &[&str]| Node {
-///     name: name.into(),
-///     op,
-///     inputs: inputs.iter().map(|s| s.to_string()).collect(),
-/// };
 /// let conv = |c| Op::Conv2d {
 ///     in_channels: c,
 ///     out_channels: 8,
@@ -369,13 +382,13 @@ pub struct Node {
 ///     name: "residual".into(),
 ///     input: [1, 28, 28],
 ///     nodes: vec![
-///         node("stem", conv(1), &[INPUT]),
-///         node("a", conv(8), &["stem"]),
-///         node("a_relu", Op::Relu, &["a"]),
-///         node("b", conv(8), &["a_relu"]),
-///         node("sum", Op::Add, &["b", "stem"]),
-///         node("pool", Op::GlobalAvgPool, &["sum"]),
-///         node("head", Op::Linear { in_features: 8, out_features: 10 }, &["pool"]),
+///         Node::new("stem", conv(1), &[INPUT]),
+///         Node::new("a", conv(8), &["stem"]),
+///         Node::new("a_relu", Op::Relu, &["a"]),
+///         Node::new("b", conv(8), &["a_relu"]),
+///         Node::new("sum", Op::Add, &["b", "stem"]),
+///         Node::new("pool", Op::GlobalAvgPool, &["sum"]),
+///         Node::new("head", Op::Linear { in_features: 8, out_features: 10 }, &["pool"]),
 ///     ],
 /// };
 /// assert_eq!(graph.validate()?, vec![10]);
@@ -507,6 +520,38 @@ impl GraphSpec {
     /// The graph as deployed: every batch norm of [`GraphSpec::foldable_batch_norms`]
     /// removed, its consumers taking its convolution instead (to which exporters give the
     /// folded weights, under the convolution's name); the other batch norms stay.
+    ///
+    /// ```
+    /// use model_spec::{GraphSpec, INPUT, Node, Op};
+    ///
+    /// let conv = Op::Conv2d {
+    ///     in_channels: 1,
+    ///     out_channels: 4,
+    ///     kernel: [3, 3],
+    ///     stride: [1, 1],
+    ///     padding: [1, 1],
+    ///     groups: 1,
+    /// };
+    /// let bn = Op::BatchNorm2d { features: 4, eps: 1e-5 };
+    /// let graph = GraphSpec {
+    ///     name: "mine".into(),
+    ///     input: [1, 8, 8],
+    ///     nodes: vec![
+    ///         Node::new("conv", conv, &[INPUT]),
+    ///         Node::new("conv_bn", bn.clone(), &["conv"]),
+    ///         Node::new("act", Op::Relu, &["conv_bn"]),
+    ///         Node::new("sum", Op::Add, &["act", "conv_bn"]),
+    ///         // After an add: no convolution to fold into.
+    ///         Node::new("sum_bn", bn, &["sum"]),
+    ///     ],
+    /// };
+    /// assert_eq!(graph.foldable_batch_norms(), [(0, 1)]);
+    /// let deployed = graph.without_batch_norm();
+    /// assert_eq!(deployed.nodes[1].inputs, ["conv"]);
+    /// assert_eq!(deployed.nodes.len(), 4);
+    /// assert_eq!(deployed.validate()?, graph.validate()?);
+    /// # Ok::<(), model_spec::SpecError>(())
+    /// ```
     pub fn without_batch_norm(&self) -> Self {
         let folded: HashMap<&str, &str> = self
             .foldable_batch_norms()
@@ -568,16 +613,13 @@ impl Chain {
     /// Appends `name` computing `op` on `inputs` (the previous node when empty).
     fn push(&mut self, name: impl Into<String>, op: Op, inputs: &[&str]) -> &mut Self {
         let name = name.into();
+        let last = self.last.clone();
         let inputs = if inputs.is_empty() {
-            vec![self.last.clone()]
+            &[last.as_str()][..]
         } else {
-            inputs.iter().map(|s| s.to_string()).collect()
+            inputs
         };
-        self.nodes.push(Node {
-            name: name.clone(),
-            op,
-            inputs,
-        });
+        self.nodes.push(Node::new(&name, op, inputs));
         self.last = name;
         self
     }
@@ -747,6 +789,15 @@ impl GraphSpec {
 
     /// Multiply-accumulates of one sample's forward pass through the convolutions and dense
     /// layers (what their cost is); `None` when the graph does not hold together.
+    ///
+    /// ```
+    /// use model_spec::{GraphSpec, NetworkSpec};
+    ///
+    /// let teacher = GraphSpec::from(&NetworkSpec::teacher_cnn());
+    /// let resnet = GraphSpec::resnet();
+    /// assert!(resnet.multiply_adds() > teacher.multiply_adds());
+    /// assert!(GraphSpec::mobilenet().multiply_adds() < teacher.multiply_adds());
+    /// ```
     pub fn multiply_adds(&self) -> Option<usize> {
         let shapes = self.shapes().ok()?;
         self.nodes
@@ -795,14 +846,6 @@ mod tests {
 
     use super::*;
 
-    fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
-        Node {
-            name: name.into(),
-            op,
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
     fn conv(in_channels: usize, out_channels: usize, groups: usize) -> Op {
         Op::Conv2d {
             in_channels,
@@ -845,12 +888,12 @@ mod tests {
     #[test]
     fn residual_depthwise_and_concatenating_graphs_hold_together() {
         let g = graph(vec![
-            node("stem", conv(4, 8, 1), &[INPUT]),
-            node("depthwise", conv(8, 8, 8), &["stem"]),
-            node("act", Op::Relu6, &["depthwise"]),
-            node("sum", Op::Add, &["act", "stem"]),
-            node("both", Op::Concat, &["sum", "stem", INPUT]),
-            node(
+            Node::new("stem", conv(4, 8, 1), &[INPUT]),
+            Node::new("depthwise", conv(8, 8, 8), &["stem"]),
+            Node::new("act", Op::Relu6, &["depthwise"]),
+            Node::new("sum", Op::Add, &["act", "stem"]),
+            Node::new("both", Op::Concat, &["sum", "stem", INPUT]),
+            Node::new(
                 "pool",
                 Op::MaxPool2d {
                     kernel: [3, 3],
@@ -859,7 +902,7 @@ mod tests {
                 },
                 &["both"],
             ),
-            node(
+            Node::new(
                 "avg",
                 Op::AvgPool2d {
                     kernel: [2, 1],
@@ -867,8 +910,8 @@ mod tests {
                 },
                 &["pool"],
             ),
-            node("gap", Op::GlobalAvgPool, &["avg"]),
-            node(
+            Node::new("gap", Op::GlobalAvgPool, &["avg"]),
+            Node::new(
                 "head",
                 Op::Linear {
                     in_features: 20,
@@ -892,59 +935,59 @@ mod tests {
 
     #[test]
     fn a_graph_that_does_not_hold_together_says_where() {
-        let stem = || node("stem", conv(4, 8, 1), &[INPUT]);
+        let stem = || Node::new("stem", conv(4, 8, 1), &[INPUT]);
         let cases = [
             (
                 graph(vec![
-                    node("a", Op::Relu, &["b"]),
-                    node("b", Op::Relu, &["a"]),
+                    Node::new("a", Op::Relu, &["b"]),
+                    Node::new("b", Op::Relu, &["a"]),
                 ]),
                 "node `a` (relu) of network `g`: takes `b`, which is not an earlier node",
             ),
             (
-                graph(vec![stem(), node("x", Op::Relu, &["missing"])]),
+                graph(vec![stem(), Node::new("x", Op::Relu, &["missing"])]),
                 "takes `missing`, which is not an earlier node",
             ),
             (
-                graph(vec![stem(), node("stem", Op::Relu, &["stem"])]),
+                graph(vec![stem(), Node::new("stem", Op::Relu, &["stem"])]),
                 "node `stem` (relu) of network `g`: the name is used twice",
             ),
             (
-                graph(vec![node(INPUT, Op::Relu, &[INPUT])]),
+                graph(vec![Node::new(INPUT, Op::Relu, &[INPUT])]),
                 "`input` is not a node name",
             ),
             (
-                graph(vec![node("layer1..conv", Op::Relu, &[INPUT])]),
+                graph(vec![Node::new("layer1..conv", Op::Relu, &[INPUT])]),
                 "`layer1..conv` is not a node name",
             ),
             (
-                graph(vec![node(".conv", Op::Relu, &[INPUT])]),
+                graph(vec![Node::new(".conv", Op::Relu, &[INPUT])]),
                 "`.conv` is not a node name",
             ),
             (
-                graph(vec![stem(), node("r", Op::Relu, &[INPUT])]),
+                graph(vec![stem(), Node::new("r", Op::Relu, &[INPUT])]),
                 "node `stem` feeds no later node",
             ),
             (
-                graph(vec![stem(), node("sum", Op::Add, &["stem", INPUT])]),
+                graph(vec![stem(), Node::new("sum", Op::Add, &["stem", INPUT])]),
                 "adds inputs of different shapes: [8, 8, 8] and [4, 8, 8]",
             ),
             (
-                graph(vec![stem(), node("one", Op::Add, &["stem"])]),
+                graph(vec![stem(), Node::new("one", Op::Add, &["stem"])]),
                 "takes two or more inputs, got 1",
             ),
             (
-                graph(vec![stem(), node("two", Op::Relu, &["stem", "stem"])]),
+                graph(vec![stem(), Node::new("two", Op::Relu, &["stem", "stem"])]),
                 "takes 1 input, got 2",
             ),
             (
-                graph(vec![node("grouped", conv(4, 6, 4), &[INPUT])]),
+                graph(vec![Node::new("grouped", conv(4, 6, 4), &[INPUT])]),
                 "4 groups do not divide 4 input and 6 output channels",
             ),
             (
                 graph(vec![
                     stem(),
-                    node(
+                    Node::new(
                         "small",
                         Op::AvgPool2d {
                             kernel: [2, 2],
@@ -952,12 +995,12 @@ mod tests {
                         },
                         &["stem"],
                     ),
-                    node("cat", Op::Concat, &["small", "stem"]),
+                    Node::new("cat", Op::Concat, &["small", "stem"]),
                 ]),
                 "concatenates 4x4 and 8x8 inputs",
             ),
             (
-                graph(vec![node(
+                graph(vec![Node::new(
                     "wide",
                     Op::MaxPool2d {
                         kernel: [2, 2],
@@ -969,7 +1012,7 @@ mod tests {
                 "padding [2, 0] exceeds half the window [2, 2]",
             ),
             (
-                graph(vec![node(
+                graph(vec![Node::new(
                     "huge",
                     Op::Conv2d {
                         in_channels: 4,
@@ -1098,12 +1141,12 @@ mod tests {
             eps: 1e-5,
         };
         let g = graph(vec![
-            node("conv", conv(4, 4, 1), &[INPUT]),
-            node("conv_bn", bn(4), &["conv"]),
-            node("sum", Op::Add, &["conv_bn", "conv"]),
-            node("sum_bn", bn(4), &["sum"]),
-            node("other", conv(4, 4, 1), &["sum_bn"]),
-            node("other_bn", bn(4), &["other"]),
+            Node::new("conv", conv(4, 4, 1), &[INPUT]),
+            Node::new("conv_bn", bn(4), &["conv"]),
+            Node::new("sum", Op::Add, &["conv_bn", "conv"]),
+            Node::new("sum_bn", bn(4), &["sum"]),
+            Node::new("other", conv(4, 4, 1), &["sum_bn"]),
+            Node::new("other_bn", bn(4), &["other"]),
         ]);
         assert_eq!(g.foldable_batch_norms(), [(4, 5)]);
         let deployed = g.without_batch_norm();
@@ -1115,9 +1158,9 @@ mod tests {
     #[test]
     fn graphs_serialise_with_the_op_beside_the_name() {
         let g = graph(vec![
-            node("stem", conv(4, 8, 2), &[INPUT]),
-            node("sum", Op::Add, &["stem", "stem"]),
-            node("gap", Op::GlobalAvgPool, &["sum"]),
+            Node::new("stem", conv(4, 8, 2), &[INPUT]),
+            Node::new("sum", Op::Add, &["stem", "stem"]),
+            Node::new("gap", Op::GlobalAvgPool, &["sum"]),
         ]);
         let json = serde_json::to_string(&g).unwrap();
         assert!(

@@ -350,6 +350,40 @@ fn fold_batch_norm(
 /// `running_mean`, `running_var`). Loaded with [`load_parameters`] into a network of the
 /// deployed graph, they compute what the trained network computes in eval mode.
 ///
+/// ```
+/// use models::export;
+/// use models::{GraphNetwork, GraphSpec, INPUT, Node, Op};
+/// use tch::{nn, Device};
+///
+/// // A graph of one's own: a convolution with batch norm, a residual sum, a head.
+/// let conv = Op::Conv2d {
+///     in_channels: 1, out_channels: 4, kernel: [3, 3], stride: [2, 2], padding: [1, 1], groups: 1,
+/// };
+/// let spec = GraphSpec {
+///     name: "mine".into(),
+///     input: [1, 28, 28],
+///     nodes: vec![
+///         Node::new("conv", conv, &[INPUT]),
+///         Node::new("bn", Op::BatchNorm2d { features: 4, eps: 1e-5 }, &["conv"]),
+///         Node::new("act", Op::Silu, &["bn"]),
+///         Node::new("sum", Op::Add, &["act", "bn"]),
+///         Node::new("gap", Op::GlobalAvgPool, &["sum"]),
+///         Node::new("fc", Op::Linear { in_features: 4, out_features: 10 }, &["gap"]),
+///     ],
+/// };
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let _net = GraphNetwork::new(&vs.root(), &spec)?;
+/// let params = export::graph_parameters(&spec, &vs)?;
+/// let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
+/// // The batch norm is folded into `conv`.
+/// assert_eq!(names, ["conv.weight", "conv.bias", "fc.weight", "fc.bias"]);
+/// // The deployed graph takes them as they are.
+/// let deployed_vs = nn::VarStore::new(Device::Cpu);
+/// let _deployed = GraphNetwork::new(&deployed_vs.root(), &spec.without_batch_norm())?;
+/// export::load_parameters(&deployed_vs, &params)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// [`GraphSpec::without_batch_norm`]: crate::GraphSpec::without_batch_norm
 pub fn graph_parameters(
     spec: &crate::GraphSpec,
@@ -726,11 +760,7 @@ mod tests {
     #[test]
     fn a_graph_deploys_with_its_batch_norms_folded_where_they_fold() {
         use crate::{GraphNetwork, GraphSpec, INPUT, Node, Op};
-        let node = |name: &str, op, inputs: &[&str]| Node {
-            name: name.into(),
-            op,
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        };
+        let node = Node::new;
         let conv = |in_channels, stride| Op::Conv2d {
             in_channels,
             out_channels: 4,

@@ -320,6 +320,22 @@ impl NetworkFakeQuant {
             .collect()
     }
 
+    /// The input and weight of layer `layer` as the forward pass uses them: fake-quantized
+    /// (the input by the layer's quantizer, the weight per channel) when `fake_quant` is on,
+    /// as they are otherwise.
+    pub(crate) fn operands(
+        fake_quant: Option<&Self>,
+        layer: usize,
+        xs: &Tensor,
+        weight: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok(match fake_quant {
+            None => (xs.shallow_clone(), weight.shallow_clone()),
+            Some(fq) => (fq.input(layer, xs, train)?, self::weight(weight)?),
+        })
+    }
+
     /// Fake-quantizes the input of `layer` (unchanged for a layer without a quantizer).
     pub(crate) fn input(&self, layer: usize, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self.inputs.iter().find(|(l, _)| *l == layer) {

@@ -3,8 +3,8 @@ use tch::{Kind, Tensor};
 use tensor_precision::{Conv2dOptions, layers};
 
 use crate::calibrate::Calibrator;
-use crate::fake_quant::{self, ActivationRange, FakeQuantConfig, NetworkFakeQuant};
-use crate::network::{BATCH_NORM_MOMENTUM, Initializer};
+use crate::fake_quant::{ActivationRange, FakeQuantConfig, NetworkFakeQuant};
+use crate::network::{Initializer, batch_norm};
 use crate::{GraphSpec, INPUT, Op, Policy, Result};
 
 /// The tch implementation of a [`GraphSpec`], computing under a precision [`Policy`] as
@@ -198,6 +198,25 @@ impl GraphNetwork {
     /// [`Network::enable_fake_quant`](crate::Network::enable_fake_quant) does for layers: the
     /// weights per channel, each node's input per tensor through its own observer, keyed by
     /// the node's index. Meant for a float32 graph in its deployed form.
+    ///
+    /// ```
+    /// use models::{Calibrator, FakeQuantConfig, GraphNetwork, GraphSpec};
+    /// use tch::{nn, Device, Kind, Tensor};
+    ///
+    /// let deployed = GraphSpec::mobilenet().without_batch_norm();
+    /// let vs = nn::VarStore::new(Device::Cpu);
+    /// let mut net = GraphNetwork::new(&vs.root(), &deployed)?;
+    /// let xs = Tensor::rand([4, 1, 28, 28], (Kind::Float, Device::Cpu));
+    /// // Calibration taps every convolution and dense node's input by name.
+    /// let mut calibrator = Calibrator::new();
+    /// net.calibrate(&xs, &mut calibrator)?;
+    /// assert!(calibrator.observer("blocks.0.dw").is_some());
+    /// // Quantization-aware training observes the same inputs, by node index.
+    /// net.enable_fake_quant(FakeQuantConfig::default())?;
+    /// let _logits = net.f_forward_t(&xs, true)?;
+    /// assert_eq!(net.activation_ranges().len(), 12);
+    /// # Ok::<(), models::Error>(())
+    /// ```
     pub fn enable_fake_quant(&mut self, config: FakeQuantConfig) -> Result<()> {
         let nodes = self
             .spec
@@ -264,11 +283,8 @@ impl GraphNetwork {
         record: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<Tensor> {
         let policy = self.policy;
-        let quantized = |index: usize, xs: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-            Ok(match &self.fake_quant {
-                None => (xs.shallow_clone(), w.shallow_clone()),
-                Some(fq) => (fq.input(index, xs, train)?, fake_quant::weight(w)?),
-            })
+        let quantized = |index: usize, xs: &Tensor, w: &Tensor| {
+            NetworkFakeQuant::operands(self.fake_quant.as_ref(), index, xs, w, train)
         };
         let mut outputs: Vec<Tensor> = Vec::with_capacity(self.nodes.len());
         for (index, (node, sources)) in self.nodes.iter().zip(&self.sources).enumerate() {
@@ -293,19 +309,7 @@ impl GraphNetwork {
                     let (x, w) = quantized(index, x, weight)?;
                     layers::linear(policy, &x, &w, Some(bias))?
                 }
-                // As in `Network`: LibTorch's batch norm takes 16-bit input with float32
-                // parameters and statistics.
-                NodeImpl::BatchNorm2d { bn, eps } => Tensor::f_batch_norm(
-                    x,
-                    bn.ws.as_ref(),
-                    bn.bs.as_ref(),
-                    Some(&bn.running_mean),
-                    Some(&bn.running_var),
-                    train,
-                    BATCH_NORM_MOMENTUM,
-                    *eps,
-                    true,
-                )?,
+                NodeImpl::BatchNorm2d { bn, eps } => batch_norm(bn, *eps, x, train)?,
                 NodeImpl::Stateless(op) => stateless(op, &inputs, train)?,
             };
             outputs.push(out);
@@ -361,14 +365,6 @@ mod tests {
 
     use super::*;
     use crate::{Network, NetworkSpec, Node};
-
-    fn node(name: &str, op: Op, inputs: &[&str]) -> Node {
-        Node {
-            name: name.into(),
-            op,
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-        }
-    }
 
     fn input(shape: [i64; 4], seed: i64) -> Tensor {
         tch::manual_seed(seed);
@@ -472,7 +468,7 @@ mod tests {
             name: "residual".into(),
             input: [4, 6, 6],
             nodes: vec![
-                node(
+                Node::new(
                     "block.conv",
                     Op::Conv2d {
                         in_channels: 4,
@@ -484,11 +480,11 @@ mod tests {
                     },
                     &[INPUT],
                 ),
-                node("block.act", Op::Relu6, &["block.conv"]),
-                node("sum", Op::Add, &["block.act", INPUT]),
-                node("both", Op::Concat, &["sum", INPUT]),
-                node("pool", Op::GlobalAvgPool, &["both"]),
-                node(
+                Node::new("block.act", Op::Relu6, &["block.conv"]),
+                Node::new("sum", Op::Add, &["block.act", INPUT]),
+                Node::new("both", Op::Concat, &["sum", INPUT]),
+                Node::new("pool", Op::GlobalAvgPool, &["both"]),
+                Node::new(
                     "fc",
                     Op::Linear {
                         in_features: 8,
@@ -557,7 +553,7 @@ mod tests {
             let spec = GraphSpec {
                 name: "act".into(),
                 input: [1, 8, 8],
-                nodes: vec![node("act", op.clone(), &[INPUT])],
+                nodes: vec![Node::new("act", op.clone(), &[INPUT])],
             };
             let vs = nn::VarStore::new(Device::Cpu);
             let net = GraphNetwork::new(&vs.root(), &spec).unwrap();

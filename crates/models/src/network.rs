@@ -3,7 +3,7 @@ use tch::{Kind, Tensor};
 use tensor_precision::{Conv2dOptions, layers};
 
 use crate::calibrate::Calibrator;
-use crate::fake_quant::{self, ActivationRange, FakeQuantConfig, NetworkFakeQuant};
+use crate::fake_quant::{ActivationRange, FakeQuantConfig, NetworkFakeQuant};
 use crate::{LayerSpec, NetworkSpec, Policy, Result};
 
 /// The tch implementation of a [`NetworkSpec`], computing under a precision [`Policy`].
@@ -42,7 +42,6 @@ enum Layer {
     BatchNorm2d {
         bn: nn::BatchNorm,
         eps: f64,
-        momentum: f64,
     },
     Relu,
     MaxPool2d {
@@ -117,7 +116,25 @@ impl Initializer {
 }
 
 /// PyTorch's batch-norm momentum (weight of a new batch in the running statistics).
-pub(crate) const BATCH_NORM_MOMENTUM: f64 = 0.1;
+const BATCH_NORM_MOMENTUM: f64 = 0.1;
+
+/// Batch norm of `xs` with `bn`'s variables: batch statistics while training (the running
+/// ones updated with [`BATCH_NORM_MOMENTUM`]), the running ones otherwise. LibTorch's batch
+/// norm takes 16-bit input with float32 parameters and statistics and keeps its arithmetic
+/// in float32 (as autocast does); casting around it would double the activation traffic.
+pub(crate) fn batch_norm(bn: &nn::BatchNorm, eps: f64, xs: &Tensor, train: bool) -> Result<Tensor> {
+    Ok(Tensor::f_batch_norm(
+        xs,
+        bn.ws.as_ref(),
+        bn.bs.as_ref(),
+        Some(&bn.running_mean),
+        Some(&bn.running_var),
+        train,
+        BATCH_NORM_MOMENTUM,
+        eps,
+        true,
+    )?)
+}
 
 fn dim(value: usize) -> i64 {
     i64::try_from(value).expect("layer sizes validated by NetworkSpec fit in i64")
@@ -214,7 +231,6 @@ impl Network {
                     LayerSpec::BatchNorm2d { features, eps } => Layer::BatchNorm2d {
                         bn: init.batch_norm(&path, features, eps),
                         eps,
-                        momentum: BATCH_NORM_MOMENTUM,
                     },
                     LayerSpec::Relu => Layer::Relu,
                     LayerSpec::MaxPool2d { kernel, stride } => Layer::MaxPool2d {
@@ -245,8 +261,8 @@ impl Network {
     }
 
     /// Turns on fake quantization of every `conv2d` and `linear` layer (weights per channel
-    /// through [`fake_quant::weight`], inputs per tensor through one
-    /// [`fake_quant::ActivationFakeQuant`] each), with fresh observers; see
+    /// through [`fake_quant::weight`](crate::fake_quant::weight), inputs per tensor through
+    /// one [`ActivationFakeQuant`](crate::ActivationFakeQuant) each), with fresh observers; see
     /// [`crate::fake_quant`]. Meant for a float32 network in its deployed form (no batch
     /// norm). [`Error::InvalidAveraging`](crate::Error::InvalidAveraging) for an averaging
     /// outside (0, 1].
@@ -372,12 +388,8 @@ impl Network {
         record: &mut dyn FnMut(usize, &Tensor),
     ) -> Result<Tensor> {
         let policy = self.policy;
-        let fq = self.fake_quant.as_ref();
-        let quantized = |index: usize, xs: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
-            Ok(match fq {
-                None => (xs.shallow_clone(), w.shallow_clone()),
-                Some(fq) => (fq.input(index, xs, train)?, fake_quant::weight(w)?),
-            })
+        let quantized = |index: usize, xs: &Tensor, w: &Tensor| {
+            NetworkFakeQuant::operands(self.fake_quant.as_ref(), index, xs, w, train)
         };
         let mut xs = xs.shallow_clone();
         for (index, layer) in self.layers.iter().enumerate() {
@@ -402,20 +414,7 @@ impl Network {
                     let (x, w) = quantized(index, &xs, weight)?;
                     layers::linear(policy, &x, &w, Some(bias))?
                 }
-                // LibTorch's batch norm takes 16-bit input with float32 parameters and
-                // statistics and keeps its arithmetic in float32 (as autocast does); casting
-                // around it would double the activation traffic.
-                Layer::BatchNorm2d { bn, eps, momentum } => Tensor::f_batch_norm(
-                    &xs,
-                    bn.ws.as_ref(),
-                    bn.bs.as_ref(),
-                    Some(&bn.running_mean),
-                    Some(&bn.running_var),
-                    train,
-                    *momentum,
-                    *eps,
-                    true,
-                )?,
+                Layer::BatchNorm2d { bn, eps } => batch_norm(bn, *eps, &xs, train)?,
                 Layer::Relu => xs.f_relu()?,
                 Layer::MaxPool2d { kernel, stride } => {
                     xs.f_max_pool2d([*kernel], [*stride], [0], [1], false)?

@@ -49,6 +49,28 @@ pub enum Storage {
     /// As [`Storage::Palette`], with the codebook stored in IEEE half precision, rounded to
     /// nearest: half the codebook's bytes, at [`Storage::F16`]'s rounding of the centroids.
     /// Fails as `Palette` does, and when a centroid is beyond f16's range (65504).
+    ///
+    /// ```
+    /// use model_spec::{LayerSpec, NetworkSpec};
+    /// use runtime::{Artifact, ArtifactBuilder, Granularity, Storage, WeightValues};
+    ///
+    /// let spec = NetworkSpec {
+    ///     name: "clustered".into(),
+    ///     input: [1, 1, 8],
+    ///     layers: vec![LayerSpec::Flatten, LayerSpec::Linear { in_features: 8, out_features: 2 }],
+    /// };
+    /// // Weights clustered to three values, one of which f16 rounds.
+    /// let weights = [0.1f32, -0.5, 0.1, 0.3, 0.3, 0.1, -0.5, 0.1].repeat(2);
+    /// let mut builder = ArtifactBuilder::new(spec);
+    /// let storage = Storage::PaletteHalf(Granularity::PerTensor);
+    /// builder.add_layer(1, &weights, &[0.25, -1.0], storage)?;
+    /// let artifact = Artifact::from_bytes(&builder.to_bytes()?)?;
+    /// let layer = artifact.layer(1).unwrap();
+    /// let WeightValues::Float(values) = &layer.weight else { panic!("palettes decode to reals") };
+    /// assert_eq!(values[0], half::f16::from_f32(0.1).to_f32());
+    /// assert_eq!(layer.bias_scheme.name(), "f16");
+    /// # Ok::<(), runtime::Error>(())
+    /// ```
     PaletteHalf(Granularity),
 }
 
