@@ -7,6 +7,7 @@
 //! ```
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -20,8 +21,23 @@ const BATCH: usize = 128;
 const LEARNING_RATE: f64 = 3e-3;
 const SEED: u64 = 42;
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    const USAGE: &str = "usage: train_graph resnet|mobilenet EPOCHS [DATA_DIR]";
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("Trains a graph preset on MNIST and prints its test accuracy.\n{USAGE}");
+        return Ok(());
+    }
     let (spec, epochs, data_dir) = match args.as_slice() {
         [preset, epochs, rest @ ..] if rest.len() <= 1 => {
             let spec = match preset.as_str() {
@@ -35,7 +51,7 @@ fn main() -> Result<()> {
             let dir = rest.first().map_or("datasets/mnist", String::as_str);
             (spec, epochs, PathBuf::from(dir))
         }
-        _ => bail!("usage: train_graph resnet|mobilenet EPOCHS [DATA_DIR]"),
+        _ => bail!("{USAGE}"),
     };
     let dataset = Dataset::load(&data_dir)
         .with_context(|| format!("loading MNIST from {}", data_dir.display()))?;
