@@ -253,7 +253,7 @@ fn clustered_rows_share_few_values_and_keep_the_pruned_zeros() {
             // The artifact holds what was clustered: the same few values per tensor.
             let artifact = out.join(palette["artifact"].as_str().unwrap());
             let decoded = runtime::Artifact::load(&artifact).unwrap();
-            for index in 0..decoded.network().layers.len() {
+            for index in 0..decoded.graph().nodes.len() {
                 let Some(layer) = decoded.layer(index) else {
                     continue;
                 };

@@ -119,7 +119,7 @@ fn run(args: &Args) -> Result<()> {
             .collect();
         let report = json!({
             "artifact": args.artifact.display().to_string(),
-            "network": model.network().name,
+            "network": model.graph().name,
             "size_bytes": size_bytes,
             "images": score.images,
             "correct": score.correct,
@@ -140,7 +140,7 @@ fn run(args: &Args) -> Result<()> {
         println!("artifact: {}", args.artifact.display());
         println!(
             "network:  {} ({} bytes, {:.1} KiB)",
-            model.network().name,
+            model.graph().name,
             size_bytes,
             size_bytes as f64 / 1024.0
         );
@@ -169,11 +169,11 @@ fn run(args: &Args) -> Result<()> {
 /// Fails unless the model takes the dataset's images and gives one score per digit class.
 fn check_fit(model: &Model, test: &Split) -> Result<()> {
     let image = [1, test.rows(), test.cols()];
-    if model.network().input != image {
+    if model.input_shape() != image {
         bail!(
             "{} takes inputs of shape {:?}, but the dataset's images are {:?}",
             model.file(),
-            model.network().input,
+            model.input_shape(),
             image
         );
     }
@@ -236,14 +236,15 @@ fn input_normalization(model: &Model) -> (InputNormalization, &'static str) {
     }
 }
 
-/// The layer's kind as the network description names it (`conv2d`, `linear`).
+/// The layer's kind as the network description names it (`conv2d`, `linear`), with the
+/// node's name for a graph.
 fn layer_kind(model: &Model, index: usize) -> String {
-    model
-        .network()
-        .layers
-        .get(index)
-        .map_or("layer", |layer| layer.op())
-        .to_owned()
+    let node = model.graph().nodes.get(index);
+    let op = node.map_or("layer", |n| n.op.name());
+    match (model.network(), node) {
+        (None, Some(n)) => format!("{op} `{}`", n.name),
+        _ => op.to_owned(),
+    }
 }
 
 fn describe(execution: Execution) -> String {

@@ -29,7 +29,7 @@
 //! let net = Network::new(&vs.root(), &NetworkSpec::teacher_cnn())?;
 //! let artifact = export::artifact(&net, &vs, export::WeightFormat::F32)?;
 //! let model = runtime::Model::from_bytes(&artifact.to_bytes()?)?;
-//! assert_eq!(model.network(), &NetworkSpec::teacher_cnn().without_batch_norm());
+//! assert_eq!(model.network(), Some(&NetworkSpec::teacher_cnn().without_batch_norm()));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -451,45 +451,88 @@ pub fn artifact_from_parameters(
     format: WeightFormat,
 ) -> Result<ArtifactBuilder, ExportError> {
     let mut builder = ArtifactBuilder::new(network);
-    for p in params {
-        let is_weight = p.name.ends_with(".weight");
-        match format {
-            WeightFormat::Int8DynamicRange if is_weight => builder.add(
-                &p.name,
-                &p.data,
-                &p.shape,
-                Storage::Int8(Granularity::PerChannel),
-            )?,
-            WeightFormat::Int8Compact if is_weight => builder.add(
-                &p.name,
-                &p.data,
-                &p.shape,
-                Storage::Int8Smallest(Granularity::PerChannel),
-            )?,
-            WeightFormat::Int8PerTensor if is_weight => builder.add(
-                &p.name,
-                &p.data,
-                &p.shape,
-                Storage::Int8(Granularity::PerTensor),
-            )?,
-            WeightFormat::F16 => builder.add(&p.name, &p.data, &p.shape, Storage::F16)?,
-            WeightFormat::Palette if is_weight => builder.add(
-                &p.name,
-                &p.data,
-                &p.shape,
-                Storage::Palette(Granularity::PerTensor),
-            )?,
-            WeightFormat::PaletteHalf if is_weight => builder.add(
-                &p.name,
-                &p.data,
-                &p.shape,
-                Storage::PaletteHalf(Granularity::PerTensor),
-            )?,
-            WeightFormat::PaletteHalf => builder.add(&p.name, &p.data, &p.shape, Storage::F16)?,
-            _ => builder.add(&p.name, &p.data, &p.shape, Storage::F32)?,
-        };
-    }
+    add_parameters(&mut builder, params, format)?;
     Ok(builder)
+}
+
+/// An artifact builder for the graph `net` (built in `vs` at its root) in `format`: its
+/// deployed graph ([`GraphSpec::without_batch_norm`]) and parameters
+/// ([`graph_parameters`]: batch norm folded where the graph allows, kept as its four vectors
+/// where it does not). The artifact is format version 3, which the runtime runs node by
+/// node.
+///
+/// ```
+/// use models::export::{self, WeightFormat};
+/// use models::{GraphNetwork, GraphSpec};
+/// use tch::{nn, Device, Kind, Tensor};
+///
+/// let spec = GraphSpec::mobilenet();
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let net = GraphNetwork::new(&vs.root(), &spec)?;
+/// let bytes = export::graph_artifact(&net, &vs, WeightFormat::F32)?.to_bytes()?;
+/// let model = runtime::Model::from_bytes(&bytes)?;
+/// assert_eq!(model.graph(), &spec.without_batch_norm());
+///
+/// // The runtime computes what LibTorch does in eval mode.
+/// let xs = Tensor::randn([2, 1, 28, 28], (Kind::Float, Device::Cpu));
+/// let expected = Vec::<f32>::try_from(tch::no_grad(|| net.f_forward_t(&xs, false))?.flatten(0, -1))?;
+/// let input = Vec::<f32>::try_from(xs.flatten(0, -1))?;
+/// let input = ndarray::Array4::from_shape_vec((2, 1, 28, 28), input)?;
+/// let logits = model.run(input.view())?;
+/// for (a, b) in logits.iter().zip(&expected) {
+///     assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{a} against {b}");
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// [`GraphSpec::without_batch_norm`]: crate::GraphSpec::without_batch_norm
+pub fn graph_artifact(
+    net: &crate::GraphNetwork,
+    vs: &nn::VarStore,
+    format: WeightFormat,
+) -> Result<ArtifactBuilder, ExportError> {
+    let params = graph_parameters(net.spec(), vs)?;
+    graph_artifact_from_parameters(net.spec().without_batch_norm(), &params, format)
+}
+
+/// An artifact builder for `graph` (a deployed graph) holding `params` (as
+/// [`graph_parameters`] returns them, possibly modified) in `format`: conv2d and linear
+/// weights in the format's scheme, biases and batch-norm vectors as f32 (f16 for the
+/// half-precision formats).
+pub fn graph_artifact_from_parameters(
+    graph: crate::GraphSpec,
+    params: &[DeployedParameter],
+    format: WeightFormat,
+) -> Result<ArtifactBuilder, ExportError> {
+    let mut builder = ArtifactBuilder::for_graph(graph);
+    add_parameters(&mut builder, params, format)?;
+    Ok(builder)
+}
+
+/// Adds `params` to `builder`: weights (`*.weight` of two or more dimensions) in `format`'s
+/// scheme, every vector as f32, or f16 for the half-precision formats.
+fn add_parameters(
+    builder: &mut ArtifactBuilder,
+    params: &[DeployedParameter],
+    format: WeightFormat,
+) -> Result<(), ExportError> {
+    for p in params {
+        let is_weight = p.name.ends_with(".weight") && p.shape.len() > 1;
+        let storage = match format {
+            WeightFormat::Int8DynamicRange if is_weight => Storage::Int8(Granularity::PerChannel),
+            WeightFormat::Int8Compact if is_weight => {
+                Storage::Int8Smallest(Granularity::PerChannel)
+            }
+            WeightFormat::Int8PerTensor if is_weight => Storage::Int8(Granularity::PerTensor),
+            WeightFormat::F16 => Storage::F16,
+            WeightFormat::Palette if is_weight => Storage::Palette(Granularity::PerTensor),
+            WeightFormat::PaletteHalf if is_weight => Storage::PaletteHalf(Granularity::PerTensor),
+            WeightFormat::PaletteHalf => Storage::F16,
+            _ => Storage::F32,
+        };
+        builder.add(&p.name, &p.data, &p.shape, storage)?;
+    }
+    Ok(())
 }
 
 /// Copies `params` into the variables of the same names in `vs` (a network built from the
@@ -600,7 +643,7 @@ mod tests {
         let model = runtime::Model::from_bytes(&bytes).unwrap();
         assert_eq!(
             model.network(),
-            &NetworkSpec::teacher_cnn().without_batch_norm()
+            Some(&NetworkSpec::teacher_cnn().without_batch_norm())
         );
         let xs = Tensor::randn([8, 1, 28, 28], (Kind::Float, Device::Cpu));
         let expected = tch::no_grad(|| net.forward_t(&xs, false));

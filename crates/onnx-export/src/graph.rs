@@ -22,7 +22,9 @@ const BATCH: &str = "batch";
 
 /// The `ModelProto` of `artifact`.
 pub(crate) fn model_proto(artifact: &Artifact) -> Result<ModelProto> {
-    let network = artifact.network();
+    let network = artifact.network().ok_or_else(|| Error::Graph {
+        graph: artifact.graph().name.clone(),
+    })?;
     let mut g = Graph::default();
     let mut current = INPUT.to_owned();
     // The index of the next conv2d/linear layer after each layer, to know whether a static

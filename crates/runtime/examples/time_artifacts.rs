@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    let [c, h, w] = models[0].network().input;
+    let [c, h, w] = models[0].input_shape();
     let input = Array4::from_shape_fn((options.batch, c, h, w), |(n, c, y, x)| {
         let i = ((n * 7 + c) * 31 + y) * 29 + x;
         ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1 << 24) as f32 * 3.0 - 0.5

@@ -6,14 +6,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use half::f16;
-use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
+use model_spec::{GraphSpec, InputNormalization, LayerSpec, NetworkSpec, Op};
 use quantization::QParams;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernels::{ConvGeometry, CsrMatrix, MAX_INT8_K};
+use crate::kernels::{ConvGeometry, CsrMatrix, MAX_INT8_K, Window};
 use crate::palette;
 
 /// Whether an int8 weight has one scale and zero point per output channel (axis 0,
@@ -30,15 +30,20 @@ pub(crate) struct StoredActivation {
 
 /// Value of the `format` metadata entry.
 pub const FORMAT: &str = "tch-mot";
-/// Value of the `format_version` metadata entry this runtime writes.
+/// Value of the `format_version` metadata entry of an artifact describing a sequential
+/// network (`network` entry): such files have not changed since version 2, so readers of
+/// version 2 still read them.
 pub const FORMAT_VERSION: &str = "2";
+/// Value of the `format_version` metadata entry of an artifact describing a graph (`graph`
+/// entry): version 3 is version 2 with a graph in place of the network.
+pub const GRAPH_VERSION: &str = "3";
 /// Every `format_version` this runtime reads: version 1 is version 2 without the `input`
-/// entry.
-pub const READABLE_VERSIONS: [&str; 2] = ["1", "2"];
+/// entry, version 3 adds graphs.
+pub const READABLE_VERSIONS: [&str; 3] = ["1", "2", "3"];
 
 /// Largest hyperparameter (channels, features, kernel, stride, padding, input side) accepted.
 pub const MAX_DIM: usize = 1 << 20;
-/// Largest number of layers accepted.
+/// Largest number of layers (or graph nodes) accepted.
 pub const MAX_LAYERS: usize = 1 << 12;
 /// Largest number of elements of one sample's activation (or im2col matrix) accepted: keeps
 /// a hostile file from making a single-sample run allocate without bound.
@@ -201,13 +206,15 @@ pub(crate) struct LayerParams {
     pub bias_scheme: Scheme,
 }
 
-/// One layer of a validated artifact with everything needed to run it: shapes resolved,
-/// parameters decoded.
+/// One layer (or graph node) of a validated artifact with everything needed to run it:
+/// shapes resolved, parameters decoded.
 #[derive(Clone, Debug)]
 pub(crate) enum Layer {
     Conv2d {
         geometry: ConvGeometry,
         out_channels: usize,
+        /// Channel groups (1: dense; the input channels: depthwise).
+        groups: usize,
         params: LayerParams,
     },
     Linear {
@@ -215,7 +222,15 @@ pub(crate) enum Layer {
         out_features: usize,
         params: LayerParams,
     },
+    /// A batch norm that could not be folded: `y = x * scale[c] + shift[c]`.
+    BatchNorm {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
     Relu,
+    /// Any other elementwise activation.
+    Activation(Activation),
+    /// Max pooling with a square window of equal stride and no padding.
     MaxPool2d {
         channels: usize,
         height: usize,
@@ -223,9 +238,31 @@ pub(crate) enum Layer {
         kernel: usize,
         stride: usize,
     },
+    /// Any other max pooling (`max`), and average pooling.
+    Pool2d {
+        max: bool,
+        window: Window,
+    },
+    GlobalAvgPool {
+        channels: usize,
+        pixels: usize,
+    },
     Flatten,
     /// Identity at inference.
     Dropout,
+    Add,
+    Concat,
+}
+
+/// The elementwise activations besides ReLU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Activation {
+    Relu6,
+    Sigmoid,
+    Tanh,
+    Gelu,
+    Silu,
+    HardSwish,
 }
 
 impl Layer {
@@ -238,13 +275,21 @@ impl Layer {
     }
 }
 
+/// Where a node takes the network's input, in [`Decoded::inputs`].
+pub(crate) const NETWORK_INPUT: usize = usize::MAX;
+
 /// A validated artifact.
 #[derive(Clone, Debug)]
 pub(crate) struct Decoded {
-    pub network: NetworkSpec,
-    /// The per-sample input shape of every layer, then the network's output shape.
+    /// The sequential description, for artifacts that carry one.
+    pub network: Option<NetworkSpec>,
+    /// The graph: the artifact's, or the network as a chain of nodes named by layer index.
+    pub graph: GraphSpec,
+    /// The per-sample output shape of every node.
     pub shapes: Vec<Vec<usize>>,
-    /// Every layer of the network, decoded.
+    /// The nodes each node takes, by index ([`NETWORK_INPUT`] for the network's input).
+    pub inputs: Vec<Vec<usize>>,
+    /// Every node, decoded.
     pub layers: Vec<Layer>,
     /// How raw input becomes the network's input, when the artifact records it.
     pub normalization: Option<InputNormalization>,
@@ -877,6 +922,13 @@ fn int8_groups(
     Ok((scales, zero_points))
 }
 
+/// The description an artifact carries: a sequential network (every version) or a graph
+/// (version 3).
+enum Description {
+    Network(NetworkSpec),
+    Graph(GraphSpec),
+}
+
 /// Parses and validates an artifact. `file` names it in errors.
 pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
     precheck(bytes, file)?;
@@ -904,12 +956,46 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         return Err(Error::UnsupportedVersion {
             file: file.to_owned(),
             found: version.to_owned(),
-            supported: "1 and 2",
+            supported: "1, 2 and 3",
         });
     }
-    let network: NetworkSpec = serde_json::from_str(metadata_entry(&metadata, file, "network")?)
-        .map_err(|e| malformed(file, "network", e.to_string()))?;
-    let shapes = shapes(&network, file)?;
+    let description = match (metadata.get("network"), metadata.get("graph")) {
+        (Some(_), Some(_)) => {
+            return Err(malformed(
+                file,
+                "graph",
+                "an artifact describes a network or a graph, not both",
+            ));
+        }
+        (None, Some(_)) if version != GRAPH_VERSION => {
+            return Err(malformed(
+                file,
+                "graph",
+                format!("version {version} artifacts have no `graph` entry"),
+            ));
+        }
+        (None, Some(json)) => Description::Graph(
+            serde_json::from_str(json).map_err(|e| malformed(file, "graph", e.to_string()))?,
+        ),
+        _ => Description::Network(
+            serde_json::from_str(metadata_entry(&metadata, file, "network")?)
+                .map_err(|e| malformed(file, "network", e.to_string()))?,
+        ),
+    };
+    let (network, graph, shapes) = match description {
+        Description::Network(network) => {
+            // The network's checks (and its refusal of unfolded batch norm), then the same
+            // network as a chain of nodes named by layer index.
+            let mut shapes = shapes(&network, file)?;
+            shapes.remove(0);
+            let graph = GraphSpec::from(&network);
+            (Some(network), graph, shapes)
+        }
+        Description::Graph(graph) => {
+            let shapes = graph_shapes(&graph, file)?;
+            (None, graph, shapes)
+        }
+    };
     let normalization = match metadata.get("input") {
         Some(_) if version == "1" => {
             return Err(malformed(
@@ -921,7 +1007,7 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         Some(json) => {
             let n: InputNormalization =
                 serde_json::from_str(json).map_err(|e| malformed(file, "input", e.to_string()))?;
-            n.check(Some(network.input[0]))
+            n.check(Some(graph.input[0]))
                 .map_err(|e| malformed(file, "input", e.to_string()))?;
             Some(n)
         }
@@ -947,98 +1033,77 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         infos,
         used: BTreeSet::new(),
     };
-    let mut layers = Vec::with_capacity(network.layers.len());
-    for (i, layer) in network.layers.iter().enumerate() {
-        let input = &shapes[i];
-        let mut params = || -> Result<LayerParams> {
-            // Only conv2d and linear layers reach here, and both have a weight shape.
-            let (weight_shape, out) = layer.weight_shape().unwrap_or_default();
-            let (weight_name, bias_name) = (format!("{i}.weight"), format!("{i}.bias"));
-            let scheme_of = |schemes: &mut BTreeMap<String, Scheme>, name: &str| {
-                schemes
-                    .remove(name)
-                    .ok_or_else(|| malformed(file, "tensors", format!("no scheme for `{name}`")))
-            };
-            let weight_scheme = scheme_of(&mut schemes, &weight_name)?;
-            let weight = decode_weight(&mut reader, &weight_name, &weight_scheme, &weight_shape)?;
-            let bias_scheme = scheme_of(&mut schemes, &bias_name)?;
-            let bias = match &bias_scheme {
-                Scheme::F32 => reader.f32s(&bias_name, &[out])?,
-                Scheme::F16 => reader.f16s(&bias_name, &[out])?,
-                other => {
-                    return Err(Error::Unsupported {
-                        file: file.to_owned(),
-                        reason: format!(
-                            "bias `{bias_name}` uses scheme {}, biases must be f32 or f16",
-                            other.name()
-                        ),
-                    });
-                }
-            };
-            let input_quant = activations.remove(&i.to_string());
-            let palette = matches!(
-                weight_scheme,
-                Scheme::Palette { .. } | Scheme::PaletteSparse { .. }
-            );
-            let weight = match weight {
-                // A palette layer that runs full-integer: its values on the per-channel
-                // symmetric int8 grid, the `int8` scheme's rule.
-                Weight::Dense(_) | Weight::Csr(_) if palette && input_quant.is_some() => {
-                    palette_codes(file, &weight_name, weight, out)?
-                }
-                other => other,
-            };
-            if let Some(q) = input_quant {
-                if !matches!(weight, Weight::Int8 { .. }) {
-                    return Err(malformed(
-                        file,
-                        "activations",
-                        format!("layer {i} has input quantization but its weight is not int8"),
-                    ));
-                }
-                if !q.is_valid() {
-                    return Err(malformed(
-                        file,
-                        "activations",
-                        format!(
-                            "layer {i}: scale {} / zero point {} are not a positive finite scale and a u8 code",
-                            q.scale, q.zero_point
-                        ),
-                    ));
-                }
-            }
-            Ok(LayerParams {
-                weight,
-                bias,
-                input_quant,
-                weight_scheme,
-                bias_scheme,
-            })
+    let sequential = network.is_some();
+    let index: HashMap<&str, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let mut layers = Vec::with_capacity(graph.nodes.len());
+    let mut inputs = Vec::with_capacity(graph.nodes.len());
+    for (i, node) in graph.nodes.iter().enumerate() {
+        // Shape inference accepted the graph: every input is the network's or an earlier
+        // node's.
+        let sources: Vec<usize> = node
+            .inputs
+            .iter()
+            .map(|name| index.get(name.as_str()).copied().unwrap_or(NETWORK_INPUT))
+            .collect();
+        let input: &[usize] = match sources.first() {
+            Some(&j) if j != NETWORK_INPUT => &shapes[j],
+            _ => &graph.input,
         };
-        let decoded = match (layer, input.as_slice()) {
+        let place = if sequential {
+            format!("layer {i}")
+        } else {
+            format!("node `{}`", node.name)
+        };
+        let mut parts = NodeParts {
+            reader: &mut reader,
+            schemes: &mut schemes,
+            activations: &mut activations,
+            file,
+        };
+        let layer = match (&node.op, input) {
             (
-                &LayerSpec::Conv2d {
+                op @ &Op::Conv2d {
                     in_channels,
                     out_channels,
                     kernel,
                     stride,
                     padding,
+                    groups,
                 },
                 &[_, height, width],
-            ) => Layer::Conv2d {
-                geometry: ConvGeometry {
-                    channels: in_channels,
-                    height,
-                    width,
-                    kernel,
-                    stride,
-                    padding,
-                },
-                out_channels,
-                params: params()?,
-            },
+            ) => {
+                let square = |v: [usize; 2]| (v[0] == v[1]).then_some(v[0]);
+                let (Some(kernel), Some(stride), Some(padding)) =
+                    (square(kernel), square(stride), square(padding))
+                else {
+                    return Err(Error::Unsupported {
+                        file: file.to_owned(),
+                        reason: format!(
+                            "{place} (conv2d): the runtime runs square kernels with equal strides and paddings, got kernel {kernel:?}, stride {stride:?}, padding {padding:?}"
+                        ),
+                    });
+                };
+                Layer::Conv2d {
+                    geometry: ConvGeometry {
+                        channels: in_channels,
+                        height,
+                        width,
+                        kernel,
+                        stride,
+                        padding,
+                    },
+                    out_channels,
+                    groups,
+                    params: parts.layer(&node.name, &place, op)?,
+                }
+            }
             (
-                &LayerSpec::Linear {
+                op @ &Op::Linear {
                     in_features,
                     out_features,
                 },
@@ -1046,34 +1111,81 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
             ) => Layer::Linear {
                 in_features,
                 out_features,
-                params: params()?,
+                params: parts.layer(&node.name, &place, op)?,
             },
-            (&LayerSpec::MaxPool2d { kernel, stride }, &[channels, height, width]) => {
-                Layer::MaxPool2d {
+            (&Op::BatchNorm2d { features, eps }, _) => {
+                parts.batch_norm(&node.name, &place, features, eps)?
+            }
+            (
+                &Op::MaxPool2d {
+                    kernel: [kh, kw],
+                    stride: [sh, sw],
+                    padding: [0, 0],
+                },
+                &[channels, height, width],
+            ) if kh == kw && sh == sw => Layer::MaxPool2d {
+                channels,
+                height,
+                width,
+                kernel: kh,
+                stride: sh,
+            },
+            (
+                &Op::MaxPool2d {
+                    kernel,
+                    stride,
+                    padding,
+                },
+                &[channels, height, width],
+            ) => Layer::Pool2d {
+                max: true,
+                window: Window {
                     channels,
                     height,
                     width,
                     kernel,
                     stride,
-                }
-            }
-            (LayerSpec::Relu, _) => Layer::Relu,
-            (LayerSpec::Flatten, _) => Layer::Flatten,
-            (LayerSpec::Dropout { .. }, _) => Layer::Dropout,
-            // Shape inference accepted the network, so convolutions and poolings got (C, H,
-            // W) and batch norm was refused; anything else is an inconsistency of the spec.
-            (other, _) => {
+                    padding,
+                },
+            },
+            (&Op::AvgPool2d { kernel, stride }, &[channels, height, width]) => Layer::Pool2d {
+                max: false,
+                window: Window {
+                    channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                    padding: [0, 0],
+                },
+            },
+            (&Op::GlobalAvgPool, &[channels, height, width]) => Layer::GlobalAvgPool {
+                channels,
+                pixels: height * width,
+            },
+            (Op::Relu, _) => Layer::Relu,
+            (Op::Relu6, _) => Layer::Activation(Activation::Relu6),
+            (Op::Sigmoid, _) => Layer::Activation(Activation::Sigmoid),
+            (Op::Tanh, _) => Layer::Activation(Activation::Tanh),
+            (Op::Gelu, _) => Layer::Activation(Activation::Gelu),
+            (Op::Silu, _) => Layer::Activation(Activation::Silu),
+            (Op::HardSwish, _) => Layer::Activation(Activation::HardSwish),
+            (Op::Flatten, _) => Layer::Flatten,
+            (Op::Dropout { .. }, _) => Layer::Dropout,
+            (Op::Add, _) => Layer::Add,
+            (Op::Concat, _) => Layer::Concat,
+            // Shape inference accepted the graph, so convolutions and poolings got (C, H, W);
+            // anything else is an inconsistency of the spec.
+            (op, _) => {
                 return Err(malformed(
                     file,
-                    "network",
-                    format!(
-                        "layer {i} ({}) does not fit its input {input:?}",
-                        other.op()
-                    ),
+                    if sequential { "network" } else { "graph" },
+                    format!("{place} ({}) does not fit its input {input:?}", op.name()),
                 ));
             }
         };
-        layers.push(decoded);
+        layers.push(layer);
+        inputs.push(sources);
     }
     if let Some(name) = schemes.keys().next() {
         return Err(malformed(
@@ -1099,8 +1211,230 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
     }
     Ok(Decoded {
         network,
+        graph,
         shapes,
+        inputs,
         layers,
         normalization,
     })
+}
+
+/// What decoding one node's parameters reads from: the tensors, and the scheme and
+/// activation entries not yet claimed by a node.
+struct NodeParts<'r, 'a> {
+    reader: &'r mut Reader<'a>,
+    schemes: &'r mut BTreeMap<String, Scheme>,
+    activations: &'r mut BTreeMap<String, QParams>,
+    file: &'r str,
+}
+
+impl NodeParts<'_, '_> {
+    fn scheme(&mut self, name: &str) -> Result<Scheme> {
+        self.schemes
+            .remove(name)
+            .ok_or_else(|| malformed(self.file, "tensors", format!("no scheme for `{name}`")))
+    }
+
+    /// A bias-like vector of `len` values, stored f32 or f16.
+    fn vector(&mut self, name: &str, len: usize) -> Result<(Vec<f32>, Scheme)> {
+        let scheme = self.scheme(name)?;
+        let values = match &scheme {
+            Scheme::F32 => self.reader.f32s(name, &[len])?,
+            Scheme::F16 => self.reader.f16s(name, &[len])?,
+            other => {
+                return Err(Error::Unsupported {
+                    file: self.file.to_owned(),
+                    reason: format!(
+                        "`{name}` uses scheme {}: biases must be f32 or f16, as must batch-norm vectors",
+                        other.name()
+                    ),
+                });
+            }
+        };
+        Ok((values, scheme))
+    }
+
+    /// The weight, bias and input quantization of the conv2d or linear node `prefix`.
+    fn layer(&mut self, prefix: &str, place: &str, op: &Op) -> Result<LayerParams> {
+        let file = self.file;
+        // Only conv2d and linear nodes reach here, and both have a weight shape.
+        let (weight_shape, out) = op.weight_shape().unwrap_or_default();
+        let (weight_name, bias_name) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        let weight_scheme = self.scheme(&weight_name)?;
+        let weight = decode_weight(self.reader, &weight_name, &weight_scheme, &weight_shape)?;
+        let (bias, bias_scheme) = self.vector(&bias_name, out)?;
+        let input_quant = self.activations.remove(prefix);
+        let palette = matches!(
+            weight_scheme,
+            Scheme::Palette { .. } | Scheme::PaletteSparse { .. }
+        );
+        let weight = match weight {
+            // A palette layer that runs full-integer: its values on the per-channel
+            // symmetric int8 grid, the `int8` scheme's rule.
+            Weight::Dense(_) | Weight::Csr(_) if palette && input_quant.is_some() => {
+                palette_codes(file, &weight_name, weight, out)?
+            }
+            other => other,
+        };
+        if let Some(q) = input_quant {
+            if !matches!(weight, Weight::Int8 { .. }) {
+                return Err(malformed(
+                    file,
+                    "activations",
+                    format!("{place} has input quantization but its weight is not int8"),
+                ));
+            }
+            if !q.is_valid() {
+                return Err(malformed(
+                    file,
+                    "activations",
+                    format!(
+                        "{place}: scale {} / zero point {} are not a positive finite scale and a u8 code",
+                        q.scale, q.zero_point
+                    ),
+                ));
+            }
+        }
+        Ok(LayerParams {
+            weight,
+            bias,
+            input_quant,
+            weight_scheme,
+            bias_scheme,
+        })
+    }
+
+    /// A batch norm kept in a graph: its four vectors (PyTorch's names) as the scale and
+    /// shift it applies at inference.
+    fn batch_norm(
+        &mut self,
+        prefix: &str,
+        place: &str,
+        features: usize,
+        eps: f64,
+    ) -> Result<Layer> {
+        let mut read = |part: &str| {
+            self.vector(&format!("{prefix}.{part}"), features)
+                .map(|(v, _)| v)
+        };
+        let (gamma, beta) = (read("weight")?, read("bias")?);
+        let (mean, var) = (read("running_mean")?, read("running_var")?);
+        let mut scale = Vec::with_capacity(features);
+        let mut shift = Vec::with_capacity(features);
+        for c in 0..features {
+            let s = f64::from(gamma[c]) / (f64::from(var[c]) + eps).sqrt();
+            let t = f64::from(beta[c]) - f64::from(mean[c]) * s;
+            if !(s.is_finite() && t.is_finite() && var[c] >= 0.0) {
+                return Err(self.reader.invalid(
+                    &format!("{prefix}.running_var"),
+                    format!(
+                        "{place} (batch_norm2d): channel {c} gives scale {s} and shift {t} (variance {})",
+                        var[c]
+                    ),
+                ));
+            }
+            scale.push(s as f32);
+            shift.push(t as f32);
+        }
+        Ok(Layer::BatchNorm { scale, shift })
+    }
+}
+
+/// The limits of a graph artifact (nodes, hyperparameters, activation and im2col sizes)
+/// around the spec's checked shape inference; returns every node's output shape.
+fn graph_shapes(graph: &GraphSpec, file: &str) -> Result<Vec<Vec<usize>>> {
+    let too_big = |what: String| malformed(file, "graph", what);
+    if graph.nodes.len() > MAX_LAYERS {
+        return Err(too_big(format!(
+            "{} nodes exceed the limit of {MAX_LAYERS}",
+            graph.nodes.len()
+        )));
+    }
+    if let Some(&d) = graph.input.iter().find(|&&d| d > MAX_DIM) {
+        return Err(too_big(format!(
+            "the input has a dimension of {d}, above the limit of {MAX_DIM}"
+        )));
+    }
+    for node in &graph.nodes {
+        let dims: Vec<usize> = match node.op {
+            Op::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                groups,
+            } => [in_channels, out_channels, groups]
+                .into_iter()
+                .chain(kernel)
+                .chain(stride)
+                .chain(padding)
+                .collect(),
+            Op::Linear {
+                in_features,
+                out_features,
+            } => vec![in_features, out_features],
+            Op::BatchNorm2d { features, .. } => vec![features],
+            Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+            } => kernel.into_iter().chain(stride).chain(padding).collect(),
+            Op::AvgPool2d { kernel, stride } => kernel.into_iter().chain(stride).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(d) = dims.into_iter().find(|&d| d > MAX_DIM) {
+            return Err(too_big(format!(
+                "node `{}` has a dimension of {d}, above the limit of {MAX_DIM}",
+                node.name
+            )));
+        }
+    }
+    let elements = |shape: &[usize]| shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if elements(&graph.input).is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
+        return Err(too_big(format!(
+            "the input {:?} exceeds {MAX_ACTIVATION_ELEMENTS} elements",
+            graph.input
+        )));
+    }
+    let shapes = graph.shapes().map_err(|source| Error::InvalidNetwork {
+        file: file.to_owned(),
+        source,
+    })?;
+    for (node, output) in graph.nodes.iter().zip(&shapes) {
+        if elements(output).is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
+            return Err(Error::Unsupported {
+                file: file.to_owned(),
+                reason: format!(
+                    "node `{}` ({}) outputs {output:?}, above {MAX_ACTIVATION_ELEMENTS} elements per sample",
+                    node.name,
+                    node.op.name()
+                ),
+            });
+        }
+        if let (
+            Op::Conv2d {
+                in_channels,
+                kernel,
+                groups,
+                ..
+            },
+            [_, oh, ow],
+        ) = (&node.op, output.as_slice())
+        {
+            let patches = [*oh, *ow, in_channels / groups.max(&1), kernel[0], kernel[1]]
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d));
+            if patches.is_none_or(|p| p > MAX_ACTIVATION_ELEMENTS) {
+                return Err(Error::Unsupported {
+                    file: file.to_owned(),
+                    reason: format!(
+                        "node `{}` (conv2d) needs an im2col matrix above {MAX_ACTIVATION_ELEMENTS} elements",
+                        node.name
+                    ),
+                });
+            }
+        }
+    }
+    Ok(shapes)
 }

@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use half::f16;
-use model_spec::{InputNormalization, NetworkSpec};
+use model_spec::{GraphSpec, InputNormalization, NetworkSpec, Op};
 use safetensors::{Dtype, View};
 use serde::Serialize;
 
 use quantization::{BitWidth, QParams, quantize_weights};
 
 use crate::artifact::{
-    FORMAT, FORMAT_VERSION, Granularity, MAX_SPARSE_ELEMENTS, PositionCode, Scheme,
+    FORMAT, FORMAT_VERSION, GRAPH_VERSION, Granularity, MAX_SPARSE_ELEMENTS, PositionCode, Scheme,
     StoredActivation,
 };
 use crate::error::{Error, Result};
@@ -215,6 +215,7 @@ pub fn bias_name(layer: usize) -> String {
 #[derive(Clone, Debug, Default)]
 pub struct ArtifactBuilder {
     network: Option<NetworkSpec>,
+    graph: Option<GraphSpec>,
     tensors: BTreeMap<String, RawTensor>,
     schemes: BTreeMap<String, Scheme>,
     activations: BTreeMap<usize, QParams>,
@@ -253,10 +254,78 @@ impl ArtifactBuilder {
         }
     }
 
-    /// Sets (or replaces) the network description.
+    /// An empty artifact for the graph `graph` (format version 3): its parameters are named
+    /// after its nodes (`"<node>.weight"`), and [`ArtifactBuilder::add_layer`] and
+    /// [`ArtifactBuilder::set_input_quantization`] take node indices.
+    pub fn for_graph(graph: GraphSpec) -> Self {
+        Self {
+            graph: Some(graph),
+            ..Self::default()
+        }
+    }
+
+    /// Sets (or replaces) the network description (and drops a graph description).
     pub fn set_network(&mut self, network: NetworkSpec) -> &mut Self {
         self.network = Some(network);
+        self.graph = None;
         self
+    }
+
+    /// The name prefix of node (or layer) `index`'s parameters and the operation there.
+    fn node(&self, index: usize) -> Result<(String, Op)> {
+        match (&self.graph, &self.network) {
+            (Some(graph), _) => graph
+                .nodes
+                .get(index)
+                .map(|n| (n.name.clone(), n.op.clone()))
+                .ok_or_else(|| {
+                    builder_error(format!(
+                        "node {index} does not exist: the graph has {} nodes",
+                        graph.nodes.len()
+                    ))
+                }),
+            (None, Some(network)) => network
+                .layers
+                .get(index)
+                .map(|l| (index.to_string(), Op::from(l)))
+                .ok_or_else(|| {
+                    builder_error(format!(
+                        "layer {index} does not exist: the network has {} layers",
+                        network.layers.len()
+                    ))
+                }),
+            (None, None) => Err(builder_error("no network description was set")),
+        }
+    }
+
+    /// Adds the four vectors of batch-norm node `node` of a graph, one that deployment could
+    /// not fold into a convolution (`"<node>.weight"`, `.bias`, `.running_mean`,
+    /// `.running_var`, PyTorch's names; stored as f32). Fails for other nodes and lengths.
+    pub fn add_batch_norm(
+        &mut self,
+        node: usize,
+        weight: &[f32],
+        bias: &[f32],
+        running_mean: &[f32],
+        running_var: &[f32],
+    ) -> Result<&mut Self> {
+        let (name, op) = self.node(node)?;
+        let Op::BatchNorm2d { features, .. } = op else {
+            return Err(builder_error(format!(
+                "node {node} ({}) is not a batch norm",
+                op.name()
+            )));
+        };
+        let parts = [
+            ("weight", weight),
+            ("bias", bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ];
+        for (part, values) in parts {
+            self.add(&format!("{name}.{part}"), values, &[features], Storage::F32)?;
+        }
+        Ok(self)
     }
 
     /// Adds the weight and bias of layer `layer` (a conv2d or linear layer of the network):
@@ -271,28 +340,24 @@ impl ArtifactBuilder {
         bias: &[f32],
         storage: Storage,
     ) -> Result<&mut Self> {
-        let network = self
-            .network
-            .as_ref()
-            .ok_or_else(|| builder_error("no network description was set"))?;
-        let spec = network.layers.get(layer).ok_or_else(|| {
+        let (name, op) = self.node(layer)?;
+        let (shape, out) = op.weight_shape().ok_or_else(|| {
+            let what = if self.graph.is_some() {
+                "node"
+            } else {
+                "layer"
+            };
             builder_error(format!(
-                "layer {layer} does not exist: the network has {} layers",
-                network.layers.len()
-            ))
-        })?;
-        let (shape, out) = spec.weight_shape().ok_or_else(|| {
-            builder_error(format!(
-                "layer {layer} ({}) has no weight: only conv2d and linear layers do",
-                spec.op()
+                "{what} {layer} ({}) has no weight: only conv2d and linear {what}s do",
+                op.name()
             ))
         })?;
         let bias_storage = match storage {
             Storage::F16 | Storage::PaletteHalf(_) => Storage::F16,
             _ => Storage::F32,
         };
-        self.add(&weight_name(layer), weight, &shape, storage)?;
-        self.add(&bias_name(layer), bias, &[out], bias_storage)
+        self.add(&format!("{name}.weight"), weight, &shape, storage)?;
+        self.add(&format!("{name}.bias"), bias, &[out], bias_storage)
     }
 
     /// Adds parameter `name` of shape `shape` from its real values, stored in `storage`.
@@ -608,14 +673,19 @@ impl ArtifactBuilder {
 
     /// The artifact as bytes.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let network = self
-            .network
-            .as_ref()
-            .ok_or_else(|| builder_error("no network description was set"))?;
         let mut metadata = HashMap::new();
         metadata.insert("format".to_owned(), FORMAT.to_owned());
-        metadata.insert("format_version".to_owned(), FORMAT_VERSION.to_owned());
-        metadata.insert("network".to_owned(), to_json(network)?);
+        match (&self.graph, &self.network) {
+            (Some(graph), _) => {
+                metadata.insert("format_version".to_owned(), GRAPH_VERSION.to_owned());
+                metadata.insert("graph".to_owned(), to_json(graph)?);
+            }
+            (None, Some(network)) => {
+                metadata.insert("format_version".to_owned(), FORMAT_VERSION.to_owned());
+                metadata.insert("network".to_owned(), to_json(network)?);
+            }
+            (None, None) => return Err(builder_error("no network description was set")),
+        }
         metadata.insert("tensors".to_owned(), to_json(&self.schemes)?);
         if !self.activations.is_empty() {
             let activations = self
@@ -633,7 +703,11 @@ impl ArtifactBuilder {
                         scale: q.scale,
                         zero_point: q.zero_point,
                     };
-                    Ok((layer.to_string(), stored))
+                    let name = match &self.graph {
+                        Some(_) => self.node(*layer)?.0,
+                        None => layer.to_string(),
+                    };
+                    Ok((name, stored))
                 })
                 .collect::<Result<BTreeMap<String, StoredActivation>>>()?;
             metadata.insert("activations".to_owned(), to_json(&activations)?);

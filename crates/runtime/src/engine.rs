@@ -4,12 +4,14 @@ use std::cell::Cell;
 use std::path::Path;
 use std::sync::Mutex;
 
-use model_spec::{InputNormalization, NetworkSpec};
+use model_spec::{GraphSpec, InputNormalization, NetworkSpec};
 use ndarray::{Array2, ArrayView, Dimension};
 use quantization::QParams;
 use rayon::prelude::*;
 
 use crate::artifact::{Decoded, Layer, LayerParams, Scheme, Weight, decode};
+
+mod graph;
 use crate::error::{Error, Result};
 use crate::kernels::{
     self, ConvGeometry, CsrMatrix, PackedF32, PackedI8, Patches, SparseConv, U8Matrix,
@@ -19,6 +21,7 @@ use crate::kernels::{
 };
 use crate::quant::U8Codes;
 use crate::team::Team;
+use graph::GraphPlan;
 
 /// How one conv2d or linear layer executes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +54,26 @@ struct StaticQuant {
     /// Requantization to the next static layer's input: its parameters and the per-channel
     /// multipliers `s_in * s_w[j] / s_out`.
     output: Option<(QParams, Vec<f32>)>,
+}
+
+impl StaticQuant {
+    /// The full-integer execution of a layer with input quantization `input`, weight scales
+    /// `scales` and bias `bias`, whose output is requantized to `next_input` when the next
+    /// layer takes u8 codes.
+    fn new(input: QParams, scales: &[f32], bias: &[f32], next_input: Option<QParams>) -> Self {
+        let acc_scale: Vec<f32> = scales.iter().map(|&s| input.scale * s).collect();
+        let bias = bias
+            .iter()
+            .zip(&acc_scale)
+            .map(|(&b, &s)| (b / s).round_ties_even() as i32)
+            .collect();
+        let output = next_input.map(|o| (o, acc_scale.iter().map(|&s| s / o.scale).collect()));
+        Self {
+            input,
+            bias,
+            output,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -90,6 +113,21 @@ struct Compute {
     pixels: Vec<u32>,
     /// Where each pixel's window starts in its image ([`kernels::patch_windows`]).
     windows: Vec<u32>,
+}
+
+impl Compute {
+    /// How the layer executes.
+    fn execution(&self) -> Execution {
+        match &self.kernel {
+            Kernel::Dense(_) => Execution::F32,
+            Kernel::Csr(m) => Execution::Csr { nnz: m.nnz() },
+            Kernel::CsrConv(m) => Execution::Csr { nnz: m.nnz() },
+            Kernel::Int8 { stat: None, .. } => Execution::Int8Dynamic,
+            Kernel::Int8 { stat: Some(s), .. } => Execution::Int8Static {
+                u8_output: s.output.is_some(),
+            },
+        }
+    }
 }
 
 /// The engine's operations. Images travel NHWC (`height x width x channels` per sample), the
@@ -241,14 +279,27 @@ thread_local! {
 #[derive(Clone, Debug)]
 pub struct Model {
     file: String,
-    network: NetworkSpec,
-    /// Per-sample input shape of every layer, then the output shape.
+    /// The sequential description, for artifacts that carry one.
+    network: Option<NetworkSpec>,
+    /// The graph (a sequential network as a chain of nodes named by layer index).
+    graph: GraphSpec,
+    /// Per-sample output shape of every node.
     shapes: Vec<Vec<usize>>,
-    ops: Vec<Op>,
-    /// How the convolutional front of the network runs image by image (see [`Front`]).
-    front: Front,
+    plan: Plan,
     /// How raw input becomes the network's input, when the artifact records it.
     normalization: Option<InputNormalization>,
+}
+
+/// How a model runs: a sequential network as one list of operations (with its fusions and
+/// its convolutional front run a few images at a time), anything else node by node.
+#[derive(Clone, Debug)]
+enum Plan {
+    Chain {
+        ops: Vec<Op>,
+        /// How the convolutional front of the network runs image by image (see [`Front`]).
+        front: Front,
+    },
+    Graph(GraphPlan),
 }
 
 /// The convolutional front of a network: the operations before its first linear layer
@@ -376,142 +427,41 @@ impl Model {
     fn compile(decoded: Decoded, file: &str) -> Self {
         let Decoded {
             network,
+            graph,
             shapes,
+            inputs,
             layers,
             normalization,
         } = decoded;
-        // The input quantization of every conv2d and linear layer (`Some(None)` when it has
-        // none), to find each layer's successor's.
-        let static_inputs: Vec<Option<Option<QParams>>> = layers
-            .iter()
-            .map(|l| l.params().map(|p| p.input_quant))
-            .collect();
-        let image_layout = |shape: &[usize]| match *shape {
-            [c, h, w] => Layout::image(c, h * w),
-            _ => Layout::Torch,
+        let plan = if network.is_some() && layers.iter().all(chain_layer) {
+            let (ops, front) = compile_chain(layers, &shapes, graph.input);
+            Plan::Chain { ops, front }
+        } else {
+            Plan::Graph(GraphPlan::compile(&graph, &shapes, &inputs, layers))
         };
-        let mut layout = Layout::Torch;
-        let mut ops: Vec<Op> = Vec::with_capacity(layers.len() + 2);
-        for (i, layer) in layers.into_iter().enumerate() {
-            match layer {
-                Layer::Relu => match ops.last_mut() {
-                    Some(Op::Compute(c)) if !c.relu => c.relu = true,
-                    _ => ops.push(Op::Relu),
-                },
-                Layer::MaxPool2d {
-                    channels,
-                    height,
-                    width,
-                    kernel,
-                    stride,
-                } => {
-                    // A pooling of equal stride right after a convolution with a dense or
-                    // int8 product is fused into it.
-                    if let Some(Op::Compute(c)) = ops.last_mut()
-                        && c.conv.is_some()
-                        && c.pool == 1
-                        && kernel == stride
-                        && kernel > 1
-                        && matches!(c.kernel, Kernel::Dense(_) | Kernel::Int8 { .. })
-                    {
-                        c.pool = kernel;
-                        layout = image_layout(&shapes[i + 1]);
-                        continue;
-                    }
-                    let planar = layout == Layout::Torch;
-                    ops.push(if planar {
-                        Op::MaxPoolPlanar {
-                            channels,
-                            height,
-                            width,
-                            kernel,
-                            stride,
-                        }
-                    } else {
-                        Op::MaxPool {
-                            channels,
-                            height,
-                            width,
-                            kernel,
-                            stride,
-                        }
-                    });
-                    if !planar {
-                        layout = image_layout(&shapes[i + 1]);
-                    }
-                }
-                Layer::Flatten => {
-                    if let Layout::Hwc { channels, pixels } = layout {
-                        layout = Layout::FlatHwc { channels, pixels };
-                    }
-                }
-                Layer::Dropout => {}
-                Layer::Conv2d {
-                    geometry,
-                    out_channels,
-                    params,
-                } => {
-                    if layout == Layout::Torch
-                        && Layout::image(geometry.channels, geometry.height * geometry.width)
-                            != Layout::Torch
-                    {
-                        ops.push(Op::Transpose {
-                            rows: geometry.channels,
-                            cols: geometry.height * geometry.width,
-                        });
-                    }
-                    let next_input = next_static_input(&static_inputs, i);
-                    let shape = (Some(geometry), out_channels, geometry.patch_len());
-                    let compute = compile_layer(i, shape, params, next_input, None);
-                    ops.push(Op::Compute(Box::new(compute)));
-                    layout = image_layout(&shapes[i + 1]);
-                }
-                Layer::Linear {
-                    in_features,
-                    out_features,
-                    params,
-                } => {
-                    let flat_from = match layout {
-                        Layout::FlatHwc { channels, pixels } => Some((channels, pixels)),
-                        _ => None,
-                    };
-                    let next_input = next_static_input(&static_inputs, i);
-                    let shape = (None, out_features, in_features);
-                    let compute = compile_layer(i, shape, params, next_input, flat_from);
-                    ops.push(Op::Compute(Box::new(compute)));
-                    layout = Layout::Torch;
-                }
-            }
-        }
-        // The output goes back to PyTorch's order.
-        if let Layout::Hwc { channels, pixels } | Layout::FlatHwc { channels, pixels } = layout {
-            ops.push(Op::Transpose {
-                rows: pixels,
-                cols: channels,
-            });
-        }
-        for op in &mut ops {
-            if let Op::Compute(c) = op
-                && let Some(g) = c.conv
-            {
-                c.pixels = kernels::patch_pixels(&g, c.pool);
-                c.windows = kernels::patch_windows(&g, &c.pixels);
-            }
-        }
-        let front = Front::plan(&ops, &network.input);
         Self {
             file: file.to_owned(),
             network,
+            graph,
             shapes,
-            ops,
-            front,
+            plan,
             normalization,
         }
     }
+    /// The sequential network description, for an artifact that carries one (`None` for a
+    /// graph artifact).
+    pub fn network(&self) -> Option<&NetworkSpec> {
+        self.network.as_ref()
+    }
 
-    /// The network description.
-    pub fn network(&self) -> &NetworkSpec {
-        &self.network
+    /// The graph: the artifact's, or its network as a chain of nodes named by layer index.
+    pub fn graph(&self) -> &GraphSpec {
+        &self.graph
+    }
+
+    /// The per-sample input shape `(channels, height, width)`.
+    pub fn input_shape(&self) -> [usize; 3] {
+        self.graph.input
     }
 
     /// How raw input becomes this network's input, when the artifact records it (format
@@ -530,37 +480,33 @@ impl Model {
         self.shapes.last().map_or(&[], Vec::as_slice)
     }
 
-    /// How each conv2d and linear layer executes, with its index in the network.
+    /// How each conv2d and linear layer (graph node) executes, with its index in the
+    /// network.
     pub fn execution(&self) -> Vec<(usize, Execution)> {
-        self.ops
-            .iter()
-            .filter_map(|op| match op {
-                Op::Compute(c) => Some((
-                    c.layer,
-                    match &c.kernel {
-                        Kernel::Dense(_) => Execution::F32,
-                        Kernel::Csr(m) => Execution::Csr { nnz: m.nnz() },
-                        Kernel::CsrConv(m) => Execution::Csr { nnz: m.nnz() },
-                        Kernel::Int8 { stat: None, .. } => Execution::Int8Dynamic,
-                        Kernel::Int8 { stat: Some(s), .. } => Execution::Int8Static {
-                            u8_output: s.output.is_some(),
-                        },
-                    },
-                )),
-                _ => None,
-            })
-            .collect()
+        match &self.plan {
+            Plan::Chain { ops, .. } => ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Compute(c) => Some((c.layer, c.execution())),
+                    _ => None,
+                })
+                .collect(),
+            Plan::Graph(plan) => plan.execution(),
+        }
     }
 
-    /// How the artifact stores the weight of layer `layer`, a conv2d or linear layer
+    /// How the artifact stores the weight of layer (node) `layer`, a conv2d or linear layer
     /// (`None` for other layers and past the end). Storage and execution are separate: the
     /// schemes that are decoded at load run as [`Execution::F32`] or [`Execution::Csr`]
     /// (`f16`, `csr`, `palette`, `palette_sparse`) or as int8 (`int8_sparse`).
     pub fn weight_scheme(&self, layer: usize) -> Option<&Scheme> {
-        self.ops.iter().find_map(|op| match op {
-            Op::Compute(c) if c.layer == layer => Some(&c.scheme),
-            _ => None,
-        })
+        match &self.plan {
+            Plan::Chain { ops, .. } => ops.iter().find_map(|op| match op {
+                Op::Compute(c) if c.layer == layer => Some(&c.scheme),
+                _ => None,
+            }),
+            Plan::Graph(plan) => plan.weight_scheme(layer),
+        }
     }
 
     /// Runs a batch of raw input (8-bit pixels, `(batch, channels, height, width)` or
@@ -574,7 +520,7 @@ impl Model {
             .ok_or_else(|| Error::NoNormalization {
                 file: self.file.clone(),
             })?;
-        let [channels, height, width] = self.network.input;
+        let [channels, height, width] = self.graph.input;
         let values: Vec<u8> = raw.iter().copied().collect();
         let x = normalization.normalize_planes(&values, channels, height * width);
         let x = ArrayView::from_shape(raw.raw_dim(), &x)
@@ -590,7 +536,7 @@ impl Model {
     /// Intermediate buffers are kept by the calling thread and reused by its next call (they
     /// grow to the largest batch it has run).
     pub fn run<D: Dimension>(&self, input: ArrayView<'_, f32, D>) -> Result<Array2<f32>> {
-        let expected = self.network.input.to_vec();
+        let expected = self.graph.input.to_vec();
         let shape = input.shape();
         let per_sample: usize = expected.iter().product();
         let fits = match shape {
@@ -613,12 +559,25 @@ impl Model {
             x
         });
         let x = copied.as_deref().or(input.as_slice()).unwrap_or_default();
-        let (front, rest) = self.ops.split_at(self.front.ops);
-        let data = self.run_front(front, x, batch, &mut pool);
+        let data = match &self.plan {
+            Plan::Chain { ops, front } => {
+                let (front_ops, rest) = ops.split_at(front.ops);
+                let data = if front_ops.is_empty() {
+                    let mut owned = pool.f32(x.len());
+                    owned.copy_from_slice(x);
+                    Data::F32(owned)
+                } else {
+                    run_grouped(front, x, batch, &mut pool, &|data, images, pool| {
+                        run_ops(front_ops, data, images, pool)
+                    })
+                };
+                run_ops(rest, data, batch, &mut pool)
+            }
+            Plan::Graph(plan) => plan.run(x, batch, &mut pool),
+        };
         if let Some(x) = copied {
             pool.give_f32(x);
         }
-        let data = run_ops(rest, data, batch, &mut pool);
         let out_len: usize = self.output_shape().iter().product();
         let out = pool.take_f32(data);
         let logits = Array2::from_shape_vec((batch, out_len), out[..batch * out_len].to_vec())
@@ -629,104 +588,251 @@ impl Model {
     }
 }
 
-impl Model {
-    /// Runs the front operations on a batch: group by group (spread over the threads when
-    /// there are enough images for every thread to get two groups), or on the whole batch
-    /// at once when it is no larger than a group, where the kernels split their own work.
-    fn run_front(&self, ops: &[Op], x: &[f32], batch: usize, pool: &mut Pool) -> Data {
-        let front = &self.front;
-        let threads = if kernels::may_split() {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
-        let parallel = threads > 1 && batch >= 2 * threads;
-        if ops.is_empty() || (!parallel && batch <= front.images) {
-            let mut owned = pool.f32(x.len());
-            owned.copy_from_slice(x);
-            return run_ops(ops, Data::F32(owned), batch, pool);
-        }
-        // Two groups per thread at least, so that a thread slowed by other work is caught up.
-        let images = if parallel {
-            front.images.min(batch.div_ceil(2 * threads))
-        } else {
-            front.images
-        };
-        let (in_len, out_len) = (front.in_len, front.out_len);
-        // One group: its images through the front, the result copied to its place.
-        fn group<T: Copy>(
-            ops: &[Op],
-            xs: &[f32],
-            ys: &mut [T],
-            in_len: usize,
-            pool: &mut Pool,
-            store: impl Fn(Data, &mut [T], &mut Pool),
-        ) {
-            let mut x = pool.f32(xs.len());
-            x.copy_from_slice(xs);
-            let data = run_ops(ops, Data::F32(x), xs.len() / in_len, pool);
-            store(data, ys, pool);
-        }
-        fn spread<T: Copy + Send>(
-            parallel: bool,
-            xs: &[f32],
-            ys: &mut [T],
-            (in_len, out_len, images): (usize, usize, usize),
-            pool: &mut Pool,
-            each: impl Fn(&[f32], &mut [T], &mut Pool) + Sync,
-        ) {
-            let inputs = xs.chunks(images * in_len);
-            let outputs = ys.chunks_mut(images * out_len);
-            if parallel {
-                inputs
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .zip(outputs.collect::<Vec<_>>())
-                    .for_each(|(xs, ys)| {
-                        let mut pool = POOL.with(Cell::take);
-                        each(xs, ys, &mut pool);
-                        POOL.with(|p| p.set(pool));
-                    });
-            } else {
-                for (xs, ys) in inputs.zip(outputs) {
-                    each(xs, ys, pool);
-                }
-            }
-        }
-        let shape = (in_len, out_len, images);
-        match front.out_quant {
-            None => {
-                let mut y = pool.f32(batch * out_len);
-                spread(parallel, x, &mut y, shape, pool, |xs, ys, pool| {
-                    group(ops, xs, ys, in_len, pool, |data, ys, pool| {
-                        let v = pool.take_f32(data);
-                        ys.copy_from_slice(&v[..ys.len()]);
-                        pool.give_f32(v);
-                    })
+/// What runs on one group of images: their activations in, the group's size.
+type GroupRun<'a> = dyn Fn(Data, usize, &mut Pool) -> Data + Sync + 'a;
+
+/// Runs `run` (the front operations) on a batch: group by group (spread over the threads
+/// when there are enough images for every thread to get two groups), or on the whole batch
+/// at once when it is no larger than a group, where the kernels split their own work.
+fn run_grouped(front: &Front, x: &[f32], batch: usize, pool: &mut Pool, run: &GroupRun) -> Data {
+    let threads = if kernels::may_split() {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let parallel = threads > 1 && batch >= 2 * threads;
+    if !parallel && batch <= front.images {
+        let mut owned = pool.f32(x.len());
+        owned.copy_from_slice(x);
+        return run(Data::F32(owned), batch, pool);
+    }
+    // Two groups per thread at least, so that a thread slowed by other work is caught up.
+    let images = if parallel {
+        front.images.min(batch.div_ceil(2 * threads))
+    } else {
+        front.images
+    };
+    let (in_len, out_len) = (front.in_len, front.out_len);
+    // One group: its images through the front, the result copied to its place.
+    fn group<T: Copy>(
+        run: &GroupRun,
+        xs: &[f32],
+        ys: &mut [T],
+        in_len: usize,
+        pool: &mut Pool,
+        store: impl Fn(Data, &mut [T], &mut Pool),
+    ) {
+        let mut x = pool.f32(xs.len());
+        x.copy_from_slice(xs);
+        let data = run(Data::F32(x), xs.len() / in_len, pool);
+        store(data, ys, pool);
+    }
+    fn spread<T: Copy + Send>(
+        parallel: bool,
+        xs: &[f32],
+        ys: &mut [T],
+        (in_len, out_len, images): (usize, usize, usize),
+        pool: &mut Pool,
+        each: impl Fn(&[f32], &mut [T], &mut Pool) + Sync,
+    ) {
+        let inputs = xs.chunks(images * in_len);
+        let outputs = ys.chunks_mut(images * out_len);
+        if parallel {
+            inputs
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .zip(outputs.collect::<Vec<_>>())
+                .for_each(|(xs, ys)| {
+                    let mut pool = POOL.with(Cell::take);
+                    each(xs, ys, &mut pool);
+                    POOL.with(|p| p.set(pool));
                 });
-                Data::F32(y)
-            }
-            Some(q) => {
-                let mut y = pool.u8(batch * out_len);
-                spread(parallel, x, &mut y, shape, pool, |xs, ys, pool| {
-                    group(ops, xs, ys, in_len, pool, |data, ys, pool| match data {
-                        Data::U8(v, p) if p == q => {
-                            ys.copy_from_slice(&v[..ys.len()]);
-                            pool.give_u8(v);
-                        }
-                        // The plan says the front ends in these codes; were it otherwise,
-                        // quantizing is what the next full-integer layer would do anyway.
-                        other => {
-                            let v = pool.take_f32(other);
-                            q.quantize_slice(&v[..ys.len()], ys);
-                            pool.give_f32(v);
-                        }
-                    })
-                });
-                Data::U8(y, q)
+        } else {
+            for (xs, ys) in inputs.zip(outputs) {
+                each(xs, ys, pool);
             }
         }
     }
+    let shape = (in_len, out_len, images);
+    match front.out_quant {
+        None => {
+            let mut y = pool.f32(batch * out_len);
+            spread(parallel, x, &mut y, shape, pool, |xs, ys, pool| {
+                group(run, xs, ys, in_len, pool, |data, ys, pool| {
+                    let v = pool.take_f32(data);
+                    ys.copy_from_slice(&v[..ys.len()]);
+                    pool.give_f32(v);
+                })
+            });
+            Data::F32(y)
+        }
+        Some(q) => {
+            let mut y = pool.u8(batch * out_len);
+            spread(parallel, x, &mut y, shape, pool, |xs, ys, pool| {
+                group(run, xs, ys, in_len, pool, |data, ys, pool| match data {
+                    Data::U8(v, p) if p == q => {
+                        ys.copy_from_slice(&v[..ys.len()]);
+                        pool.give_u8(v);
+                    }
+                    // The plan says the front ends in these codes; were it otherwise,
+                    // quantizing is what the next full-integer layer would do anyway.
+                    other => {
+                        let v = pool.take_f32(other);
+                        q.quantize_slice(&v[..ys.len()], ys);
+                        pool.give_f32(v);
+                    }
+                })
+            });
+            Data::U8(y, q)
+        }
+    }
+}
+
+/// Whether the chain plan runs a layer: the layer kinds of a sequential network.
+fn chain_layer(layer: &Layer) -> bool {
+    matches!(
+        layer,
+        Layer::Conv2d { groups: 1, .. }
+            | Layer::Linear { .. }
+            | Layer::Relu
+            | Layer::MaxPool2d { .. }
+            | Layer::Flatten
+            | Layer::Dropout
+    )
+}
+
+/// The operations of a sequential network (every layer one that [`chain_layer`] accepts;
+/// `shapes`: every layer's output shape), and its front.
+fn compile_chain(layers: Vec<Layer>, shapes: &[Vec<usize>], input: [usize; 3]) -> (Vec<Op>, Front) {
+    // The input quantization of every conv2d and linear layer (`Some(None)` when it has
+    // none), to find each layer's successor's.
+    let static_inputs: Vec<Option<Option<QParams>>> = layers
+        .iter()
+        .map(|l| l.params().map(|p| p.input_quant))
+        .collect();
+    let image_layout = |shape: &[usize]| match *shape {
+        [c, h, w] => Layout::image(c, h * w),
+        _ => Layout::Torch,
+    };
+    let mut layout = Layout::Torch;
+    let mut ops: Vec<Op> = Vec::with_capacity(layers.len() + 2);
+    for (i, layer) in layers.into_iter().enumerate() {
+        match layer {
+            Layer::Relu => match ops.last_mut() {
+                Some(Op::Compute(c)) if !c.relu => c.relu = true,
+                _ => ops.push(Op::Relu),
+            },
+            Layer::MaxPool2d {
+                channels,
+                height,
+                width,
+                kernel,
+                stride,
+            } => {
+                // A pooling of equal stride right after a convolution with a dense or
+                // int8 product is fused into it.
+                if let Some(Op::Compute(c)) = ops.last_mut()
+                    && c.conv.is_some()
+                    && c.pool == 1
+                    && kernel == stride
+                    && kernel > 1
+                    && matches!(c.kernel, Kernel::Dense(_) | Kernel::Int8 { .. })
+                {
+                    c.pool = kernel;
+                    layout = image_layout(&shapes[i]);
+                    continue;
+                }
+                let planar = layout == Layout::Torch;
+                ops.push(if planar {
+                    Op::MaxPoolPlanar {
+                        channels,
+                        height,
+                        width,
+                        kernel,
+                        stride,
+                    }
+                } else {
+                    Op::MaxPool {
+                        channels,
+                        height,
+                        width,
+                        kernel,
+                        stride,
+                    }
+                });
+                if !planar {
+                    layout = image_layout(&shapes[i]);
+                }
+            }
+            Layer::Flatten => {
+                if let Layout::Hwc { channels, pixels } = layout {
+                    layout = Layout::FlatHwc { channels, pixels };
+                }
+            }
+            Layer::Dropout => {}
+            Layer::Conv2d {
+                geometry,
+                out_channels,
+                params,
+                ..
+            } => {
+                if layout == Layout::Torch
+                    && Layout::image(geometry.channels, geometry.height * geometry.width)
+                        != Layout::Torch
+                {
+                    ops.push(Op::Transpose {
+                        rows: geometry.channels,
+                        cols: geometry.height * geometry.width,
+                    });
+                }
+                let next_input = next_static_input(&static_inputs, i);
+                let shape = (Some(geometry), out_channels, geometry.patch_len());
+                let compute = compile_layer(i, shape, params, next_input, None);
+                ops.push(Op::Compute(Box::new(compute)));
+                layout = image_layout(&shapes[i]);
+            }
+            Layer::Linear {
+                in_features,
+                out_features,
+                params,
+            } => {
+                let flat_from = match layout {
+                    Layout::FlatHwc { channels, pixels } => Some((channels, pixels)),
+                    _ => None,
+                };
+                let next_input = next_static_input(&static_inputs, i);
+                let shape = (None, out_features, in_features);
+                let compute = compile_layer(i, shape, params, next_input, flat_from);
+                ops.push(Op::Compute(Box::new(compute)));
+                layout = Layout::Torch;
+            }
+            Layer::BatchNorm { .. }
+            | Layer::Activation(_)
+            | Layer::Pool2d { .. }
+            | Layer::GlobalAvgPool { .. }
+            | Layer::Add
+            | Layer::Concat => {
+                unreachable!("the chain plan takes the layers `chain_layer` accepts")
+            }
+        }
+    }
+    // The output goes back to PyTorch's order.
+    if let Layout::Hwc { channels, pixels } | Layout::FlatHwc { channels, pixels } = layout {
+        ops.push(Op::Transpose {
+            rows: pixels,
+            cols: channels,
+        });
+    }
+    for op in &mut ops {
+        if let Op::Compute(c) = op
+            && let Some(g) = c.conv
+        {
+            c.pixels = kernels::patch_pixels(&g, c.pool);
+            c.windows = kernels::patch_windows(&g, &c.pixels);
+        }
+    }
+    let front = Front::plan(&ops, &input);
+    (ops, front)
 }
 
 /// Runs `ops` in order on a batch.
@@ -833,21 +939,7 @@ fn compile_layer(
                 None => values,
             };
             let packed = PackedI8::new(&values, out, k, &zero_points);
-            let stat = input_quant.map(|input| {
-                let acc_scale: Vec<f32> = scales.iter().map(|&s| input.scale * s).collect();
-                let bias = bias
-                    .iter()
-                    .zip(&acc_scale)
-                    .map(|(&b, &s)| (b / s).round_ties_even() as i32)
-                    .collect();
-                let output =
-                    next_input.map(|o| (o, acc_scale.iter().map(|&s| s / o.scale).collect()));
-                StaticQuant {
-                    input,
-                    bias,
-                    output,
-                }
-            });
+            let stat = input_quant.map(|input| StaticQuant::new(input, &scales, &bias, next_input));
             Kernel::Int8 {
                 packed,
                 scales,

@@ -43,7 +43,7 @@
 //!     ],
 //! };
 //! let weight = [1.0, 0.0, 0.0, 0.0, /**/ 0.0, 1.0, 1.0, 0.0, /**/ -1.0, 0.0, 0.0, 1.0];
-//! let mut artifact = ArtifactBuilder::new(network);
+//! let mut artifact = ArtifactBuilder::new(network.clone());
 //! artifact.add_layer(1, &weight, &[0.5, 0.0, 0.0], Storage::F32)?;
 //! let model = Model::from_bytes(&artifact.to_bytes()?)?;
 //!
@@ -55,7 +55,7 @@
 //! assert!((logits[[0, 2]] - 3.0).abs() < 1e-6);
 //!
 //! // The same layer with int8 weights: close, not equal.
-//! let mut artifact = ArtifactBuilder::new(model.network().clone());
+//! let mut artifact = ArtifactBuilder::new(network);
 //! artifact.add_layer(1, &weight, &[0.5, 0.0, 0.0], Storage::Int8(Granularity::PerChannel))?;
 //! let int8 = Model::from_bytes(&artifact.to_bytes()?)?;
 //! let approx = int8.run(x.view())?;
@@ -76,8 +76,8 @@ mod score;
 mod team;
 
 pub use artifact::{
-    FORMAT, FORMAT_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM, MAX_LAYERS,
-    MAX_SPARSE_ELEMENTS, PositionCode, READABLE_VERSIONS, Scheme,
+    FORMAT, FORMAT_VERSION, GRAPH_VERSION, Granularity, MAX_ACTIVATION_ELEMENTS, MAX_DIM,
+    MAX_LAYERS, MAX_SPARSE_ELEMENTS, PositionCode, READABLE_VERSIONS, Scheme,
 };
 pub use builder::{ArtifactBuilder, Encoded, Storage, bias_name, weight_name};
 pub use engine::{Execution, Model};

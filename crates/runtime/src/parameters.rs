@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use model_spec::NetworkSpec;
+use model_spec::{GraphSpec, NetworkSpec};
 use quantization::QParams;
 
 use model_spec::InputNormalization;
@@ -81,7 +81,8 @@ pub struct LayerParameters {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Artifact {
-    network: NetworkSpec,
+    network: Option<NetworkSpec>,
+    graph: GraphSpec,
     shapes: Vec<Vec<usize>>,
     layers: Vec<Option<LayerParameters>>,
     normalization: Option<InputNormalization>,
@@ -106,19 +107,21 @@ impl Artifact {
     fn from_bytes_named(bytes: &[u8], file: &str) -> Result<Self> {
         let Decoded {
             network,
-            shapes,
+            graph,
+            shapes: outputs,
             layers,
             normalization,
+            ..
         } = decode(bytes, file)?;
         let layers = layers
             .into_iter()
-            .zip(&network.layers)
-            .map(|(layer, spec)| {
+            .zip(&graph.nodes)
+            .map(|(layer, node)| {
                 let (Layer::Conv2d { params, .. } | Layer::Linear { params, .. }) = layer else {
                     return None;
                 };
                 Some(LayerParameters {
-                    weight_shape: spec.weight_shape()?.0,
+                    weight_shape: node.op.weight_shape()?.0,
                     weight: weight_values(params.weight, &params.weight_scheme),
                     weight_scheme: params.weight_scheme,
                     bias_scheme: params.bias_scheme,
@@ -127,8 +130,12 @@ impl Artifact {
                 })
             })
             .collect();
+        let shapes = std::iter::once(graph.input.to_vec())
+            .chain(outputs)
+            .collect();
         Ok(Self {
             network,
+            graph,
             shapes,
             layers,
             normalization,
@@ -140,19 +147,27 @@ impl Artifact {
         self.normalization.as_ref()
     }
 
-    /// The network description.
-    pub fn network(&self) -> &NetworkSpec {
-        &self.network
+    /// The sequential network description, for an artifact that carries one (`None` for a
+    /// graph artifact).
+    pub fn network(&self) -> Option<&NetworkSpec> {
+        self.network.as_ref()
     }
 
-    /// The per-sample input shape of every layer (without the batch dimension), then the
-    /// network's output shape: `shapes()[i]` is what layer `i` receives.
+    /// The graph: the artifact's, or its network as a chain of nodes named by layer index
+    /// (node `i` is layer `i`).
+    pub fn graph(&self) -> &GraphSpec {
+        &self.graph
+    }
+
+    /// The per-sample input shape (without the batch dimension), then the output shape of
+    /// every node: `shapes()[i + 1]` is what node `i` outputs, so for a sequential network
+    /// `shapes()[i]` is what layer `i` receives and the last is the network's output.
     pub fn shapes(&self) -> &[Vec<usize>] {
         &self.shapes
     }
 
-    /// The parameters of layer `index`: `Some` for every conv2d and linear layer, `None` for
-    /// the other layers and past the end.
+    /// The parameters of layer (node) `index`: `Some` for every conv2d and linear layer,
+    /// `None` for the other layers and past the end.
     pub fn layer(&self, index: usize) -> Option<&LayerParameters> {
         self.layers.get(index).and_then(Option::as_ref)
     }

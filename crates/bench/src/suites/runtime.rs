@@ -206,7 +206,7 @@ fn discover(run: &Path) -> Result<Vec<(Subject, Scheme, PathBuf, PathBuf)>> {
             );
             continue;
         }
-        let name = runtime::Model::load(&f32_file)?.network().name.clone();
+        let name = runtime::Model::load(&f32_file)?.graph().name.clone();
         let quantized = |variant: &str| {
             run.join("quantization")
                 .join(format!("{name}_{variant}.safetensors"))
@@ -361,7 +361,13 @@ struct Libtorch {
 impl Libtorch {
     fn load(case: &Case) -> Result<Self> {
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let net = Network::new(&vs.root(), case.ours.network())?;
+        let network = case.ours.network().with_context(|| {
+            format!(
+                "{}: libtorch runs sequential networks here",
+                case.artifact.display()
+            )
+        })?;
+        let net = Network::new(&vs.root(), network)?;
         vs.load(&case.artifact)
             .with_context(|| format!("loading {} into libtorch", case.artifact.display()))?;
         Ok(Self { _vs: vs, net })

@@ -80,7 +80,7 @@ fn artifact_parameters(ctx: &Context) -> Result<Vec<DeployedParameter>> {
     let path = ctx.input(SPARSE_TEACHER)?;
     let artifact = Artifact::load(&path)?;
     let mut params = Vec::new();
-    let layers = artifact.network().layers.len();
+    let layers = artifact.graph().nodes.len();
     for (index, layer) in (0..layers).filter_map(|i| Some((i, artifact.layer(i)?))) {
         let WeightValues::Float(weight) = &layer.weight else {
             bail!(

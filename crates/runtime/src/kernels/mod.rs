@@ -58,6 +58,8 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod dense;
+mod grouped;
+mod nodes;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod sgemm256;
@@ -68,6 +70,11 @@ mod spatial;
 
 pub use dense::{
     CsrMatrix, PackedF32, csr_gemm_bias, gemv_columns, sgemm_bias, sgemm_packed, sgemm_patches,
+};
+pub use grouped::{Grouped, GroupedEpilogue, grouped_conv_f32, grouped_conv_int8};
+pub use nodes::{
+    Window, activation, avg_pool_nhwc, concat_channels, global_avg_pool_nhwc, max_pool_nhwc,
+    scale_shift_nhwc,
 };
 pub use sparse_conv::{SparseConv, sparse_conv_nhwc};
 pub use spatial::{

@@ -73,11 +73,11 @@ fn unknown_format_and_version_are_named() {
         "{s}"
     );
     let (e, s) = err(&edit_metadata(&bytes, |m| {
-        m.insert("format_version".into(), "3".into());
+        m.insert("format_version".into(), "4".into());
     }));
     assert!(matches!(e, Error::UnsupportedVersion { .. }), "{s}");
     assert!(
-        s.contains("format version `3`") && s.contains("reads versions 1 and 2"),
+        s.contains("format version `4`") && s.contains("reads versions 1, 2 and 3"),
         "{s}"
     );
     let (e, s) = err(&edit_metadata(&bytes, |m| {

@@ -1,0 +1,244 @@
+//! Grouped and depthwise convolutions over NHWC images, computed directly (no im2col): each
+//! output pixel accumulates its window tap by tap, every output channel at once, so the
+//! innermost loop runs over contiguous channels.
+
+use super::ConvGeometry;
+
+/// A grouped convolution's shape: the geometry (input channels in all, square kernel), the
+/// output channels and the groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grouped {
+    /// Input geometry.
+    pub geometry: ConvGeometry,
+    /// Output channels, a multiple of `groups`.
+    pub out: usize,
+    /// Channel groups, dividing the input and output channels.
+    pub groups: usize,
+}
+
+impl Grouped {
+    /// Input channels per group.
+    pub fn in_per_group(&self) -> usize {
+        self.geometry.channels / self.groups
+    }
+
+    /// Output channels per group.
+    pub fn out_per_group(&self) -> usize {
+        self.out / self.groups
+    }
+
+    /// Values per output image.
+    pub fn out_len(&self) -> usize {
+        self.geometry.pixels() * self.out
+    }
+
+    /// PyTorch's `[out, in / groups, k, k]` weight in the kernels' layout: tap by tap, then
+    /// input channel of the group, then every output channel (`[k * k][in / groups][out]`).
+    pub fn pack<T: Copy + Default>(&self, weight: &[T]) -> Vec<T> {
+        let (k, cin) = (self.geometry.kernel, self.in_per_group());
+        let taps = k * k;
+        let mut packed = vec![T::default(); taps * cin * self.out];
+        for o in 0..self.out {
+            for i in 0..cin {
+                for t in 0..taps {
+                    packed[(t * cin + i) * self.out + o] = weight[(o * cin + i) * taps + t];
+                }
+            }
+        }
+        packed
+    }
+
+    /// Calls `f(pixel, tap, input offset)` for every output pixel of one image and every tap
+    /// of its window that lies inside the image (padding contributes nothing).
+    fn for_taps(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let g = &self.geometry;
+        let (oh, ow) = (g.out_height(), g.out_width());
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let pixel = oy * ow + ox;
+                for ky in 0..g.kernel {
+                    let Some(iy) = (oy * g.stride + ky).checked_sub(g.padding) else {
+                        continue;
+                    };
+                    if iy >= g.height {
+                        continue;
+                    }
+                    for kx in 0..g.kernel {
+                        let Some(ix) = (ox * g.stride + kx).checked_sub(g.padding) else {
+                            continue;
+                        };
+                        if ix >= g.width {
+                            continue;
+                        }
+                        f(pixel, ky * g.kernel + kx, (iy * g.width + ix) * g.channels);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accumulates `acc[o] += x[channel of o, i] * w[o]` for one tap and one input channel of
+/// each group (`x`: one input pixel, all channels; `w`: the packed row of that tap and
+/// channel).
+#[inline]
+fn accumulate<X: Copy, W: Copy, A: Copy + std::ops::AddAssign>(
+    shape: &Grouped,
+    i: usize,
+    x: &[X],
+    w: &[W],
+    acc: &mut [A],
+    mul: impl Fn(X, W) -> A,
+) {
+    let (cin, cout) = (shape.in_per_group(), shape.out_per_group());
+    if cin == 1 && cout == 1 {
+        // Depthwise: output channel o reads input channel o.
+        for ((a, &xv), &wv) in acc.iter_mut().zip(&x[..shape.out]).zip(w) {
+            *a += mul(xv, wv);
+        }
+    } else {
+        for (o, (a, &wv)) in acc.iter_mut().zip(w).enumerate() {
+            *a += mul(x[(o / cout) * cin + i], wv);
+        }
+    }
+}
+
+/// A grouped convolution in f32: `x` holds `batch` NHWC images, `w` the weight packed by
+/// [`Grouped::pack`]; writes `batch` NHWC output images to `y` with the bias added and,
+/// when `relu`, negative values clamped to 0.
+///
+/// # Panics
+/// On slices shorter than the shapes need.
+pub fn grouped_conv_f32(
+    shape: &Grouped,
+    x: &[f32],
+    batch: usize,
+    w: &[f32],
+    bias: &[f32],
+    relu: bool,
+    y: &mut [f32],
+) {
+    let (image, out_image, n, cin) = (
+        shape.geometry.image_len(),
+        shape.out_len(),
+        shape.out,
+        shape.in_per_group(),
+    );
+    for b in 0..batch {
+        let x = &x[b * image..][..image];
+        let y = &mut y[b * out_image..][..out_image];
+        for pixel in y.chunks_exact_mut(n) {
+            pixel.copy_from_slice(bias);
+        }
+        shape.for_taps(|pixel, tap, offset| {
+            let acc = &mut y[pixel * n..][..n];
+            for i in 0..cin {
+                let row = &w[(tap * cin + i) * n..][..n];
+                accumulate(shape, i, &x[offset..], row, acc, |a, b| a * b);
+            }
+        });
+        if relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+}
+
+/// What an int8 grouped convolution does with its accumulators.
+#[derive(Clone, Copy, Debug)]
+pub enum GroupedEpilogue<'a> {
+    /// `y = acc * scales[o] + bias[o]` in f32 (`scales`: input scale times weight scale).
+    Dequantize {
+        /// Per output channel.
+        scales: &'a [f32],
+        /// Per output channel.
+        bias: &'a [f32],
+    },
+    /// `y = requantize(acc, bias[o], multipliers[o], zero_point)` in u8
+    /// ([`requantize`](super::requantize)).
+    Requantize {
+        /// Per output channel, in accumulator units.
+        bias: &'a [i32],
+        /// Per output channel.
+        multipliers: &'a [f32],
+        /// The output's zero point.
+        zero_point: i32,
+    },
+}
+
+/// A grouped convolution in int8: `x` holds `batch` NHWC images of `u8` codes with zero
+/// point `x_zero`, `w` the `i8` weight packed by [`Grouped::pack`] with a zero point per
+/// output channel; exact `i32` accumulation of `(x - x_zero) * (w - w_zero)`, then the
+/// epilogue, into `y_f32` or `y_u8` (the one the epilogue writes; the other may be empty).
+/// `relu` clamps at 0 (at the output zero point when requantizing).
+///
+/// # Panics
+/// On slices shorter than the shapes need.
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_conv_int8(
+    shape: &Grouped,
+    x: &[u8],
+    x_zero: i32,
+    batch: usize,
+    (w, w_zero): (&[i8], &[i32]),
+    epilogue: GroupedEpilogue,
+    relu: bool,
+    y_f32: &mut [f32],
+    y_u8: &mut [u8],
+) {
+    let (image, out_image, n, cin) = (
+        shape.geometry.image_len(),
+        shape.out_len(),
+        shape.out,
+        shape.in_per_group(),
+    );
+    // Weights with their zero points taken out, widened once.
+    let w: Vec<i32> = w
+        .chunks_exact(n)
+        .flat_map(|row| row.iter().zip(w_zero).map(|(&v, &z)| i32::from(v) - z))
+        .collect();
+    let mut acc = vec![0i32; out_image];
+    let mut centred = vec![0i32; image];
+    for b in 0..batch {
+        for (c, &q) in centred.iter_mut().zip(&x[b * image..][..image]) {
+            *c = i32::from(q) - x_zero;
+        }
+        acc.fill(0);
+        shape.for_taps(|pixel, tap, offset| {
+            let acc = &mut acc[pixel * n..][..n];
+            for i in 0..cin {
+                let row = &w[(tap * cin + i) * n..][..n];
+                accumulate(shape, i, &centred[offset..], row, acc, |a, b| a * b);
+            }
+        });
+        match epilogue {
+            GroupedEpilogue::Dequantize { scales, bias } => {
+                let y = &mut y_f32[b * out_image..][..out_image];
+                for (ys, accs) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
+                    for (o, (v, &a)) in ys.iter_mut().zip(accs).enumerate() {
+                        let r = a as f32 * scales[o] + bias[o];
+                        *v = if relu { r.max(0.0) } else { r };
+                    }
+                }
+            }
+            GroupedEpilogue::Requantize {
+                bias,
+                multipliers,
+                zero_point,
+            } => {
+                let lo = if relu { zero_point } else { 0 };
+                let y = &mut y_u8[b * out_image..][..out_image];
+                for (ys, accs) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
+                    for (o, (v, &a)) in ys.iter_mut().zip(accs).enumerate() {
+                        *v = super::requantize(
+                            i64::from(a),
+                            bias[o],
+                            multipliers[o],
+                            zero_point,
+                            lo,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
