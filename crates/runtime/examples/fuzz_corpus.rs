@@ -12,12 +12,15 @@
 //! plain and with an `input` entry; the int8 ones also with `activations` (full-integer
 //! layers); `int8_sparse` with non-zero zero points; and the palette schemes in every
 //! variant: `palette` with 1- to 8-bit indices, `palette_sparse` with bitmask and with
-//! Rice-coded positions.
+//! Rice-coded positions. Graph artifacts (format version 3) add a graph with every operation
+//! (grouped convolution, batch norm kept as vectors, residual sum, concatenation, every
+//! activation, padded max and average pooling, global average pooling) in f32, f16 and
+//! full-integer int8.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use model_spec::{InputNormalization, LayerSpec, NetworkSpec};
+use model_spec::{GraphSpec, INPUT, InputNormalization, LayerSpec, NetworkSpec, Node, Op};
 use runtime::{
     Artifact, ArtifactBuilder, Encoded, Granularity, PositionCode, QParams, Scheme, Storage,
 };
@@ -259,6 +262,101 @@ fn seeds() -> Result<Vec<Seed>, runtime::Error> {
     Ok(out)
 }
 
+/// A graph with every operation on 3 x 6 x 6 input.
+fn graph() -> GraphSpec {
+    let conv = |inp, out, groups| Op::Conv2d {
+        in_channels: inp,
+        out_channels: out,
+        kernel: [3, 3],
+        stride: [1, 1],
+        padding: [1, 1],
+        groups,
+    };
+    GraphSpec {
+        name: "seed-graph".into(),
+        input: [3, 6, 6],
+        nodes: vec![
+            Node::new("stem", conv(3, 4, 1), &[INPUT]),
+            Node::new("dw", conv(4, 4, 4), &["stem"]),
+            Node::new("act", Op::Relu6, &["dw"]),
+            Node::new("sum", Op::Add, &["act", "stem"]),
+            Node::new(
+                "bn",
+                Op::BatchNorm2d {
+                    features: 4,
+                    eps: 1e-5,
+                },
+                &["sum"],
+            ),
+            Node::new("sig", Op::Sigmoid, &["bn"]),
+            Node::new("tanh", Op::Tanh, &["sig"]),
+            Node::new("gelu", Op::Gelu, &["tanh"]),
+            Node::new("silu", Op::Silu, &["gelu"]),
+            Node::new("hswish", Op::HardSwish, &["silu"]),
+            Node::new(
+                "max",
+                Op::MaxPool2d {
+                    kernel: [3, 3],
+                    stride: [2, 2],
+                    padding: [1, 1],
+                },
+                &["hswish"],
+            ),
+            Node::new(
+                "avg",
+                Op::AvgPool2d {
+                    kernel: [2, 2],
+                    stride: [2, 2],
+                },
+                &["stem"],
+            ),
+            Node::new("cat", Op::Concat, &["max", "avg"]),
+            Node::new("relu", Op::Relu, &["cat"]),
+            Node::new("gap", Op::GlobalAvgPool, &["relu"]),
+            Node::new("drop", Op::Dropout { p: 0.1 }, &["gap"]),
+            Node::new(
+                "fc",
+                Op::Linear {
+                    in_features: 8,
+                    out_features: 5,
+                },
+                &["drop"],
+            ),
+        ],
+    }
+}
+
+/// The graph seeds: f32, f16, and int8 with every product full-integer.
+fn graph_seeds() -> Result<Vec<(String, ArtifactBuilder)>, runtime::Error> {
+    let spec = graph();
+    let mut out = Vec::new();
+    for (name, storage) in [
+        ("f32", Storage::F32),
+        ("f16", Storage::F16),
+        ("int8-activations", Storage::Int8(Granularity::PerChannel)),
+    ] {
+        let mut rng = Rng(0x51ED_270B_0F1E_2D3C);
+        let mut builder = ArtifactBuilder::for_graph(spec.clone());
+        for (index, node) in spec.nodes.iter().enumerate() {
+            if let Some((shape, out)) = node.op.weight_shape() {
+                let w: Vec<f32> = (0..shape.iter().product::<usize>())
+                    .map(|_| rng.next() - 0.5)
+                    .collect();
+                let bias: Vec<f32> = (0..out).map(|_| rng.next() - 0.5).collect();
+                builder.add_layer(index, &w, &bias, storage)?;
+                if name.starts_with("int8") {
+                    builder.set_input_quantization(index, QParams::u8(0.02, 10));
+                }
+            }
+        }
+        let gamma: Vec<f32> = (0..4).map(|_| rng.next() + 0.5).collect();
+        let var: Vec<f32> = (0..4).map(|_| rng.next() + 0.1).collect();
+        builder.add_batch_norm(4, &gamma, &[0.1; 4], &[-0.2; 4], &var)?;
+        out.push((format!("graph-{name}"), builder));
+    }
+    Ok(out)
+}
+
 fn write(folder: &Path) -> Result<usize, String> {
     std::fs::create_dir_all(folder).map_err(|e| format!("creating {}: {e}", folder.display()))?;
     let normalization =
@@ -296,6 +394,17 @@ fn write(folder: &Path) -> Result<usize, String> {
             std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
             written += 1;
         }
+    }
+    for (file, builder) in graph_seeds().map_err(|e| e.to_string())? {
+        let bytes = builder.to_bytes().map_err(|e| format!("{file}: {e}"))?;
+        let model = runtime::Model::from_bytes(&bytes).map_err(|e| format!("{file}: {e}"))?;
+        Artifact::from_bytes(&bytes).map_err(|e| format!("{file}: {e}"))?;
+        if model.execution().len() != 3 {
+            return Err(format!("{file}: {:?}", model.execution()));
+        }
+        let path: PathBuf = folder.join(format!("seed-{file}.safetensors"));
+        std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        written += 1;
     }
     Ok(written)
 }

@@ -242,3 +242,147 @@ pub fn grouped_conv_int8(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The accumulator of output channel `o` at output pixel `(oy, ox)` of one NHWC image,
+    /// straight from the definition with PyTorch's weight layout, in `i64` or `f64`.
+    fn reference<X: Copy, W: Copy, A: std::iter::Sum<A>>(
+        shape: &Grouped,
+        x: &[X],
+        w: &[W],
+        (o, oy, ox): (usize, usize, usize),
+        mul: impl Fn(X, W) -> A,
+    ) -> A {
+        let g = &shape.geometry;
+        let (cin, k) = (shape.in_per_group(), g.kernel);
+        let group = o / shape.out_per_group();
+        (0..cin)
+            .flat_map(|i| (0..k).flat_map(move |ky| (0..k).map(move |kx| (i, ky, kx))))
+            .filter_map(|(i, ky, kx)| {
+                let iy = (oy * g.stride + ky).checked_sub(g.padding)?;
+                let ix = (ox * g.stride + kx).checked_sub(g.padding)?;
+                (iy < g.height && ix < g.width).then(|| {
+                    let xv = x[(iy * g.width + ix) * g.channels + group * cin + i];
+                    mul(xv, w[((o * cin + i) * k + ky) * k + kx])
+                })
+            })
+            .sum()
+    }
+
+    fn shapes() -> impl Strategy<Value = Grouped> {
+        (
+            1usize..4,
+            1usize..4,
+            1usize..4,
+            1usize..4,
+            1usize..3,
+            3usize..8,
+            3usize..8,
+        )
+            .prop_flat_map(|(groups, cin, cout, kernel, stride, height, width)| {
+                (0..=kernel / 2).prop_map(move |padding| Grouped {
+                    geometry: ConvGeometry {
+                        channels: groups * cin,
+                        height: height.max(kernel),
+                        width: width.max(kernel),
+                        kernel,
+                        stride,
+                        padding,
+                    },
+                    out: groups * cout,
+                    groups,
+                })
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn f32_matches_the_definition(shape in shapes(), seed in any::<u64>(), relu in any::<bool>()) {
+            let mut state = seed | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            };
+            let batch = 2;
+            let x: Vec<f32> = (0..batch * shape.geometry.image_len()).map(|_| next()).collect();
+            let k = shape.geometry.kernel;
+            let w: Vec<f32> = (0..shape.out * shape.in_per_group() * k * k).map(|_| next()).collect();
+            let bias: Vec<f32> = (0..shape.out).map(|_| next()).collect();
+            let mut y = vec![f32::NAN; batch * shape.out_len()];
+            grouped_conv_f32(&shape, &x, batch, &shape.pack(&w), &bias, relu, &mut y);
+            let (oh, ow) = (shape.geometry.out_height(), shape.geometry.out_width());
+            for b in 0..batch {
+                let image = &x[b * shape.geometry.image_len()..];
+                for (p, o) in (0..oh * ow).flat_map(|p| (0..shape.out).map(move |o| (p, o))) {
+                    let acc: f64 = reference(&shape, image, &w, (o, p / ow, p % ow), |a, b| {
+                        f64::from(a) * f64::from(b)
+                    });
+                    let mut expected = acc + f64::from(bias[o]);
+                    if relu {
+                        expected = expected.max(0.0);
+                    }
+                    let got = y[b * shape.out_len() + p * shape.out + o];
+                    prop_assert!((f64::from(got) - expected).abs() < 1e-5, "{got} against {expected}");
+                }
+            }
+        }
+
+        #[test]
+        fn int8_is_exact(
+            shape in shapes(),
+            seed in any::<u64>(),
+            x_zero in 0i32..256,
+            out_zero in 0i32..256,
+            relu in any::<bool>(),
+        ) {
+            let mut state = seed | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let batch = 2;
+            let x: Vec<u8> = (0..batch * shape.geometry.image_len()).map(|_| next() as u8).collect();
+            let k = shape.geometry.kernel;
+            let w: Vec<i8> = (0..shape.out * shape.in_per_group() * k * k).map(|_| next() as i8).collect();
+            let w_zero: Vec<i32> = (0..shape.out).map(|_| (next() % 9) as i32 - 4).collect();
+            let scales: Vec<f32> = (0..shape.out).map(|_| (1 + next() % 100) as f32 * 1e-4).collect();
+            let bias: Vec<f32> = (0..shape.out).map(|_| (next() % 200) as f32 / 100.0 - 1.0).collect();
+            let bias_q: Vec<i32> = (0..shape.out).map(|_| (next() % 2001) as i32 - 1000).collect();
+            let multipliers: Vec<f32> = (0..shape.out).map(|_| (1 + next() % 1000) as f32 * 1e-5).collect();
+            let packed = shape.pack(&w);
+            let mut dequantized = vec![f32::NAN; batch * shape.out_len()];
+            let epilogue = GroupedEpilogue::Dequantize { scales: &scales, bias: &bias };
+            grouped_conv_int8(&shape, &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut dequantized, &mut []);
+            let mut requantized = vec![0u8; batch * shape.out_len()];
+            let epilogue = GroupedEpilogue::Requantize { bias: &bias_q, multipliers: &multipliers, zero_point: out_zero };
+            grouped_conv_int8(&shape, &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut [], &mut requantized);
+            let (oh, ow) = (shape.geometry.out_height(), shape.geometry.out_width());
+            for b in 0..batch {
+                let image = &x[b * shape.geometry.image_len()..];
+                for (p, o) in (0..oh * ow).flat_map(|p| (0..shape.out).map(move |o| (p, o))) {
+                    let acc: i64 = reference(&shape, image, &w, (o, p / ow, p % ow), |a, b| {
+                        (i64::from(a) - i64::from(x_zero)) * (i64::from(b) - i64::from(w_zero[o]))
+                    });
+                    let at = b * shape.out_len() + p * shape.out + o;
+                    let mut expected = acc as f32 * scales[o] + bias[o];
+                    if relu {
+                        expected = expected.max(0.0);
+                    }
+                    prop_assert_eq!(dequantized[at], expected);
+                    let lo = if relu { out_zero } else { 0 };
+                    let expected = super::super::requantize(acc, bias_q[o], multipliers[o], out_zero, lo);
+                    prop_assert_eq!(requantized[at], expected);
+                }
+            }
+        }
+    }
+}

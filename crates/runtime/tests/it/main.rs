@@ -4,5 +4,6 @@
 mod artifact_view;
 mod common;
 mod engine;
+mod graphs;
 mod palette;
 mod validation;
