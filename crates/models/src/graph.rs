@@ -223,7 +223,12 @@ impl GraphNetwork {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| matches!(n.op, Op::Conv2d { .. } | Op::Linear { .. }))
+            .filter(|(_, n)| {
+                matches!(
+                    n.op,
+                    Op::Conv2d { .. } | Op::Linear { .. } | Op::Add | Op::Concat
+                )
+            })
             .map(|(i, _)| i);
         self.fake_quant = Some(NetworkFakeQuant::new(config, nodes)?);
         Ok(())
@@ -260,7 +265,7 @@ impl GraphNetwork {
     /// The forward pass, with an error where LibTorch or a building block refuses the input
     /// (wrong shape or element type, another device).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_inner(xs, train, &mut |_, _| {})
+        self.forward_inner(xs, train, None)
     }
 
     /// Runs `xs` through the graph in eval mode, without gradients, and taps the input of
@@ -269,18 +274,20 @@ impl GraphNetwork {
     /// layers. Calibration of a graph is this, batch after batch, then
     /// [`Calibrator::into_qparams`].
     pub fn calibrate(&self, xs: &Tensor, calibrator: &mut Calibrator) -> Result<()> {
-        let _logits =
-            tch::no_grad(|| self.forward_inner(xs, false, &mut |name, x| calibrator.tap(name, x)))?;
+        let _logits = tch::no_grad(|| {
+            self.forward_inner(xs, false, Some(&mut |name, x| calibrator.tap(name, x)))
+        })?;
         Ok(())
     }
 
     /// The forward pass; `record` sees the input of every `conv2d` and `linear` node with
-    /// the node's name.
+    /// the node's name, and the inputs of every `add` (stacked) and `concat` (concatenated)
+    /// node.
     fn forward_inner(
         &self,
         xs: &Tensor,
         train: bool,
-        record: &mut dyn FnMut(&str, &Tensor),
+        mut record: Option<&mut dyn FnMut(&str, &Tensor)>,
     ) -> Result<Tensor> {
         let policy = self.policy;
         let quantized = |index: usize, xs: &Tensor, w: &Tensor| {
@@ -293,8 +300,37 @@ impl GraphNetwork {
                 .map(|source| source.map_or(xs, |i| &outputs[i]))
                 .collect();
             let x = inputs[0];
-            if matches!(node, NodeImpl::Conv2d { .. } | NodeImpl::Linear { .. }) {
+            if let (NodeImpl::Conv2d { .. } | NodeImpl::Linear { .. }, Some(record)) =
+                (node, record.as_mut())
+            {
                 record(&self.spec.nodes[index].name, x);
+            }
+            // The inputs of a sum or a concatenation share one grid: observed, calibrated
+            // and fake-quantized together (stacked, or concatenated).
+            if let NodeImpl::Stateless(op @ (Op::Add | Op::Concat)) = node
+                && (record.is_some() || self.fake_quant.is_some())
+            {
+                let joined = match op {
+                    Op::Add => Tensor::f_stack(&inputs, 0)?,
+                    _ => Tensor::f_cat(&inputs, 1)?,
+                };
+                if let Some(record) = record.as_mut() {
+                    record(&self.spec.nodes[index].name, &joined);
+                }
+                let out = match self.fake_quant.as_ref() {
+                    None => stateless(op, &inputs, train)?,
+                    Some(fq) => {
+                        let joined = fq.input(index, &joined, train)?;
+                        match op {
+                            Op::Add => {
+                                joined.f_sum_dim_intlist([0i64].as_slice(), false, None::<Kind>)?
+                            }
+                            _ => joined,
+                        }
+                    }
+                };
+                outputs.push(out);
+                continue;
             }
             let out = match node {
                 NodeImpl::Conv2d {

@@ -281,19 +281,19 @@ fn the_presets_compute_libtorchs_logits() {
     let mut mobilenet = GraphSpec::mobilenet();
     for spec in [&mut resnet, &mut mobilenet] {
         let (_, _, model) = check_f32(spec, 6);
-        // Every product node of the deployed graph runs.
-        let products = model
+        // Every product, sum and concatenation of the deployed graph is listed.
+        let listed = model
             .graph()
             .nodes
             .iter()
-            .filter(|n| n.op.weight_shape().is_some())
+            .filter(|n| n.op.weight_shape().is_some() || matches!(n.op, Op::Add | Op::Concat))
             .count();
-        assert_eq!(model.execution().len(), products);
+        assert_eq!(model.execution().len(), listed);
     }
 }
 
-/// Calibrates the input of every product of `net` on `xs` and writes a full-integer
-/// artifact of its deployed graph.
+/// Calibrates the input of every product and sum of `net` on `xs` and writes a
+/// full-integer artifact of its deployed graph.
 fn full_integer(spec: &GraphSpec, vs: &nn::VarStore, net: &GraphNetwork, xs: &Tensor) -> Model {
     let mut calibrator = Calibrator::new();
     net.calibrate(xs, &mut calibrator).unwrap();
@@ -310,7 +310,7 @@ fn full_integer(spec: &GraphSpec, vs: &nn::VarStore, net: &GraphNetwork, xs: &Te
 }
 
 #[test]
-fn int8_graphs_run_every_product_in_int8() {
+fn int8_graphs_run_every_product_and_sum_in_int8() {
     for (spec, seed) in [(GraphSpec::resnet(), 7), (GraphSpec::mobilenet(), 8)] {
         let (vs, net) = network(&spec, seed);
         let xs = input(&spec, 16);
@@ -320,12 +320,14 @@ fn int8_graphs_run_every_product_in_int8() {
             .to_bytes()
             .unwrap();
         let dynamic = Model::from_bytes(&dynamic).unwrap();
-        assert!(
-            dynamic
-                .execution()
-                .iter()
-                .all(|(_, e)| *e == Execution::Int8Dynamic)
-        );
+        let deployed = dynamic.graph().clone();
+        let is_product = |i: usize| deployed.nodes[i].op.weight_shape().is_some();
+        // Products run dynamic-range int8; sums, without a grid, f32.
+        assert!(dynamic.execution().iter().all(|&(i, e)| if is_product(i) {
+            e == Execution::Int8Dynamic
+        } else {
+            e == Execution::F32
+        }));
         let error = relative_error(&run(&dynamic, &xs), &expected);
         assert!(error < INT8_TOLERANCE, "{} dynamic: {error}", spec.name);
 

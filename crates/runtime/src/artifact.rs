@@ -250,8 +250,15 @@ pub(crate) enum Layer {
     Flatten,
     /// Identity at inference.
     Dropout,
-    Add,
-    Concat,
+    /// A sum; with full-integer execution, the grid every input is requantized to.
+    Add {
+        input_quant: Option<QParams>,
+    },
+    /// A concatenation along the channels; with full-integer execution, the grid every input
+    /// is requantized to (the output's too).
+    Concat {
+        input_quant: Option<QParams>,
+    },
 }
 
 /// The elementwise activations besides ReLU.
@@ -1172,8 +1179,12 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
             (Op::HardSwish, _) => Layer::Activation(Activation::HardSwish),
             (Op::Flatten, _) => Layer::Flatten,
             (Op::Dropout { .. }, _) => Layer::Dropout,
-            (Op::Add, _) => Layer::Add,
-            (Op::Concat, _) => Layer::Concat,
+            (Op::Add, _) => Layer::Add {
+                input_quant: parts.grid(&node.name, &place)?,
+            },
+            (Op::Concat, _) => Layer::Concat {
+                input_quant: parts.grid(&node.name, &place)?,
+            },
             // Shape inference accepted the graph, so convolutions and poolings got (C, H, W);
             // anything else is an inconsistency of the spec.
             (op, _) => {
@@ -1198,7 +1209,9 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
         return Err(malformed(
             file,
             "activations",
-            format!("entry `{layer}` is not a conv2d or linear layer of the network"),
+            format!(
+                "entry `{layer}` is not a conv2d or linear layer of the network (or an add or concat node of a graph)"
+            ),
         ));
     }
     let mut names: Vec<&String> = reader.infos.keys().collect();
@@ -1252,6 +1265,25 @@ impl NodeParts<'_, '_> {
             }
         };
         Ok((values, scheme))
+    }
+
+    /// The grid the inputs of sum or concatenation node `name` are requantized to, when the
+    /// artifact gives one.
+    fn grid(&mut self, name: &str, place: &str) -> Result<Option<QParams>> {
+        let Some(q) = self.activations.remove(name) else {
+            return Ok(None);
+        };
+        if !q.is_valid() {
+            return Err(malformed(
+                self.file,
+                "activations",
+                format!(
+                    "{place}: scale {} / zero point {} are not a positive finite scale and a u8 code",
+                    q.scale, q.zero_point
+                ),
+            ));
+        }
+        Ok(Some(q))
     }
 
     /// The weight, bias and input quantization of the conv2d or linear node `prefix`.

@@ -480,8 +480,10 @@ impl Model {
         self.shapes.last().map_or(&[], Vec::as_slice)
     }
 
-    /// How each conv2d and linear layer (graph node) executes, with its index in the
-    /// network.
+    /// How each conv2d and linear layer executes, with its index in the network; for a graph,
+    /// each conv2d, linear, add and concat node, with its index (a sum or concatenation runs
+    /// [`Execution::F32`], or [`Execution::Int8Static`] on inputs requantized to the grid
+    /// the artifact gives it).
     pub fn execution(&self) -> Vec<(usize, Execution)> {
         match &self.plan {
             Plan::Chain { ops, .. } => ops
@@ -810,8 +812,8 @@ fn compile_chain(layers: Vec<Layer>, shapes: &[Vec<usize>], input: [usize; 3]) -
             | Layer::Activation(_)
             | Layer::Pool2d { .. }
             | Layer::GlobalAvgPool { .. }
-            | Layer::Add
-            | Layer::Concat => {
+            | Layer::Add { .. }
+            | Layer::Concat { .. } => {
                 unreachable!("the chain plan takes the layers `chain_layer` accepts")
             }
         }

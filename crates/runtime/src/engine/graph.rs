@@ -69,10 +69,18 @@ enum NodeOp {
         channels: usize,
         pixels: usize,
     },
-    Add,
+    /// A sum: in f32, or (`grid`) on every input's codes requantized to one grid, the result
+    /// requantized to `output` (dequantized when `None`).
+    Add {
+        grid: Option<QParams>,
+        output: Option<QParams>,
+    },
+    /// A concatenation: of f32 values (u8 codes of one grid stay codes), or (`grid`) of every
+    /// input's codes requantized to one grid.
     Concat {
         channels: Vec<usize>,
         pixels: usize,
+        grid: Option<QParams>,
     },
     /// Every sample from `rows x cols` to `cols x rows` (NHWC features to PyTorch's order).
     Transpose {
@@ -143,30 +151,30 @@ impl GraphPlan {
                 readers[j].push(i);
             }
         }
+        // The grid each node takes its input on (products with input quantization, sums
+        // and concatenations with a grid), and the grid each node's output is best written
+        // on: the first that a reader takes, through operations that keep u8 codes on their
+        // grid (ReLU, max pooling, flatten, dropout). A reader that takes another grid
+        // requantizes.
         let input_quant: Vec<Option<QParams>> = layers
             .iter()
-            .map(|l| l.params().and_then(|p| p.input_quant))
+            .map(|l| match l {
+                Layer::Add { input_quant } | Layer::Concat { input_quant } => *input_quant,
+                l => l.params().and_then(|p| p.input_quant),
+            })
             .collect();
-        // The input quantization of the product that alone reads node `j`'s output, through
-        // operations that keep u8 codes on their grid: node `j` then requantizes to it.
-        let next_input = |j: usize| {
-            let mut at = j;
-            loop {
-                let [reader] = readers[at][..] else {
-                    return None;
-                };
-                match &layers[reader] {
-                    Layer::Conv2d { .. } | Layer::Linear { .. } => return input_quant[reader],
-                    Layer::Relu
-                    | Layer::MaxPool2d { .. }
-                    | Layer::Pool2d { max: true, .. }
-                    | Layer::Flatten
-                    | Layer::Dropout => at = reader,
-                    _ => return None,
-                }
-            }
-        };
-        let next: Vec<Option<QParams>> = (0..n).map(next_input).collect();
+        let mut next: Vec<Option<QParams>> = vec![None; n];
+        for j in (0..n).rev() {
+            next[j] = readers[j].iter().find_map(|&r| match &layers[r] {
+                Layer::Relu
+                | Layer::Activation(Activation::Relu6)
+                | Layer::MaxPool2d { .. }
+                | Layer::Pool2d { max: true, .. }
+                | Layer::Flatten
+                | Layer::Dropout => next[r],
+                _ => input_quant[r],
+            });
+        }
 
         let [c0, h0, w0] = graph.input;
         let to_nhwc = (c0 > 1 && h0 * w0 > 1).then_some((c0, h0 * w0));
@@ -205,6 +213,7 @@ impl GraphPlan {
                 i
             };
             let first = slot(source(0));
+            let is_concat = matches!(layer, Layer::Concat { .. });
             let (out_slot, out_layout) = match layer {
                 Layer::Conv2d {
                     geometry,
@@ -313,7 +322,7 @@ impl GraphPlan {
                     (l, _) => (first, l),
                 },
                 Layer::Dropout => (first, layout_of(source(0))),
-                Layer::Add | Layer::Concat => {
+                Layer::Add { input_quant } | Layer::Concat { input_quant } => {
                     // Flattened NHWC features meet others in PyTorch's order, unless every
                     // input has the same layout (a concatenation takes images only).
                     let layouts: Vec<Layout> = inputs[i].iter().map(|&j| layout_of(j)).collect();
@@ -341,8 +350,8 @@ impl GraphPlan {
                         Some(&l) if same => l,
                         _ => Layout::Native,
                     };
-                    let op = match (layer, in_shape) {
-                        (Layer::Concat, &[_, h, w]) => NodeOp::Concat {
+                    let op = if is_concat {
+                        NodeOp::Concat {
                             channels: inputs[i]
                                 .iter()
                                 .map(|&j| match j {
@@ -350,9 +359,14 @@ impl GraphPlan {
                                     j => shapes[j][0],
                                 })
                                 .collect(),
-                            pixels: h * w,
-                        },
-                        _ => NodeOp::Add,
+                            pixels: in_shape[1..].iter().product(),
+                            grid: input_quant,
+                        }
+                    } else {
+                        NodeOp::Add {
+                            grid: input_quant,
+                            output: input_quant.and(next[i]),
+                        }
                     };
                     (push(op, reads, &mut steps), out_layout)
                 }
@@ -422,6 +436,22 @@ impl GraphPlan {
             .filter_map(|s| match &s.op {
                 NodeOp::Compute(c) => Some((c.layer, c.execution())),
                 NodeOp::Grouped(g) => Some((g.node, g.execution())),
+                NodeOp::Add { grid, output } => Some((
+                    s.output,
+                    match grid {
+                        Some(_) => Execution::Int8Static {
+                            u8_output: output.is_some(),
+                        },
+                        None => Execution::F32,
+                    },
+                )),
+                NodeOp::Concat { grid, .. } => Some((
+                    s.output,
+                    match grid {
+                        Some(_) => Execution::Int8Static { u8_output: true },
+                        None => Execution::F32,
+                    },
+                )),
                 _ => None,
             })
             .collect()
@@ -462,26 +492,19 @@ impl GraphPlan {
         slots[self.input] = Some(x);
         for step in &self.steps {
             let out = match &step.op {
-                NodeOp::Add | NodeOp::Concat { .. } => {
-                    let parts: Vec<&Data> = step
-                        .inputs
-                        .iter()
-                        .filter_map(|&s| slots[s].as_ref())
-                        .collect();
-                    let out = match &step.op {
-                        NodeOp::Concat { channels, pixels } => {
-                            concat(&parts, channels, batch * pixels, pool)
-                        }
-                        _ => add(&parts, pool),
-                    };
-                    for &s in &step.inputs {
-                        left[s] -= 1;
-                        if left[s] == 0
-                            && let Some(data) = slots[s].take()
-                        {
-                            give(data, pool);
-                        }
-                    }
+                NodeOp::Add { grid, output } => {
+                    let out = add(&gather(&slots, &step.inputs), *grid, *output, pool);
+                    release(&mut slots, &mut left, &step.inputs, pool);
+                    out
+                }
+                NodeOp::Concat {
+                    channels,
+                    pixels,
+                    grid,
+                } => {
+                    let parts = gather(&slots, &step.inputs);
+                    let out = concat(&parts, channels, batch * pixels, *grid, pool);
+                    release(&mut slots, &mut left, &step.inputs, pool);
                     out
                 }
                 op => {
@@ -564,6 +587,23 @@ fn take(slots: &mut [Option<Data>], left: &mut [usize], s: usize, pool: &mut Poo
     }
 }
 
+/// The data of the slots `inputs`, borrowed.
+fn gather<'s>(slots: &'s [Option<Data>], inputs: &[usize]) -> Vec<&'s Data> {
+    inputs.iter().filter_map(|&s| slots[s].as_ref()).collect()
+}
+
+/// Counts one read of each slot of `inputs`, giving a slot's buffer back after its last.
+fn release(slots: &mut [Option<Data>], left: &mut [usize], inputs: &[usize], pool: &mut Pool) {
+    for &s in inputs {
+        left[s] -= 1;
+        if left[s] == 0
+            && let Some(data) = slots[s].take()
+        {
+            give(data, pool);
+        }
+    }
+}
+
 /// Gives a slot's buffer back to the pool.
 fn give(data: Data, pool: &mut Pool) {
     match data {
@@ -616,12 +656,21 @@ fn run_unary(op: &NodeOp, x: Data, batch: usize, pool: &mut Pool) -> Data {
         }
         &NodeOp::Transpose { rows, cols } => transpose(x, batch, rows, cols, pool),
         // Operations of several inputs are run by the caller.
-        NodeOp::Add | NodeOp::Concat { .. } => x,
+        NodeOp::Add { .. } | NodeOp::Concat { .. } => x,
     }
 }
 
-/// An activation in place on f32 values; on u8 codes, by a table of the 256 results.
+/// An activation in place on f32 values; on u8 codes, by a table of the 256 results, except
+/// ReLU6, which clamps the codes to those of 0 and 6 (TFLite's quantized ReLU6).
 fn activate(a: Activation, x: Data, pool: &mut Pool) -> Data {
+    let x = match (a, x) {
+        (Activation::Relu6, Data::U8(mut q, p)) => {
+            let (lo, hi) = (p.zero_point as u8, p.quantize(6.0) as u8);
+            q.iter_mut().for_each(|c| *c = (*c).clamp(lo, hi.max(lo)));
+            return Data::U8(q, p);
+        }
+        (_, x) => x,
+    };
     let f: fn(f32) -> f32 = match a {
         Activation::Relu6 => activation::relu6,
         Activation::Sigmoid => activation::sigmoid,
@@ -647,48 +696,124 @@ fn activate(a: Activation, x: Data, pool: &mut Pool) -> Data {
     }
 }
 
-/// The elementwise sum of the inputs, in f32 (u8 inputs dequantized).
-fn add(parts: &[&Data], pool: &mut Pool) -> Data {
+/// An input's `u8` codes on a grid: its own when it holds codes of that grid, else
+/// quantized (after dequantizing codes of another grid) into a pooled buffer.
+enum Codes<'d> {
+    Borrowed(&'d [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Codes<'_> {
+    fn on<'d>(data: &'d Data, grid: QParams, pool: &mut Pool) -> Codes<'d> {
+        match data {
+            Data::U8(v, p) if *p == grid => Codes::Borrowed(v),
+            Data::U8(v, p) => {
+                let mut f = pool.f32(v.len());
+                p.dequantize_slice(v, &mut f);
+                let mut q = pool.u8(v.len());
+                grid.quantize_slice(&f, &mut q);
+                pool.give_f32(f);
+                Codes::Owned(q)
+            }
+            Data::F32(v) => {
+                let mut q = pool.u8(v.len());
+                grid.quantize_slice(v, &mut q);
+                Codes::Owned(q)
+            }
+        }
+    }
+
+    fn codes(&self) -> &[u8] {
+        match self {
+            Codes::Borrowed(v) => v,
+            Codes::Owned(v) => v,
+        }
+    }
+
+    fn give(self, pool: &mut Pool) {
+        if let Codes::Owned(v) = self {
+            pool.give_u8(v);
+        }
+    }
+}
+
+/// The elementwise sum of the inputs: in f32 (u8 inputs dequantized) without a grid; with
+/// one, in integers over every input's codes on it,
+/// `acc = sum_k (q_k - zero_point)`, then requantized to `output`
+/// ([`requantize`](kernels::requantize) with multiplier `grid.scale / output.scale`), or
+/// dequantized (`acc * grid.scale`).
+fn add(parts: &[&Data], grid: Option<QParams>, output: Option<QParams>, pool: &mut Pool) -> Data {
     let len = parts.first().map_or(0, |d| match d {
         Data::F32(v) => v.len(),
         Data::U8(v, _) => v.len(),
     });
-    let mut y = pool.f32(len);
-    for (k, part) in parts.iter().enumerate() {
-        match (k, part) {
-            (0, Data::F32(v)) => y.copy_from_slice(&v[..len]),
-            (0, Data::U8(v, p)) => p.dequantize_slice(&v[..len], &mut y),
-            (_, Data::F32(v)) => y.iter_mut().zip(v.iter()).for_each(|(y, &v)| *y += v),
-            (_, Data::U8(v, p)) => y
-                .iter_mut()
-                .zip(v.iter())
-                .for_each(|(y, &c)| *y += p.dequantize(i32::from(c))),
+    let Some(g) = grid else {
+        let mut y = pool.f32(len);
+        for (k, part) in parts.iter().enumerate() {
+            match (k, part) {
+                (0, Data::F32(v)) => y.copy_from_slice(&v[..len]),
+                (0, Data::U8(v, p)) => p.dequantize_slice(&v[..len], &mut y),
+                (_, Data::F32(v)) => y.iter_mut().zip(v.iter()).for_each(|(y, &v)| *y += v),
+                (_, Data::U8(v, p)) => y
+                    .iter_mut()
+                    .zip(v.iter())
+                    .for_each(|(y, &c)| *y += p.dequantize(i32::from(c))),
+            }
         }
+        return Data::F32(y);
+    };
+    let codes: Vec<Codes> = parts.iter().map(|d| Codes::on(d, g, pool)).collect();
+    let offset = codes.len() as i64 * i64::from(g.zero_point);
+    let acc = |i: usize| codes.iter().map(|c| i64::from(c.codes()[i])).sum::<i64>() - offset;
+    let out = match output {
+        Some(o) => {
+            let multiplier = g.scale / o.scale;
+            let mut y = pool.u8(len);
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = kernels::requantize(acc(i), 0, multiplier, o.zero_point, 0);
+            }
+            Data::U8(y, o)
+        }
+        None => {
+            let mut y = pool.f32(len);
+            for (i, y) in y.iter_mut().enumerate() {
+                *y = acc(i) as f32 * g.scale;
+            }
+            Data::F32(y)
+        }
+    };
+    for c in codes {
+        c.give(pool);
     }
-    Data::F32(y)
+    out
 }
 
-/// The inputs stacked along the channels of every pixel (`pixels`: over the whole batch): u8
-/// when every input holds codes of one grid, else f32.
-fn concat(parts: &[&Data], channels: &[usize], pixels: usize, pool: &mut Pool) -> Data {
+/// The inputs stacked along the channels of every pixel (`pixels`: over the whole batch):
+/// with a grid, every input's codes on it; without, u8 when every input holds codes of one
+/// grid, else f32.
+fn concat(
+    parts: &[&Data],
+    channels: &[usize],
+    pixels: usize,
+    grid: Option<QParams>,
+    pool: &mut Pool,
+) -> Data {
     let total: usize = channels.iter().sum::<usize>() * pixels;
-    let grid = match parts.first() {
-        Some(Data::U8(_, p)) => Some(*p),
+    let grid = grid.or(match parts.first() {
+        Some(Data::U8(_, p)) if parts.iter().all(|d| matches!(d, Data::U8(_, q) if q == p)) => {
+            Some(*p)
+        }
         _ => None,
-    };
-    if let Some(p) = grid
-        && parts.iter().all(|d| matches!(d, Data::U8(_, q) if *q == p))
-    {
-        let codes: Vec<&[u8]> = parts
-            .iter()
-            .filter_map(|d| match d {
-                Data::U8(v, _) => Some(v.as_slice()),
-                Data::F32(_) => None,
-            })
-            .collect();
+    });
+    if let Some(g) = grid {
+        let codes: Vec<Codes> = parts.iter().map(|d| Codes::on(d, g, pool)).collect();
+        let slices: Vec<&[u8]> = codes.iter().map(Codes::codes).collect();
         let mut y = pool.u8(total);
-        concat_channels(&codes, channels, pixels, &mut y);
-        return Data::U8(y, p);
+        concat_channels(&slices, channels, pixels, &mut y);
+        for c in codes {
+            c.give(pool);
+        }
+        return Data::U8(y, g);
     }
     let mut owned: Vec<Vec<f32>> = Vec::new();
     for d in parts {

@@ -4,7 +4,7 @@
 
 use model_spec::{GraphSpec, INPUT, Node, Op};
 use ndarray::Array4;
-use runtime::{ArtifactBuilder, Error, GRAPH_VERSION, Model, Storage};
+use runtime::{ArtifactBuilder, Error, Execution, GRAPH_VERSION, Model, QParams, Storage};
 
 use crate::common::{edit_file, edit_metadata};
 
@@ -185,4 +185,99 @@ fn batch_norm_vectors_are_validated() {
         .add_batch_norm(0, &[1.0; 2], &[0.0; 2], &[0.0; 2], &[1.0; 2])
         .unwrap_err();
     assert!(matches!(e, Error::Builder { .. }) && e.to_string().contains("node 0 (conv2d)"));
+}
+
+/// `x` on the u8 grid `p`: the format's quantization rule.
+fn quantize(p: QParams, x: f32) -> i64 {
+    i64::from(p.quantize(x))
+}
+
+#[test]
+fn full_integer_sums_are_exact() {
+    // sum = x + x on grid g, requantized to the head's input grid o; the head picks each
+    // value (identity weights, stored as code 127 with scale 1/127).
+    let g = QParams::u8(0.1, 10);
+    let o = QParams::u8(0.05, 3);
+    let graph = GraphSpec {
+        name: "sum".into(),
+        input: [2, 1, 2],
+        nodes: vec![
+            Node::new("sum", Op::Add, &[INPUT, INPUT]),
+            Node::new("relu", Op::Relu, &["sum"]),
+            Node::new("flat", Op::Flatten, &["relu"]),
+            Node::new(
+                "fc",
+                Op::Linear {
+                    in_features: 4,
+                    out_features: 4,
+                },
+                &["flat"],
+            ),
+        ],
+    };
+    let mut identity = vec![0.0; 16];
+    for i in 0..4 {
+        identity[i * 5] = 1.0;
+    }
+    let mut b = ArtifactBuilder::for_graph(graph);
+    b.add_layer(
+        3,
+        &identity,
+        &[0.0; 4],
+        Storage::Int8(runtime::Granularity::PerChannel),
+    )
+    .unwrap();
+    b.set_input_quantization(0, g).set_input_quantization(3, o);
+    let model = Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
+    assert_eq!(
+        model.execution(),
+        [
+            (0, Execution::Int8Static { u8_output: true }),
+            (3, Execution::Int8Static { u8_output: false })
+        ]
+    );
+    let xs = [-1.3f32, 0.26, 0.74, 2.0];
+    let x = Array4::from_shape_vec((1, 2, 1, 2), xs.to_vec()).unwrap();
+    let y = model.run(x.view()).unwrap();
+    for (i, &x) in xs.iter().enumerate() {
+        let q = quantize(g, x).clamp(0, 255);
+        let acc = 2 * (q - i64::from(g.zero_point));
+        // Requantized to o (ReLU: the clamp at o's zero point), then the head's product.
+        let code =
+            runtime::kernels::requantize(acc, 0, g.scale / o.scale, o.zero_point, o.zero_point);
+        let head = (i64::from(code) - i64::from(o.zero_point)) * 127;
+        let expected = head as f32 * (o.scale * (1.0 / 127.0)) + 0.0;
+        assert_eq!(y[[0, i]], expected, "value {i}");
+    }
+}
+
+#[test]
+fn full_integer_concatenations_keep_one_grid() {
+    let g = QParams::u8(0.02, 100);
+    let graph = GraphSpec {
+        name: "cat".into(),
+        input: [1, 1, 2],
+        nodes: vec![Node::new("cat", Op::Concat, &[INPUT, INPUT])],
+    };
+    let mut b = ArtifactBuilder::for_graph(graph);
+    b.set_input_quantization(0, g);
+    let model = Model::from_bytes(&b.to_bytes().unwrap()).unwrap();
+    assert_eq!(
+        model.execution(),
+        [(0, Execution::Int8Static { u8_output: true })]
+    );
+    let xs = [0.5f32, -3.0];
+    let y = model.run(
+        Array4::from_shape_vec((1, 1, 1, 2), xs.to_vec())
+            .unwrap()
+            .view(),
+    );
+    let y = y.unwrap();
+    let code = |x: f32| quantize(g, x).clamp(0, 255) as i32;
+    let expected: Vec<f32> = [xs, xs]
+        .concat()
+        .iter()
+        .map(|&x| g.dequantize(code(x)))
+        .collect();
+    assert_eq!(y.iter().copied().collect::<Vec<_>>(), expected);
 }
