@@ -67,6 +67,9 @@ fn dims(values: [usize; 2]) -> [i64; 2] {
     values.map(dim)
 }
 
+/// What sees a tapped tensor: the node's name and the tensor.
+type Tap<'a> = dyn FnMut(&str, &Tensor) + 'a;
+
 /// The tch path of node `name`: one level per dot-separated part.
 fn node_path<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
     name.split('.').fold(root.clone(), |path, part| path / part)
@@ -197,7 +200,9 @@ impl GraphNetwork {
     /// Turns on fake quantization of every `conv2d` and `linear` node, as
     /// [`Network::enable_fake_quant`](crate::Network::enable_fake_quant) does for layers: the
     /// weights per channel, each node's input per tensor through its own observer, keyed by
-    /// the node's index. Meant for a float32 graph in its deployed form.
+    /// the node's index; and of the inputs of every `add` and `concat` node, together (one
+    /// observer sees them stacked), on the one grid the runtime's full-integer sum takes.
+    /// Meant for a float32 graph in its deployed form.
     ///
     /// ```
     /// use models::{Calibrator, FakeQuantConfig, GraphNetwork, GraphSpec};
@@ -271,7 +276,8 @@ impl GraphNetwork {
     /// Runs `xs` through the graph in eval mode, without gradients, and taps the input of
     /// every `conv2d` and `linear` node on `calibrator`, named after the node (the prefix
     /// of its variables), as [`Network::calibrate`](crate::Network::calibrate) does for
-    /// layers. Calibration of a graph is this, batch after batch, then
+    /// layers, and the inputs of every `add` (stacked) and `concat` (concatenated) node
+    /// under its name. Calibration of a graph is this, batch after batch, then
     /// [`Calibrator::into_qparams`].
     pub fn calibrate(&self, xs: &Tensor, calibrator: &mut Calibrator) -> Result<()> {
         let _logits = tch::no_grad(|| {
@@ -287,7 +293,7 @@ impl GraphNetwork {
         &self,
         xs: &Tensor,
         train: bool,
-        mut record: Option<&mut dyn FnMut(&str, &Tensor)>,
+        mut record: Option<&mut Tap>,
     ) -> Result<Tensor> {
         let policy = self.policy;
         let quantized = |index: usize, xs: &Tensor, w: &Tensor| {

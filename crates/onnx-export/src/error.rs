@@ -28,13 +28,6 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The artifact describes a graph (residual, grouped or concatenating network): the
-    /// exporter converts sequential networks.
-    #[error("cannot export graph `{graph}`: the exporter converts sequential networks only")]
-    Graph {
-        /// The graph's name.
-        graph: String,
-    },
     /// Serialising the protobuf message failed.
     #[error("cannot serialise the ONNX model: {0}")]
     Serialize(#[from] protobuf::Error),

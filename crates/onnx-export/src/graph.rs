@@ -1,6 +1,6 @@
 //! Building the ONNX graph of a decoded artifact.
 
-use model_spec::LayerSpec;
+use model_spec::Op;
 use onnx_protobuf::attribute_proto::AttributeType;
 use onnx_protobuf::tensor_proto::DataType;
 use onnx_protobuf::tensor_shape_proto::{Dimension, dimension};
@@ -20,90 +20,225 @@ pub(crate) const INPUT: &str = "input";
 pub(crate) const OUTPUT: &str = "logits";
 const BATCH: &str = "batch";
 
-/// The `ModelProto` of `artifact`.
+/// The name of the tensor node `name` computes.
+fn tensor(name: &str) -> String {
+    format!("{name}.output")
+}
+
+/// Whether some reader of node `i`, whose output the runtime writes on grid `q`, would see
+/// other values than those codes here: a reader that neither quantizes its input to `q`
+/// itself nor passes it (ReLU, ReLU6, max pooling, flatten, dropout: they commute with
+/// quantization) only to such readers.
+fn quantized_for_some_reader(
+    artifact: &Artifact,
+    readers: &[Vec<usize>],
+    i: usize,
+    q: QParams,
+) -> bool {
+    readers[i].iter().any(|&r| {
+        let passes = matches!(
+            artifact.graph().nodes[r].op,
+            Op::Relu | Op::Relu6 | Op::MaxPool2d { .. } | Op::Flatten | Op::Dropout { .. }
+        );
+        if passes {
+            quantized_for_some_reader(artifact, readers, r, q)
+        } else {
+            artifact.input_quantization(r) != Some(q)
+        }
+    })
+}
+
+/// The `ModelProto` of `artifact`: one or a few ONNX nodes per node of its graph (a network
+/// is the chain of nodes named by layer index).
 pub(crate) fn model_proto(artifact: &Artifact) -> Result<ModelProto> {
-    let network = artifact.network().ok_or_else(|| Error::Graph {
-        graph: artifact.graph().name.clone(),
-    })?;
+    let spec = artifact.graph();
     let mut g = Graph::default();
     let mut current = INPUT.to_owned();
-    // The index of the next conv2d/linear layer after each layer, to know whether a static
-    // layer's output is requantized (the runtime's rule).
-    let next_compute =
-        |i: usize| (i + 1..network.layers.len()).find(|&j| artifact.layer(j).is_some());
-    for (i, layer) in network.layers.iter().enumerate() {
+    let index: std::collections::HashMap<&str, usize> = spec
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); spec.nodes.len()];
+    for (i, node) in spec.nodes.iter().enumerate() {
+        for input in &node.inputs {
+            if let Some(&j) = index.get(input.as_str()) {
+                readers[j].push(i);
+            }
+        }
+    }
+    // The tensor each node's readers take (its output, or that quantized and dequantized).
+    let mut outputs: Vec<String> = Vec::with_capacity(spec.nodes.len());
+    for (i, node) in spec.nodes.iter().enumerate() {
         let unsupported = |reason: &str| Error::Unsupported {
             layer: i,
-            op: layer.op(),
+            op: node.op.name(),
             reason: reason.to_owned(),
         };
-        let output = format!("{i}.output");
-        match *layer {
-            LayerSpec::Conv2d {
+        let inputs: Vec<String> = node
+            .inputs
+            .iter()
+            .map(|n| match index.get(n.as_str()) {
+                Some(&j) => outputs[j].clone(),
+                None => INPUT.to_owned(),
+            })
+            .collect();
+        let x = inputs.first().cloned().unwrap_or_else(|| INPUT.to_owned());
+        let output = tensor(&node.name);
+        // The runtime requantizes a full-integer product's output when a reader takes it on
+        // a grid; the reader's `QuantizeLinear` does the same here.
+        let requantized = artifact.output_quantization(i).is_some();
+        match node.op {
+            Op::Conv2d {
                 kernel,
                 stride,
                 padding,
+                groups,
                 ..
             } => {
                 let params = artifact
                     .layer(i)
                     .ok_or_else(|| unsupported("no parameters"))?;
-                let requantized = next_compute(i)
-                    .and_then(|j| artifact.layer(j))
-                    .is_some_and(|p| p.input_quantization.is_some());
-                let (x, w, b) = g.compute_inputs(i, &current, params, requantized)?;
-                let (k, s, p) = (dim(kernel)?, dim(stride)?, dim(padding)?);
+                let (x, w, b) = g.compute_inputs(&node.name, &x, params, requantized)?;
+                let (p0, p1) = (dim(padding[0])?, dim(padding[1])?);
                 g.node(
                     "Conv",
                     &[&x, &w, &b],
                     &[&output],
                     vec![
-                        ints("kernel_shape", &[k, k]),
-                        ints("strides", &[s, s]),
-                        ints("pads", &[p, p, p, p]),
+                        ints("kernel_shape", &[dim(kernel[0])?, dim(kernel[1])?]),
+                        ints("strides", &[dim(stride[0])?, dim(stride[1])?]),
+                        ints("pads", &[p0, p1, p0, p1]),
                         ints("dilations", &[1, 1]),
-                        int("group", 1),
+                        int("group", dim(groups)?),
                     ],
                 );
-                current = output;
             }
-            LayerSpec::Linear { .. } => {
+            Op::Linear { .. } => {
                 let params = artifact
                     .layer(i)
                     .ok_or_else(|| unsupported("no parameters"))?;
-                let requantized = next_compute(i)
-                    .and_then(|j| artifact.layer(j))
-                    .is_some_and(|p| p.input_quantization.is_some());
-                let (x, w, b) = g.compute_inputs(i, &current, params, requantized)?;
+                let (x, w, b) = g.compute_inputs(&node.name, &x, params, requantized)?;
                 g.node("Gemm", &[&x, &w, &b], &[&output], vec![int("transB", 1)]);
-                current = output;
             }
-            LayerSpec::Relu => {
-                g.node("Relu", &[&current], &[&output], vec![]);
-                current = output;
+            Op::BatchNorm2d { features, .. } => {
+                // The scale and shift the runtime computes, per channel of NCHW input.
+                let (scale, shift) = artifact
+                    .batch_norm(i)
+                    .ok_or_else(|| unsupported("no scale and shift"))?;
+                let (sn, tn) = (
+                    format!("{}.scale", node.name),
+                    format!("{}.shift", node.name),
+                );
+                g.f32_initializer(&sn, &[features, 1, 1], scale)?;
+                g.f32_initializer(&tn, &[features, 1, 1], shift)?;
+                let scaled = format!("{}.scaled", node.name);
+                g.node("Mul", &[&x, &sn], &[&scaled], vec![]);
+                g.node("Add", &[&scaled, &tn], &[&output], vec![]);
             }
-            LayerSpec::MaxPool2d { kernel, stride } => {
-                let (k, s) = (dim(kernel)?, dim(stride)?);
+            Op::Relu => g.node("Relu", &[&x], &[&output], vec![]),
+            Op::Relu6 => {
+                let (lo, hi) = (format!("{}.min", node.name), format!("{}.max", node.name));
+                g.f32_initializer(&lo, &[], &[0.0])?;
+                g.f32_initializer(&hi, &[], &[6.0])?;
+                g.node("Clip", &[&x, &lo, &hi], &[&output], vec![]);
+            }
+            Op::Sigmoid => g.node("Sigmoid", &[&x], &[&output], vec![]),
+            Op::Tanh => g.node("Tanh", &[&x], &[&output], vec![]),
+            Op::Gelu => {
+                // `x / 2 * (1 + erf(x / sqrt 2))`: ONNX has no `Gelu` before opset 20.
+                let name = &node.name;
+                let (c, h, one) = (
+                    format!("{name}.inv_sqrt2"),
+                    format!("{name}.half"),
+                    format!("{name}.one"),
+                );
+                g.f32_initializer(&c, &[], &[std::f32::consts::FRAC_1_SQRT_2])?;
+                g.f32_initializer(&h, &[], &[0.5])?;
+                g.f32_initializer(&one, &[], &[1.0])?;
+                let (scaled, erf, plus, halved) = (
+                    format!("{name}.scaled"),
+                    format!("{name}.erf"),
+                    format!("{name}.plus"),
+                    format!("{name}.halved"),
+                );
+                g.node("Mul", &[&x, &c], &[&scaled], vec![]);
+                g.node("Erf", &[&scaled], &[&erf], vec![]);
+                g.node("Add", &[&erf, &one], &[&plus], vec![]);
+                g.node("Mul", &[&x, &h], &[&halved], vec![]);
+                g.node("Mul", &[&halved, &plus], &[&output], vec![]);
+            }
+            Op::Silu => {
+                let sigmoid = format!("{}.sigmoid", node.name);
+                g.node("Sigmoid", &[&x], &[&sigmoid], vec![]);
+                g.node("Mul", &[&x, &sigmoid], &[&output], vec![]);
+            }
+            Op::HardSwish => g.node("HardSwish", &[&x], &[&output], vec![]),
+            Op::MaxPool2d {
+                kernel,
+                stride,
+                padding,
+            } => {
+                let (p0, p1) = (dim(padding[0])?, dim(padding[1])?);
                 g.node(
                     "MaxPool",
-                    &[&current],
+                    &[&x],
                     &[&output],
-                    vec![ints("kernel_shape", &[k, k]), ints("strides", &[s, s])],
+                    vec![
+                        ints("kernel_shape", &[dim(kernel[0])?, dim(kernel[1])?]),
+                        ints("strides", &[dim(stride[0])?, dim(stride[1])?]),
+                        ints("pads", &[p0, p1, p0, p1]),
+                    ],
                 );
-                current = output;
             }
-            LayerSpec::Flatten => {
-                g.node("Flatten", &[&current], &[&output], vec![int("axis", 1)]);
-                current = output;
+            Op::AvgPool2d { kernel, stride } => g.node(
+                "AveragePool",
+                &[&x],
+                &[&output],
+                vec![
+                    ints("kernel_shape", &[dim(kernel[0])?, dim(kernel[1])?]),
+                    ints("strides", &[dim(stride[0])?, dim(stride[1])?]),
+                ],
+            ),
+            Op::GlobalAvgPool => {
+                let pooled = format!("{}.pooled", node.name);
+                g.node("GlobalAveragePool", &[&x], &[&pooled], vec![]);
+                g.node("Flatten", &[&pooled], &[&output], vec![int("axis", 1)]);
             }
-            LayerSpec::Dropout { .. } => {}
-            LayerSpec::BatchNorm2d { .. } => {
-                // The decoder refuses batch norm; kept for a network built some other way.
-                return Err(unsupported(
-                    "batch norm must be folded into the preceding convolution",
-                ));
+            Op::Flatten => g.node("Flatten", &[&x], &[&output], vec![int("axis", 1)]),
+            Op::Dropout { .. } => g.node("Identity", &[&x], &[&output], vec![]),
+            Op::Add | Op::Concat => {
+                // Full integer: every input brought to the node's one grid.
+                let mut operands = Vec::with_capacity(inputs.len());
+                for (k, input) in inputs.iter().enumerate() {
+                    operands.push(match artifact.input_quantization(i) {
+                        Some(q) => {
+                            g.quantize_input(&format!("{}.{k}", node.name), input, Some(q))?
+                        }
+                        None => input.clone(),
+                    });
+                }
+                let operands: Vec<&str> = operands.iter().map(String::as_str).collect();
+                if node.op == Op::Add {
+                    g.node("Sum", &operands, &[&output], vec![]);
+                } else {
+                    g.node("Concat", &operands, &[&output], vec![int("axis", 1)]);
+                }
             }
         }
+        // A node whose output the runtime writes as codes passes quantized values to every
+        // reader: where a reader would see something else here (it does not quantize to
+        // that grid itself, directly or after nodes that commute with quantization), the
+        // output is quantized and dequantized once for all of them.
+        let output = match artifact.output_quantization(i) {
+            Some(q) if quantized_for_some_reader(artifact, &readers, i, q) => {
+                g.quantize_input(&output, &output, Some(q))?
+            }
+            _ => output,
+        };
+        outputs.push(output.clone());
+        current = output;
     }
     let shapes = artifact.shapes();
     let out_shape = shapes.last().map_or(&[][..], Vec::as_slice);
@@ -126,7 +261,7 @@ pub(crate) fn model_proto(artifact: &Artifact) -> Result<ModelProto> {
         _ => g.node(op, &[&current], &[OUTPUT], attributes),
     }
 
-    let [c, h, w] = network.input;
+    let [c, h, w] = spec.input;
     let input = value_info(
         INPUT,
         &[
@@ -138,15 +273,19 @@ pub(crate) fn model_proto(artifact: &Artifact) -> Result<ModelProto> {
     );
     let output = value_info(OUTPUT, &[Dim::Batch, Dim::Fixed(dim(outputs)?)]);
     let graph = GraphProto {
-        name: network.name.clone(),
+        name: spec.name.clone(),
         node: g.nodes,
         initializer: g.initializers,
         input: vec![input],
         output: vec![output],
         doc_string: format!(
             "{} exported from a tch-mot artifact (format version {})",
-            network.name,
-            runtime::FORMAT_VERSION
+            spec.name,
+            if artifact.network().is_some() {
+                runtime::FORMAT_VERSION
+            } else {
+                runtime::GRAPH_VERSION
+            }
         ),
         ..GraphProto::default()
     };
@@ -162,7 +301,7 @@ pub(crate) fn model_proto(artifact: &Artifact) -> Result<ModelProto> {
         graph: MessageField::some(graph),
         metadata_props: vec![StringStringEntryProto {
             key: "tch-mot.network".to_owned(),
-            value: network.name.clone(),
+            value: spec.name.clone(),
             ..StringStringEntryProto::default()
         }],
         ..ModelProto::default()
@@ -241,12 +380,12 @@ impl Graph {
         }
     }
 
-    /// The data, weight and bias inputs of layer `i`'s `Conv` or `Gemm`, with the nodes that
+    /// The data, weight and bias inputs of node `i`'s `Conv` or `Gemm`, with the nodes that
     /// quantize its input and dequantize its parameters. `requantized`: the runtime
     /// requantizes the layer's output for the next layer (static int8 only).
     fn compute_inputs(
         &mut self,
-        i: usize,
+        i: &str,
         x: &str,
         params: &LayerParameters,
         requantized: bool,
@@ -330,9 +469,9 @@ impl Graph {
         }
     }
 
-    /// Quantizes and dequantizes an int8 layer's input: with the calibrated parameters
+    /// Quantizes and dequantizes the input `x` of node (or node input) `i`: with the calibrated parameters
     /// (static) or per batch (`DynamicQuantizeLinear`, the runtime's dynamic range).
-    fn quantize_input(&mut self, i: usize, x: &str, q: Option<QParams>) -> Result<String> {
+    fn quantize_input(&mut self, i: &str, x: &str, q: Option<QParams>) -> Result<String> {
         let (quantized, scale, zero_point, dequantized) = (
             format!("{i}.input_quantized"),
             format!("{i}.input_scale"),
@@ -344,9 +483,9 @@ impl Graph {
                 self.f32_initializer(&scale, &[], &[q.scale])?;
                 // A decoded artifact's zero points are u8 codes.
                 let zp = u8::try_from(q.zero_point).map_err(|_| Error::Unsupported {
-                    layer: i,
+                    layer: 0,
                     op: "input quantization",
-                    reason: format!("zero point {} is not a u8 code", q.zero_point),
+                    reason: format!("`{i}`: zero point {} is not a u8 code", q.zero_point),
                 })?;
                 self.initializer(&zero_point, DataType::UINT8, &[], vec![zp])?;
                 self.node(

@@ -36,14 +36,23 @@
 //! final `Flatten`, as the runtime returns one row per sample). Default domain, opset
 //! [`OPSET`], IR version [`IR_VERSION`]. Layer by layer:
 //!
-//! | layer | ONNX |
+//! A network is exported as its chain of nodes; a graph artifact (format version 3) node by
+//! node, each output named `<node>.output`:
+//!
+//! | layer or node | ONNX |
 //! |---|---|
-//! | `conv2d` | `Conv` (NCHW, `pads` from `padding`, `strides`, group 1) |
+//! | `conv2d` | `Conv` (NCHW, `pads` from `padding`, `strides`, `group`) |
 //! | `linear` | `Gemm` with `transB = 1` (weights stay `[out, in]` as in PyTorch) |
-//! | `relu` | `Relu` |
-//! | `max_pool2d` | `MaxPool` (no padding) |
+//! | `batch_norm2d` (kept in a graph) | `Mul` and `Add` with the runtime's scale and shift |
+//! | `relu`, `relu6` | `Relu`, `Clip(0, 6)` |
+//! | `sigmoid`, `tanh`, `hard_swish` | `Sigmoid`, `Tanh`, `HardSwish` |
+//! | `gelu` | `x / 2 * (1 + Erf(x / sqrt 2))` (no `Gelu` before opset 20) |
+//! | `silu` | `Mul(x, Sigmoid(x))` |
+//! | `max_pool2d`, `avg_pool2d` | `MaxPool` (with `pads`), `AveragePool` |
+//! | `global_avg_pool` | `GlobalAveragePool`, `Flatten` |
+//! | `add`, `concat` | `Sum`, `Concat` (`axis = 1`) |
 //! | `flatten` | `Flatten` (`axis = 1`) |
-//! | `dropout` | nothing (identity at inference) |
+//! | `dropout` | `Identity` |
 //!
 //! Initializers are named after the artifact's parameters: `<layer>.weight` and
 //! `<layer>.bias` hold what the `Conv`/`Gemm` consumes, with suffixes (`_f16`,
@@ -69,8 +78,11 @@
 //!   an `i32`; the graph does the same: an int32 initializer (`<layer>.bias_quantized`) with
 //!   scale `s_in * s_w[c]` through `DequantizeLinear`. The runtime's requantization to the
 //!   next layer's grid is that layer's `QuantizeLinear` (after any ReLU, pooling and flatten,
-//!   which commute with it). This is the QDQ form that ONNX Runtime fuses into
-//!   `QLinearConv`/`QLinearMatMul` (u8 activations, s8 weights).
+//!   which commute with it); where a graph's reader takes the codes without quantizing to
+//!   their grid itself, the output gets a `QuantizeLinear` and `DequantizeLinear` of its own.
+//!   This is the QDQ form that ONNX Runtime fuses into `QLinearConv`/`QLinearMatMul` (u8
+//!   activations, s8 weights). A graph's full-integer `add` and `concat` nodes quantize and
+//!   dequantize every input on their grid before `Sum` or `Concat`.
 //! - **Dynamic-range** layers (int8 weights without an entry): `DynamicQuantizeLinear` then
 //!   `DequantizeLinear` on the input. `DynamicQuantizeLinear` is exactly the runtime's rule
 //!   (per tensor, over the whole batch, asymmetric u8 over `[min(x, 0), max(x, 0)]`, zero

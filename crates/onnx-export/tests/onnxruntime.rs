@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mnist_data::{Dataset, Normalization};
-use model_spec::{LayerSpec, NetworkSpec};
+use model_spec::{GraphSpec, INPUT, LayerSpec, NetworkSpec, Node, Op};
 use ndarray::{Array2, Array4, s};
 use runtime::{Artifact, ArtifactBuilder, Granularity, Model, QParams, Scheme, Storage};
 
@@ -319,12 +319,147 @@ fn check(case: Case) {
     // The first convolution's 72 weights are too few for int8_sparse to pay off.
     let scheme: &Scheme = &view.layer(3).unwrap().weight_scheme;
     assert_eq!(scheme.name(), expected_scheme, "{case:?}");
+    compare(case, &bytes, &images);
+}
 
+/// A graph with every operation on MNIST's input: strided stem, depthwise-separable block
+/// with a residual sum, a batch norm that stays, every activation, padded max and average
+/// pooling, a concatenation, a grouped convolution, global average pooling, and a sum of
+/// features from two paths.
+fn graph() -> GraphSpec {
+    let conv = |inp, out, kernel: usize, stride: usize, padding: usize, groups| Op::Conv2d {
+        in_channels: inp,
+        out_channels: out,
+        kernel: [kernel; 2],
+        stride: [stride; 2],
+        padding: [padding; 2],
+        groups,
+    };
+    let linear = |inp, out| Op::Linear {
+        in_features: inp,
+        out_features: out,
+    };
+    GraphSpec {
+        name: "every_op".into(),
+        input: [1, 28, 28],
+        nodes: vec![
+            Node::new("stem", conv(1, 8, 3, 2, 1, 1), &[INPUT]),
+            Node::new("dw", conv(8, 8, 3, 1, 1, 8), &["stem"]),
+            Node::new("act", Op::Relu6, &["dw"]),
+            Node::new("pw", conv(8, 8, 1, 1, 0, 1), &["act"]),
+            Node::new("sum", Op::Add, &["pw", "stem"]),
+            Node::new(
+                "bn",
+                Op::BatchNorm2d {
+                    features: 8,
+                    eps: 1e-5,
+                },
+                &["sum"],
+            ),
+            Node::new("silu", Op::Silu, &["bn"]),
+            Node::new("gelu", Op::Gelu, &["silu"]),
+            Node::new("hswish", Op::HardSwish, &["gelu"]),
+            Node::new(
+                "max",
+                Op::MaxPool2d {
+                    kernel: [3, 3],
+                    stride: [2, 2],
+                    padding: [1, 1],
+                },
+                &["hswish"],
+            ),
+            Node::new("tanh", Op::Tanh, &["stem"]),
+            Node::new(
+                "avg",
+                Op::AvgPool2d {
+                    kernel: [2, 2],
+                    stride: [2, 2],
+                },
+                &["tanh"],
+            ),
+            Node::new("sigmoid", Op::Sigmoid, &["avg"]),
+            Node::new("cat", Op::Concat, &["max", "sigmoid"]),
+            Node::new("grouped", conv(16, 16, 3, 1, 0, 2), &["cat"]),
+            Node::new("relu", Op::Relu, &["grouped"]),
+            Node::new("gap", Op::GlobalAvgPool, &["relu"]),
+            Node::new("flat", Op::Flatten, &["relu"]),
+            Node::new("wide", linear(16 * 5 * 5, 16), &["flat"]),
+            Node::new("features", Op::Add, &["gap", "wide"]),
+            Node::new("drop", Op::Dropout { p: 0.2 }, &["features"]),
+            Node::new("fc", linear(16, 10), &["drop"]),
+        ],
+    }
+}
+
+/// The graph with seeded parameters, in `case`'s scheme; full integer with the input of
+/// every product, sum and concatenation on a grid over [-4, 4] (the stem's over the images).
+fn graph_artifact(case: Case, calibration: &Array4<f32>) -> Vec<u8> {
+    let spec = graph();
+    let mut rng = Rng(0x6A09_E667_F3BC_C908);
+    let mut b = ArtifactBuilder::for_graph(spec.clone());
+    let grid = QParams::u8(8.0 / 255.0, 128);
+    for (i, node) in spec.nodes.iter().enumerate() {
+        if let Some((shape, out)) = node.op.weight_shape() {
+            let fan_in: usize = shape[1..].iter().product();
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            let weight: Vec<f32> = (0..shape.iter().product::<usize>())
+                .map(|_| rng.uniform() * bound)
+                .collect();
+            let bias: Vec<f32> = (0..out).map(|_| rng.uniform() * bound).collect();
+            let storage = match case {
+                Case::F16 => Storage::F16,
+                Case::Int8PerChannel | Case::Int8Static => Storage::Int8(Granularity::PerChannel),
+                _ => Storage::F32,
+            };
+            b.add_layer(i, &weight, &bias, storage).unwrap();
+        }
+        if let Op::BatchNorm2d { features, .. } = node.op {
+            let mut draw = |offset: f32| -> Vec<f32> {
+                (0..features)
+                    .map(|_| rng.uniform() * 0.5 + offset)
+                    .collect()
+            };
+            let (gamma, beta, mean, var) = (draw(1.0), draw(0.0), draw(0.0), draw(1.0));
+            b.add_batch_norm(i, &gamma, &beta, &mean, &var).unwrap();
+        }
+        let quantized = node.op.weight_shape().is_some() || matches!(node.op, Op::Add | Op::Concat);
+        if case == Case::Int8Static && quantized {
+            let q = if i == 0 {
+                QParams::dynamic(calibration.as_slice().unwrap())
+            } else {
+                grid
+            };
+            b.set_input_quantization(i, q);
+        }
+    }
+    b.to_bytes().unwrap()
+}
+
+fn check_graph(case: Case) {
+    let (images, calibration) = mnist();
+    let bytes = graph_artifact(case, &calibration);
     let model = Model::from_bytes(&bytes).unwrap();
+    if case == Case::Int8Static {
+        assert!(
+            model
+                .execution()
+                .iter()
+                .all(|(_, e)| matches!(e, runtime::Execution::Int8Static { .. })),
+            "{:?}",
+            model.execution()
+        );
+    }
+    compare(case, &bytes, &images);
+}
+
+/// Runs the artifact `bytes` in the runtime and, exported, in ONNX Runtime on `images`:
+/// the logits must agree within `case`'s tolerance, and the predicted classes exactly.
+fn compare(case: Case, bytes: &[u8], images: &Array4<f32>) {
+    let model = Model::from_bytes(bytes).unwrap();
     let ours = model.run(images.view()).unwrap();
-    let onnx = onnx_export::export(&bytes).unwrap();
+    let onnx = onnx_export::export(bytes).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ort = onnxruntime(&onnx, &images, dir.path());
+    let ort = onnxruntime(&onnx, images, dir.path());
     eprintln!("{case:?}: {}", ort.ops);
     for (theirs, fused) in [(&ort.basic, false), (&ort.fused, true)] {
         let what = if fused { "fused" } else { "as written" };
@@ -390,4 +525,24 @@ fn int8_sparse_weights_match() {
 #[test]
 fn csr_weights_match() {
     check(Case::Csr);
+}
+
+#[test]
+fn a_graph_of_every_operation_matches_in_f32() {
+    check_graph(Case::F32);
+}
+
+#[test]
+fn a_graph_of_every_operation_matches_in_f16() {
+    check_graph(Case::F16);
+}
+
+#[test]
+fn a_graph_of_every_operation_matches_in_dynamic_range_int8() {
+    check_graph(Case::Int8PerChannel);
+}
+
+#[test]
+fn a_graph_of_every_operation_matches_in_full_integer_int8() {
+    check_graph(Case::Int8Static);
 }

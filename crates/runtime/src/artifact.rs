@@ -282,6 +282,43 @@ impl Layer {
     }
 }
 
+/// The grid each node's input is quantized to (products with input quantization, sums and
+/// concatenations with a grid), and the grid each node's output is best written on: the
+/// first that a reader takes, directly or through nodes that work on `u8` codes (ReLU,
+/// ReLU6, max pooling, flatten, dropout). Returns `(inputs, readers')` by node.
+pub(crate) fn grids(
+    layers: &[Layer],
+    inputs: &[Vec<usize>],
+) -> (Vec<Option<QParams>>, Vec<Option<QParams>>) {
+    let n = layers.len();
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, sources) in inputs.iter().enumerate() {
+        for &j in sources.iter().filter(|&&j| j != NETWORK_INPUT) {
+            readers[j].push(i);
+        }
+    }
+    let input_quant: Vec<Option<QParams>> = layers
+        .iter()
+        .map(|l| match l {
+            Layer::Add { input_quant } | Layer::Concat { input_quant } => *input_quant,
+            l => l.params().and_then(|p| p.input_quant),
+        })
+        .collect();
+    let mut next: Vec<Option<QParams>> = vec![None; n];
+    for j in (0..n).rev() {
+        next[j] = readers[j].iter().find_map(|&r| match &layers[r] {
+            Layer::Relu
+            | Layer::Activation(Activation::Relu6)
+            | Layer::MaxPool2d { .. }
+            | Layer::Pool2d { max: true, .. }
+            | Layer::Flatten
+            | Layer::Dropout => next[r],
+            _ => input_quant[r],
+        });
+    }
+    (input_quant, next)
+}
+
 /// Where a node takes the network's input, in [`Decoded::inputs`].
 pub(crate) const NETWORK_INPUT: usize = usize::MAX;
 

@@ -8,7 +8,7 @@ use quantization::QParams;
 
 use model_spec::InputNormalization;
 
-use crate::artifact::{Decoded, Granularity, Layer, Scheme, Weight, decode};
+use crate::artifact::{Decoded, Granularity, Layer, Scheme, Weight, decode, grids};
 use crate::error::{Error, Result};
 
 /// The values of a conv2d or linear weight, as stored.
@@ -83,6 +83,11 @@ pub struct LayerParameters {
 pub struct Artifact {
     network: Option<NetworkSpec>,
     graph: GraphSpec,
+    /// Every node's input grid, and the grid its output is written on.
+    input_grids: Vec<Option<QParams>>,
+    output_grids: Vec<Option<QParams>>,
+    /// The scale and shift of every batch norm kept in a graph.
+    batch_norms: Vec<Option<(Vec<f32>, Vec<f32>)>>,
     shapes: Vec<Vec<usize>>,
     layers: Vec<Option<LayerParameters>>,
     normalization: Option<InputNormalization>,
@@ -109,10 +114,32 @@ impl Artifact {
             network,
             graph,
             shapes: outputs,
+            inputs,
             layers,
             normalization,
-            ..
         } = decode(bytes, file)?;
+        let (input_grids, readers_grids) = grids(&layers, &inputs);
+        // A product or sum with input quantization writes its output on its readers' grid;
+        // a concatenation with a grid, on that grid; anything else in f32.
+        let output_grids = layers
+            .iter()
+            .zip(&input_grids)
+            .zip(&readers_grids)
+            .map(|((layer, input), readers)| match layer {
+                Layer::Concat { input_quant } => *input_quant,
+                Layer::Conv2d { .. } | Layer::Linear { .. } | Layer::Add { .. } => {
+                    input.and(*readers)
+                }
+                _ => None,
+            })
+            .collect();
+        let batch_norms = layers
+            .iter()
+            .map(|l| match l {
+                Layer::BatchNorm { scale, shift } => Some((scale.clone(), shift.clone())),
+                _ => None,
+            })
+            .collect();
         let layers = layers
             .into_iter()
             .zip(&graph.nodes)
@@ -136,6 +163,9 @@ impl Artifact {
         Ok(Self {
             network,
             graph,
+            input_grids,
+            output_grids,
+            batch_norms,
             shapes,
             layers,
             normalization,
@@ -164,6 +194,30 @@ impl Artifact {
     /// `shapes()[i]` is what layer `i` receives and the last is the network's output.
     pub fn shapes(&self) -> &[Vec<usize>] {
         &self.shapes
+    }
+
+    /// The quantization of node `index`'s input: a conv2d or linear layer's calibrated input
+    /// quantization (its [`LayerParameters::input_quantization`]), or the one grid every
+    /// input of an `add` or `concat` node is requantized to; `None` otherwise.
+    pub fn input_quantization(&self, index: usize) -> Option<QParams> {
+        self.input_grids.get(index).copied().flatten()
+    }
+
+    /// The grid the runtime writes node `index`'s output on, as `u8` codes: a full-integer
+    /// product or sum whose output a reader takes on a grid (directly or through ReLU,
+    /// ReLU6, max pooling, flatten or dropout nodes), or a concatenation with a grid; `None`
+    /// for an output in f32.
+    pub fn output_quantization(&self, index: usize) -> Option<QParams> {
+        self.output_grids.get(index).copied().flatten()
+    }
+
+    /// The `(scale, shift)` per channel of node `index` when it is a batch norm kept in a
+    /// graph: `y = x * scale[c] + shift[c]`, as the runtime computes it.
+    pub fn batch_norm(&self, index: usize) -> Option<(&[f32], &[f32])> {
+        self.batch_norms
+            .get(index)
+            .and_then(Option::as_ref)
+            .map(|(scale, shift)| (scale.as_slice(), shift.as_slice()))
     }
 
     /// The parameters of layer (node) `index`: `Some` for every conv2d and linear layer,

@@ -11,7 +11,7 @@ use super::{
     Compute, Data, Execution, FRONT_BYTES, Front, Kernel, Op, Pool, StaticQuant, compile_layer,
     max_pool, relu, run_compute, run_grouped, transpose,
 };
-use crate::artifact::{Activation, Layer, LayerParams, NETWORK_INPUT, Scheme, Weight};
+use crate::artifact::{Activation, Layer, LayerParams, NETWORK_INPUT, Scheme, Weight, grids};
 use crate::kernels::{
     self, Grouped, GroupedEpilogue, Window, activation, avg_pool_nhwc, concat_channels,
     global_avg_pool_nhwc, grouped_conv_f32, grouped_conv_int8, max_pool_nhwc, scale_shift_nhwc,
@@ -151,30 +151,7 @@ impl GraphPlan {
                 readers[j].push(i);
             }
         }
-        // The grid each node takes its input on (products with input quantization, sums
-        // and concatenations with a grid), and the grid each node's output is best written
-        // on: the first that a reader takes, through operations that keep u8 codes on their
-        // grid (ReLU, max pooling, flatten, dropout). A reader that takes another grid
-        // requantizes.
-        let input_quant: Vec<Option<QParams>> = layers
-            .iter()
-            .map(|l| match l {
-                Layer::Add { input_quant } | Layer::Concat { input_quant } => *input_quant,
-                l => l.params().and_then(|p| p.input_quant),
-            })
-            .collect();
-        let mut next: Vec<Option<QParams>> = vec![None; n];
-        for j in (0..n).rev() {
-            next[j] = readers[j].iter().find_map(|&r| match &layers[r] {
-                Layer::Relu
-                | Layer::Activation(Activation::Relu6)
-                | Layer::MaxPool2d { .. }
-                | Layer::Pool2d { max: true, .. }
-                | Layer::Flatten
-                | Layer::Dropout => next[r],
-                _ => input_quant[r],
-            });
-        }
+        let (_, next) = grids(&layers, inputs);
 
         let [c0, h0, w0] = graph.input;
         let to_nhwc = (c0 > 1 && h0 * w0 > 1).then_some((c0, h0 * w0));
