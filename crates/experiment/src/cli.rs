@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+use crate::architecture::TeacherChoice;
 use crate::settings::{
     Calibrator, DistillationSettings, PipelineSettings, PrecisionSettings, QuantizationSettings,
     Settings,
@@ -39,6 +40,11 @@ pub struct Args {
     /// same settings (and inputs) are kept, the others run.
     #[arg(long)]
     pub resume: bool,
+
+    /// The teacher every technique starts from: the sequential CNN, or a graph (a residual
+    /// network, or depthwise-separable blocks).
+    #[arg(long, value_enum, default_value_t = TeacherChoice::Cnn)]
+    pub teacher: TeacherChoice,
 
     /// Comma-separated stages to run, in order.
     #[arg(long, value_delimiter = ',', default_values_t = Stage::all())]
@@ -142,7 +148,8 @@ impl Args {
         }
     }
 
-    /// The run-wide options that differ from the defaults (`--quick`, `--stages`, `--seed`),
+    /// The run-wide options that differ from the defaults (`--quick`, `--stages`, `--seed`,
+    /// `--teacher`),
     /// as command-line arguments; each stage's own are [`Settings::options`].
     pub fn run_options(&self) -> Vec<String> {
         let Ok(defaults) = Self::try_parse_from(["experiment"]) else {
@@ -158,6 +165,9 @@ impl Args {
         }
         if self.seed != defaults.seed {
             options.extend(["--seed".to_string(), self.seed.to_string()]);
+        }
+        if self.teacher != defaults.teacher {
+            options.extend(["--teacher".to_string(), self.teacher.name().to_string()]);
         }
         options
     }
@@ -310,6 +320,22 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(flag) && text.contains(range), "{arg}: {text}");
         }
+    }
+
+    #[test]
+    fn the_teacher_is_chosen_by_name() {
+        let args = Args::try_parse_from(["experiment"]).unwrap();
+        assert_eq!(args.teacher, TeacherChoice::Cnn);
+        assert!(args.run_options().is_empty());
+        for choice in [TeacherChoice::Resnet, TeacherChoice::Mobilenet] {
+            let args = Args::try_parse_from(["experiment", "--teacher", choice.name()]).unwrap();
+            assert_eq!(args.teacher, choice);
+            assert_eq!(args.run_options(), ["--teacher", choice.name()]);
+            assert_eq!(choice.architecture().name(), choice.name());
+        }
+        let err = Args::try_parse_from(["experiment", "--teacher", "vgg"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("cnn, resnet, mobilenet"), "{text}");
     }
 
     #[test]

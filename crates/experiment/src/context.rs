@@ -18,6 +18,8 @@ pub struct Context {
     pub seed: u64,
     /// Small subsets and few steps: a smoke test, not results.
     pub quick: bool,
+    /// The teacher every technique starts from.
+    pub teacher: crate::architecture::TeacherChoice,
     pub device: RunDevice,
     pub progress: Progress,
     /// The run folder.

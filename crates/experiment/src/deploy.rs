@@ -10,6 +10,7 @@ use mnist_data::{Normalization, Split};
 use model_spec::{InputLayout, InputNormalization};
 use ndarray::{Array4, Axis};
 
+use crate::architecture::Architecture;
 use crate::context::{Context, RunFile};
 use crate::fsutil;
 use crate::report::Row;
@@ -62,10 +63,10 @@ impl<'a> TestSets<'a> {
 /// The artifact with every weight in CSR form where the runtime says that pays off, dense
 /// f32 otherwise; and the choice per weight.
 pub fn sparse_artifact(
-    spec: &model_spec::NetworkSpec,
+    architecture: &Architecture,
     params: &[models::export::DeployedParameter],
 ) -> Result<(runtime::ArtifactBuilder, BTreeMap<String, String>)> {
-    let mut builder = runtime::ArtifactBuilder::new(spec.clone());
+    let mut builder = architecture.builder();
     let mut storage = BTreeMap::new();
     for p in params {
         let rows = p.shape[0];
@@ -193,16 +194,19 @@ pub fn input_normalization(norm: Normalization) -> InputNormalization {
     }
 }
 
-/// Writes `net` (built in `vs` at its root) as an f32 artifact at `path`, batch norm folded,
+/// Writes the deployed parameters `params` of `architecture` (batch norm folded) as an f32
+/// artifact at `path`,
 /// with the input normalisation recorded. The file is written in place: `path` is the
 /// temporary file of [`fsutil::create_atomic`], which makes the artifact appear atomically.
 pub fn export_f32(
-    net: &models::Network,
-    vs: &tch::nn::VarStore,
+    architecture: &Architecture,
+    params: &[models::export::DeployedParameter],
     norm: Normalization,
     path: &Path,
 ) -> Result<()> {
-    let bytes = models::export::artifact(net, vs, models::WeightFormat::F32)?
+    let bytes = architecture
+        .deployed()
+        .artifact(params, models::WeightFormat::F32)?
         .set_input_normalization(input_normalization(norm))
         .to_bytes()?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))

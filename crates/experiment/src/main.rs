@@ -1,5 +1,6 @@
 //! The experiment driver: `cargo xtask experiment --help`.
 
+mod architecture;
 mod charts;
 mod cli;
 mod context;
@@ -97,6 +98,7 @@ fn run(args: &Args) -> Result<bool> {
     let mut ctx = Context {
         seed: args.seed,
         quick: args.quick,
+        teacher: args.teacher,
         device,
         progress,
         out: out.clone(),

@@ -43,7 +43,7 @@ impl Resume {
         } else {
             None
         };
-        let common = serde_json::json!({
+        let mut common = serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "commit": crate::device::git_commit(),
             "data": data_digest(data_dir)?,
@@ -52,6 +52,10 @@ impl Resume {
             "seed": args.seed,
             "quick": args.quick,
         });
+        // The default teacher leaves the keys of earlier runs as they were.
+        if args.teacher != crate::architecture::TeacherChoice::default() {
+            common["teacher"] = args.teacher.name().into();
+        }
         Ok(Self {
             common,
             settings: settings.clone(),

@@ -1,13 +1,14 @@
-//! The teacher: the CNN every technique starts from. The baseline stage trains it and writes
-//! its files; the precision stage retrains it under other policies with the same recipe; the
-//! other stages load it.
+//! The teacher: the network every technique starts from (`--teacher`: the CNN by default, or
+//! a graph preset). The baseline stage trains it and writes its files; the precision stage
+//! retrains it under other policies with the same recipe; the other stages load it.
 
 use anyhow::{Context as _, Result};
-use models::{Network, NetworkSpec};
+use models::Policy;
 use serde::{Deserialize, Serialize};
 use tch::nn;
 use tensor_precision::GradientAudit;
 
+use crate::architecture::{Architecture, Net};
 use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, RuntimeTest};
 use crate::report::Row;
@@ -39,9 +40,9 @@ const EPOCHS: usize = 5;
 /// Share of each class trained on in `--quick` mode.
 const QUICK_FRACTION: f64 = 0.1;
 
-/// The teacher's architecture.
-pub fn spec() -> NetworkSpec {
-    NetworkSpec::teacher_cnn()
+/// The teacher's architecture, as the run chose it.
+pub fn architecture(ctx: &Context) -> Architecture {
+    ctx.teacher.architecture()
 }
 
 /// The teacher's training data on the device and its recipe, shared by every stage that
@@ -70,31 +71,55 @@ pub fn training(ctx: &Context) -> Result<(DeviceSplit, TrainConfig)> {
 
 /// The trained teacher, from the baseline's checkpoint (which the running stage must declare
 /// among its inputs).
-pub fn load(ctx: &Context) -> Result<(nn::VarStore, Network)> {
+pub fn load(ctx: &Context) -> Result<(nn::VarStore, Net)> {
     let path = ctx.input(CHECKPOINT)?;
     let mut vs = nn::VarStore::new(ctx.device.device);
-    let net = Network::new(&vs.root(), &spec())?;
+    let net = architecture(ctx).build(&vs.root(), Policy::Float32)?;
     vs.load(&path)
         .with_context(|| format!("loading the teacher from {}", path.display()))?;
     Ok((vs, net))
 }
 
-/// The row of one training run of a network evaluated by LibTorch: sizes of the trained
+/// The parameters of a trained network and those that are not zero.
+pub struct Counts {
+    pub params: usize,
+    pub nonzero: usize,
+}
+
+impl From<&Net> for Counts {
+    fn from(net: &Net) -> Self {
+        Self {
+            params: net.param_count(),
+            nonzero: net.nonzero_param_count(),
+        }
+    }
+}
+
+impl From<&models::Network> for Counts {
+    fn from(net: &models::Network) -> Self {
+        Self {
+            params: net.param_count(),
+            nonzero: net.nonzero_param_count(),
+        }
+    }
+}
+
+/// The row of one training run of model `model` evaluated by LibTorch: sizes of the trained
 /// network, accuracy and speeds, the policy and the training curve.
 pub fn run_row(
     stage: Stage,
     variant: impl std::fmt::Display,
-    spec: &NetworkSpec,
-    net: &Network,
+    model: &str,
+    counts: Counts,
     stats: &TrainStats,
     eval: Evaluation,
 ) -> Row {
     Row {
         stage: stage.name().into(),
         variant: variant.to_string(),
-        model: spec.name.clone(),
-        params: Some(net.param_count()),
-        nonzero_params: Some(net.nonzero_param_count()),
+        model: model.to_owned(),
+        params: Some(counts.params),
+        nonzero_params: Some(counts.nonzero),
         test_accuracy: Some(eval.accuracy),
         train_seconds: Some(stats.seconds),
         train_samples_per_second: Some(stats.samples_per_second),

@@ -5,12 +5,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use loss_scaling::{LossScaler, ScalePoint};
 use mnist_data::{Batcher, Normalization, Split};
+use models::Policy;
 use models::data::{SplitTensors, ToTensors};
-use models::{Network, Policy};
 use tch::nn::{self, ModuleT, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 use tensor_precision::GradientAuditor;
 
+use crate::architecture::Trainable;
 use crate::progress::Progress;
 use crate::report::Row;
 
@@ -143,9 +144,9 @@ pub struct TrainStats {
 /// Trains `net` (its variables live in `vs`) with Adam and cross-entropy, with loss
 /// scaling, a step bound, a gradient audit, distillation or pruning (see [`TrainOptions`]).
 /// Seed, data order, schedule and optimizer come from `config`;
-/// the precision policy is the network's ([`Network::with_policy`]).
+/// the precision policy is the network's ([`Trainable::policy`]).
 pub fn train_with(
-    net: &Network,
+    net: &impl Trainable,
     vs: &nn::VarStore,
     data: &DeviceSplit,
     config: &TrainConfig,
@@ -267,7 +268,7 @@ pub fn train_with(
 /// The loss of one batch (cross-entropy, or the distillation loss with the hint on top when
 /// `distill` says so) and the student's logits.
 fn batch_loss(
-    net: &Network,
+    net: &impl Trainable,
     xs: &Tensor,
     ys: &Tensor,
     index: &Tensor,
@@ -401,7 +402,7 @@ pub fn evaluate(net: &impl ModuleT, data: &DeviceSplit) -> Evaluation {
 mod tests {
     use super::*;
     use loss_scaling::DynamicConfig;
-    use models::{LayerSpec, NetworkSpec};
+    use models::{LayerSpec, Network, NetworkSpec};
 
     /// A dynamic scale far above what float16 can hold: the first steps must overflow.
     const OVERFLOWING_SCALE: f32 = 16_777_216.0;

@@ -711,7 +711,10 @@ fn damaged_artifacts() {
         infer(
             "unknown format version",
             &future,
-            &["format version `99`", "this runtime reads versions 1 and 2"],
+            &[
+                "format version `99`",
+                "this runtime reads versions 1, 2 and 3",
+            ],
         ),
         infer(
             "negative int8 scale",

@@ -267,6 +267,21 @@ impl GraphNetwork {
             .sum()
     }
 
+    /// Number of parameters that are not exactly zero.
+    pub fn nonzero_param_count(&self) -> usize {
+        self.nodes
+            .iter()
+            .flat_map(|node| match node {
+                NodeImpl::Conv2d { weight, bias, .. } | NodeImpl::Linear { weight, bias } => {
+                    vec![weight, bias]
+                }
+                NodeImpl::BatchNorm2d { bn, .. } => bn.ws.iter().chain(bn.bs.iter()).collect(),
+                NodeImpl::Stateless(_) => Vec::new(),
+            })
+            .map(|t| usize::try_from(t.count_nonzero(None::<i64>).int64_value(&[])).unwrap_or(0))
+            .sum()
+    }
+
     /// The forward pass, with an error where LibTorch or a building block refuses the input
     /// (wrong shape or element type, another device).
     pub fn f_forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {

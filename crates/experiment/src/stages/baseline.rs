@@ -1,7 +1,7 @@
 //! `baseline`: the float32 teacher, trained on the full training set.
 
 use anyhow::{Context as _, Result};
-use models::{Network, Policy};
+use models::Policy;
 use tch::nn;
 use tensor_precision::GradientAuditor;
 
@@ -22,9 +22,9 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
     ));
 
     tch::manual_seed(ctx.seed as i64);
-    let spec = teacher::spec();
+    let spec = teacher::architecture(ctx);
     let vs = nn::VarStore::new(ctx.device.device);
-    let net = Network::new(&vs.root(), &spec)?;
+    let net = spec.build(&vs.root(), Policy::Float32)?;
     let mut auditor = GradientAuditor::new();
     let steps = config.epochs * data.len().div_ceil(config.batch_size);
     let options = TrainOptions {
@@ -47,15 +47,16 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
     })?;
     let artifact = ctx.out.join(teacher::ARTIFACT.file);
     fsutil::create_atomic(&artifact, |path| {
-        deploy::export_f32(&net, &vs, ctx.normalization, path).context("exporting the teacher")
+        let params = net.deployed_parameters(&vs)?;
+        deploy::export_f32(&spec, &params, ctx.normalization, path).context("exporting the teacher")
     })?;
     let (size, gzip) = fsutil::sizes(&artifact)?;
     let run = TeacherRun {
         row: teacher::run_row(
             Stage::Baseline,
             Policy::Float32.name(),
-            &spec,
-            &net,
+            spec.name(),
+            (&net).into(),
             &stats,
             eval,
         ),

@@ -8,11 +8,12 @@
 
 use anyhow::{Context as _, Result, bail};
 use clustering::{CentroidOptimizer, ClusterReport, Clusterer, ClusteringConfig, Granularity};
-use models::Network;
+use models::Policy;
 use models::export::{self, DeployedParameter, WeightFormat};
 use runtime::{Artifact, WeightValues};
 use tch::nn;
 
+use crate::architecture::Architecture;
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{ClusteredLayer, ClusteringDetail, Detail};
@@ -40,17 +41,17 @@ const CENTROID_LEARNING_RATE: f64 = 1e-4;
 const QUICK_STEPS: usize = 20;
 
 pub fn run(ctx: &Context) -> Result<StageReport> {
-    let spec = teacher::spec();
+    let spec = teacher::architecture(ctx);
     let (vs, net) = teacher::load(ctx)?;
-    let dense = export::deployed_parameters(&net, &vs)?;
+    let dense = net.deployed_parameters(&vs)?;
     let sparse = artifact_parameters(ctx)?;
     let tests = TestSets::new(ctx)?;
     let reference = teacher::deployed(ctx, &tests.runtime)?;
     let (data, teacher_config) = teacher::training(ctx)?;
     let stage = Clustering {
         ctx,
-        deployed_spec: spec.without_batch_norm(),
-        model: spec.name.clone(),
+        deployed_spec: spec.deployed(),
+        model: spec.name().to_owned(),
         tests: &tests,
         reference: &reference,
         data: &data,
@@ -80,21 +81,22 @@ fn artifact_parameters(ctx: &Context) -> Result<Vec<DeployedParameter>> {
     let path = ctx.input(SPARSE_TEACHER)?;
     let artifact = Artifact::load(&path)?;
     let mut params = Vec::new();
-    let layers = artifact.graph().nodes.len();
-    for (index, layer) in (0..layers).filter_map(|i| Some((i, artifact.layer(i)?))) {
+    let nodes = &artifact.graph().nodes;
+    for (index, layer) in (0..nodes.len()).filter_map(|i| Some((i, artifact.layer(i)?))) {
         let WeightValues::Float(weight) = &layer.weight else {
             bail!(
                 "{}: layer {index} holds int8 weights; the pruned teacher is stored in f32",
                 path.display()
             );
         };
+        let name = &nodes[index].name;
         params.push(DeployedParameter {
-            name: runtime::weight_name(index),
+            name: format!("{name}.weight"),
             shape: layer.weight_shape.clone(),
             data: weight.clone(),
         });
         params.push(DeployedParameter {
-            name: runtime::bias_name(index),
+            name: format!("{name}.bias"),
             shape: vec![layer.bias.len()],
             data: layer.bias.clone(),
         });
@@ -106,7 +108,7 @@ fn artifact_parameters(ctx: &Context) -> Result<Vec<DeployedParameter>> {
 struct Clustering<'a> {
     ctx: &'a Context,
     /// The teacher with batch norm folded: what is clustered and deployed.
-    deployed_spec: model_spec::NetworkSpec,
+    deployed_spec: Architecture,
     model: String,
     tests: &'a TestSets<'a>,
     /// The float32 teacher artifact, every row's reference.
@@ -142,16 +144,12 @@ impl Clustering<'_> {
         let tuned = self
             .fine_tune(params, clusters, base != Sparsity::Dense, &label)
             .with_context(|| format!("clustering the teacher ({label})"))?;
-        let palette = export::artifact_from_parameters(
-            self.deployed_spec.clone(),
-            &tuned.params,
-            WeightFormat::Palette,
-        )?;
-        let int8 = export::artifact_from_parameters(
-            self.deployed_spec.clone(),
-            &tuned.params,
-            WeightFormat::Int8Compact,
-        )?;
+        let palette = self
+            .deployed_spec
+            .artifact(&tuned.params, WeightFormat::Palette)?;
+        let int8 = self
+            .deployed_spec
+            .artifact(&tuned.params, WeightFormat::Int8Compact)?;
         let mut rows = Vec::new();
         for (storage, builder, weights) in [
             (
@@ -215,7 +213,7 @@ impl Clustering<'_> {
     ) -> Result<Tuned> {
         let ctx = self.ctx;
         let vs = nn::VarStore::new(ctx.device.device);
-        let net = Network::new(&vs.root(), &self.deployed_spec)?;
+        let net = self.deployed_spec.build(&vs.root(), Policy::Float32)?;
         export::load_parameters(&vs, params)?;
         let config = ClusteringConfig {
             granularity: Granularity::PerTensor,
@@ -244,7 +242,7 @@ impl Clustering<'_> {
         )?;
         let layers = clusterer.strip()?;
         Ok(Tuned {
-            params: export::deployed_parameters(&net, &vs)?,
+            params: net.deployed_parameters(&vs)?,
             layers,
             stats,
             libtorch_accuracy: train::evaluate(&net, self.tests.libtorch()).accuracy,

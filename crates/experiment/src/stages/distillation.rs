@@ -8,6 +8,7 @@ use distillation::{DistillationConfig, TeacherCache, Temperature};
 use models::{Initializer, LayerSpec, Network, NetworkSpec, Policy};
 use tch::{Tensor, nn};
 
+use crate::architecture::{Architecture, Net};
 use crate::context::Context;
 use crate::report::detail::{Detail, DistillationDetail, Distilled, Hinted};
 use crate::report::{Row, StageReport, sections};
@@ -54,6 +55,7 @@ struct Outcome {
 
 pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport> {
     let (_teacher_vs, teacher) = teacher::load(ctx)?;
+    let architecture = teacher::architecture(ctx);
     let config = settings.config();
     let (seeds, epochs, fraction) = if ctx.quick {
         (1, 1, 0.02)
@@ -80,6 +82,7 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
         let students = Students {
             ctx,
             teacher: &teacher,
+            architecture: &architecture,
             spec: &spec,
             data: &data,
             config: &train_config,
@@ -87,7 +90,7 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
         let run = students.train(settings, k == 0 && !ctx.quick)?;
         scratch.push(run.scratch);
         distilled.push(run.distilled);
-        hinted.push(run.hinted);
+        hinted.extend(run.hinted);
         last_distilled = Some(run.student);
         cache_seconds = run.cache_seconds;
         if !run.sweep.is_empty() {
@@ -103,7 +106,8 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
     })?;
     let artifact = ctx.out.join(STUDENT_ARTIFACT);
     fsutil::create_atomic(&artifact, |path| {
-        deploy::export_f32(&student, &student_vs, ctx.normalization, path)
+        let params = models::export::deployed_parameters(&student, &student_vs)?;
+        deploy::export_f32(&spec.clone().into(), &params, ctx.normalization, path)
             .context("exporting the distilled student")
     })?;
     let (size, gzip) = fsutil::sizes(&artifact)?;
@@ -126,14 +130,18 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
         students_row(&spec.name, params, &seeds_used, variant, outcomes, artifact)
     };
     let scratch_row = row(Student::Scratch, &scratch, None);
-    let mut hinted_row = row(Student::DistilledHint, &hinted, None);
+    let mut hinted_row = (!hinted.is_empty()).then(|| row(Student::DistilledHint, &hinted, None));
     let hint_gains: Vec<f64> = hinted
         .iter()
         .zip(&distilled)
         .map(|(h, d)| h.accuracy - d.accuracy)
         .collect();
     let (hint_gain_mean, hint_gain_std) = mean_std(&hint_gains);
-    if let Detail::Distillation(detail) = &mut hinted_row.detail {
+    if let Some(Row {
+        detail: Detail::Distillation(detail),
+        ..
+    }) = &mut hinted_row
+    {
         detail.hint = Some(Hinted {
             weight: HINT_WEIGHT,
             gain_over_distilled_mean: hint_gain_mean,
@@ -153,7 +161,10 @@ pub fn run(ctx: &Context, settings: DistillationSettings) -> Result<StageReport>
             teacher_cache_seconds_saved: cache_seconds * (epochs.saturating_sub(1)) as f64,
         });
     }
-    let rows = vec![scratch_row, distilled_row, hinted_row];
+    let rows: Vec<Row> = [Some(scratch_row), Some(distilled_row), hinted_row]
+        .into_iter()
+        .flatten()
+        .collect();
     let section = sections::distillation::section(&rows)
         .map(|section| section.write(&ctx.out))
         .transpose()?;
@@ -205,7 +216,9 @@ fn students_row(
 /// The students of one seed, on its subset and with its initial weights.
 struct Students<'a> {
     ctx: &'a Context,
-    teacher: &'a Network,
+    teacher: &'a Net,
+    /// The teacher's architecture.
+    architecture: &'a Architecture,
     spec: &'a NetworkSpec,
     data: &'a DeviceSplit,
     config: &'a TrainConfig,
@@ -215,7 +228,9 @@ struct Students<'a> {
 struct SeedRun {
     scratch: Outcome,
     distilled: Outcome,
-    hinted: Outcome,
+    /// Distilled with the hint too: for a sequential teacher only (a graph has no single
+    /// flattened feature map).
+    hinted: Option<Outcome>,
     /// The distilled student.
     student: (nn::VarStore, Network),
     /// (temperature, test accuracy), when the sweep ran on this seed.
@@ -247,10 +262,18 @@ impl Students<'_> {
         let (scratch, _) = self.student(None, None, "scratch")?;
         let (distilled, student) = self.student(Some(distill(config)), None, "distilled")?;
         // Hint distillation on top (FitNets), measured but off by default.
-        let (layer, shape) = hint_point(&teacher::spec())?;
-        let features = teacher_features(self.teacher, data, layer)?;
-        let hint = Some((&features, shape[0]));
-        let (hinted, _) = self.student(Some(distill(config)), hint, "distilled + hint")?;
+        let hinted = match (self.teacher.network(), self.architecture.network()) {
+            (Some(teacher), Some(spec)) => {
+                let (layer, shape) = hint_point(spec)?;
+                let features = teacher_features(teacher, data, layer)?;
+                let hint = Some((&features, shape[0]));
+                Some(
+                    self.student(Some(distill(config)), hint, "distilled + hint")?
+                        .0,
+                )
+            }
+            _ => None,
+        };
         let mut temperatures = Vec::new();
         if sweep {
             for t in SWEEP {

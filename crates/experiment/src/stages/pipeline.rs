@@ -302,7 +302,8 @@ impl Pipeline<'_> {
         let layers = pruner.strip();
         let pruned_params = export::deployed_parameters(&net, &vs)?;
         let zeros = deploy::weight_zeros(&pruned_params);
-        let (builder, storage) = deploy::sparse_artifact(&self.deployed_spec, &pruned_params)?;
+        let (builder, storage) =
+            deploy::sparse_artifact(&self.deployed_spec.clone().into(), &pruned_params)?;
         let detail = PipelineDetail {
             step: PipelineStep::Pruned.step().into(),
             weights: "f32, each layer dense or CSR".into(),

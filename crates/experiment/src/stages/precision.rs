@@ -102,9 +102,9 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
             if scaled { ", dynamic loss scaling" } else { "" }
         ));
         tch::manual_seed(seed as i64);
-        let spec = teacher::spec();
+        let spec = teacher::architecture(ctx);
         let vs = nn::VarStore::new(ctx.device.device);
-        let net = Network::with_policy(&vs.root(), &spec, policy)?;
+        let net = spec.build(&vs.root(), policy)?;
         let mut scaler = scaled
             .then(|| {
                 LossScaler::dynamic(DynamicConfig {
@@ -138,8 +138,8 @@ pub fn run(ctx: &Context, settings: &PrecisionSettings) -> Result<StageReport> {
         let mut row = teacher::run_row(
             Stage::Precision,
             PrecisionRun::Teacher(policy),
-            &spec,
-            &net,
+            spec.name(),
+            (&net).into(),
             &stats,
             eval,
         );
@@ -264,8 +264,8 @@ fn float16_demo(ctx: &Context, data: &DeviceSplit, steps: usize) -> Result<Row> 
     let mut row = teacher::run_row(
         Stage::Precision,
         PrecisionRun::Float16Demo,
-        &spec,
-        &net,
+        &spec.name,
+        (&net).into(),
         &stats,
         eval,
     );

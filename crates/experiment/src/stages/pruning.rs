@@ -10,11 +10,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
+use models::Policy;
 use models::export::{self, DeployedParameter, WeightFormat};
-use models::{Network, NetworkSpec};
 use pruning::{Granularity, Pruner, PruningConfig, Schedule, Scope};
 use tch::nn;
 
+use crate::architecture::Architecture;
 use crate::context::{Context, RunFile};
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Detail, PruningDetail, PruningTarget};
@@ -32,8 +33,6 @@ const EPOCHS_90: usize = 2;
 const EPOCHS: usize = 1;
 const QUICK_STEPS: usize = 40;
 const LEARNING_RATE: f64 = 1e-3;
-/// The layer left dense: the first convolution.
-const DENSE_LAYER: &str = "0.weight";
 /// The sparsity ramps up over this share of the fine-tuning steps, then holds.
 const RAMP_SHARE: f64 = 0.6;
 /// Masks are recomputed every this many steps during the ramp (TF-MOT's tutorial uses 100).
@@ -53,7 +52,7 @@ struct Target {
 /// clusters with its zeros kept.
 pub const SPARSE_TEACHER: Product = Product {
     stage: Stage::Pruning,
-    file: "pruning/teacher_cnn_sparsity_90.safetensors",
+    file: "pruning/teacher_sparsity_90.safetensors",
 };
 
 /// The unpruned teacher, every variant's reference. Its artifact is named
@@ -95,15 +94,16 @@ const TARGETS: [Target; 4] = [
 ];
 
 pub fn run(ctx: &Context) -> Result<StageReport> {
-    let spec = teacher::spec();
+    let spec = teacher::architecture(ctx);
     let (vs, net) = teacher::load(ctx)?;
-    let params = export::deployed_parameters(&net, &vs)?;
+    let params = net.deployed_parameters(&vs)?;
     let tests = TestSets::new(ctx)?;
     let (data, teacher_config) = teacher::training(ctx)?;
     let mut stage = Pruning {
         ctx,
-        deployed_spec: spec.without_batch_norm(),
-        model: spec.name.clone(),
+        dense_layer: spec.first_weight().unwrap_or_default(),
+        deployed_spec: spec.deployed(),
+        model: spec.name().to_owned(),
         params: &params,
         tests: &tests,
         data: &data,
@@ -111,8 +111,7 @@ pub fn run(ctx: &Context) -> Result<StageReport> {
         dense: None,
     };
     let dense_file = stage.file("dense_float32")?;
-    let builder =
-        export::artifact_from_parameters(stage.deployed_spec.clone(), &params, WeightFormat::F32)?;
+    let builder = stage.deployed_spec.artifact(&params, WeightFormat::F32)?;
     let dense = deploy::deploy(&builder, &dense_file, &tests.runtime)?;
     let mut rows = vec![pruning_row(
         &stage.model,
@@ -156,7 +155,9 @@ struct Tuned {
 struct Pruning<'a> {
     ctx: &'a Context,
     /// The teacher with batch norm folded: what is pruned.
-    deployed_spec: NetworkSpec,
+    deployed_spec: Architecture,
+    /// The weight left dense: the first convolution's.
+    dense_layer: String,
     model: String,
     /// Its trained parameters.
     params: &'a [DeployedParameter],
@@ -181,7 +182,7 @@ impl Target {
 impl Pruning<'_> {
     fn file(&self, variant: impl std::fmt::Display) -> Result<RunFile> {
         self.ctx
-            .file(FOLDER, &format!("{}_{variant}.safetensors", self.model))
+            .file(FOLDER, &format!("teacher_{variant}.safetensors"))
     }
 
     /// Fine-tunes the teacher while pruning it to `target`.
@@ -195,7 +196,7 @@ impl Pruning<'_> {
         let prunable_total: usize = weights.iter().map(|p| p.data.len()).sum();
         let pruned_total: usize = weights
             .iter()
-            .filter(|p| p.name != DENSE_LAYER)
+            .filter(|p| p.name != self.dense_layer)
             .map(|p| p.data.len())
             .sum();
         let config = TrainConfig {
@@ -221,13 +222,15 @@ impl Pruning<'_> {
             _ => Schedule::polynomial_decay(0.0, layer_sparsity, 0, end_step, frequency)?,
         };
         let pruned_vs = nn::VarStore::new(ctx.device.device);
-        let pruned = Network::new(&pruned_vs.root(), &self.deployed_spec)?;
+        let pruned = self
+            .deployed_spec
+            .build(&pruned_vs.root(), Policy::Float32)?;
         export::load_parameters(&pruned_vs, self.params)?;
         // N:M groups must tile the input dimension (the first convolution's 9 inputs do
         // not split into groups of 4, and it stays dense anyway).
         let names: Vec<&str> = weights
             .iter()
-            .filter(|p| p.name != DENSE_LAYER)
+            .filter(|p| p.name != self.dense_layer)
             .filter(|p| match target.granularity {
                 Granularity::NOutOfM { m, .. } => (p.data.len() / p.shape[0]).is_multiple_of(m),
                 _ => true,
@@ -262,7 +265,7 @@ impl Pruning<'_> {
         Ok(Tuned {
             layers: pruner.strip(),
             libtorch_accuracy: train::evaluate(&pruned, self.tests.libtorch()).accuracy,
-            params: export::deployed_parameters(&pruned, &pruned_vs)?,
+            params: pruned.deployed_parameters(&pruned_vs)?,
             stats,
             schedule: (
                 target.name(PrunedWeights::F32).to_string(),
@@ -295,11 +298,9 @@ impl Pruning<'_> {
             target.name(PrunedWeights::Int8),
         );
         let deployed = deploy::deploy(&builder, &self.file(f32_variant)?, test)?;
-        let int8_builder = export::artifact_from_parameters(
-            self.deployed_spec.clone(),
-            &pruned_params,
-            WeightFormat::Int8DynamicRange,
-        )?;
+        let int8_builder = self
+            .deployed_spec
+            .artifact(&pruned_params, WeightFormat::Int8DynamicRange)?;
         let int8 = deploy::deploy(&int8_builder, &self.file(int8_variant)?, test)?;
         let sparsity = deploy::weight_zeros(&pruned_params) as f64 / prunable_total as f64;
         self.ctx.progress.info(&format!(
@@ -312,7 +313,7 @@ impl Pruning<'_> {
             sparsity: target.sparsity,
             granularity: format!("{:?}", target.granularity),
             scope: format!("{:?}", target.scope),
-            dense_layers: vec![DENSE_LAYER.into()],
+            dense_layers: vec![self.dense_layer.clone()],
             fine_tune_steps: stats.steps,
             libtorch_accuracy: Some(libtorch_accuracy),
             schedule: schedule.1,
@@ -379,8 +380,7 @@ mod tests {
             .find(|t| t.variant == Sparsity::Percent(90))
             .expect("a 90% target");
         let file = format!(
-            "{FOLDER}/{}_{}.safetensors",
-            teacher::spec().name,
+            "{FOLDER}/teacher_{}.safetensors",
             target.name(PrunedWeights::F32)
         );
         assert_eq!(SPARSE_TEACHER.file, file);

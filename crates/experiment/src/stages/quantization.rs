@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result, bail};
 use models::calibrate::Calibrator as Taps;
 use models::export::{self, DeployedParameter, WeightFormat};
-use models::{FakeQuantConfig, Network, NetworkSpec};
+use models::{FakeQuantConfig, NetworkSpec, Policy};
 use quantization::{BitWidth, Observer};
 use tch::nn;
 
 use super::distillation::STUDENT_CHECKPOINT;
+use crate::architecture::{Architecture, Net};
 use crate::context::Context;
 use crate::deploy::{self, Deployed, TestSets};
 use crate::report::detail::{Calibration, Detail, Qat, QuantizationDetail};
@@ -45,7 +46,7 @@ const CALIBRATION_BATCH: usize = 250;
 
 /// One model the stage quantizes.
 struct Subject {
-    spec: NetworkSpec,
+    spec: Architecture,
     checkpoint: Product,
     label: &'static str,
 }
@@ -53,13 +54,13 @@ struct Subject {
 pub fn run(ctx: &Context, settings: &QuantizationSettings) -> Result<StageReport> {
     ctx.input(teacher::CHECKPOINT)?;
     let mut subjects = vec![Subject {
-        spec: teacher::spec(),
+        spec: teacher::architecture(ctx),
         checkpoint: teacher::CHECKPOINT,
         label: "teacher",
     }];
     if ctx.optional_input(STUDENT_CHECKPOINT)?.is_some() {
         subjects.push(Subject {
-            spec: NetworkSpec::student_cnn(),
+            spec: NetworkSpec::student_cnn().into(),
             checkpoint: STUDENT_CHECKPOINT,
             label: "student",
         });
@@ -104,7 +105,7 @@ struct Quantizing<'a> {
     label: &'static str,
     model: String,
     /// The network with batch norm folded: what is deployed.
-    deployed_spec: NetworkSpec,
+    deployed_spec: Architecture,
     params: Vec<DeployedParameter>,
     tests: &'a TestSets<'a>,
 }
@@ -119,16 +120,16 @@ fn quantize(
 ) -> Result<Vec<Row>> {
     let path = ctx.input(subject.checkpoint)?;
     let mut vs = nn::VarStore::new(ctx.device.device);
-    let net = Network::new(&vs.root(), &subject.spec)?;
+    let net = subject.spec.build(&vs.root(), Policy::Float32)?;
     vs.load(&path)
         .with_context(|| format!("loading the {} from {}", subject.label, path.display()))?;
     let q = Quantizing {
         ctx,
         settings,
         label: subject.label,
-        model: subject.spec.name.clone(),
-        deployed_spec: subject.spec.without_batch_norm(),
-        params: export::deployed_parameters(&net, &vs)?,
+        model: subject.spec.name().to_owned(),
+        deployed_spec: subject.spec.deployed(),
+        params: net.deployed_parameters(&vs)?,
         tests,
     };
     ctx.progress.info(&format!(
@@ -156,14 +157,16 @@ fn quantize(
 
     // Full-integer: calibrate every quantized layer's input on the deployed network.
     let deployed_vs = nn::VarStore::new(ctx.device.device);
-    let deployed = Network::new(&deployed_vs.root(), &q.deployed_spec)?;
+    let deployed = q
+        .deployed_spec
+        .build(&deployed_vs.root(), Policy::Float32)?;
     export::load_parameters(&deployed_vs, &q.params)?;
     ctx.progress.info(&format!(
         "{}: calibrating on {} training images",
         subject.label,
         calibration.len()
     ));
-    let observers = observe(&deployed, calibration)?;
+    let observers = observe(&q.deployed_spec, &deployed, calibration)?;
     for calibrator in Calibrator::all() {
         rows.push(q.calibrated(calibrator, &observers, calibration.len(), &float32)?);
     }
@@ -177,11 +180,7 @@ impl Quantizing<'_> {
         params: &[DeployedParameter],
         format: WeightFormat,
     ) -> Result<runtime::ArtifactBuilder> {
-        Ok(export::artifact_from_parameters(
-            self.deployed_spec.clone(),
-            params,
-            format,
-        )?)
+        self.deployed_spec.artifact(params, format)
     }
 
     fn deploy(&self, builder: &runtime::ArtifactBuilder, variant: Quantized) -> Result<Deployed> {
@@ -262,7 +261,7 @@ impl Quantizing<'_> {
     /// full-integer int8 with the ranges observed while training.
     fn qat(
         &self,
-        (mut net, vs): (Network, nn::VarStore),
+        (mut net, vs): (Net, nn::VarStore),
         observed_layers: usize,
         data: &DeviceSplit,
         float32: &Deployed,
@@ -292,7 +291,7 @@ impl Quantizing<'_> {
         let label = format!("{} qat", self.label);
         let stats = train::train_with(&net, &vs, data, &config, options, &ctx.progress, &label)?;
         let fake_quant = train::evaluate(&net, self.tests.libtorch());
-        let qat_params = export::deployed_parameters(&net, &vs)?;
+        let qat_params = net.deployed_parameters(&vs)?;
         let mut builder = self.builder(&qat_params, WeightFormat::Int8DynamicRange)?;
         let ranges = net.activation_ranges();
         if ranges.len() != observed_layers {
@@ -328,9 +327,14 @@ impl Quantizing<'_> {
     }
 }
 
-/// Observes the input of every quantized layer of `net` over the calibration set, through
-/// the same `Calibrator` a model of one's own uses.
-fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> {
+/// Observes the input of every quantized layer (or node: products, sums, concatenations) of
+/// `net`, of architecture `architecture`, over the calibration set, through the same
+/// `Calibrator` a model of one's own uses.
+fn observe(
+    architecture: &Architecture,
+    net: &Net,
+    data: &DeviceSplit,
+) -> Result<Vec<(usize, Observer)>> {
     let mut calibrator = Taps::new();
     for (images, _) in data.batches(CALIBRATION_BATCH) {
         net.calibrate(&images, &mut calibrator)
@@ -344,11 +348,6 @@ fn observe(net: &Network, data: &DeviceSplit) -> Result<Vec<(usize, Observer)>> 
     }
     observers
         .into_iter()
-        .map(|(tap, observer)| {
-            let layer = tap
-                .parse::<usize>()
-                .with_context(|| format!("tap `{tap}` is not a layer index"))?;
-            Ok((layer, observer))
-        })
+        .map(|(tap, observer)| Ok((architecture.tapped(&tap)?, observer)))
         .collect()
 }
