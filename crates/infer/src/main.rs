@@ -150,7 +150,12 @@ fn run(args: &Args) -> Result<()> {
         );
         println!("layers:");
         for (index, kind, stored, execution) in &layers {
-            println!("  {index:>3}  {kind:<8} {execution}, stored as {stored}");
+            if stored.is_empty() {
+                // A sum or a concatenation: nothing stored.
+                println!("  {index:>3}  {kind:<8} {execution}");
+            } else {
+                println!("  {index:>3}  {kind:<8} {execution}, stored as {stored}");
+            }
         }
         println!(
             "accuracy: {:.2}% ({} of {} test images)",

@@ -96,6 +96,8 @@ struct GroupedConv {
     node: usize,
     scheme: Scheme,
     shape: Grouped,
+    /// The shape's [`Grouped::taps`].
+    taps: Vec<[u32; 3]>,
     bias: Vec<f32>,
     relu: bool,
     kernel: GroupedKernel,
@@ -533,6 +535,7 @@ fn grouped(node: usize, shape: Grouped, params: LayerParams, next: Option<QParam
     GroupedConv {
         node,
         scheme: weight_scheme,
+        taps: shape.taps(),
         shape,
         bias,
         relu: false,
@@ -648,6 +651,10 @@ fn activate(a: Activation, x: Data, pool: &mut Pool) -> Data {
         }
         (_, x) => x,
     };
+    // One loop per activation, so that each is inlined (and vectorized where it can be).
+    fn each(v: &mut [f32], f: impl Fn(f32) -> f32) {
+        v.iter_mut().for_each(|x| *x = f(*x));
+    }
     let f: fn(f32) -> f32 = match a {
         Activation::Relu6 => activation::relu6,
         Activation::Sigmoid => activation::sigmoid,
@@ -658,7 +665,14 @@ fn activate(a: Activation, x: Data, pool: &mut Pool) -> Data {
     };
     match x {
         Data::F32(mut v) => {
-            v.iter_mut().for_each(|x| *x = f(*x));
+            match a {
+                Activation::Relu6 => each(&mut v, activation::relu6),
+                Activation::Sigmoid => each(&mut v, activation::sigmoid),
+                Activation::Tanh => each(&mut v, activation::tanh),
+                Activation::Gelu => each(&mut v, activation::gelu),
+                Activation::Silu => each(&mut v, activation::silu),
+                Activation::HardSwish => each(&mut v, activation::hard_swish),
+            }
             Data::F32(v)
         }
         Data::U8(q, p) => {
@@ -823,7 +837,7 @@ fn run_grouped_conv(g: &GroupedConv, x: Data, batch: usize, pool: &mut Pool) -> 
         GroupedKernel::F32(w) => {
             let x = pool.take_f32(x);
             let mut y = pool.f32(out_len);
-            grouped_conv_f32(&g.shape, &x, batch, w, &g.bias, g.relu, &mut y);
+            grouped_conv_f32(&g.shape, &g.taps, &x, batch, (w, &g.bias), g.relu, &mut y);
             pool.give_f32(x);
             Data::F32(y)
         }
@@ -860,6 +874,7 @@ fn run_grouped_conv(g: &GroupedConv, x: Data, batch: usize, pool: &mut Pool) -> 
                     };
                     grouped_conv_int8(
                         &g.shape,
+                        &g.taps,
                         &q,
                         params.zero_point,
                         batch,
@@ -880,6 +895,7 @@ fn run_grouped_conv(g: &GroupedConv, x: Data, batch: usize, pool: &mut Pool) -> 
                     };
                     grouped_conv_int8(
                         &g.shape,
+                        &g.taps,
                         &q,
                         params.zero_point,
                         batch,

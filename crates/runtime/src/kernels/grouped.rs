@@ -48,14 +48,18 @@ impl Grouped {
         packed
     }
 
-    /// Calls `f(pixel, tap, input offset)` for every output pixel of one image and every tap
-    /// of its window that lies inside the image (padding contributes nothing).
-    fn for_taps(&self, mut f: impl FnMut(usize, usize, usize)) {
+    /// `[output pixel, tap, input offset]` for every output pixel of one image and every tap
+    /// of its window that lies inside the image (padding contributes nothing), in order:
+    /// what the kernels walk, computed once per layer.
+    ///
+    /// # Panics
+    /// When an image holds 2^32 values or more.
+    pub fn taps(&self) -> Vec<[u32; 3]> {
         let g = &self.geometry;
         let (oh, ow) = (g.out_height(), g.out_width());
+        let mut taps = Vec::with_capacity(oh * ow * g.kernel * g.kernel);
         for oy in 0..oh {
             for ox in 0..ow {
-                let pixel = oy * ow + ox;
                 for ky in 0..g.kernel {
                     let Some(iy) = (oy * g.stride + ky).checked_sub(g.padding) else {
                         continue;
@@ -67,21 +71,25 @@ impl Grouped {
                         let Some(ix) = (ox * g.stride + kx).checked_sub(g.padding) else {
                             continue;
                         };
-                        if ix >= g.width {
-                            continue;
+                        if ix < g.width {
+                            let offset = (iy * g.width + ix) * g.channels;
+                            let entry = [oy * ow + ox, ky * g.kernel + kx, offset];
+                            taps.push(entry.map(|v| {
+                                u32::try_from(v).expect("an image holds fewer than 2^32 values")
+                            }));
                         }
-                        f(pixel, ky * g.kernel + kx, (iy * g.width + ix) * g.channels);
                     }
                 }
             }
         }
+        taps
     }
 }
 
 /// Accumulates `acc[o] += x[channel of o, i] * w[o]` for one tap and one input channel of
 /// each group (`x`: one input pixel, all channels; `w`: the packed row of that tap and
 /// channel).
-#[inline]
+#[inline(always)]
 fn accumulate<X: Copy, W: Copy, A: Copy + std::ops::AddAssign>(
     shape: &Grouped,
     i: usize,
@@ -103,18 +111,53 @@ fn accumulate<X: Copy, W: Copy, A: Copy + std::ops::AddAssign>(
     }
 }
 
-/// A grouped convolution in f32: `x` holds `batch` NHWC images, `w` the weight packed by
-/// [`Grouped::pack`]; writes `batch` NHWC output images to `y` with the bias added and,
-/// when `relu`, negative values clamped to 0.
+/// A grouped convolution in f32: `taps` are [`Grouped::taps`], `x` holds `batch` NHWC
+/// images, `weights` the weight packed by [`Grouped::pack`] and the bias; writes `batch`
+/// NHWC output images to `y` with the bias added and, when `relu`, negative values clamped
+/// to 0. On CPUs with AVX2 it runs a copy compiled for them.
 ///
 /// # Panics
 /// On slices shorter than the shapes need.
 pub fn grouped_conv_f32(
     shape: &Grouped,
+    taps: &[[u32; 3]],
     x: &[f32],
     batch: usize,
-    w: &[f32],
-    bias: &[f32],
+    weights: (&[f32], &[f32]),
+    relu: bool,
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, which is all the copy below is compiled for.
+        unsafe { grouped_conv_f32_avx2(shape, taps, x, batch, weights, relu, y) };
+        return;
+    }
+    grouped_conv_f32_body(shape, taps, x, batch, weights, relu, y);
+}
+
+/// [`grouped_conv_f32`] compiled for AVX2: its loops over the channels vectorize 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn grouped_conv_f32_avx2(
+    shape: &Grouped,
+    taps: &[[u32; 3]],
+    x: &[f32],
+    batch: usize,
+    weights: (&[f32], &[f32]),
+    relu: bool,
+    y: &mut [f32],
+) {
+    grouped_conv_f32_body(shape, taps, x, batch, weights, relu, y);
+}
+
+#[inline(always)]
+fn grouped_conv_f32_body(
+    shape: &Grouped,
+    taps: &[[u32; 3]],
+    x: &[f32],
+    batch: usize,
+    (w, bias): (&[f32], &[f32]),
     relu: bool,
     y: &mut [f32],
 ) {
@@ -130,13 +173,14 @@ pub fn grouped_conv_f32(
         for pixel in y.chunks_exact_mut(n) {
             pixel.copy_from_slice(bias);
         }
-        shape.for_taps(|pixel, tap, offset| {
+        for &[pixel, tap, offset] in taps {
+            let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
             let acc = &mut y[pixel * n..][..n];
             for i in 0..cin {
                 let row = &w[(tap * cin + i) * n..][..n];
                 accumulate(shape, i, &x[offset..], row, acc, |a, b| a * b);
             }
-        });
+        }
         if relu {
             y.iter_mut().for_each(|v| *v = v.max(0.0));
         }
@@ -165,7 +209,8 @@ pub enum GroupedEpilogue<'a> {
     },
 }
 
-/// A grouped convolution in int8: `x` holds `batch` NHWC images of `u8` codes with zero
+/// A grouped convolution in int8: `taps` are [`Grouped::taps`], `x` holds `batch` NHWC
+/// images of `u8` codes with zero
 /// point `x_zero`, `w` the `i8` weight packed by [`Grouped::pack`] with a zero point per
 /// output channel; exact `i32` accumulation of `(x - x_zero) * (w - w_zero)`, then the
 /// epilogue, into `y_f32` or `y_u8` (the one the epilogue writes; the other may be empty).
@@ -176,6 +221,58 @@ pub enum GroupedEpilogue<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_conv_int8(
     shape: &Grouped,
+    taps: &[[u32; 3]],
+    x: &[u8],
+    x_zero: i32,
+    batch: usize,
+    w: (&[i8], &[i32]),
+    epilogue: GroupedEpilogue,
+    relu: bool,
+    y_f32: &mut [f32],
+    y_u8: &mut [u8],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, which is all the copy below is compiled for.
+        unsafe {
+            grouped_conv_int8_avx2(
+                shape, taps, x, x_zero, batch, w, epilogue, relu, y_f32, y_u8,
+            );
+        }
+        return;
+    }
+    grouped_conv_int8_body(
+        shape, taps, x, x_zero, batch, w, epilogue, relu, y_f32, y_u8,
+    );
+}
+
+/// [`grouped_conv_int8`] compiled for AVX2: its `i32` loops over the channels vectorize 8
+/// wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn grouped_conv_int8_avx2(
+    shape: &Grouped,
+    taps: &[[u32; 3]],
+    x: &[u8],
+    x_zero: i32,
+    batch: usize,
+    w: (&[i8], &[i32]),
+    epilogue: GroupedEpilogue,
+    relu: bool,
+    y_f32: &mut [f32],
+    y_u8: &mut [u8],
+) {
+    grouped_conv_int8_body(
+        shape, taps, x, x_zero, batch, w, epilogue, relu, y_f32, y_u8,
+    );
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn grouped_conv_int8_body(
+    shape: &Grouped,
+    taps: &[[u32; 3]],
     x: &[u8],
     x_zero: i32,
     batch: usize,
@@ -203,13 +300,14 @@ pub fn grouped_conv_int8(
             *c = i32::from(q) - x_zero;
         }
         acc.fill(0);
-        shape.for_taps(|pixel, tap, offset| {
+        for &[pixel, tap, offset] in taps {
+            let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
             let acc = &mut acc[pixel * n..][..n];
             for i in 0..cin {
                 let row = &w[(tap * cin + i) * n..][..n];
                 accumulate(shape, i, &centred[offset..], row, acc, |a, b| a * b);
             }
-        });
+        }
         match epilogue {
             GroupedEpilogue::Dequantize { scales, bias } => {
                 let y = &mut y_f32[b * out_image..][..out_image];
@@ -316,7 +414,7 @@ mod tests {
             let w: Vec<f32> = (0..shape.out * shape.in_per_group() * k * k).map(|_| next()).collect();
             let bias: Vec<f32> = (0..shape.out).map(|_| next()).collect();
             let mut y = vec![f32::NAN; batch * shape.out_len()];
-            grouped_conv_f32(&shape, &x, batch, &shape.pack(&w), &bias, relu, &mut y);
+            grouped_conv_f32(&shape, &shape.taps(), &x, batch, (&shape.pack(&w), &bias), relu, &mut y);
             let (oh, ow) = (shape.geometry.out_height(), shape.geometry.out_width());
             for b in 0..batch {
                 let image = &x[b * shape.geometry.image_len()..];
@@ -361,10 +459,10 @@ mod tests {
             let packed = shape.pack(&w);
             let mut dequantized = vec![f32::NAN; batch * shape.out_len()];
             let epilogue = GroupedEpilogue::Dequantize { scales: &scales, bias: &bias };
-            grouped_conv_int8(&shape, &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut dequantized, &mut []);
+            grouped_conv_int8(&shape, &shape.taps(), &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut dequantized, &mut []);
             let mut requantized = vec![0u8; batch * shape.out_len()];
             let epilogue = GroupedEpilogue::Requantize { bias: &bias_q, multipliers: &multipliers, zero_point: out_zero };
-            grouped_conv_int8(&shape, &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut [], &mut requantized);
+            grouped_conv_int8(&shape, &shape.taps(), &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut [], &mut requantized);
             let (oh, ow) = (shape.geometry.out_height(), shape.geometry.out_width());
             for b in 0..batch {
                 let image = &x[b * shape.geometry.image_len()..];
