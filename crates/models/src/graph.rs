@@ -488,7 +488,7 @@ mod tests {
     }
 
     #[test]
-    fn calibrating_a_graph_taps_every_convolution_and_dense_node_by_name() {
+    fn calibrating_a_graph_taps_every_convolution_dense_and_sum_node_by_name() {
         use quantization::{BitWidth, Method};
         let spec = NetworkSpec::compact_cnn().without_batch_norm();
         let vs = nn::VarStore::new(Device::Cpu);
@@ -516,7 +516,9 @@ mod tests {
             .unwrap();
         let names: Vec<&str> = calibrator.observers().map(|(n, _)| n).collect();
         assert!(names.contains(&"layer2.0.downsample.0"), "{names:?}");
-        assert_eq!(names.len(), 1 + 12 + 2 + 1);
+        assert!(names.contains(&"layer2.0.add"), "{names:?}");
+        // The stem, twelve block convolutions, two projections, the head and six sums.
+        assert_eq!(names.len(), 1 + 12 + 2 + 1 + 6);
     }
 
     #[test]

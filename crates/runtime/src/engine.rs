@@ -1040,19 +1040,7 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             stat,
         } => {
             let lda = padded_k(k);
-            let (q, params) = match (data, stat) {
-                (Data::U8(q, p), Some(s)) if p == s.input => (q, p),
-                (data, stat) => {
-                    let x = pool.take_f32(data);
-                    let p = stat
-                        .as_ref()
-                        .map_or_else(|| crate::quant::dynamic(&x), |s| s.input);
-                    let mut q = pool.u8(x.len());
-                    p.quantize_slice(&x, &mut q);
-                    pool.give_f32(x);
-                    (q, p)
-                }
-            };
+            let (q, params) = int8_input(data, stat.as_ref(), pool);
             // A convolution's im2col rows are taken from the images as the kernel needs them;
             // a linear layer's rows are the activations, padded to the row stride if need be.
             let zero = params.zero_point;
@@ -1104,6 +1092,23 @@ fn run_compute(c: &Compute, data: Data, batch: usize, pool: &mut Pool) -> Data {
             };
             pool.give_u8(a);
             result
+        }
+    }
+}
+
+/// An int8 layer's input as `u8` codes and their grid: as it arrives when it already holds
+/// codes on the layer's calibrated grid, else quantized to that grid (full integer) or to
+/// the batch's own range (dynamic range).
+fn int8_input(data: Data, stat: Option<&StaticQuant>, pool: &mut Pool) -> (Vec<u8>, QParams) {
+    match (data, stat) {
+        (Data::U8(q, p), Some(s)) if p == s.input => (q, p),
+        (data, stat) => {
+            let x = pool.take_f32(data);
+            let p = stat.map_or_else(|| crate::quant::dynamic(&x), |s| s.input);
+            let mut q = pool.u8(x.len());
+            p.quantize_slice(&x, &mut q);
+            pool.give_f32(x);
+            (q, p)
         }
     }
 }

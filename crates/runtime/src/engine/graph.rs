@@ -9,7 +9,7 @@ use quantization::QParams;
 
 use super::{
     Compute, Data, Execution, FRONT_BYTES, Front, Kernel, Op, Pool, StaticQuant, compile_layer,
-    max_pool, relu, run_compute, run_grouped, transpose,
+    int8_input, max_pool, relu, run_compute, run_grouped, transpose,
 };
 use crate::artifact::{Activation, Layer, LayerParams, NETWORK_INPUT, Scheme, Weight, grids};
 use crate::kernels::{
@@ -847,19 +847,7 @@ fn run_grouped_conv(g: &GroupedConv, x: Data, batch: usize, pool: &mut Pool) -> 
             scales,
             stat,
         } => {
-            let (q, params) = match (x, stat) {
-                (Data::U8(q, p), Some(s)) if p == s.input => (q, p),
-                (x, stat) => {
-                    let x = pool.take_f32(x);
-                    let p = stat
-                        .as_ref()
-                        .map_or_else(|| crate::quant::dynamic(&x), |s| s.input);
-                    let mut q = pool.u8(x.len());
-                    p.quantize_slice(&x, &mut q);
-                    pool.give_f32(x);
-                    (q, p)
-                }
-            };
+            let (q, params) = int8_input(x, stat.as_ref(), pool);
             let w = (&weight[..], &zero_points[..]);
             let result = match stat
                 .as_ref()
