@@ -1,7 +1,9 @@
 //! A pure-Rust inference runtime for models exported by the toolkit: no LibTorch, no C++.
 //!
 //! An artifact is one safetensors file (specified in `docs/FORMAT.md`) holding the network
-//! description ([`model_spec::NetworkSpec`]) and every parameter in its storage scheme: f32,
+//! description (a sequential [`model_spec::NetworkSpec`], or a [`model_spec::GraphSpec`] of
+//! named nodes: residual sums, concatenations, grouped and depthwise convolutions, pooling of
+//! every kind, any activation) and every parameter in its storage scheme: f32,
 //! f16, int8 (per-channel or per-tensor scales and zero points), CSR-sparse, or palettized
 //! (clustered weights as a codebook and bit-packed indices, pruned ones without their zeros;
 //! decoded to f32 at load). [`Model`]
@@ -17,6 +19,10 @@
 //! - CSR weights (pruned layers) run through a sparse-times-dense product, and stride-1
 //!   convolutions through a direct sparse convolution on the NHWC images; [`csr_pays_off`]
 //!   tells an exporter when a pruned layer is worth storing that way.
+//!
+//! A sequential network runs as one list of operations with the fusions below; a graph runs
+//! node by node, every output kept until its last reader has run, sums and concatenations
+//! in int8 on one grid when the artifact calibrates them.
 //!
 //! Activations stay NHWC from the first convolution to the output (weights are permuted once
 //! at load time, and the output comes back in PyTorch's order). Convolutions are im2col
