@@ -257,6 +257,43 @@ impl ArtifactBuilder {
     /// An empty artifact for the graph `graph` (format version 3): its parameters are named
     /// after its nodes (`"<node>.weight"`), and [`ArtifactBuilder::add_layer`] and
     /// [`ArtifactBuilder::set_input_quantization`] take node indices.
+    ///
+    /// ```
+    /// use model_spec::{GraphSpec, INPUT, Node, Op};
+    /// use runtime::{Artifact, ArtifactBuilder, Model, QParams, Storage};
+    ///
+    /// // x + x, a batch norm that stays, the channel means, a dense head.
+    /// let graph = GraphSpec {
+    ///     name: "mine".into(),
+    ///     input: [2, 3, 3],
+    ///     nodes: vec![
+    ///         Node::new("sum", Op::Add, &[INPUT, INPUT]),
+    ///         Node::new("bn", Op::BatchNorm2d { features: 2, eps: 1e-5 }, &["sum"]),
+    ///         Node::new("gap", Op::GlobalAvgPool, &["bn"]),
+    ///         Node::new("fc", Op::Linear { in_features: 2, out_features: 1 }, &["gap"]),
+    ///     ],
+    /// };
+    /// let mut builder = ArtifactBuilder::for_graph(graph.clone());
+    /// builder
+    ///     .add_batch_norm(1, &[2.0, 2.0], &[0.0, 1.0], &[0.0, 0.0], &[1.0, 1.0])?
+    ///     .add_layer(3, &[1.0, -1.0], &[0.0], Storage::F32)?;
+    /// let bytes = builder.to_bytes()?;
+    /// let view = Artifact::from_bytes(&bytes)?;
+    /// // The scale and shift the runtime applies: gamma / sqrt(var + eps), beta - mean * scale.
+    /// let (scale, shift) = view.batch_norm(1).expect("node 1 is a kept batch norm");
+    /// assert!((scale[0] - 2.0).abs() < 1e-4 && shift == [0.0, 1.0]);
+    /// let model = Model::from_bytes(&bytes)?;
+    /// assert_eq!(model.graph(), &graph);
+    /// // Ones everywhere: (2 * 2 + 0) - (2 * 2 + 1) = -1.
+    /// let y = model.run(ndarray::Array4::<f32>::ones((1, 2, 3, 3)).view())?;
+    /// assert!((y[[0, 0]] + 1.0).abs() < 1e-4);
+    ///
+    /// // Full integer: the sum's inputs on one grid, by node index.
+    /// builder.set_input_quantization(0, QParams::u8(0.01, 0));
+    /// let view = Artifact::from_bytes(&builder.to_bytes()?)?;
+    /// assert_eq!(view.input_quantization(0), Some(QParams::u8(0.01, 0)));
+    /// # Ok::<(), runtime::Error>(())
+    /// ```
     pub fn for_graph(graph: GraphSpec) -> Self {
         Self {
             graph: Some(graph),
