@@ -354,34 +354,40 @@ fn int8_graphs_run_every_product_and_sum_in_int8() {
 }
 
 #[test]
-fn rectangular_convolutions_are_refused_clearly() {
+fn rectangular_kernels_and_unequal_strides() {
+    let rect = |inp, out, kernel, stride, padding, groups| Op::Conv2d {
+        in_channels: inp,
+        out_channels: out,
+        kernel,
+        stride,
+        padding,
+        groups,
+    };
+    // 3x9x9 -> 4x9x9 (1x3, padded sideways) -> 4x3x6 (3x1, strides 3 and 2, grouped)
+    // -> 8x4x6 (2x3 depthwise with multiplier 2) -> 8x3x3 (2x2 dense, strides 1 and 2).
     let spec = graph(
         "rect",
         vec![
-            Node::new(
-                "conv",
-                Op::Conv2d {
-                    in_channels: 3,
-                    out_channels: 2,
-                    kernel: [1, 3],
-                    stride: [1, 1],
-                    padding: [0, 1],
-                    groups: 1,
-                },
-                &[INPUT],
-            ),
-            Node::new("flat", Op::Flatten, &["conv"]),
-            Node::new("fc", linear(2 * 81, 2), &["flat"]),
+            Node::new("wide", rect(3, 4, [1, 3], [1, 1], [0, 1], 1), &[INPUT]),
+            Node::new("tall", rect(4, 4, [3, 1], [3, 2], [0, 1], 2), &["wide"]),
+            Node::new("act", Op::Relu, &["tall"]),
+            Node::new("dw", rect(4, 8, [2, 3], [1, 1], [1, 1], 4), &["act"]),
+            Node::new("mix", rect(8, 8, [2, 2], [1, 2], [0, 0], 1), &["dw"]),
+            Node::new("flat", Op::Flatten, &["mix"]),
+            Node::new("fc", linear(8 * 3 * 3, 5), &["flat"]),
         ],
     );
-    let (vs, net) = network(&spec, 9);
-    let bytes = export::graph_artifact(&net, &vs, WeightFormat::F32)
-        .unwrap()
-        .to_bytes()
-        .unwrap();
-    let e = Model::from_bytes(&bytes).unwrap_err().to_string();
+    let (vs, net, model) = check_f32(&spec, 9);
+    let xs = input(&spec, 16);
+    let stat = full_integer(&spec, &vs, &net, &xs);
     assert!(
-        e.contains("node `conv` (conv2d)") && e.contains("square kernels"),
-        "{e}"
+        stat.execution()
+            .iter()
+            .all(|(_, e)| matches!(e, Execution::Int8Static { .. })),
+        "{:?}",
+        stat.execution()
     );
+    let error = relative_error(&run(&stat, &xs), &logits(&net, &xs));
+    assert!(error < INT8_TOLERANCE, "full integer: {error}");
+    assert_eq!(model.graph().nodes.len(), spec.nodes.len());
 }

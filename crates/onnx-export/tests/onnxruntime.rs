@@ -323,17 +323,20 @@ fn check(case: Case) {
 }
 
 /// A graph with every operation on MNIST's input: strided stem, depthwise-separable block
-/// with a residual sum, a batch norm that stays, every activation, padded max and average
-/// pooling, a concatenation, a grouped convolution, global average pooling, and a sum of
-/// features from two paths.
+/// (a rectangular kernel, unequal paddings) with a residual sum, a batch norm that stays,
+/// every activation, padded max pooling, a depthwise convolution with unequal strides, a
+/// rectangular average pooling, a concatenation, a grouped convolution, global average
+/// pooling, and a sum of features from two paths.
 fn graph() -> GraphSpec {
-    let conv = |inp, out, kernel: usize, stride: usize, padding: usize, groups| Op::Conv2d {
-        in_channels: inp,
-        out_channels: out,
-        kernel: [kernel; 2],
-        stride: [stride; 2],
-        padding: [padding; 2],
-        groups,
+    let conv = |inp, out, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2], groups| {
+        Op::Conv2d {
+            in_channels: inp,
+            out_channels: out,
+            kernel,
+            stride,
+            padding,
+            groups,
+        }
     };
     let linear = |inp, out| Op::Linear {
         in_features: inp,
@@ -343,10 +346,10 @@ fn graph() -> GraphSpec {
         name: "every_op".into(),
         input: [1, 28, 28],
         nodes: vec![
-            Node::new("stem", conv(1, 8, 3, 2, 1, 1), &[INPUT]),
-            Node::new("dw", conv(8, 8, 3, 1, 1, 8), &["stem"]),
+            Node::new("stem", conv(1, 8, [3, 3], [2, 2], [1, 1], 1), &[INPUT]),
+            Node::new("dw", conv(8, 8, [3, 5], [1, 1], [1, 2], 8), &["stem"]),
             Node::new("act", Op::Relu6, &["dw"]),
-            Node::new("pw", conv(8, 8, 1, 1, 0, 1), &["act"]),
+            Node::new("pw", conv(8, 8, [1, 1], [1, 1], [0, 0], 1), &["act"]),
             Node::new("sum", Op::Add, &["pw", "stem"]),
             Node::new(
                 "bn",
@@ -369,17 +372,18 @@ fn graph() -> GraphSpec {
                 &["hswish"],
             ),
             Node::new("tanh", Op::Tanh, &["stem"]),
+            Node::new("squeeze", conv(8, 8, [1, 2], [1, 2], [0, 0], 8), &["tanh"]),
             Node::new(
                 "avg",
                 Op::AvgPool2d {
-                    kernel: [2, 2],
-                    stride: [2, 2],
+                    kernel: [2, 1],
+                    stride: [2, 1],
                 },
-                &["tanh"],
+                &["squeeze"],
             ),
             Node::new("sigmoid", Op::Sigmoid, &["avg"]),
             Node::new("cat", Op::Concat, &["max", "sigmoid"]),
-            Node::new("grouped", conv(16, 16, 3, 1, 0, 2), &["cat"]),
+            Node::new("grouped", conv(16, 16, [3, 3], [1, 1], [0, 0], 2), &["cat"]),
             Node::new("relu", Op::Relu, &["grouped"]),
             Node::new("gap", Op::GlobalAvgPool, &["relu"]),
             Node::new("flat", Op::Flatten, &["relu"]),

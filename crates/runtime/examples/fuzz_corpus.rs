@@ -277,7 +277,18 @@ fn graph() -> GraphSpec {
         input: [3, 6, 6],
         nodes: vec![
             Node::new("stem", conv(3, 4, 1), &[INPUT]),
-            Node::new("dw", conv(4, 4, 4), &["stem"]),
+            Node::new(
+                "dw",
+                Op::Conv2d {
+                    in_channels: 4,
+                    out_channels: 4,
+                    kernel: [3, 1],
+                    stride: [1, 1],
+                    padding: [1, 0],
+                    groups: 4,
+                },
+                &["stem"],
+            ),
             Node::new("act", Op::Relu6, &["dw"]),
             Node::new("sum", Op::Add, &["act", "stem"]),
             Node::new(

@@ -13,7 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernels::{ConvGeometry, CsrMatrix, MAX_INT8_K, Window};
+use crate::kernels::{CsrMatrix, Grouped, MAX_INT8_K, Window};
 use crate::palette;
 
 /// Whether an int8 weight has one scale and zero point per output channel (axis 0,
@@ -211,10 +211,9 @@ pub(crate) struct LayerParams {
 #[derive(Clone, Debug)]
 pub(crate) enum Layer {
     Conv2d {
-        geometry: ConvGeometry,
-        out_channels: usize,
-        /// Channel groups (1: dense; the input channels: depthwise).
-        groups: usize,
+        /// Channels, sizes, kernel, stride, padding and groups (1: dense; the input
+        /// channels: depthwise).
+        shape: Grouped,
         params: LayerParams,
     },
     Linear {
@@ -1120,32 +1119,19 @@ pub(crate) fn decode(bytes: &[u8], file: &str) -> Result<Decoded> {
                     groups,
                 },
                 &[_, height, width],
-            ) => {
-                let square = |v: [usize; 2]| (v[0] == v[1]).then_some(v[0]);
-                let (Some(kernel), Some(stride), Some(padding)) =
-                    (square(kernel), square(stride), square(padding))
-                else {
-                    return Err(Error::Unsupported {
-                        file: file.to_owned(),
-                        reason: format!(
-                            "{place} (conv2d): the runtime runs square kernels with equal strides and paddings, got kernel {kernel:?}, stride {stride:?}, padding {padding:?}"
-                        ),
-                    });
-                };
-                Layer::Conv2d {
-                    geometry: ConvGeometry {
-                        channels: in_channels,
-                        height,
-                        width,
-                        kernel,
-                        stride,
-                        padding,
-                    },
-                    out_channels,
+            ) => Layer::Conv2d {
+                shape: Grouped {
+                    channels: in_channels,
+                    height,
+                    width,
+                    kernel,
+                    stride,
+                    padding,
+                    out: out_channels,
                     groups,
-                    params: parts.layer(&node.name, &place, op)?,
-                }
-            }
+                },
+                params: parts.layer(&node.name, &place, op)?,
+            },
             (
                 op @ &Op::Linear {
                     in_features,

@@ -692,15 +692,15 @@ fn run_grouped(front: &Front, x: &[f32], batch: usize, pool: &mut Pool, run: &Gr
 
 /// Whether the chain plan runs a layer: the layer kinds of a sequential network.
 fn chain_layer(layer: &Layer) -> bool {
-    matches!(
-        layer,
-        Layer::Conv2d { groups: 1, .. }
-            | Layer::Linear { .. }
-            | Layer::Relu
-            | Layer::MaxPool2d { .. }
-            | Layer::Flatten
-            | Layer::Dropout
-    )
+    match layer {
+        Layer::Conv2d { shape, .. } => shape.groups == 1 && shape.geometry().is_some(),
+        Layer::Linear { .. }
+        | Layer::Relu
+        | Layer::MaxPool2d { .. }
+        | Layer::Flatten
+        | Layer::Dropout => true,
+        _ => false,
+    }
 }
 
 /// The operations of a sequential network (every layer one that [`chain_layer`] accepts;
@@ -772,12 +772,10 @@ fn compile_chain(layers: Vec<Layer>, shapes: &[Vec<usize>], input: [usize; 3]) -
                 }
             }
             Layer::Dropout => {}
-            Layer::Conv2d {
-                geometry,
-                out_channels,
-                params,
-                ..
-            } => {
+            Layer::Conv2d { shape, params } => {
+                // The chain plan holds only layers `chain_layer` accepts.
+                let geometry = shape.geometry().expect("a chain convolution is square");
+                let out_channels = shape.out;
                 if layout == Layout::Torch
                     && Layout::image(geometry.channels, geometry.height * geometry.width)
                         != Layout::Torch

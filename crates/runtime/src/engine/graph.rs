@@ -194,34 +194,23 @@ impl GraphPlan {
             let first = slot(source(0));
             let is_concat = matches!(layer, Layer::Concat { .. });
             let (out_slot, out_layout) = match layer {
-                Layer::Conv2d {
-                    geometry,
-                    out_channels,
-                    groups: 1,
-                    params,
-                } => {
-                    let shape = (Some(geometry), out_channels, geometry.patch_len());
-                    let mut c = compile_layer(i, shape, params, next[i], None);
-                    c.pixels = kernels::patch_pixels(&geometry, 1);
-                    c.windows = kernels::patch_windows(&geometry, &c.pixels);
-                    let op = NodeOp::Compute(Box::new(c));
-                    (push(op, vec![first], &mut steps), Layout::Native)
-                }
-                Layer::Conv2d {
-                    geometry,
-                    out_channels,
-                    groups,
-                    params,
-                } => {
-                    let shape = Grouped {
-                        geometry,
-                        out: out_channels,
-                        groups,
-                    };
-                    let conv = grouped(i, shape, params, next[i]);
-                    let op = NodeOp::Grouped(Box::new(conv));
-                    (push(op, vec![first], &mut steps), Layout::Native)
-                }
+                Layer::Conv2d { shape, params } => match shape.geometry() {
+                    // One group, square: the GEMM kernels of the chain plan.
+                    Some(geometry) if shape.groups == 1 => {
+                        let dims = (Some(geometry), shape.out, geometry.patch_len());
+                        let mut c = compile_layer(i, dims, params, next[i], None);
+                        c.pixels = kernels::patch_pixels(&geometry, 1);
+                        c.windows = kernels::patch_windows(&geometry, &c.pixels);
+                        let op = NodeOp::Compute(Box::new(c));
+                        (push(op, vec![first], &mut steps), Layout::Native)
+                    }
+                    // Grouped, depthwise or rectangular: the direct kernels.
+                    _ => {
+                        let conv = grouped(i, shape, params, next[i]);
+                        let op = NodeOp::Grouped(Box::new(conv));
+                        (push(op, vec![first], &mut steps), Layout::Native)
+                    }
+                },
                 Layer::Linear {
                     in_features,
                     out_features,

@@ -1,15 +1,26 @@
 //! Grouped and depthwise convolutions over NHWC images, computed directly (no im2col): each
 //! output pixel accumulates its window tap by tap, every output channel at once, so the
-//! innermost loop runs over contiguous channels.
+//! innermost loop runs over contiguous channels. The kernels also take what the GEMM path
+//! does not: rectangular kernels and unequal strides or paddings.
 
 use super::ConvGeometry;
 
-/// A grouped convolution's shape: the geometry (input channels in all, square kernel), the
-/// output channels and the groups.
+/// A convolution's shape over one NHWC image: input channels and size, kernel, stride and
+/// padding per axis (`[height, width]`, PyTorch's order), output channels and groups.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grouped {
-    /// Input geometry.
-    pub geometry: ConvGeometry,
+    /// Input channels in all.
+    pub channels: usize,
+    /// Input height.
+    pub height: usize,
+    /// Input width.
+    pub width: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Vertical and horizontal stride.
+    pub stride: [usize; 2],
+    /// Zero padding above and below, left and right.
+    pub padding: [usize; 2],
     /// Output channels, a multiple of `groups`.
     pub out: usize,
     /// Channel groups, dividing the input and output channels.
@@ -17,9 +28,38 @@ pub struct Grouped {
 }
 
 impl Grouped {
+    /// The square geometry of this convolution, when kernel, stride and padding agree on
+    /// both axes: what the GEMM kernels take.
+    pub fn geometry(&self) -> Option<ConvGeometry> {
+        let same = |v: [usize; 2]| (v[0] == v[1]).then_some(v[0]);
+        Some(ConvGeometry {
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+            kernel: same(self.kernel)?,
+            stride: same(self.stride)?,
+            padding: same(self.padding)?,
+        })
+    }
+
+    /// Output height.
+    pub fn out_height(&self) -> usize {
+        (self.height + 2 * self.padding[0] - self.kernel[0]) / self.stride[0] + 1
+    }
+
+    /// Output width.
+    pub fn out_width(&self) -> usize {
+        (self.width + 2 * self.padding[1] - self.kernel[1]) / self.stride[1] + 1
+    }
+
+    /// Values per input image.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
     /// Input channels per group.
     pub fn in_per_group(&self) -> usize {
-        self.geometry.channels / self.groups
+        self.channels / self.groups
     }
 
     /// Output channels per group.
@@ -29,14 +69,13 @@ impl Grouped {
 
     /// Values per output image.
     pub fn out_len(&self) -> usize {
-        self.geometry.pixels() * self.out
+        self.out_height() * self.out_width() * self.out
     }
 
-    /// PyTorch's `[out, in / groups, k, k]` weight in the kernels' layout: tap by tap, then
-    /// input channel of the group, then every output channel (`[k * k][in / groups][out]`).
+    /// PyTorch's `[out, in / groups, kh, kw]` weight in the kernels' layout: tap by tap, then
+    /// input channel of the group, then every output channel (`[kh * kw][in / groups][out]`).
     pub fn pack<T: Copy + Default>(&self, weight: &[T]) -> Vec<T> {
-        let (k, cin) = (self.geometry.kernel, self.in_per_group());
-        let taps = k * k;
+        let (taps, cin) = (self.kernel[0] * self.kernel[1], self.in_per_group());
         let mut packed = vec![T::default(); taps * cin * self.out];
         for o in 0..self.out {
             for i in 0..cin {
@@ -55,25 +94,25 @@ impl Grouped {
     /// # Panics
     /// When an image holds 2^32 values or more.
     pub fn taps(&self) -> Vec<[u32; 3]> {
-        let g = &self.geometry;
-        let (oh, ow) = (g.out_height(), g.out_width());
-        let mut taps = Vec::with_capacity(oh * ow * g.kernel * g.kernel);
+        let ([kh, kw], [sy, sx], [py, px]) = (self.kernel, self.stride, self.padding);
+        let (oh, ow) = (self.out_height(), self.out_width());
+        let mut taps = Vec::with_capacity(oh * ow * kh * kw);
         for oy in 0..oh {
             for ox in 0..ow {
-                for ky in 0..g.kernel {
-                    let Some(iy) = (oy * g.stride + ky).checked_sub(g.padding) else {
+                for ky in 0..kh {
+                    let Some(iy) = (oy * sy + ky).checked_sub(py) else {
                         continue;
                     };
-                    if iy >= g.height {
+                    if iy >= self.height {
                         continue;
                     }
-                    for kx in 0..g.kernel {
-                        let Some(ix) = (ox * g.stride + kx).checked_sub(g.padding) else {
+                    for kx in 0..kw {
+                        let Some(ix) = (ox * sx + kx).checked_sub(px) else {
                             continue;
                         };
-                        if ix < g.width {
-                            let offset = (iy * g.width + ix) * g.channels;
-                            let entry = [oy * ow + ox, ky * g.kernel + kx, offset];
+                        if ix < self.width {
+                            let offset = (iy * self.width + ix) * self.channels;
+                            let entry = [oy * ow + ox, ky * kw + kx, offset];
                             taps.push(entry.map(|v| {
                                 u32::try_from(v).expect("an image holds fewer than 2^32 values")
                             }));
@@ -162,7 +201,7 @@ fn grouped_conv_f32_body(
     y: &mut [f32],
 ) {
     let (image, out_image, n, cin) = (
-        shape.geometry.image_len(),
+        shape.image_len(),
         shape.out_len(),
         shape.out,
         shape.in_per_group(),
@@ -283,7 +322,7 @@ fn grouped_conv_int8_body(
     y_u8: &mut [u8],
 ) {
     let (image, out_image, n, cin) = (
-        shape.geometry.image_len(),
+        shape.image_len(),
         shape.out_len(),
         shape.out,
         shape.in_per_group(),
@@ -356,42 +395,38 @@ mod tests {
         (o, oy, ox): (usize, usize, usize),
         mul: impl Fn(X, W) -> A,
     ) -> A {
-        let g = &shape.geometry;
-        let (cin, k) = (shape.in_per_group(), g.kernel);
+        let g = shape;
+        let (cin, [kh, kw]) = (shape.in_per_group(), g.kernel);
         let group = o / shape.out_per_group();
         (0..cin)
-            .flat_map(|i| (0..k).flat_map(move |ky| (0..k).map(move |kx| (i, ky, kx))))
+            .flat_map(|i| (0..kh).flat_map(move |ky| (0..kw).map(move |kx| (i, ky, kx))))
             .filter_map(|(i, ky, kx)| {
-                let iy = (oy * g.stride + ky).checked_sub(g.padding)?;
-                let ix = (ox * g.stride + kx).checked_sub(g.padding)?;
+                let iy = (oy * g.stride[0] + ky).checked_sub(g.padding[0])?;
+                let ix = (ox * g.stride[1] + kx).checked_sub(g.padding[1])?;
                 (iy < g.height && ix < g.width).then(|| {
                     let xv = x[(iy * g.width + ix) * g.channels + group * cin + i];
-                    mul(xv, w[((o * cin + i) * k + ky) * k + kx])
+                    mul(xv, w[((o * cin + i) * kh + ky) * kw + kx])
                 })
             })
             .sum()
     }
 
+    /// Square and rectangular kernels, equal and unequal strides and paddings.
     fn shapes() -> impl Strategy<Value = Grouped> {
         (
-            1usize..4,
-            1usize..4,
-            1usize..4,
-            1usize..4,
-            1usize..3,
-            3usize..8,
-            3usize..8,
+            (1usize..4, 1usize..4, 1usize..4),
+            [1usize..4, 1usize..4],
+            [1usize..3, 1usize..3],
+            (3usize..8, 3usize..8),
         )
-            .prop_flat_map(|(groups, cin, cout, kernel, stride, height, width)| {
-                (0..=kernel / 2).prop_map(move |padding| Grouped {
-                    geometry: ConvGeometry {
-                        channels: groups * cin,
-                        height: height.max(kernel),
-                        width: width.max(kernel),
-                        kernel,
-                        stride,
-                        padding,
-                    },
+            .prop_flat_map(|((groups, cin, cout), kernel, stride, (height, width))| {
+                [0..=kernel[0] / 2, 0..=kernel[1] / 2].prop_map(move |padding| Grouped {
+                    channels: groups * cin,
+                    height: height.max(kernel[0]),
+                    width: width.max(kernel[1]),
+                    kernel,
+                    stride,
+                    padding,
                     out: groups * cout,
                     groups,
                 })
@@ -409,15 +444,15 @@ mod tests {
                 (state % 2001) as f32 / 1000.0 - 1.0
             };
             let batch = 2;
-            let x: Vec<f32> = (0..batch * shape.geometry.image_len()).map(|_| next()).collect();
-            let k = shape.geometry.kernel;
-            let w: Vec<f32> = (0..shape.out * shape.in_per_group() * k * k).map(|_| next()).collect();
+            let x: Vec<f32> = (0..batch * shape.image_len()).map(|_| next()).collect();
+            let k = shape.kernel[0] * shape.kernel[1];
+            let w: Vec<f32> = (0..shape.out * shape.in_per_group() * k).map(|_| next()).collect();
             let bias: Vec<f32> = (0..shape.out).map(|_| next()).collect();
             let mut y = vec![f32::NAN; batch * shape.out_len()];
             grouped_conv_f32(&shape, &shape.taps(), &x, batch, (&shape.pack(&w), &bias), relu, &mut y);
-            let (oh, ow) = (shape.geometry.out_height(), shape.geometry.out_width());
+            let (oh, ow) = (shape.out_height(), shape.out_width());
             for b in 0..batch {
-                let image = &x[b * shape.geometry.image_len()..];
+                let image = &x[b * shape.image_len()..];
                 for (p, o) in (0..oh * ow).flat_map(|p| (0..shape.out).map(move |o| (p, o))) {
                     let acc: f64 = reference(&shape, image, &w, (o, p / ow, p % ow), |a, b| {
                         f64::from(a) * f64::from(b)
@@ -448,9 +483,9 @@ mod tests {
                 state
             };
             let batch = 2;
-            let x: Vec<u8> = (0..batch * shape.geometry.image_len()).map(|_| next() as u8).collect();
-            let k = shape.geometry.kernel;
-            let w: Vec<i8> = (0..shape.out * shape.in_per_group() * k * k).map(|_| next() as i8).collect();
+            let x: Vec<u8> = (0..batch * shape.image_len()).map(|_| next() as u8).collect();
+            let k = shape.kernel[0] * shape.kernel[1];
+            let w: Vec<i8> = (0..shape.out * shape.in_per_group() * k).map(|_| next() as i8).collect();
             let w_zero: Vec<i32> = (0..shape.out).map(|_| (next() % 9) as i32 - 4).collect();
             let scales: Vec<f32> = (0..shape.out).map(|_| (1 + next() % 100) as f32 * 1e-4).collect();
             let bias: Vec<f32> = (0..shape.out).map(|_| (next() % 200) as f32 / 100.0 - 1.0).collect();
@@ -463,9 +498,9 @@ mod tests {
             let mut requantized = vec![0u8; batch * shape.out_len()];
             let epilogue = GroupedEpilogue::Requantize { bias: &bias_q, multipliers: &multipliers, zero_point: out_zero };
             grouped_conv_int8(&shape, &shape.taps(), &x, x_zero, batch, (&packed, &w_zero), epilogue, relu, &mut [], &mut requantized);
-            let (oh, ow) = (shape.geometry.out_height(), shape.geometry.out_width());
+            let (oh, ow) = (shape.out_height(), shape.out_width());
             for b in 0..batch {
-                let image = &x[b * shape.geometry.image_len()..];
+                let image = &x[b * shape.image_len()..];
                 for (p, o) in (0..oh * ow).flat_map(|p| (0..shape.out).map(move |o| (p, o))) {
                     let acc: i64 = reference(&shape, image, &w, (o, p / ow, p % ow), |a, b| {
                         (i64::from(a) - i64::from(x_zero)) * (i64::from(b) - i64::from(w_zero[o]))
