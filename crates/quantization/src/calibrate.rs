@@ -11,6 +11,12 @@ const BINS: usize = 2048;
 const DEFAULT_CAPACITY: usize = 1 << 22;
 /// The default seed of an observer's sampling.
 const DEFAULT_SEED: u64 = 0x7463_682d_6d6f_7401;
+/// The share of the non-zero kept values that one exact value must hold to count as a point
+/// mass for the entropy calibrator. A continuous activation repeats an exact `f32` value
+/// far more rarely; a constant region of the input (an image's background) or a clamp's
+/// ceiling (ReLU6) repeats one in every image. Measured on MNIST's depthwise network: 1%
+/// still let the calibrator clip a ReLU6 ceiling (98.53% against 98.80% at 0.2%).
+const POINT_MASS_SHARE: f64 = 0.002;
 
 /// How a calibrated range is chosen from the observed values.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -208,12 +214,22 @@ impl Observer {
         if top == 0.0 {
             return 1.0;
         }
-        let mut hist = vec![0f64; BINS];
         let width = top / BINS as f32;
         // Zero is exact on every grid (the zero point), so exact zeros (half of a tensor
         // after a ReLU) cost nothing whatever the threshold; left in, their spike in the
         // first bin would dominate the divergence and drag the threshold to its minimum.
-        for &v in self.sample().iter().filter(|&&v| v != 0.0) {
+        let nonzero = self.sample().iter().copied().filter(|&v| v != 0.0);
+        // Point masses do the same to the divergence, which only sees a histogram's shape:
+        // a spike costs it the spreading over its level at every threshold but the
+        // smallest, where each level is one bin. Inside the range a point mass moves by at
+        // most half a step, so the entropy calibrator keeps every one inside the range and
+        // searches the threshold on the rest.
+        let masses = match method {
+            Method::Entropy => point_masses(nonzero.clone()),
+            _ => Vec::new(),
+        };
+        let mut hist = vec![0f64; BINS];
+        for v in nonzero.filter(|v| masses.binary_search(&v.to_bits()).is_err()) {
             let bin = ((v.abs() / width) as usize).min(BINS - 1);
             hist[bin] += 1.0;
         }
@@ -224,7 +240,13 @@ impl Observer {
         } else {
             1usize << (bits.get() - 1)
         };
-        let start = levels.min(BINS);
+        // The smallest threshold that keeps every point mass.
+        let covering = masses
+            .iter()
+            .map(|&m| ((f32::from_bits(m).abs() / width).ceil() as usize).min(BINS))
+            .max()
+            .unwrap_or(0);
+        let start = levels.min(BINS).max(covering);
         let mut best = (f64::INFINITY, BINS);
         for end in start..=BINS {
             let cost = match method {
@@ -237,6 +259,18 @@ impl Observer {
         }
         best.1 as f32 / BINS as f32
     }
+}
+
+/// The bit patterns, sorted, of the values that each hold at least [`POINT_MASS_SHARE`] of
+/// `values`.
+fn point_masses(values: impl Iterator<Item = f32>) -> Vec<u32> {
+    let mut bits: Vec<u32> = values.map(f32::to_bits).collect();
+    bits.sort_unstable();
+    let least = ((bits.len() as f64 * POINT_MASS_SHARE).ceil() as usize).max(2);
+    bits.chunk_by(|a, b| a == b)
+        .filter(|run| run.len() >= least)
+        .map(|run| run[0])
+        .collect()
 }
 
 /// KL(P || Q) of the histogram clipped at `end` bins (outliers folded into the last bin)

@@ -311,3 +311,30 @@ fn an_early_batch_is_not_forgotten() {
         .unwrap();
     assert!(hi >= 100.0, "{hi}");
 }
+
+#[test]
+fn entropy_keeps_point_masses_in_range() {
+    // After a convolution and ReLU6 over images that are mostly background: every channel
+    // gives one exact value wherever its window sees only background (eight such values,
+    // most of the tensor), a continuous bulk elsewhere, zeros, and the clamp's ceiling.
+    let n = 100_000;
+    let constants: Vec<f32> = (1..=8).map(|c| c as f32 * 0.35).collect();
+    let mut values: Vec<f32> = (0..n)
+        .map(|i| (-(1.0 - (i as f64 + 0.5) / n as f64).ln() as f32).min(6.0))
+        .collect();
+    let p99 = 100f32.ln();
+    for &c in &constants {
+        values.extend(std::iter::repeat_n(c, 4 * n / constants.len()));
+    }
+    values.extend(std::iter::repeat_n(0.0, n));
+    let mut observer = Observer::new();
+    observer.observe(&values).unwrap();
+    let (lo, hi) = observer.range(Method::Entropy, BitWidth::INT8).unwrap();
+    assert_eq!(lo, 0.0);
+    assert!(hi >= constants[7], "clipped a point mass at {hi}");
+    assert!(
+        hi >= p99,
+        "clipped at {hi}, below the bulk's 99th percentile {p99}"
+    );
+    assert!(hi <= 6.0);
+}
