@@ -1,5 +1,6 @@
 //! Kernel throughput on the shapes of the toolkit's models: the MLP 784-512-512-10 and the
-//! teacher CNN (its convolutions as im2col GEMMs), at batch 1 and 256. Criterion reports
+//! teacher CNN (its convolutions as im2col GEMMs), at batch 1 and 256, and the depthwise
+//! convolutions of the `mobilenet` preset. Criterion reports
 //! `elements/s` with `2 * m * n * k` elements per iteration, i.e. FLOP/s (OP/s for int8).
 //!
 //! `cargo bench -p runtime --bench kernels -- int8/avx512` runs one group; the settings are
@@ -11,8 +12,8 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use model_spec::NetworkSpec;
 use runtime::kernels::{
-    CsrMatrix, Isa, PackedF32, PackedI8, U8Matrix, csr_gemm_bias, int8_gemm_f32, padded_k,
-    sgemm_packed,
+    CsrMatrix, Grouped, GroupedEpilogue, Isa, PackedF32, PackedI8, U8Matrix, csr_gemm_bias,
+    grouped_conv_f32, grouped_conv_int8, int8_gemm_f32, padded_k, sgemm_packed,
 };
 use runtime::{ArtifactBuilder, Granularity, Model, QParams, Storage};
 
@@ -98,6 +99,67 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
+/// The depthwise 3x3 convolutions of the `mobilenet` preset, `(name, channels, side,
+/// stride)`, in f32 and full-integer int8, on 64 images.
+fn depthwise(c: &mut Criterion) {
+    const BATCH: usize = 64;
+    for (name, channels, side, stride) in [
+        ("mobilenet_dw0", 16, 28, 2),
+        ("mobilenet_dw1", 32, 14, 1),
+        ("mobilenet_dw3", 64, 7, 1),
+    ] {
+        let shape = Grouped {
+            channels,
+            height: side,
+            width: side,
+            kernel: [3, 3],
+            stride: [stride; 2],
+            padding: [1, 1],
+            out: channels,
+            groups: channels,
+        };
+        let taps = shape.taps();
+        let ops = 2 * (BATCH * shape.out_len() * 9) as u64;
+        let mut group = c.benchmark_group("depthwise");
+        group.throughput(Throughput::Elements(ops));
+        let x = values(BATCH * shape.image_len(), 1);
+        let w = shape.pack(&values(channels * 9, 2));
+        let bias = values(channels, 3);
+        let mut y = vec![0.0f32; BATCH * shape.out_len()];
+        group.bench_function(BenchmarkId::new("f32", name), |b| {
+            b.iter(|| grouped_conv_f32(&shape, &taps, &x, BATCH, (&w, &bias), true, &mut y))
+        });
+        let xq: Vec<u8> = x.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
+        let wq: Vec<i8> = w.iter().map(|v| (v * 254.0) as i8).collect();
+        let zeros = vec![0i32; channels];
+        let bias_q = vec![100i32; channels];
+        let multipliers = vec![1e-3f32; channels];
+        let mut yq = vec![0u8; BATCH * shape.out_len()];
+        group.bench_function(BenchmarkId::new("int8", name), |b| {
+            b.iter(|| {
+                let epilogue = GroupedEpilogue::Requantize {
+                    bias: &bias_q,
+                    multipliers: &multipliers,
+                    zero_point: 3,
+                };
+                grouped_conv_int8(
+                    &shape,
+                    &taps,
+                    &xq,
+                    128,
+                    BATCH,
+                    (&wq, &zeros),
+                    epilogue,
+                    true,
+                    &mut [],
+                    &mut yq,
+                )
+            })
+        });
+        group.finish();
+    }
+}
+
 /// End to end: the teacher CNN in f32, dynamic int8 and static int8.
 fn models(c: &mut Criterion) {
     let spec = NetworkSpec::teacher_cnn().without_batch_norm();
@@ -176,6 +238,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = kernels, models
+    targets = kernels, depthwise, models
 }
 criterion_main!(benches);

@@ -62,6 +62,11 @@ impl Grouped {
         self.channels / self.groups
     }
 
+    /// Whether every output channel reads one input channel, its own.
+    pub fn depthwise(&self) -> bool {
+        self.in_per_group() == 1 && self.out_per_group() == 1
+    }
+
     /// Output channels per group.
     pub fn out_per_group(&self) -> usize {
         self.out / self.groups
@@ -123,6 +128,67 @@ impl Grouped {
         }
         taps
     }
+}
+
+/// Depthwise accumulation of one NHWC image: `y[pixel][o] += x[offset + o] * w[tap][o]`
+/// over `taps` ([`Grouped::taps`], grouped by output pixel), `n` channels. Each pixel's
+/// taps are summed in blocks of 32, 16 or 8 channels held in registers (AVX2 vectors) and
+/// stored once; the order of the sums is the taps' order, as in the general loop.
+#[inline(always)]
+fn depthwise<T: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = T>>(
+    taps: &[[u32; 3]],
+    n: usize,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+) {
+    for run in taps.chunk_by(|a, b| a[0] == b[0]) {
+        let out = &mut y[run[0][0] as usize * n..][..n];
+        let mut c0 = 0;
+        c0 = depthwise_blocks::<T, 32>(run, n, x, w, out, c0);
+        c0 = depthwise_blocks::<T, 16>(run, n, x, w, out, c0);
+        c0 = depthwise_blocks::<T, 8>(run, n, x, w, out, c0);
+        if c0 < n {
+            let out = &mut out[c0..];
+            for &[_, tap, offset] in run {
+                let xs = &x[offset as usize + c0..][..out.len()];
+                let ws = &w[tap as usize * n + c0..][..out.len()];
+                for ((a, &xv), &wv) in out.iter_mut().zip(xs).zip(ws) {
+                    *a += xv * wv;
+                }
+            }
+        }
+    }
+}
+
+/// [`depthwise`] for one output pixel (`run`: its taps), in blocks of `B` channels from
+/// channel `c0` on while a whole block fits; returns the first channel left.
+#[inline(always)]
+fn depthwise_blocks<T, const B: usize>(
+    run: &[[u32; 3]],
+    n: usize,
+    x: &[T],
+    w: &[T],
+    out: &mut [T],
+    mut c0: usize,
+) -> usize
+where
+    T: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = T>,
+{
+    while c0 + B <= n {
+        let mut acc = [T::default(); B];
+        acc.copy_from_slice(&out[c0..][..B]);
+        for &[_, tap, offset] in run {
+            let xs = &x[offset as usize + c0..][..B];
+            let ws = &w[tap as usize * n + c0..][..B];
+            for ((a, &xv), &wv) in acc.iter_mut().zip(xs).zip(ws) {
+                *a += xv * wv;
+            }
+        }
+        out[c0..][..B].copy_from_slice(&acc);
+        c0 += B;
+    }
+    c0
 }
 
 /// Accumulates `acc[o] += x[channel of o, i] * w[o]` for one tap and one input channel of
@@ -211,6 +277,13 @@ fn grouped_conv_f32_body(
         let y = &mut y[b * out_image..][..out_image];
         for pixel in y.chunks_exact_mut(n) {
             pixel.copy_from_slice(bias);
+        }
+        if shape.depthwise() {
+            depthwise(taps, n, x, w, y);
+            if relu {
+                y.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            continue;
         }
         for &[pixel, tap, offset] in taps {
             let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
@@ -334,17 +407,43 @@ fn grouped_conv_int8_body(
         .collect();
     let mut acc = vec![0i32; out_image];
     let mut centred = vec![0i32; image];
+    // The requantization runs 8 channels at a time where every accumulator plus its bias
+    // provably fits an `i32`: at most `taps * cin` products of a centred input (at most
+    // 255 in magnitude) and a centred weight.
+    let no_column = vec![0i32; n];
+    let vector_requantize = {
+        let taps_per_output = (shape.kernel[0] * shape.kernel[1] * cin) as i64;
+        let widest = i64::from(w.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0));
+        let bound = taps_per_output * 255 * widest;
+        let fits = |bias: &[i32]| {
+            let b = bias
+                .iter()
+                .map(|v| i64::from(v.unsigned_abs()))
+                .max()
+                .unwrap_or(0);
+            bound + b < 1 << 31
+        };
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = is_x86_feature_detected!("avx2");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        avx2 && matches!(epilogue, GroupedEpilogue::Requantize { bias, .. } if fits(bias))
+    };
     for b in 0..batch {
         for (c, &q) in centred.iter_mut().zip(&x[b * image..][..image]) {
             *c = i32::from(q) - x_zero;
         }
         acc.fill(0);
-        for &[pixel, tap, offset] in taps {
-            let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
-            let acc = &mut acc[pixel * n..][..n];
-            for i in 0..cin {
-                let row = &w[(tap * cin + i) * n..][..n];
-                accumulate(shape, i, &centred[offset..], row, acc, |a, b| a * b);
+        if shape.depthwise() {
+            depthwise(taps, n, &centred, &w, &mut acc);
+        } else {
+            for &[pixel, tap, offset] in taps {
+                let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
+                let acc = &mut acc[pixel * n..][..n];
+                for i in 0..cin {
+                    let row = &w[(tap * cin + i) * n..][..n];
+                    accumulate(shape, i, &centred[offset..], row, acc, |a, b| a * b);
+                }
             }
         }
         match epilogue {
@@ -365,7 +464,25 @@ fn grouped_conv_int8_body(
                 let lo = if relu { zero_point } else { 0 };
                 let y = &mut y_u8[b * out_image..][..out_image];
                 for (ys, accs) in y.chunks_exact_mut(n).zip(acc.chunks_exact(n)) {
-                    for (o, (v, &a)) in ys.iter_mut().zip(accs).enumerate() {
+                    #[allow(unused_mut)]
+                    let mut done = 0;
+                    #[cfg(target_arch = "x86_64")]
+                    if vector_requantize {
+                        // SAFETY: AVX2 was detected; every `acc + bias` fits an `i32`
+                        // (`vector_requantize`'s bound) and `lo` is a code.
+                        done = unsafe {
+                            super::avx2::requantize_row(
+                                accs,
+                                &no_column,
+                                bias,
+                                multipliers,
+                                zero_point,
+                                lo,
+                                ys,
+                            )
+                        };
+                    }
+                    for (o, (v, &a)) in ys.iter_mut().zip(accs).enumerate().skip(done) {
                         *v = super::requantize(
                             i64::from(a),
                             bias[o],
@@ -411,8 +528,13 @@ mod tests {
             .sum()
     }
 
-    /// Square and rectangular kernels, equal and unequal strides and paddings.
+    /// Square and rectangular kernels, equal and unequal strides and paddings; grouped
+    /// and depthwise.
     fn shapes() -> impl Strategy<Value = Grouped> {
+        prop_oneof![grouped_shapes(), depthwise_shapes()]
+    }
+
+    fn grouped_shapes() -> impl Strategy<Value = Grouped> {
         (
             (1usize..4, 1usize..4, 1usize..4),
             [1usize..4, 1usize..4],
@@ -429,6 +551,28 @@ mod tests {
                     padding,
                     out: groups * cout,
                     groups,
+                })
+            })
+    }
+
+    /// Depthwise shapes with enough channels for every block width of the fast path.
+    fn depthwise_shapes() -> impl Strategy<Value = Grouped> {
+        (
+            1usize..80,
+            [1usize..4, 1usize..4],
+            [1usize..3, 1usize..3],
+            (3usize..7, 3usize..7),
+        )
+            .prop_flat_map(|(channels, kernel, stride, (height, width))| {
+                [0..=kernel[0] / 2, 0..=kernel[1] / 2].prop_map(move |padding| Grouped {
+                    channels,
+                    height: height.max(kernel[0]),
+                    width: width.max(kernel[1]),
+                    kernel,
+                    stride,
+                    padding,
+                    out: channels,
+                    groups: channels,
                 })
             })
     }
