@@ -327,29 +327,6 @@ pub(crate) unsafe fn gemm_windows(
     }
 }
 
-/// `u16` copies of `u8` values, 16 at a time.
-///
-/// # Safety
-/// The CPU must support AVX2.
-#[target_feature(enable = "avx2")]
-pub(crate) unsafe fn widen(src: &[u8], dst: &mut [u16]) {
-    use std::arch::x86_64::{_mm_loadu_si128, _mm256_cvtepu8_epi16};
-    let len = src.len().min(dst.len());
-    let mut i = 0;
-    while i + 16 <= len {
-        // SAFETY: 16 values at `i` are inside both slices.
-        unsafe {
-            let v = _mm_loadu_si128(src.as_ptr().add(i).cast());
-            let p = dst.as_mut_ptr().add(i).cast::<__m256i>();
-            _mm256_storeu_si256(p, _mm256_cvtepu8_epi16(v));
-        }
-        i += 16;
-    }
-    for (d, &v) in dst[i..len].iter_mut().zip(&src[i..len]) {
-        *d = u16::from(v);
-    }
-}
-
 /// f32 dot product with four 8-lane FMA accumulators: the batch-1 (GEMV) path of the dense
 /// layers, where a packing GEMM would spend its time copying the weights.
 ///

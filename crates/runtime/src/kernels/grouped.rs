@@ -130,6 +130,13 @@ impl Grouped {
     }
 }
 
+thread_local! {
+    /// The int8 kernel's buffers (widened weights, accumulators, centred input, a zero
+    /// column), kept per thread: the graph plan calls it once per group of a few images,
+    /// and allocating and zeroing them every time cost more than the products.
+    static BUFFERS: std::cell::Cell<[Vec<i32>; 4]> = std::cell::Cell::default();
+}
+
 /// Depthwise accumulation of one NHWC image: `y[pixel][o] += x[offset + o] * w[tap][o]`
 /// over `taps` ([`Grouped::taps`], grouped by output pixel), `n` channels. Each pixel's
 /// taps are summed in blocks of 32, 16 or 8 channels held in registers (AVX2 vectors) and
@@ -210,8 +217,16 @@ fn accumulate<X: Copy, W: Copy, A: Copy + std::ops::AddAssign>(
             *a += mul(xv, wv);
         }
     } else {
-        for (o, (a, &wv)) in acc.iter_mut().zip(w).enumerate() {
-            *a += mul(x[(o / cout) * cin + i], wv);
+        // Group g's outputs all read input channel `g * cin + i`.
+        for (g, (accs, ws)) in acc
+            .chunks_exact_mut(cout)
+            .zip(w.chunks_exact(cout))
+            .enumerate()
+        {
+            let xv = x[g * cin + i];
+            for (a, &wv) in accs.iter_mut().zip(ws) {
+                *a += mul(xv, wv);
+            }
         }
     }
 }
@@ -400,17 +415,22 @@ fn grouped_conv_int8_body(
         shape.out,
         shape.in_per_group(),
     );
+    let [mut wide, mut acc, mut centred, mut no_column] = BUFFERS.with(std::cell::Cell::take);
     // Weights with their zero points taken out, widened once.
-    let w: Vec<i32> = w
-        .chunks_exact(n)
-        .flat_map(|row| row.iter().zip(w_zero).map(|(&v, &z)| i32::from(v) - z))
-        .collect();
-    let mut acc = vec![0i32; out_image];
-    let mut centred = vec![0i32; image];
+    wide.clear();
+    wide.extend(
+        w.chunks_exact(n)
+            .flat_map(|row| row.iter().zip(w_zero).map(|(&v, &z)| i32::from(v) - z)),
+    );
+    let w = &wide;
+    // Both overwritten for every image before they are read.
+    acc.resize(out_image, 0);
+    centred.resize(image, 0);
     // The requantization runs 8 channels at a time where every accumulator plus its bias
     // provably fits an `i32`: at most `taps * cin` products of a centred input (at most
     // 255 in magnitude) and a centred weight.
-    let no_column = vec![0i32; n];
+    no_column.clear();
+    no_column.resize(n, 0);
     let vector_requantize = {
         let taps_per_output = (shape.kernel[0] * shape.kernel[1] * cin) as i64;
         let widest = i64::from(w.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0));
@@ -435,7 +455,7 @@ fn grouped_conv_int8_body(
         }
         acc.fill(0);
         if shape.depthwise() {
-            depthwise(taps, n, &centred, &w, &mut acc);
+            depthwise(taps, n, &centred, w, &mut acc);
         } else {
             for &[pixel, tap, offset] in taps {
                 let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
@@ -495,6 +515,7 @@ fn grouped_conv_int8_body(
             }
         }
     }
+    BUFFERS.with(|b| b.set([wide, acc, centred, no_column]));
 }
 
 #[cfg(test)]

@@ -596,9 +596,8 @@ fn drive<T: Send, E: Epilogue<T>>(
             let images = p.image_range();
             let len = p.geometry.image_len();
             let src = &p.images()[images.start * len..images.end * len];
-            let mut wide = vec![0u16; src.len()];
-            // SAFETY: an AVX2 `PackedI8` exists only where the CPU has AVX2.
-            unsafe { avx2::widen(src, &mut wide) };
+            // Written once, without zeroing first: the loop vectorizes.
+            let wide: Vec<u16> = src.iter().map(|&v| u16::from(v)).collect();
             Some((wide, images.start * len))
         }
         _ => None,
