@@ -1,5 +1,5 @@
 //! Kernel throughput on the shapes of the toolkit's models: the MLP 784-512-512-10 and the
-//! teacher CNN (its convolutions as im2col GEMMs), at batch 1 and 256, and the depthwise
+//! teacher CNN (its convolutions as im2col GEMMs), at batch 1 and 256, and the direct
 //! convolutions of the `mobilenet` preset. Criterion reports
 //! `elements/s` with `2 * m * n * k` elements per iteration, i.e. FLOP/s (OP/s for int8).
 //!
@@ -99,14 +99,16 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
-/// The depthwise 3x3 convolutions of the `mobilenet` preset, `(name, channels, side,
-/// stride)`, in f32 and full-integer int8, on 64 images.
-fn depthwise(c: &mut Criterion) {
+/// The direct convolutions of the `mobilenet` preset, `(name, (in, out channels), side,
+/// stride)`: its stem (one input channel, which the graph plan runs as a GEMM) and its
+/// depthwise 3x3 convolutions, in f32 and full-integer int8, on 64 images.
+fn direct(c: &mut Criterion) {
     const BATCH: usize = 64;
-    for (name, channels, side, stride) in [
-        ("mobilenet_dw0", 16, 28, 2),
-        ("mobilenet_dw1", 32, 14, 1),
-        ("mobilenet_dw3", 64, 7, 1),
+    for (name, (channels, out), side, stride) in [
+        ("mobilenet_stem", (1, 16), 28, 1),
+        ("mobilenet_dw0", (16, 16), 28, 2),
+        ("mobilenet_dw1", (32, 32), 14, 1),
+        ("mobilenet_dw3", (64, 64), 7, 1),
     ] {
         let shape = Grouped {
             channels,
@@ -115,25 +117,25 @@ fn depthwise(c: &mut Criterion) {
             kernel: [3, 3],
             stride: [stride; 2],
             padding: [1, 1],
-            out: channels,
+            out,
             groups: channels,
         };
         let taps = shape.taps();
         let ops = 2 * (BATCH * shape.out_len() * 9) as u64;
-        let mut group = c.benchmark_group("depthwise");
+        let mut group = c.benchmark_group("direct");
         group.throughput(Throughput::Elements(ops));
         let x = values(BATCH * shape.image_len(), 1);
-        let w = shape.pack(&values(channels * 9, 2));
-        let bias = values(channels, 3);
+        let w = shape.pack(&values(out * 9, 2));
+        let bias = values(out, 3);
         let mut y = vec![0.0f32; BATCH * shape.out_len()];
         group.bench_function(BenchmarkId::new("f32", name), |b| {
             b.iter(|| grouped_conv_f32(&shape, &taps, &x, BATCH, (&w, &bias), true, &mut y))
         });
         let xq: Vec<u8> = x.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
         let wq: Vec<i8> = w.iter().map(|v| (v * 254.0) as i8).collect();
-        let zeros = vec![0i32; channels];
-        let bias_q = vec![100i32; channels];
-        let multipliers = vec![1e-3f32; channels];
+        let zeros = vec![0i32; out];
+        let bias_q = vec![100i32; out];
+        let multipliers = vec![1e-3f32; out];
         let mut yq = vec![0u8; BATCH * shape.out_len()];
         group.bench_function(BenchmarkId::new("int8", name), |b| {
             b.iter(|| {
@@ -238,6 +240,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = kernels, depthwise, models
+    targets = kernels, direct, models
 }
 criterion_main!(benches);

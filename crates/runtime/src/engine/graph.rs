@@ -195,8 +195,10 @@ impl GraphPlan {
             let is_concat = matches!(layer, Layer::Concat { .. });
             let (out_slot, out_layout) = match layer {
                 Layer::Conv2d { shape, params } => match shape.geometry() {
-                    // One group, square: the GEMM kernels of the chain plan.
-                    Some(geometry) if shape.groups == 1 => {
+                    // One group, square, more than one input channel: the GEMM kernels of
+                    // the chain plan. (Over one input channel the reduction is only the
+                    // kernel's taps, too short for a GEMM: the direct kernels are faster.)
+                    Some(geometry) if shape.groups == 1 && shape.channels > 1 => {
                         let dims = (Some(geometry), shape.out, geometry.patch_len());
                         let mut c = compile_layer(i, dims, params, next[i], None);
                         c.pixels = kernels::patch_pixels(&geometry, 1);
@@ -204,7 +206,8 @@ impl GraphPlan {
                         let op = NodeOp::Compute(Box::new(c));
                         (push(op, vec![first], &mut steps), Layout::Native)
                     }
-                    // Grouped, depthwise or rectangular: the direct kernels.
+                    // Grouped, depthwise, rectangular or over one channel: the direct
+                    // kernels.
                     _ => {
                         let conv = grouped(i, shape, params, next[i]);
                         let op = NodeOp::Grouped(Box::new(conv));

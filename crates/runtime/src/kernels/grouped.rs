@@ -198,6 +198,72 @@ where
     c0
 }
 
+/// Accumulation of one NHWC image by a convolution of one group:
+/// `y[pixel][o] += x[offset + i] * w[tap][i][o]` over `taps` ([`Grouped::taps`]) and the
+/// `cin` input channels, `n` output channels, in register blocks as [`depthwise`] does;
+/// the order of the sums is the general loop's (taps, then input channels).
+#[inline(always)]
+fn dense<T: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = T>>(
+    taps: &[[u32; 3]],
+    n: usize,
+    cin: usize,
+    x: &[T],
+    w: &[T],
+    y: &mut [T],
+) {
+    for run in taps.chunk_by(|a, b| a[0] == b[0]) {
+        let out = &mut y[run[0][0] as usize * n..][..n];
+        let mut c0 = 0;
+        c0 = dense_blocks::<T, 32>(run, (n, cin), x, w, out, c0);
+        c0 = dense_blocks::<T, 16>(run, (n, cin), x, w, out, c0);
+        c0 = dense_blocks::<T, 8>(run, (n, cin), x, w, out, c0);
+        if c0 < n {
+            let out = &mut out[c0..];
+            for &[_, tap, offset] in run {
+                for i in 0..cin {
+                    let xv = x[offset as usize + i];
+                    let ws = &w[(tap as usize * cin + i) * n + c0..][..out.len()];
+                    for (a, &wv) in out.iter_mut().zip(ws) {
+                        *a += xv * wv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`dense`] for one output pixel (`run`: its taps), in blocks of `B` output channels from
+/// channel `c0` on while a whole block fits; returns the first channel left.
+#[inline(always)]
+fn dense_blocks<T, const B: usize>(
+    run: &[[u32; 3]],
+    (n, cin): (usize, usize),
+    x: &[T],
+    w: &[T],
+    out: &mut [T],
+    mut c0: usize,
+) -> usize
+where
+    T: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = T>,
+{
+    while c0 + B <= n {
+        let mut acc = [T::default(); B];
+        acc.copy_from_slice(&out[c0..][..B]);
+        for &[_, tap, offset] in run {
+            let xs = &x[offset as usize..][..cin];
+            for (i, &xv) in xs.iter().enumerate() {
+                let ws = &w[(tap as usize * cin + i) * n + c0..][..B];
+                for (a, &wv) in acc.iter_mut().zip(ws) {
+                    *a += xv * wv;
+                }
+            }
+        }
+        out[c0..][..B].copy_from_slice(&acc);
+        c0 += B;
+    }
+    c0
+}
+
 /// Accumulates `acc[o] += x[channel of o, i] * w[o]` for one tap and one input channel of
 /// each group (`x`: one input pixel, all channels; `w`: the packed row of that tap and
 /// channel).
@@ -293,8 +359,12 @@ fn grouped_conv_f32_body(
         for pixel in y.chunks_exact_mut(n) {
             pixel.copy_from_slice(bias);
         }
-        if shape.depthwise() {
-            depthwise(taps, n, x, w, y);
+        if shape.depthwise() || shape.groups == 1 {
+            if shape.depthwise() {
+                depthwise(taps, n, x, w, y);
+            } else {
+                dense(taps, n, cin, x, w, y);
+            }
             if relu {
                 y.iter_mut().for_each(|v| *v = v.max(0.0));
             }
@@ -456,6 +526,8 @@ fn grouped_conv_int8_body(
         acc.fill(0);
         if shape.depthwise() {
             depthwise(taps, n, &centred, w, &mut acc);
+        } else if shape.groups == 1 {
+            dense(taps, n, cin, &centred, w, &mut acc);
         } else {
             for &[pixel, tap, offset] in taps {
                 let (pixel, tap, offset) = (pixel as usize, tap as usize, offset as usize);
