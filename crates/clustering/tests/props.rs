@@ -538,22 +538,28 @@ fn fake_quantizing_a_clustered_weight_keeps_at_most_k_codes_per_group() {
     }
 }
 
-#[test]
-fn training_lowers_the_loss_while_the_weights_stay_clustered() {
-    // A small MLP regressing a random teacher MLP, first trained, then clustered and
-    // fine-tuned.
-    tch::manual_seed(7);
+/// Share of what clustering cost (the loss just after clustering less the trained loss)
+/// that fine-tuning recovers, for a small MLP regressing a random teacher MLP, trained,
+/// clustered to 4 values per output channel and fine-tuned. Every number comes from a
+/// local generator seeded with `seed`, not LibTorch's global one, which tests running
+/// beside this one draw from too. Also checks that the weights stay clustered.
+fn fine_tuning_recovery(seed: u64) -> f64 {
+    let mut draw = uniform(seed);
     let teacher_vs = nn::VarStore::new(Device::Cpu);
     let teacher = mlp(&teacher_vs.root());
-    let xs = Tensor::randn([256, 8], (Kind::Float, Device::Cpu));
+    redraw(&teacher_vs, &mut draw);
+    let xs: Vec<f32> = (0..256 * 8).map(|_| 2.0 * draw()).collect();
+    let xs = Tensor::from_slice(&xs).view([256, 8]);
     let ys = teacher.forward(&xs).detach();
     let vs = nn::VarStore::new(Device::Cpu);
     let student = mlp(&vs.root());
+    redraw(&vs, &mut draw);
     let mut optimizer = nn::Adam::default().build(&vs, 1e-2).unwrap();
     let loss = |net: &nn::Sequential| (net.forward(&xs) - &ys).square().mean(Kind::Float);
     for _ in 0..100 {
         optimizer.backward_step(&loss(&student));
     }
+    let trained = loss(&student).double_value(&[]);
     let config = ClusteringConfig {
         optimizer: CentroidOptimizer::Adam {
             learning_rate: 1e-2,
@@ -568,16 +574,59 @@ fn training_lowers_the_loss_while_the_weights_stay_clustered() {
         clusterer.apply().unwrap();
     }
     let end = loss(&student).double_value(&[]);
-    // Fine-tuning must recover a good part of what clustering lost, whatever the seeded
-    // centroids (0.30 -> 0.19 here).
-    const MOST_REMAINING_LOSS: f64 = 0.75;
-    assert!(
-        end < MOST_REMAINING_LOSS * clustered_start,
-        "loss {clustered_start} -> {end}"
-    );
     for report in clusterer.strip().unwrap() {
         assert!(report.distinct_values <= 4, "{report:?}");
     }
+    (clustered_start - end) / (clustered_start - trained)
+}
+
+#[test]
+fn training_lowers_the_loss_while_the_weights_stay_clustered() {
+    // Fine-tuning a clustered network must recover a good part of what clustering cost.
+    // One draw proves little either way: with weight and centroid steps of 1e-2 on a loss
+    // near 0.01, a draw now and then ends above where it started (measured: 2 of 30). So:
+    // over 16 draws, most recover and the mean share is well above zero (measured on these
+    // 16: 14 recover, 46% on average).
+    const DRAWS: u64 = 16;
+    const LEAST_RECOVERING: usize = 12;
+    const LEAST_MEAN_RECOVERY: f64 = 0.3;
+    let recovery: Vec<f64> = (1..=DRAWS).map(fine_tuning_recovery).collect();
+    let recovering = recovery.iter().filter(|&&r| r > 0.0).count();
+    let mean = recovery.iter().sum::<f64>() / DRAWS as f64;
+    assert!(
+        recovering >= LEAST_RECOVERING && mean >= LEAST_MEAN_RECOVERY,
+        "recovered shares {recovery:?}"
+    );
+}
+
+/// Uniform values in [-1, 1) from a seeded xorshift generator.
+fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// Gives every variable of `vs`, in name order, values uniform in `+-1/sqrt(fan_in)`
+/// (PyTorch's default bound for linear layers) from `draw`; a bias takes its weight's
+/// fan-in.
+fn redraw(vs: &nn::VarStore, draw: &mut impl FnMut() -> f32) {
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let fan_in = |name: &str| {
+        let layer = name.rsplit_once('.').map_or("", |(layer, _)| layer);
+        vs.variables()[&format!("{layer}.weight")].size()[1] as f32
+    };
+    tch::no_grad(|| {
+        for (name, mut var) in variables {
+            let bound = fan_in(&name).sqrt().recip();
+            let values: Vec<f32> = (0..var.numel()).map(|_| draw() * bound).collect();
+            var.copy_(&Tensor::from_slice(&values).view(var.size().as_slice()));
+        }
+    });
 }
 
 fn mlp(path: &nn::Path) -> nn::Sequential {
