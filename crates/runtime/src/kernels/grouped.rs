@@ -233,7 +233,9 @@ fn dense<T: Copy + Default + std::ops::AddAssign + std::ops::Mul<Output = T>>(
 }
 
 /// [`dense`] for one output pixel (`run`: its taps), in blocks of `B` output channels from
-/// channel `c0` on while a whole block fits; returns the first channel left.
+/// channel `c0` on while a whole block fits; returns the first channel left. (The same loop
+/// as [`depthwise_blocks`] but for how the input is read; one loop taking the read as a
+/// closure measured 15-35% slower on the kernel bench.)
 #[inline(always)]
 fn dense_blocks<T, const B: usize>(
     run: &[[u32; 3]],
