@@ -268,33 +268,22 @@ where
 
 /// Accumulates `acc[o] += x[channel of o, i] * w[o]` for one tap and one input channel of
 /// each group (`x`: one input pixel, all channels; `w`: the packed row of that tap and
-/// channel).
+/// channel): group g's outputs all read input channel `g * cin + i`. Depthwise convolutions
+/// and those of one group take [`depthwise`] and [`dense`] instead.
 #[inline(always)]
-fn accumulate<X: Copy, W: Copy, A: Copy + std::ops::AddAssign>(
+fn accumulate<T: Copy + std::ops::AddAssign + std::ops::Mul<Output = T>>(
     shape: &Grouped,
     i: usize,
-    x: &[X],
-    w: &[W],
-    acc: &mut [A],
-    mul: impl Fn(X, W) -> A,
+    x: &[T],
+    w: &[T],
+    acc: &mut [T],
 ) {
     let (cin, cout) = (shape.in_per_group(), shape.out_per_group());
-    if cin == 1 && cout == 1 {
-        // Depthwise: output channel o reads input channel o.
-        for ((a, &xv), &wv) in acc.iter_mut().zip(&x[..shape.out]).zip(w) {
-            *a += mul(xv, wv);
-        }
-    } else {
-        // Group g's outputs all read input channel `g * cin + i`.
-        for (g, (accs, ws)) in acc
-            .chunks_exact_mut(cout)
-            .zip(w.chunks_exact(cout))
-            .enumerate()
-        {
-            let xv = x[g * cin + i];
-            for (a, &wv) in accs.iter_mut().zip(ws) {
-                *a += mul(xv, wv);
-            }
+    let groups = acc.chunks_exact_mut(cout).zip(w.chunks_exact(cout));
+    for (g, (accs, ws)) in groups.enumerate() {
+        let xv = x[g * cin + i];
+        for (a, &wv) in accs.iter_mut().zip(ws) {
+            *a += xv * wv;
         }
     }
 }
@@ -377,7 +366,7 @@ fn grouped_conv_f32_body(
             let acc = &mut y[pixel * n..][..n];
             for i in 0..cin {
                 let row = &w[(tap * cin + i) * n..][..n];
-                accumulate(shape, i, &x[offset..], row, acc, |a, b| a * b);
+                accumulate(shape, i, &x[offset..], row, acc);
             }
         }
         if relu {
@@ -536,7 +525,7 @@ fn grouped_conv_int8_body(
                 let acc = &mut acc[pixel * n..][..n];
                 for i in 0..cin {
                     let row = &w[(tap * cin + i) * n..][..n];
-                    accumulate(shape, i, &centred[offset..], row, acc, |a, b| a * b);
+                    accumulate(shape, i, &centred[offset..], row, acc);
                 }
             }
         }
@@ -623,10 +612,20 @@ mod tests {
             .sum()
     }
 
-    /// Square and rectangular kernels, equal and unequal strides and paddings; grouped
-    /// and depthwise.
+    /// Square and rectangular kernels, equal and unequal strides and paddings; grouped,
+    /// depthwise and of one group.
     fn shapes() -> impl Strategy<Value = Grouped> {
-        prop_oneof![grouped_shapes(), depthwise_shapes()]
+        prop_oneof![grouped_shapes(), depthwise_shapes(), dense_shapes()]
+    }
+
+    /// One group with enough output channels for every block width of the fast path.
+    fn dense_shapes() -> impl Strategy<Value = Grouped> {
+        (1usize..4, 1usize..80, depthwise_shapes()).prop_map(|(channels, out, window)| Grouped {
+            channels,
+            out,
+            groups: 1,
+            ..window
+        })
     }
 
     fn grouped_shapes() -> impl Strategy<Value = Grouped> {
