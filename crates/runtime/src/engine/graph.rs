@@ -643,39 +643,32 @@ fn activate(a: Activation, x: Data, pool: &mut Pool) -> Data {
         }
         (_, x) => x,
     };
-    // One loop per activation, so that each is inlined (and vectorized where it can be).
-    fn each(v: &mut [f32], f: impl Fn(f32) -> f32) {
-        v.iter_mut().for_each(|x| *x = f(*x));
+    // Generic over the function, so that each activation gets its own loop with the
+    // function inlined (and vectorized where it can be).
+    fn apply(x: Data, f: impl Fn(f32) -> f32, pool: &mut Pool) -> Data {
+        match x {
+            Data::F32(mut v) => {
+                v.iter_mut().for_each(|x| *x = f(*x));
+                Data::F32(v)
+            }
+            Data::U8(q, p) => {
+                let table: Vec<f32> = (0..=255).map(|c| f(p.dequantize(c))).collect();
+                let mut y = pool.f32(q.len());
+                for (y, &c) in y.iter_mut().zip(&q) {
+                    *y = table[usize::from(c)];
+                }
+                pool.give_u8(q);
+                Data::F32(y)
+            }
+        }
     }
-    let f: fn(f32) -> f32 = match a {
-        Activation::Relu6 => activation::relu6,
-        Activation::Sigmoid => activation::sigmoid,
-        Activation::Tanh => activation::tanh,
-        Activation::Gelu => activation::gelu,
-        Activation::Silu => activation::silu,
-        Activation::HardSwish => activation::hard_swish,
-    };
-    match x {
-        Data::F32(mut v) => {
-            match a {
-                Activation::Relu6 => each(&mut v, activation::relu6),
-                Activation::Sigmoid => each(&mut v, activation::sigmoid),
-                Activation::Tanh => each(&mut v, activation::tanh),
-                Activation::Gelu => each(&mut v, activation::gelu),
-                Activation::Silu => each(&mut v, activation::silu),
-                Activation::HardSwish => each(&mut v, activation::hard_swish),
-            }
-            Data::F32(v)
-        }
-        Data::U8(q, p) => {
-            let table: Vec<f32> = (0..=255).map(|c| f(p.dequantize(c))).collect();
-            let mut y = pool.f32(q.len());
-            for (y, &c) in y.iter_mut().zip(&q) {
-                *y = table[usize::from(c)];
-            }
-            pool.give_u8(q);
-            Data::F32(y)
-        }
+    match a {
+        Activation::Relu6 => apply(x, activation::relu6, pool),
+        Activation::Sigmoid => apply(x, activation::sigmoid, pool),
+        Activation::Tanh => apply(x, activation::tanh, pool),
+        Activation::Gelu => apply(x, activation::gelu, pool),
+        Activation::Silu => apply(x, activation::silu, pool),
+        Activation::HardSwish => apply(x, activation::hard_swish, pool),
     }
 }
 
