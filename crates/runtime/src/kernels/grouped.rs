@@ -7,6 +7,31 @@ use super::ConvGeometry;
 
 /// A convolution's shape over one NHWC image: input channels and size, kernel, stride and
 /// padding per axis (`[height, width]`, PyTorch's order), output channels and groups.
+///
+/// ```
+/// use runtime::kernels::{Grouped, grouped_conv_f32};
+///
+/// // A depthwise 1x3 kernel over two channels of a 2x4 image, padded by one column on each
+/// // side, stride 2 across: PyTorch's `Conv2d(2, 2, (1, 3), (1, 2), (0, 1), groups=2)`.
+/// let shape = Grouped {
+///     channels: 2, height: 2, width: 4,
+///     kernel: [1, 3], stride: [1, 2], padding: [0, 1],
+///     out: 2, groups: 2,
+/// };
+/// assert_eq!((shape.out_height(), shape.out_width()), (2, 2));
+/// assert_eq!(shape.geometry(), None, "not square: the GEMM kernels do not take it");
+/// // NHWC input: channel 0 holds 1..=8 row by row, channel 1 holds 10 everywhere.
+/// let x: Vec<f32> = (1..=8).flat_map(|v| [v as f32, 10.0]).collect();
+/// // PyTorch's [out, in / groups, kh, kw] weight: channel 0 sums its window, channel 1
+/// // takes its right neighbour.
+/// let weight = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+/// let mut y = vec![0.0; shape.out_len()];
+/// let (w, bias) = (shape.pack(&weight), [0.0, 0.5]);
+/// grouped_conv_f32(&shape, &shape.taps(), &x, 1, (&w, &bias), false, &mut y);
+/// // Row 0, column 0 reads columns -1..=1: 0 + 1 + 2 and 10 + 0.5;
+/// // column 1 reads columns 1..=3: 2 + 3 + 4 and 10 + 0.5.
+/// assert_eq!(&y[..4], &[3.0, 10.5, 9.0, 10.5]);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grouped {
     /// Input channels in all.
