@@ -254,32 +254,24 @@ impl GraphNetwork {
 
     /// Number of trainable parameters.
     pub fn param_count(&self) -> usize {
-        self.nodes
-            .iter()
-            .flat_map(|node| match node {
-                NodeImpl::Conv2d { weight, bias, .. } | NodeImpl::Linear { weight, bias } => {
-                    vec![weight, bias]
-                }
-                NodeImpl::BatchNorm2d { bn, .. } => bn.ws.iter().chain(bn.bs.iter()).collect(),
-                NodeImpl::Stateless(_) => Vec::new(),
-            })
-            .map(|t| t.numel())
-            .sum()
+        self.parameters().map(Tensor::numel).sum()
     }
 
     /// Number of parameters that are not exactly zero.
     pub fn nonzero_param_count(&self) -> usize {
-        self.nodes
-            .iter()
-            .flat_map(|node| match node {
-                NodeImpl::Conv2d { weight, bias, .. } | NodeImpl::Linear { weight, bias } => {
-                    vec![weight, bias]
-                }
-                NodeImpl::BatchNorm2d { bn, .. } => bn.ws.iter().chain(bn.bs.iter()).collect(),
-                NodeImpl::Stateless(_) => Vec::new(),
-            })
+        self.parameters()
             .map(|t| usize::try_from(t.count_nonzero(None::<i64>).int64_value(&[])).unwrap_or(0))
             .sum()
+    }
+
+    fn parameters(&self) -> impl Iterator<Item = &Tensor> {
+        self.nodes.iter().flat_map(|node| match node {
+            NodeImpl::Conv2d { weight, bias, .. } | NodeImpl::Linear { weight, bias } => {
+                vec![weight, bias]
+            }
+            NodeImpl::BatchNorm2d { bn, .. } => bn.ws.iter().chain(&bn.bs).collect(),
+            NodeImpl::Stateless(_) => Vec::new(),
+        })
     }
 
     /// The forward pass, with an error where LibTorch or a building block refuses the input

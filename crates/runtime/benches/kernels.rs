@@ -100,7 +100,7 @@ fn kernels(c: &mut Criterion) {
 }
 
 /// The direct convolutions of the `mobilenet` preset, `(name, (in, out channels), side,
-/// stride)`: its stem (one input channel, which the graph plan runs as a GEMM) and its
+/// stride)`: its stem (one input channel, a reduction too short for the GEMM) and its
 /// depthwise 3x3 convolutions, in f32 and full-integer int8, on 64 images.
 fn direct(c: &mut Criterion) {
     const BATCH: usize = 64;
